@@ -1,0 +1,48 @@
+# Two entry points do all set-up on a fresh machine: `make demo` and `make test`.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+# The CPU build by default. On a GPU machine: make TORCH_SPEC="torch==2.13.0" \
+#   TORCH_INDEX="--index-url https://download.pytorch.org/whl/cu128" test
+TORCH_SPEC ?= torch==2.13.0
+TORCH_INDEX ?=
+DEEPSPEED_SPEC ?= deepspeed==0.19.8
+STAMP := $(VENV)/.installed
+
+.PHONY: install demo test test-unit lint format bench clean
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	# torch first and pinned, so nothing later pulls a different build.
+	$(PIP) install -q $(TORCH_INDEX) "$(TORCH_SPEC)"
+	# deepspeed builds against the installed torch, without ops compiled ahead.
+	DS_BUILD_OPS=0 $(PIP) install -q --no-build-isolation "$(DEEPSPEED_SPEC)"
+	$(PIP) install -q -e ".[dev,distributed]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(PY) -m orchestrator.demo
+
+test: $(STAMP)
+	$(PY) -m pytest -q -p no:cacheprovider tests
+
+test-unit: $(STAMP)
+	$(PY) -m pytest -q -m "not integration" tests
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check orchestrator workers tests benchmarks
+	$(VENV)/bin/ruff format --check orchestrator workers tests benchmarks
+
+format: $(STAMP)
+	$(VENV)/bin/ruff format orchestrator workers tests benchmarks
+	$(VENV)/bin/ruff check --fix orchestrator workers tests benchmarks
+
+bench: $(STAMP)
+	$(PY) benchmarks/engine.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache
