@@ -41,7 +41,9 @@ def load_base(
     return model
 
 
-def load_tokenizer(name_or_path: str, *, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
+def load_tokenizer(
+    name_or_path: str, *, trust_remote_code: bool = False
+) -> PreTrainedTokenizerBase:
     """The base's tokenizer; one without a pad token pads with EOS (labels mask it anyway)."""
     tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
     if tokenizer.pad_token_id is None:
@@ -84,7 +86,9 @@ def match_target_modules(
     return [n for n in module_names if any(module_matches(n, k) for k in keys)]
 
 
-def unmatched_targets(module_names: Sequence[str], target_modules: Sequence[str] | str) -> list[str]:
+def unmatched_targets(
+    module_names: Sequence[str], target_modules: Sequence[str] | str
+) -> list[str]:
     """Entries of `target_modules` that select no module (for error reports)."""
     if target_modules == "all-linear":
         return []

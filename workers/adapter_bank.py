@@ -1,0 +1,229 @@
+"""LoRA adapters of many jobs beside one frozen base, routed per row.
+
+The base stays a plain transformers model: no wrapper modules are swapped in,
+so DeepSpeed can partition it and PEFT can later load our adapters into it.
+Each targeted nn.Linear gets a forward hook that adds, for every contiguous
+segment of rows belonging to one job, that job's `B(A(dropout(x))) * scaling`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import math
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from workers.base_model import linear_modules, match_target_modules
+
+
+@dataclass
+class LoraWeights:
+    """One job's adapter on one module, in PEFT's layout."""
+
+    lora_A: nn.Parameter  # [r, in_features]
+    lora_B: nn.Parameter  # [out_features, r]
+    module_index: int  # position among the base's linears, to seed dropout masks
+
+
+@dataclass
+class JobAdapter:
+    """All of one job's LoRA weights, keyed by the base's module names."""
+
+    name: str
+    r: int
+    lora_alpha: float
+    use_rslora: bool
+    target_modules: tuple[str, ...] | str  # as declared, for export
+    dropout: float
+    seed: int
+    modules: dict[str, LoraWeights] = field(default_factory=dict)
+
+    @property
+    def scaling(self) -> float:
+        return self.lora_alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
+
+    def parameters(self) -> list[nn.Parameter]:
+        return [p for w in self.modules.values() for p in (w.lora_A, w.lora_B)]
+
+    def named_tensors(self) -> dict[str, torch.Tensor]:
+        """{"<module>.lora_A": A, "<module>.lora_B": B}, detached."""
+        out = {}
+        for name, w in self.modules.items():
+            out[f"{name}.lora_A"] = w.lora_A.detach()
+            out[f"{name}.lora_B"] = w.lora_B.detach()
+        return out
+
+    def load_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Copy weights saved by `named_tensors` into this adapter, in place."""
+        expected = set(self.named_tensors())
+        if set(tensors) != expected:
+            missing, extra = sorted(expected - set(tensors)), sorted(set(tensors) - expected)
+            raise ValueError(f"adapter tensors do not match: missing {missing}, unexpected {extra}")
+        with torch.no_grad():
+            for name, w in self.modules.items():
+                w.lora_A.copy_(tensors[f"{name}.lora_A"])
+                w.lora_B.copy_(tensors[f"{name}.lora_B"])
+
+
+@dataclass(frozen=True)
+class Segment:
+    """Rows [start, end) of a fused batch, all belonging to `job`.
+
+    `row_ids` are the rows' positions in the job's own data stream; dropout
+    masks are seeded from them so a row's mask never depends on where in a
+    batch, micro-batch or run it lands.
+    """
+
+    job: str
+    start: int
+    end: int
+    row_ids: tuple[int, ...]
+
+
+def new_job_adapter(
+    base: nn.Module,
+    name: str,
+    *,
+    r: int,
+    lora_alpha: float,
+    use_rslora: bool,
+    dropout: float,
+    target_modules: tuple[str, ...] | str,
+    seed: int,
+    freeze_lora_A: bool = False,
+) -> JobAdapter:
+    """A fresh adapter with PEFT's default init: A Kaiming-uniform, B zero.
+
+    A's values come from a generator seeded by the job's seed alone, in model
+    order, so the same spec gives the same start wherever it runs.
+    """
+    linears = linear_modules(base)
+    index = {n: i for i, n in enumerate(linears)}
+    targets = match_target_modules(list(linears), target_modules)
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    adapter = JobAdapter(
+        name=name,
+        r=r,
+        lora_alpha=lora_alpha,
+        use_rslora=use_rslora,
+        target_modules=target_modules,
+        dropout=dropout,
+        seed=seed,
+    )
+    for mod_name in targets:
+        linear = linears[mod_name]
+        a = torch.empty(r, linear.in_features, dtype=torch.float32)
+        # Same bound as nn.init.kaiming_uniform_(a=sqrt(5)), which PEFT uses.
+        bound = 1.0 / math.sqrt(linear.in_features)
+        a.uniform_(-bound, bound, generator=gen)
+        b = torch.zeros(linear.out_features, r, dtype=torch.float32)
+        w = linear.weight
+        lora_a = nn.Parameter(a.to(device=w.device, dtype=w.dtype), requires_grad=not freeze_lora_A)
+        lora_b = nn.Parameter(b.to(device=w.device, dtype=w.dtype))
+        adapter.modules[mod_name] = LoraWeights(lora_a, lora_b, index[mod_name])
+    return adapter
+
+
+def dropout_mask(
+    adapter: JobAdapter,
+    module_index: int,
+    row_ids: Sequence[int],
+    shape: torch.Size,
+    like: torch.Tensor,
+) -> torch.Tensor:
+    """Inverted-dropout mask for a segment, [rows, seq, in_features].
+
+    Each row's mask comes from its own CPU generator seeded by (job seed, row
+    id, module). The CPU stream fills in order, so a longer padded batch only
+    extends a row's mask: padding and batch composition never change it.
+    """
+    _, seq_len, features = shape
+    keep = 1.0 - adapter.dropout
+    masks = []
+    for row_id in row_ids:
+        digest = hashlib.blake2b(
+            f"{adapter.seed}:{row_id}:{module_index}".encode(), digest_size=8
+        ).digest()
+        gen = torch.Generator(device="cpu").manual_seed(int.from_bytes(digest, "little") >> 1)
+        masks.append(torch.rand(seq_len, features, generator=gen) < keep)
+    mask = torch.stack(masks).to(device=like.device, dtype=like.dtype)
+    return mask / keep
+
+
+class AdapterBank:
+    """Holds the adapters of every job on one base and applies them per row."""
+
+    def __init__(self, base: nn.Module) -> None:
+        self.base = base
+        self.adapters: dict[str, JobAdapter] = {}
+        self._linears = linear_modules(base)
+        self._hooks: dict[str, torch.utils.hooks.RemovableHandle] = {}
+        self._segments: tuple[Segment, ...] | None = None
+
+    # -- membership -----------------------------------------------------------------
+    def add(self, adapter: JobAdapter) -> None:
+        if adapter.name in self.adapters:
+            raise ValueError(f"job {adapter.name!r} already has an adapter on this base")
+        self.adapters[adapter.name] = adapter
+        self._sync_hooks()
+
+    def remove(self, name: str) -> JobAdapter:
+        adapter = self.adapters.pop(name)
+        self._sync_hooks()
+        return adapter
+
+    def _sync_hooks(self) -> None:
+        """Hook exactly the modules some job targets; untargeted ones cost nothing."""
+        wanted = {m for a in self.adapters.values() for m in a.modules}
+        for name in list(self._hooks):
+            if name not in wanted:
+                self._hooks.pop(name).remove()
+        for name in wanted - set(self._hooks):
+            self._hooks[name] = self._linears[name].register_forward_hook(self._make_hook(name))
+
+    # -- routing --------------------------------------------------------------------
+    @contextlib.contextmanager
+    def route(self, segments: Sequence[Segment]) -> Iterator[None]:
+        """Within this block, base forwards apply each segment's job adapter."""
+        for seg in segments:
+            if seg.job not in self.adapters:
+                raise KeyError(f"no adapter for job {seg.job!r}")
+        self._segments = tuple(segments)
+        try:
+            yield
+        finally:
+            self._segments = None
+
+    def _make_hook(self, module_name: str):
+        def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+            if self._segments is None:
+                return output  # plain base forward, e.g. the floor benchmark
+            delta = self._delta(module_name, args[0], output)
+            return output if delta is None else output + delta
+
+        return hook
+
+    def _delta(
+        self, module_name: str, x: torch.Tensor, output: torch.Tensor
+    ) -> torch.Tensor | None:
+        """The adapters' contribution for the routed rows; None if no routed job targets this module."""
+        if not any(module_name in self.adapters[s.job].modules for s in self._segments):
+            return None
+        parts = []
+        for seg in self._segments:
+            adapter = self.adapters[seg.job]
+            w = adapter.modules.get(module_name)
+            if w is None:
+                parts.append(output.new_zeros((seg.end - seg.start, *output.shape[1:])))
+                continue
+            xs = x[seg.start : seg.end]
+            if adapter.dropout > 0 and torch.is_grad_enabled():
+                xs = xs * dropout_mask(adapter, w.module_index, seg.row_ids, xs.shape, xs)
+            # Scale the rank-r activations: the cheapest place to apply it.
+            parts.append(F.linear(F.linear(xs, w.lora_A) * adapter.scaling, w.lora_B))
+        return parts[0] if len(parts) == 1 else torch.cat(parts)

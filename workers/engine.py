@@ -1,0 +1,202 @@
+"""The fused multi-job LoRA engine: one frozen base, many jobs, one pass per micro-batch.
+
+Usable in-process without Ray; a worker actor is a thin shell around it.
+
+A round (`Engine.step`) gives every active job exactly one optimizer step:
+it gathers each job's next `batch_size` rows, packs all of them into fused
+micro-batches, runs forward/backward once per micro-batch with every row
+routed through its own job's adapter, then steps each job's optimizer.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from workers.adapter_bank import AdapterBank, JobAdapter, Segment, new_job_adapter
+from workers.base_model import default_device, default_dtype, load_base, load_tokenizer
+from workers.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from workers.dataset import IGNORE_INDEX, TokenizedDataset, load_dataset
+from workers.fused_batch import FusedBatch, collate, plan_micro_batches, step_rows
+from workers.job_config import JobConfig
+from workers.peft_format import adapter_from_loaded, export_adapter, read_adapter
+from workers.training_job import StepReport, TrainingJob
+
+
+class Engine:
+    """Trains any number of LoRA jobs on one base model loaded once."""
+
+    def __init__(
+        self,
+        base_model: str,
+        *,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+        micro_batch_tokens: int | None = None,
+        checkpoint_root: str | Path | None = None,
+        trust_remote_code: bool = False,
+    ) -> None:
+        """`micro_batch_tokens` caps padded tokens per forward/backward (None: one per round).
+
+        With `checkpoint_root`, each job checkpoints to `<root>/<job>/` every
+        `save_steps` steps and when it finishes.
+        """
+        self.base_model = base_model
+        self.device = torch.device(device) if device is not None else default_device()
+        self.dtype = dtype or default_dtype(self.device)
+        self.micro_batch_tokens = micro_batch_tokens
+        self.checkpoint_root = Path(checkpoint_root) if checkpoint_root is not None else None
+        self.base = load_base(
+            base_model, device=self.device, dtype=self.dtype, trust_remote_code=trust_remote_code
+        )
+        self.tokenizer = load_tokenizer(base_model, trust_remote_code=trust_remote_code)
+        self.bank = AdapterBank(self.base)
+        self.jobs: dict[str, TrainingJob] = {}
+        self.last_round_seconds = 0.0
+
+    # -- jobs joining and leaving ---------------------------------------------------------
+    def add_job(
+        self,
+        config: JobConfig,
+        *,
+        dataset: TokenizedDataset | None = None,
+        resume_from: str | Path | None = None,
+    ) -> TrainingJob:
+        """Admit a job between rounds. `resume_from` is a checkpoint dir or a root of them."""
+        if config.name in self.jobs:
+            raise ValueError(f"a job named {config.name!r} is already on this engine")
+        if dataset is None:
+            dataset = load_dataset(
+                Path(config.dataset.path),
+                config.dataset.format,
+                self.tokenizer,
+                config.training.max_seq_length,
+            )
+        job = TrainingJob(config, dataset, self._initial_adapter(config))
+        if resume_from is not None:
+            path = Path(resume_from)
+            checkpoint = path if (path / "meta.json").exists() else latest_checkpoint(path)
+            if checkpoint is not None:
+                load_checkpoint(job, checkpoint)
+        self.bank.add(job.adapter)
+        self.jobs[config.name] = job
+        return job
+
+    def _initial_adapter(self, config: JobConfig) -> JobAdapter:
+        a, seed = config.adapter, config.training.seed
+        if a.init_from is not None:
+            loaded = read_adapter(a.init_from)
+            return adapter_from_loaded(
+                self.base,
+                config.name,
+                loaded,
+                dropout=a.lora_dropout,
+                seed=seed,
+                freeze_lora_A=a.freeze_lora_A,
+            )
+        return new_job_adapter(
+            self.base,
+            config.name,
+            r=a.r,
+            lora_alpha=a.lora_alpha,
+            use_rslora=a.use_rslora,
+            dropout=a.lora_dropout,
+            target_modules=a.target_modules,
+            seed=seed,
+            freeze_lora_A=a.freeze_lora_A,
+        )
+
+    def remove_job(self, name: str) -> TrainingJob:
+        """Take a job off the engine; the others are untouched."""
+        job = self.jobs.pop(name)
+        self.bank.remove(name)
+        return job
+
+    def active_jobs(self) -> list[TrainingJob]:
+        return [j for j in self.jobs.values() if not j.done]
+
+    # -- training -------------------------------------------------------------------------
+    def step(self) -> dict[str, StepReport]:
+        """One optimizer step for every active job; returns each job's report."""
+        jobs = self.active_jobs()
+        if not jobs:
+            return {}
+        started = time.perf_counter()
+        rows_by_job = {j.name: j.next_rows() for j in jobs}
+        all_rows = [
+            r for name, (rows, ids) in rows_by_job.items() for r in step_rows(name, rows, ids)
+        ]
+        losses: dict[str, float] = defaultdict(float)
+        for micro in plan_micro_batches(all_rows, self.micro_batch_tokens):
+            batch = collate(micro, self.tokenizer.pad_token_id, self.device)
+            row_loss = self._forward_loss(batch)
+            row_loss.sum().backward()
+            # One host sync per micro-batch for the per-job loss figures.
+            values = row_loss.detach().float().tolist()
+            for seg in batch.segments:
+                losses[seg.job] += sum(values[seg.start : seg.end])
+        reports = {j.name: j.finish_step(losses[j.name], rows_by_job[j.name][0]) for j in jobs}
+        self.last_round_seconds = time.perf_counter() - started
+        if self.checkpoint_root is not None:
+            for job in jobs:
+                if job.done or job.step % job.config.training.save_steps == 0:
+                    save_checkpoint(job, self.checkpoint_root / job.name)
+        return reports
+
+    def _forward_loss(self, batch: FusedBatch) -> torch.Tensor:
+        """Per-row loss, already divided by the row's job-step token count."""
+        # Right padding under a causal mask: real tokens never attend to padding,
+        # so no attention mask is needed and padded positions carry no target.
+        with self.bank.route(batch.segments):
+            logits = self.base(input_ids=batch.input_ids, use_cache=False).logits
+        ce = F.cross_entropy(
+            logits.float().flatten(0, 1),
+            batch.targets.flatten(),
+            ignore_index=IGNORE_INDEX,
+            reduction="none",
+        ).view_as(batch.targets)
+        return ce.sum(dim=1) * batch.row_scale
+
+    def run(self, max_rounds: int | None = None) -> None:
+        """Step until every job is done (or `max_rounds` rounds)."""
+        rounds = 0
+        while self.active_jobs() and (max_rounds is None or rounds < max_rounds):
+            self.step()
+            rounds += 1
+
+    # -- outputs --------------------------------------------------------------------------
+    @torch.no_grad()
+    def logits(self, name: str, input_ids: torch.Tensor) -> torch.Tensor:
+        """The base's logits with every row through job `name`'s adapter (no dropout)."""
+        input_ids = input_ids.to(self.device)
+        seg = Segment(name, 0, input_ids.shape[0], tuple(range(input_ids.shape[0])))
+        with self.bank.route([seg]):
+            return self.base(input_ids=input_ids, use_cache=False).logits
+
+    def save_checkpoint(self, name: str, root: str | Path) -> Path:
+        """Checkpoint job `name` now, under `root` (a directory of its own)."""
+        return save_checkpoint(self.jobs[name], root)
+
+    def export(self, name: str, out_dir: str | Path) -> Path:
+        """Write job `name`'s adapter as a PEFT adapter directory."""
+        job = self.jobs[name]
+        return export_adapter(job.adapter, out_dir, base_model=job.config.base_model)
+
+
+def train_jobs(
+    configs: Sequence[JobConfig], out_dir: str | Path, **engine_kwargs
+) -> dict[str, Path]:
+    """Train jobs that share one base to completion and export each; returns their dirs."""
+    bases = {c.base_model for c in configs}
+    if len(bases) != 1:
+        raise ValueError(f"train_jobs needs jobs on one base model, got {sorted(bases)}")
+    engine = Engine(bases.pop(), **engine_kwargs)
+    for config in configs:
+        engine.add_job(config)
+    engine.run()
+    return {c.name: engine.export(c.name, Path(out_dir) / c.name) for c in configs}

@@ -1,0 +1,151 @@
+"""One job's training state: data position, optimizer, schedule, progress.
+
+Per-job step accounting: each job takes its own `batch_size` rows per step,
+keeps its own AdamW state and schedule, and steps only its own parameters,
+whatever else shares the fused batch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+import torch
+from torch.optim.lr_scheduler import LambdaLR
+
+from workers.adapter_bank import JobAdapter
+from workers.dataset import TokenizedDataset, TokenizedRow
+from workers.job_config import JobConfig
+from workers.lr_schedule import lr_multiplier
+
+
+@dataclass
+class StepReport:
+    """What one optimizer step of one job produced (for progress and metrics)."""
+
+    job: str
+    step: int  # steps done after this one
+    total_steps: int
+    loss: float  # mean cross-entropy over the step's trainable tokens
+    tokens: int  # real tokens the step processed
+    learning_rate: float
+    grad_norm: float | None
+
+
+def build_optimizer(adapter: JobAdapter, config: JobConfig) -> torch.optim.AdamW:
+    """AdamW over the job's trainable adapter weights; LoRA+ gives B its own LR."""
+    t = config.training
+    a_params = [w.lora_A for w in adapter.modules.values() if w.lora_A.requires_grad]
+    b_params = [w.lora_B for w in adapter.modules.values()]
+    ratio = config.adapter.loraplus_lr_ratio
+    if ratio is None:
+        groups = [{"params": a_params + b_params}]
+    else:
+        groups = [{"params": b_params, "lr": t.learning_rate * ratio}]
+        if a_params:
+            groups.insert(0, {"params": a_params})
+    return torch.optim.AdamW(
+        groups,
+        lr=t.learning_rate,
+        betas=(t.adam_beta1, t.adam_beta2),
+        eps=t.adam_epsilon,
+        weight_decay=t.weight_decay,
+    )
+
+
+class TrainingJob:
+    def __init__(self, config: JobConfig, dataset: TokenizedDataset, adapter: JobAdapter) -> None:
+        if not dataset.rows:
+            raise ValueError(f"job {config.name!r}: dataset {dataset.source} has no rows")
+        self.config = config
+        self.dataset = dataset
+        self.adapter = adapter
+        self.name = config.name
+        t = config.training
+        self.total_steps = t.total_steps(len(dataset.rows))
+        self.optimizer = build_optimizer(adapter, config)
+        self.scheduler = LambdaLR(
+            self.optimizer, lr_multiplier(t.lr_scheduler_type, t.warmup_steps, self.total_steps)
+        )
+        self.step = 0
+        self.rows_consumed = 0  # position in the row stream, across epochs
+        self.tokens_seen = 0
+        self.last_loss: float | None = None
+        self._order_epoch = -1
+        self._order: list[int] = []
+
+    @property
+    def done(self) -> bool:
+        return self.step >= self.total_steps
+
+    # -- data -------------------------------------------------------------------------
+    def _epoch_order(self, epoch: int) -> list[int]:
+        """Row order of an epoch: file order, or a permutation seeded by (seed, epoch)."""
+        if epoch != self._order_epoch:
+            n = len(self.dataset.rows)
+            if self.config.training.shuffle:
+                key = f"{self.config.training.seed}:{epoch}".encode()
+                seed = int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "little") >> 1
+                gen = torch.Generator().manual_seed(seed)
+                self._order = torch.randperm(n, generator=gen).tolist()
+            else:
+                self._order = list(range(n))
+            self._order_epoch = epoch
+        return self._order
+
+    def row_at(self, stream_index: int) -> TokenizedRow:
+        n = len(self.dataset.rows)
+        return self.dataset.rows[self._epoch_order(stream_index // n)[stream_index % n]]
+
+    def next_rows(self) -> tuple[list[TokenizedRow], list[int]]:
+        """The rows of the job's next optimizer step and their stream positions."""
+        count = self.config.training.rows_in_step(self.step, len(self.dataset.rows))
+        ids = list(range(self.rows_consumed, self.rows_consumed + count))
+        return [self.row_at(i) for i in ids], ids
+
+    # -- stepping ---------------------------------------------------------------------
+    def finish_step(self, loss: float, rows: list[TokenizedRow]) -> StepReport:
+        """Clip, step AdamW and the schedule, and advance the data position."""
+        params = self.adapter.parameters()
+        grad_norm = None
+        max_norm = self.config.training.max_grad_norm
+        if max_norm is not None:
+            trainable = [p for p in params if p.requires_grad]
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, max_norm))
+        lr = self.optimizer.param_groups[0]["lr"]
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        self.rows_consumed += len(rows)
+        tokens = sum(len(r.input_ids) for r in rows)
+        self.tokens_seen += tokens
+        self.last_loss = loss
+        return StepReport(self.name, self.step, self.total_steps, loss, tokens, lr, grad_norm)
+
+    # -- checkpoint state ---------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """Everything but the adapter weights needed to resume exactly.
+
+        No RNG state: shuffling and dropout draw from generators seeded by
+        counters (epoch, row position), so the position is the whole state.
+        """
+        scheduler = {k: v for k, v in self.scheduler.state_dict().items() if k != "lr_lambdas"}
+        return {
+            "step": self.step,
+            "rows_consumed": self.rows_consumed,
+            "tokens_seen": self.tokens_seen,
+            "last_loss": self.last_loss,
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": scheduler,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step = int(state["step"])
+        self.rows_consumed = int(state["rows_consumed"])
+        self.tokens_seen = int(state["tokens_seen"])
+        self.last_loss = state["last_loss"]
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(
+            {**state["scheduler"], "lr_lambdas": [None] * len(self.optimizer.param_groups)}
+        )
