@@ -1,0 +1,64 @@
+"""Shared fixtures: a tiny base model and small datasets, made locally."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from workers.tiny_base import build_tiny_base
+
+
+@pytest.fixture(scope="session")
+def tiny_base(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 2-layer Llama-shaped model (hidden 64) and its tokenizer, saved to disk."""
+    return build_tiny_base(tmp_path_factory.mktemp("tiny-base"))
+
+
+def write_jsonl(path: Path, records: list[dict]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+@pytest.fixture(scope="session")
+def datasets(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Three small datasets, one per format, with rows of varied length."""
+    root = tmp_path_factory.mktemp("data")
+    words = [
+        "the",
+        "cat",
+        "sat",
+        "on",
+        "a",
+        "mat",
+        "and",
+        "looked",
+        "at",
+        "the",
+        "quick",
+        "brown",
+        "fox",
+    ]
+    text = [{"text": " ".join(words[: 3 + (i * 7) % 11]) + f" {i}"} for i in range(40)]
+    pc = [
+        {"prompt": f"Question: what is {i} plus {i % 5}?", "completion": f" Answer: {i + i % 5}."}
+        for i in range(40)
+    ]
+    msgs = [
+        {
+            "messages": [
+                {"role": "user", "content": f"say hello {i}"},
+                {"role": "assistant", "content": "hello " * (1 + i % 4)},
+                {"role": "user", "content": "again"},
+                {"role": "assistant", "content": f"hello {i}"},
+            ]
+        }
+        for i in range(40)
+    ]
+    return {
+        "text": write_jsonl(root / "text.jsonl", text),
+        "prompt_completion": write_jsonl(root / "pc.jsonl", pc),
+        "messages": write_jsonl(root / "msgs.jsonl", msgs),
+    }

@@ -1,0 +1,115 @@
+"""The reference every user trusts: a plain single-job PEFT + AdamW loop.
+
+Per optimizer step it takes the job's next `batch_size` rows in file order,
+right-pads them, and lets the HF model compute its causal-LM loss (mean over
+the trainable tokens); then optional clipping, AdamW, and the schedule from
+transformers' own `get_scheduler`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, get_peft_model
+from transformers import AutoModelForCausalLM, get_scheduler
+
+from workers.dataset import IGNORE_INDEX, TokenizedRow
+from workers.job_config import JobConfig
+
+_HF_SCHEDULER = {"constant": "constant_with_warmup", "linear": "linear", "cosine": "cosine"}
+
+
+def pad_rows(rows: list[TokenizedRow], pad_id: int) -> dict[str, torch.Tensor]:
+    seq = max(len(r.input_ids) for r in rows)
+    ids = torch.full((len(rows), seq), pad_id)
+    labels = torch.full((len(rows), seq), IGNORE_INDEX)
+    mask = torch.zeros((len(rows), seq), dtype=torch.long)
+    for i, r in enumerate(rows):
+        n = len(r.input_ids)
+        ids[i, :n] = torch.tensor(r.input_ids)
+        labels[i, :n] = torch.tensor(r.labels)
+        mask[i, :n] = 1
+    return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+
+
+def peft_model_with(base_path: Path, config: JobConfig, init: dict[str, torch.Tensor]):
+    """A PeftModel whose adapter starts from `init` ({"<module>.lora_A": ...})."""
+    base = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32)
+    a = config.adapter
+    targets = a.target_modules if isinstance(a.target_modules, str) else list(a.target_modules)
+    lora = LoraConfig(
+        r=a.r,
+        lora_alpha=a.lora_alpha,
+        lora_dropout=a.lora_dropout,
+        target_modules=targets,
+        use_rslora=a.use_rslora,
+    )
+    model = get_peft_model(base, lora)
+    modules = {k.rsplit(".", 1)[0] for k in init}
+    with torch.no_grad():
+        for name in modules:
+            layer = model.base_model.model.get_submodule(name)
+            layer.lora_A["default"].weight.copy_(init[f"{name}.lora_A"])
+            layer.lora_B["default"].weight.copy_(init[f"{name}.lora_B"])
+    peft_modules = {n for n, m in model.base_model.model.named_modules() if hasattr(m, "lora_A")}
+    assert peft_modules == modules, "PEFT and carpool target different modules"
+    return model
+
+
+def adapter_tensors(model) -> dict[str, torch.Tensor]:
+    out = {}
+    for name, m in model.base_model.model.named_modules():
+        if hasattr(m, "lora_A"):
+            out[f"{name}.lora_A"] = m.lora_A["default"].weight.detach().clone()
+            out[f"{name}.lora_B"] = m.lora_B["default"].weight.detach().clone()
+    return out
+
+
+def train_reference(
+    base_path: Path,
+    config: JobConfig,
+    rows: list[TokenizedRow],
+    init: dict[str, torch.Tensor],
+    steps: int,
+    pad_id: int,
+) -> dict[str, torch.Tensor]:
+    """Train one job alone, the plain way; returns its adapter tensors."""
+    t = config.training
+    model = peft_model_with(base_path, config, init)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(
+        params,
+        lr=t.learning_rate,
+        betas=(t.adam_beta1, t.adam_beta2),
+        eps=t.adam_epsilon,
+        weight_decay=t.weight_decay,
+    )
+    sched = get_scheduler(
+        _HF_SCHEDULER[t.lr_scheduler_type],
+        opt,
+        num_warmup_steps=t.warmup_steps,
+        num_training_steps=steps,
+    )
+    cursor = 0
+    for _ in range(steps):
+        batch = [rows[(cursor + i) % len(rows)] for i in range(t.batch_size)]
+        cursor += t.batch_size
+        loss = model(**pad_rows(batch, pad_id)).loss
+        loss.backward()
+        if t.max_grad_norm is not None:
+            torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm)
+        opt.step()
+        sched.step()
+        opt.zero_grad()
+    return adapter_tensors(model)
+
+
+def max_relative_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    """max over tensors of max|a - b| / max|a| (the issue's tolerance measure)."""
+    assert set(a) == set(b), (sorted(set(a) ^ set(b)))[:5]
+    worst = 0.0
+    for k in a:
+        scale = a[k].abs().max().clamp_min(1e-12)
+        worst = max(worst, float((a[k] - b[k]).abs().max() / scale))
+    return worst

@@ -1,0 +1,178 @@
+"""The correctness invariant: a job's adapter depends only on its spec and data.
+
+Fused training must give what a plain single-job PEFT loop gives, and must not
+change with the job's neighbours or with how its step is split.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from tests.peft_reference import max_relative_difference, train_reference
+from workers.engine import Engine
+from workers.fused_batch import plan_micro_batches, step_rows
+from workers.job_config import AdapterConfig, DatasetConfig, JobConfig, TrainingConfig
+
+STEPS = 10
+
+
+def job(name: str, base: Path, data: Path, adapter: AdapterConfig, **training) -> JobConfig:
+    defaults = dict(max_steps=STEPS, batch_size=4, learning_rate=5e-3, shuffle=False)
+    return JobConfig(
+        name, str(base), DatasetConfig(data), adapter, TrainingConfig(**{**defaults, **training})
+    )
+
+
+def three_jobs(base: Path, datasets: dict[str, Path]) -> list[JobConfig]:
+    """Jobs that differ in r, lora_alpha, targets, LR, schedule, batch_size and max_seq_length."""
+    return [
+        job(
+            "text",
+            base,
+            datasets["text"],
+            AdapterConfig(r=4, lora_alpha=8, target_modules=("q_proj", "v_proj")),
+            batch_size=4,
+            learning_rate=1e-2,
+            max_seq_length=12,
+        ),
+        job(
+            "qa",
+            base,
+            datasets["prompt_completion"],
+            AdapterConfig(r=8, lora_alpha=32, target_modules="all-linear", use_rslora=True),
+            batch_size=3,
+            learning_rate=5e-3,
+            lr_scheduler_type="linear",
+            warmup_steps=2,
+            weight_decay=0.01,
+            max_grad_norm=0.5,
+            max_seq_length=64,
+        ),
+        job(
+            "chat",
+            base,
+            datasets["messages"],
+            AdapterConfig(r=2, lora_alpha=4, target_modules=("o_proj", "down_proj")),
+            batch_size=5,
+            learning_rate=2e-2,
+            lr_scheduler_type="cosine",
+            max_seq_length=40,
+        ),
+    ]
+
+
+def randomize_b(engine: Engine, name: str, seed: int) -> dict[str, torch.Tensor]:
+    """Give B non-zero values so step 1 already exercises every path; returns the start."""
+    adapter = engine.jobs[name].adapter
+    gen = torch.Generator().manual_seed(seed)
+    start = {}
+    for key, tensor in adapter.named_tensors().items():
+        start[key] = (
+            torch.randn(tensor.shape, generator=gen) * 0.05 if key.endswith("lora_B") else tensor
+        ).clone()
+    adapter.load_tensors(start)
+    return start
+
+
+def test_fused_jobs_match_single_job_peft(tiny_base: Path, datasets: dict[str, Path]) -> None:
+    configs = three_jobs(tiny_base, datasets)
+    engine = Engine(str(tiny_base), device="cpu")
+    starts = {}
+    for i, config in enumerate(configs):
+        engine.add_job(config)
+        starts[config.name] = randomize_b(engine, config.name, seed=i)
+    engine.run()
+    assert all(engine.jobs[c.name].step == STEPS for c in configs)
+    for config in configs:
+        rows = list(engine.jobs[config.name].dataset.rows)
+        expected = train_reference(
+            tiny_base, config, rows, starts[config.name], STEPS, engine.tokenizer.pad_token_id
+        )
+        got = engine.jobs[config.name].adapter.named_tensors()
+        assert max_relative_difference(expected, got) <= 1e-4, config.name
+        # And training moved the weights: the comparison is not of two untouched starts.
+        assert max_relative_difference(starts[config.name], got) > 1e-3, config.name
+
+
+def train_alone_and_with(
+    base: Path, target: JobConfig, neighbours: list[JobConfig], **engine_kwargs
+) -> dict[str, torch.Tensor]:
+    engine = Engine(str(base), device="cpu", **engine_kwargs)
+    for config in [*neighbours[:2], target, *neighbours[2:]]:
+        engine.add_job(config)
+    engine.run()
+    return engine.jobs[target.name].adapter.named_tensors()
+
+
+def test_adapter_does_not_depend_on_neighbours_or_micro_batches(
+    tiny_base: Path, datasets: dict[str, Path]
+) -> None:
+    target = job(
+        "target",
+        tiny_base,
+        datasets["prompt_completion"],
+        AdapterConfig(r=4, lora_alpha=8, target_modules="all-linear", lora_dropout=0.1),
+        batch_size=8,
+        shuffle=True,
+        seed=7,
+        max_steps=6,
+    )
+    others = [
+        job(
+            f"other{i}",
+            tiny_base,
+            datasets[fmt],
+            AdapterConfig(r=2 + i, target_modules=("q_proj", "k_proj", "up_proj")[: 1 + i % 3]),
+            batch_size=1 + i,
+            learning_rate=1e-2 * (i + 1),
+            max_seq_length=20 + 9 * i,
+            max_steps=3 + i,
+        )
+        for i, fmt in enumerate(["text", "messages", "prompt_completion", "text", "messages"])
+    ]
+    alone = train_alone_and_with(tiny_base, target, [])
+    with_five = train_alone_and_with(tiny_base, target, others)
+    # Two of the target's longest rows per micro-batch: its 8-row step runs as four.
+    split = train_alone_and_with(
+        tiny_base, target, [], micro_batch_tokens=two_row_budget(tiny_base, target)
+    )
+    # Float tolerance: padding and split change summation order, and Adam's
+    # normalisation magnifies differences of near-zero gradients.
+    assert max_relative_difference(alone, with_five) <= 1e-4
+    assert max_relative_difference(alone, split) <= 1e-4
+
+
+def two_row_budget(base: Path, config: JobConfig) -> int:
+    engine = Engine(str(base), device="cpu")
+    training_job = engine.add_job(config)
+    longest = max(
+        len(training_job.row_at(i).input_ids) for i in range(len(training_job.dataset.rows))
+    )
+    return 2 * longest
+
+
+def test_micro_batch_budget_really_splits_the_step(
+    tiny_base: Path, datasets: dict[str, Path]
+) -> None:
+    config = job("t", tiny_base, datasets["prompt_completion"], AdapterConfig(), batch_size=8)
+    engine = Engine(
+        str(tiny_base), device="cpu", micro_batch_tokens=two_row_budget(tiny_base, config)
+    )
+    training_job = engine.add_job(config)
+    rows, ids = training_job.next_rows()
+    micro = plan_micro_batches(step_rows("t", rows, ids), engine.micro_batch_tokens)
+    assert [len(m) for m in micro] == [2, 2, 2, 2]
+
+
+def test_base_weights_are_bitwise_unchanged(tiny_base: Path, datasets: dict[str, Path]) -> None:
+    engine = Engine(str(tiny_base), device="cpu")
+    before = {k: v.clone() for k, v in engine.base.state_dict().items()}
+    for config in three_jobs(tiny_base, datasets):
+        engine.add_job(replace(config, training=replace(config.training, max_steps=3)))
+    engine.run()
+    after = engine.base.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert not any(p.requires_grad for p in engine.base.parameters())
