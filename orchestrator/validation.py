@@ -1,0 +1,362 @@
+"""Check job specs in one pass and report every problem at once.
+
+A user fixing a job file should see all of its mistakes in one run, not one
+per run: schema errors, the base model, target modules, the rank, the dataset
+and the adapter to start from are all checked, and when the schema fails the
+checks that need only a path still run on the raw values.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ValidationError
+
+from orchestrator.spec import (
+    STEPS_XOR_EPOCHS,
+    AdapterSpec,
+    DatasetSpec,
+    JobSpec,
+    TrainingSpec,
+    resolve_spec_paths,
+    steps_xor_epochs_message,
+)
+from workers.base_model import (
+    linear_module_shapes,
+    load_tokenizer,
+    match_target_modules,
+    unmatched_targets,
+)
+from workers.dataset import DatasetError, load_dataset
+
+TOP_LEVEL = "(top level)"
+_SECTIONS: dict[tuple[str, ...], type[BaseModel]] = {
+    (): JobSpec,
+    ("dataset",): DatasetSpec,
+    ("adapter",): AdapterSpec,
+    ("training",): TrainingSpec,
+}
+
+
+@dataclass(frozen=True)
+class SpecProblem:
+    source: str  # the file (or other origin) of the spec
+    field: str  # dotted, e.g. "adapter.r"
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.source}: {self.field}: {self.message}"
+
+
+class SpecValidationError(ValueError):
+    """One or more problems in one or more specs; `str()` lists one per line."""
+
+    def __init__(self, problems: Sequence[SpecProblem]):
+        self.problems = list(problems)
+        super().__init__("\n".join(str(p) for p in self.problems))
+
+    def __reduce__(self):  # pickle with the problems, not the joined message
+        return (type(self), (self.problems,))
+
+
+class BaseModelCache:
+    """Shapes and tokenizers of base models, loaded once per validation run."""
+
+    def __init__(self) -> None:
+        self._loaded: dict[tuple[str, str], Any] = {}
+
+    def _get(self, kind: str, name: str, load: Callable[[str], Any]) -> Any:
+        if (kind, name) not in self._loaded:
+            try:
+                self._loaded[kind, name] = load(name)
+            except Exception as e:  # remembered: every spec on this base reports it cheaply
+                self._loaded[kind, name] = e
+        found = self._loaded[kind, name]
+        if isinstance(found, Exception):
+            raise found
+        return found
+
+    def shapes(self, name: str) -> dict[str, tuple[int, int]]:
+        return self._get("shapes", name, _load_shapes)
+
+    def tokenizer(self, name: str) -> Any:
+        return self._get("tokenizer", name, load_tokenizer)
+
+
+def _load_shapes(name: str) -> dict[str, tuple[int, int]]:
+    path = Path(name).expanduser()
+    # A hub id is "name" or "org/name"; anything else is a local path, and
+    # asking the hub about it would only add a slow network error.
+    looks_local = path.is_absolute() or name.startswith((".", "~")) or name.count("/") > 1
+    if looks_local and not path.exists():
+        raise FileNotFoundError(f"no such directory: {name}")
+    return linear_module_shapes(str(path) if path.exists() else name)
+
+
+# (field, message) pairs; the source is attached once, in _check.
+_Found = list[tuple[str, str]]
+
+
+@dataclass(frozen=True)
+class _Facts:
+    """The values the resource checks need; None where unknown or invalid."""
+
+    base_model: str | None
+    dataset_path: str | None
+    dataset_format: str | None
+    max_seq_length: int | None
+    target_modules: list[str] | str | None
+    r: int | None
+    init_from: str | None
+
+
+def _facts(raw: Mapping[str, Any], bad: set[str]) -> _Facts:
+    """What a spec's raw values say, skipping those in `bad` (fields the schema rejected)."""
+
+    def get(section: str, key: str, kind: type, default: Any = None) -> Any:
+        dotted = f"{section}.{key}" if section else key
+        if dotted in bad or section in bad:
+            return None
+        sub = raw.get(section, {}) if section else raw
+        if not isinstance(sub, Mapping):
+            return None
+        value = sub.get(key, default)
+        return value if isinstance(value, kind) and not isinstance(value, bool) else None
+
+    def default(model: type[BaseModel], key: str) -> Any:
+        return model.model_fields[key].default
+
+    targets = get("adapter", "target_modules", (list, str), default(AdapterSpec, "target_modules"))
+    return _Facts(
+        base_model=get("", "base_model", str) or None,
+        dataset_path=get("dataset", "path", str) or None,
+        dataset_format=get("dataset", "format", str, default(DatasetSpec, "format")),
+        max_seq_length=get(
+            "training", "max_seq_length", int, default(TrainingSpec, "max_seq_length")
+        ),
+        target_modules=targets,
+        r=get("adapter", "r", int, default(AdapterSpec, "r")),
+        init_from=get("adapter", "init_from", str),
+    )
+
+
+def _field_name(loc: Sequence[int | str]) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else ("." if out else "") + str(part)
+    return out or TOP_LEVEL
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _unknown_field_message(loc: Sequence[int | str]) -> str:
+    model = _SECTIONS.get(tuple(str(p) for p in loc[:-1]))
+    if model is None:
+        return "unknown field"
+    known = list(model.model_fields)
+    close = difflib.get_close_matches(str(loc[-1]), known, n=1)
+    if close:
+        return f"unknown field; did you mean {close[0]!r}?"
+    return f"unknown field; expected one of: {', '.join(known)}"
+
+
+def _schema_problems(err: ValidationError) -> _Found:
+    problems = []
+    for e in err.errors():
+        kind = e["type"]
+        if kind == STEPS_XOR_EPOCHS:  # reported from the raw values by _steps_problems
+            continue
+        if kind == "extra_forbidden":
+            message = _unknown_field_message(e["loc"])
+        elif kind == "missing":
+            message = "required field is missing"
+        elif kind == "value_error":  # our own validators already quote the value
+            message = e["msg"].removeprefix("Value error, ")
+        else:
+            message = f"{e['msg']} (got {_short(e['input'])})"
+        problems.append((_field_name(e["loc"]), message))
+    return problems
+
+
+def _steps_problems(raw: Mapping[str, Any]) -> _Found:
+    training = raw.get("training")
+    if not isinstance(training, Mapping):
+        return []  # a missing or malformed section is reported by the schema
+    steps, epochs = training.get("max_steps"), training.get("num_epochs")
+    if (steps is None) != (epochs is None):
+        return []
+    return [("training.max_steps", steps_xor_epochs_message(steps))]
+
+
+def _target_problems(
+    shapes: dict[str, tuple[int, int]], targets: list[str] | str, r: int | None
+) -> _Found:
+    names = list(shapes)
+    problems = []
+    missing = ", ".join(map(repr, unmatched_targets(names, targets)))
+    if missing:
+        suffixes = sorted({n.rsplit(".", 1)[-1] for n in names})
+        shown = ", ".join(suffixes[:12]) + (", ..." if len(suffixes) > 12 else "")
+        message = f"the base model has no module {missing} (its linear modules end in: {shown})"
+        problems.append(("adapter.target_modules", message))
+    if r is not None:
+        # A rank above min(in, out) adds parameters without adding expressiveness.
+        too_big: dict[str, tuple[int, int]] = {}
+        for name in match_target_modules(names, targets):
+            if r > min(shapes[name]):
+                too_big.setdefault(name.rsplit(".", 1)[-1], shapes[name])
+        if too_big:
+            listed = ", ".join(f"{k} ({i}x{o})" for k, (i, o) in too_big.items())
+            message = f"r={r} exceeds min(in_features, out_features) of targeted modules: {listed}"
+            problems.append(("adapter.r", message))
+    return problems
+
+
+def _dataset_problems(facts: _Facts, tokenizer: Any) -> _Found:
+    assert facts.dataset_path is not None
+    path = Path(facts.dataset_path)
+    if not path.is_file():
+        what = "is a directory, not a file" if path.is_dir() else "file not found"
+        return [("dataset.path", f"{what}: {path}")]
+    if tokenizer is None or facts.dataset_format is None or facts.max_seq_length is None:
+        return []  # reading the rows needs the tokenizer and valid settings
+    try:
+        load_dataset(path, facts.dataset_format, tokenizer, facts.max_seq_length)
+    except DatasetError as e:
+        return [("dataset.path", str(e))]
+    except Exception as e:  # a tokenizer or reader failure is still the user's data problem
+        return [("dataset.path", f"{path}: cannot load: {e}")]
+    return []
+
+
+def _init_from_problems(init_from: str, r: int | None) -> _Found:
+    path = Path(init_from)
+    field = "adapter.init_from"
+    if not path.is_dir():
+        return [(field, f"not a directory: {path}")]
+    config_file = path / "adapter_config.json"
+    if not config_file.is_file():
+        return [(field, f"no adapter_config.json in {path} (not a PEFT adapter)")]
+    try:
+        config = json.loads(config_file.read_text())
+    except (OSError, ValueError) as e:
+        return [(field, f"cannot read {config_file}: {e}")]
+    if not isinstance(config, dict):
+        return [(field, f"{config_file} is not a JSON object")]
+    if config.get("peft_type", "LORA") != "LORA":
+        return [(field, f"not a LoRA adapter (peft_type={config['peft_type']})")]
+    if r is not None and config.get("r", r) != r:
+        return [(field, f"adapter has r={config['r']} but the spec sets r={r}")]
+    return []
+
+
+def _resource_problems(facts: _Facts, cache: BaseModelCache) -> _Found:
+    problems: _Found = []
+    shapes = tokenizer = None
+    if facts.base_model is not None:
+        try:
+            shapes = cache.shapes(facts.base_model)
+            tokenizer = cache.tokenizer(facts.base_model)
+        except Exception as e:
+            first_line = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            what = "tokenizer" if shapes is not None else "model"
+            problems.append(("base_model", f"cannot load {what}: {first_line}"))
+    if shapes is not None and facts.target_modules is not None:
+        problems += _target_problems(shapes, facts.target_modules, facts.r)
+    if facts.dataset_path is not None:
+        problems += _dataset_problems(facts, tokenizer)
+    if facts.init_from is not None:
+        problems += _init_from_problems(facts.init_from, facts.r)
+    return problems
+
+
+def _check(
+    raw: Any, source: str, cache: BaseModelCache
+) -> tuple[JobSpec | None, list[SpecProblem]]:
+    if isinstance(raw, JobSpec):  # re-checked through the same path as YAML
+        raw = raw.model_dump(mode="json")
+    if raw is None:
+        return None, [SpecProblem(source, TOP_LEVEL, "the spec is empty")]
+    if not isinstance(raw, Mapping):
+        got = type(raw).__name__
+        return None, [SpecProblem(source, TOP_LEVEL, f"expected a mapping of fields, got {got}")]
+    spec: JobSpec | None = None
+    found: _Found = []
+    try:
+        spec = JobSpec.model_validate(dict(raw))
+    except ValidationError as err:
+        found = _schema_problems(err)
+    found += _steps_problems(raw)
+    # Even when the schema fails, check paths on the raw values it did not reject.
+    found += _resource_problems(_facts(raw, {field for field, _ in found}), cache)
+    return spec, [SpecProblem(source, field, message) for field, message in found]
+
+
+def check_spec(
+    spec_or_raw: JobSpec | Mapping[str, Any] | Any,
+    source: str,
+    *,
+    cache: BaseModelCache | None = None,
+) -> list[SpecProblem]:
+    """Every problem of one spec (a JobSpec or raw parsed YAML); empty when it is valid."""
+    return _check(spec_or_raw, source, cache or BaseModelCache())[1]
+
+
+def _load_file(path: Path, cache: BaseModelCache) -> tuple[JobSpec | None, Any, list[SpecProblem]]:
+    """(spec or None, raw value, problems) of one YAML file."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+        return None, None, [SpecProblem(str(path), TOP_LEVEL, f"cannot read file: {reason}")]
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"line {mark.line + 1}" if mark is not None else TOP_LEVEL
+        reason = getattr(e, "problem", None) or str(e)
+        return None, None, [SpecProblem(str(path), where, f"invalid YAML: {reason}")]
+    if isinstance(raw, Mapping):
+        raw = resolve_spec_paths(raw, Path(path).resolve().parent)
+    spec, problems = _check(raw, str(path), cache)
+    return spec, raw, problems
+
+
+def load_spec_file(path: Path, *, cache: BaseModelCache | None = None) -> JobSpec:
+    """Read, resolve and check one job file; raise SpecValidationError with all its problems."""
+    spec, _, problems = _load_file(Path(path), cache or BaseModelCache())
+    if problems or spec is None:
+        raise SpecValidationError(problems)
+    return spec
+
+
+def validate_files(paths: Sequence[Path]) -> list[JobSpec]:
+    """Check several job files together; also rejects one job name used twice."""
+    cache = BaseModelCache()
+    specs: list[JobSpec] = []
+    problems: list[SpecProblem] = []
+    first_source: dict[str, str] = {}
+    for path in paths:
+        spec, raw, file_problems = _load_file(Path(path), cache)
+        problems += file_problems
+        if spec is not None:
+            specs.append(spec)
+        name = raw.get("name") if isinstance(raw, Mapping) else None
+        if isinstance(name, str):
+            if name in first_source:
+                message = f"job name {name!r} is also used by {first_source[name]}"
+                problems.append(SpecProblem(str(path), "name", message))
+            else:
+                first_source[name] = str(path)
+    if problems:
+        raise SpecValidationError(problems)
+    return specs
