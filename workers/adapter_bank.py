@@ -203,27 +203,30 @@ class AdapterBank:
         def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
             if self._segments is None:
                 return output  # plain base forward, e.g. the floor benchmark
-            delta = self._delta(module_name, args[0], output)
-            return output if delta is None else output + delta
+            return self._add_lora(module_name, args[0], output)
 
         return hook
 
-    def _delta(
-        self, module_name: str, x: torch.Tensor, output: torch.Tensor
-    ) -> torch.Tensor | None:
-        """The adapters' contribution for the routed rows; None if no routed job targets this module."""
+    def _add_lora(self, module_name: str, x: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
+        """Add each routed job's LoRA term to its own rows of `output`."""
         if not any(module_name in self.adapters[s.job].modules for s in self._segments):
-            return None
+            return output
+        # One split and one cat: slicing x per segment would make each slice's
+        # backward fill a zero tensor of x's full size (measured: 3x slower), and
+        # in-place adds into row slices of `output` cost full-size copies too.
+        pieces = x.split([s.end - s.start for s in self._segments])
         parts = []
-        for seg in self._segments:
+        for seg, xs in zip(self._segments, pieces, strict=True):
             adapter = self.adapters[seg.job]
             w = adapter.modules.get(module_name)
             if w is None:
                 parts.append(output.new_zeros((seg.end - seg.start, *output.shape[1:])))
                 continue
-            xs = x[seg.start : seg.end]
             if adapter.dropout > 0 and torch.is_grad_enabled():
                 xs = xs * dropout_mask(adapter, w.module_index, seg.row_ids, xs.shape, xs)
             # Scale the rank-r activations: the cheapest place to apply it.
             parts.append(F.linear(F.linear(xs, w.lora_A) * adapter.scaling, w.lora_B))
-        return parts[0] if len(parts) == 1 else torch.cat(parts)
+        delta = parts[0] if len(parts) == 1 else torch.cat(parts)
+        # In place is safe and saves a full-size tensor: a linear's backward
+        # needs its input, not its output.
+        return output.add_(delta)
