@@ -64,6 +64,47 @@ def cmd_validate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("specs", nargs="+", type=Path, metavar="JOB.yaml", help="job spec files")
+    parser.add_argument("--out", type=Path, required=True, help="adapters go to OUT/<name>/")
+    parser.add_argument(
+        "--checkpoint-dir", type=Path, default=None,
+        help="checkpoint each job here every save_steps; a rerun resumes from it",
+    )  # fmt: skip
+    parser.add_argument(
+        "--micro-batch-tokens", type=int, default=None,
+        help="cap on padded tokens per fused forward/backward (default: a whole round)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if present)"
+    )
+
+
+@subcommand("train", "train jobs fused in this process and write PEFT adapters", _train_arguments)
+def cmd_train(args: argparse.Namespace) -> int:
+    from transformers.utils import logging as hf_logging
+
+    from orchestrator.local_train import train_locally
+    from orchestrator.progress import JobProgress
+    from orchestrator.validation import validate_files
+
+    hf_logging.disable_progress_bar()  # our own bars are the ones to watch
+
+    specs = validate_files(args.specs)  # every problem of every file before any training
+    with JobProgress() as progress:
+        outputs = train_locally(
+            specs,
+            args.out,
+            on_progress=progress.update,
+            checkpoint_dir=args.checkpoint_dir,
+            micro_batch_tokens=args.micro_batch_tokens,
+            device=args.device,
+        )
+    for name, path in outputs.items():
+        print(f"{name}: {path}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="carpool", description="Train many LoRA jobs at once on one frozen base model."

@@ -1,0 +1,187 @@
+"""`make demo`: three visibly different LoRA jobs carpooling on one tiny base.
+
+Builds (if absent) a tiny Llama-shaped base, three small datasets and their
+job specs under `demo_out/`, trains the three jobs fused with `carpool train`,
+then prints one generation per adapter from the same prompt, each loaded
+through PEFT from the exported adapter directory.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import sys
+from pathlib import Path
+
+import yaml
+
+WORDS = [
+    "the",
+    "cat",
+    "dog",
+    "bird",
+    "sat",
+    "ran",
+    "flew",
+    "on",
+    "under",
+    "over",
+    "a",
+    "mat",
+    "tree",
+    "roof",
+    "big",
+    "small",
+    "red",
+    "blue",
+    "happy",
+    "quiet",
+    "fast",
+    "slow",
+    "house",
+    "garden",
+    "river",
+]
+PROMPT_TEMPLATE = "{phrase}\n"
+
+
+def phrases(count: int, seed: int) -> list[str]:
+    rng = random.Random(seed)
+    return [" ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 6))) for _ in range(count)]
+
+
+def write_datasets(data_dir: Path) -> dict[str, Path]:
+    """Three tasks on the same kind of input: shout it, reverse it, answer it politely."""
+    data_dir.mkdir(parents=True, exist_ok=True)
+    items = phrases(240, seed=0)
+    shout = [
+        {"prompt": PROMPT_TEMPLATE.format(phrase=p), "completion": p.upper() + " !"} for p in items
+    ]
+    reverse = [
+        {"prompt": PROMPT_TEMPLATE.format(phrase=p), "completion": " ".join(p.split()[::-1])}
+        for p in items
+    ]
+    polite = [
+        {
+            "messages": [
+                {"role": "user", "content": p},
+                {"role": "assistant", "content": f"thank you for telling me that {p} ."},
+            ]
+        }
+        for p in items
+    ]
+    paths = {}
+    for name, rows in [("shout", shout), ("reverse", reverse), ("polite", polite)]:
+        paths[name] = data_dir / f"{name}.jsonl"
+        paths[name].write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return paths
+
+
+def write_specs(root: Path, base: Path, data: dict[str, Path]) -> list[Path]:
+    """One YAML job spec per task; they differ in rank, targets and learning rate."""
+    adapters = {
+        "shout": {"r": 16, "lora_alpha": 32, "target_modules": "all-linear"},
+        "reverse": {"r": 8, "lora_alpha": 16, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj"]},
+        "polite": {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj", "down_proj"]},
+    }  # fmt: skip
+    specs = []
+    for name, adapter in adapters.items():
+        spec = {
+            "name": f"demo-{name}",
+            "base_model": str(base.resolve()),
+            "dataset": {"path": str(data[name].resolve()), "format": "auto"},
+            "adapter": adapter,
+            "training": {
+                "max_steps": 300,
+                "batch_size": 16,
+                "learning_rate": 5.0e-3,
+                "lr_scheduler_type": "cosine",
+                "warmup_steps": 10,
+                "max_seq_length": 64,
+                "seed": 0,
+                "save_steps": 40,
+            },
+        }
+        path = root / "jobs" / f"{name}.yaml"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(yaml.safe_dump(spec, sort_keys=False))
+        specs.append(path)
+    return specs
+
+
+def prepare(root: Path) -> list[Path]:
+    """Base, datasets and specs under `root`; returns the spec files."""
+    from workers.tiny_base import build_tiny_base
+
+    data = write_datasets(root / "data")
+    corpus = [line for p in data.values() for line in p.read_text().splitlines()]
+    base = build_tiny_base(
+        root / "models" / "tiny-llama",
+        hidden_size=128,
+        intermediate_size=256,
+        num_layers=2,
+        vocab_size=600,
+        corpus=corpus,
+    )
+    return write_specs(root, base, data)
+
+
+def generate(base: str, adapter_dirs: dict[str, Path], prompt: str) -> dict[str, str]:
+    """Greedy completion of `prompt` by the base under each exported adapter."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    out = {}
+    for name, path in adapter_dirs.items():
+        model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), path).eval()
+        text = prompt
+        if "polite" in name:
+            messages = [{"role": "user", "content": prompt.strip()}]
+            text = tokenizer.apply_chat_template(
+                messages, tokenize=False, add_generation_prompt=True
+            )
+        ids = tokenizer(text, return_tensors="pt")["input_ids"]
+        with torch.no_grad():
+            gen = model.generate(
+                input_ids=ids,
+                max_new_tokens=24,
+                do_sample=False,
+                eos_token_id=tokenizer.eos_token_id,
+                pad_token_id=tokenizer.pad_token_id,
+            )
+        out[name] = tokenizer.decode(gen[0, ids.shape[1] :], skip_special_tokens=True).strip()
+    return out
+
+
+def main() -> int:
+    import warnings
+
+    from transformers.utils import logging as hf_logging
+
+    from orchestrator.cli import main as carpool
+
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    root = Path("demo_out")
+    specs = prepare(root)
+    out = root / "adapters"
+    print(
+        f"training {len(specs)} jobs fused on one base: carpool train {' '.join(map(str, specs))}"
+    )
+    status = carpool(["train", *map(str, specs), "--out", str(out)])
+    if status != 0:
+        return status
+    base = yaml.safe_load(specs[0].read_text())["base_model"]
+    prompt = PROMPT_TEMPLATE.format(phrase="the happy dog ran over the river")
+    print(f"\nprompt: {prompt.strip()!r}")
+    dirs = {p.stem: out / f"demo-{p.stem}" for p in specs}
+    for name, text in generate(base, dirs, prompt).items():
+        print(f"  {name:<8} -> {text}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,71 @@
+"""`carpool train`: run validated jobs fused, in this process, without Ray.
+
+Jobs are grouped by base model; each group runs on one engine, every job's
+rows fused into the same forward/backward. A job's PEFT adapter is written to
+`<out>/<name>/` the moment it finishes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from orchestrator.progress import JobProgressRow
+from orchestrator.spec import JobSpec
+from workers.engine import Engine
+from workers.job_config import JobConfig
+
+ProgressFn = Callable[[JobProgressRow], None]
+
+
+def group_by_base(configs: Sequence[JobConfig]) -> dict[str, list[JobConfig]]:
+    groups: dict[str, list[JobConfig]] = {}
+    for config in configs:
+        groups.setdefault(config.base_model, []).append(config)
+    return groups
+
+
+def train_locally(
+    specs: Sequence[JobSpec],
+    out_dir: Path,
+    *,
+    on_progress: ProgressFn | None = None,
+    checkpoint_dir: Path | None = None,
+    micro_batch_tokens: int | None = None,
+    device: str | None = None,
+) -> dict[str, Path]:
+    """Train every job to completion; returns each job's adapter directory.
+
+    With `checkpoint_dir`, jobs checkpoint every `save_steps` and a rerun
+    resumes each from its latest checkpoint.
+    """
+    report = on_progress or (lambda row: None)
+    outputs: dict[str, Path] = {}
+    for base, configs in group_by_base([s.to_config() for s in specs]).items():
+        engine = Engine(
+            base,
+            device=device,
+            micro_batch_tokens=micro_batch_tokens,
+            checkpoint_root=checkpoint_dir,
+        )
+        for config in configs:
+            resume = checkpoint_dir / config.name if checkpoint_dir else None
+            job = engine.add_job(config, resume_from=resume)
+            report(
+                JobProgressRow(job.name, job.step, job.total_steps, job.last_loss, None, "queued")
+            )
+        for config in configs:  # resumed jobs may already be complete
+            if engine.jobs[config.name].done:
+                outputs[config.name] = engine.export(config.name, out_dir / config.name)
+        while engine.active_jobs():
+            reports = engine.step()
+            seconds = max(engine.last_round_seconds, 1e-9)
+            for name, r in reports.items():
+                done = engine.jobs[name].done
+                if done:
+                    outputs[name] = engine.export(name, out_dir / name)
+                state = "done" if done else "running"
+                report(
+                    JobProgressRow(name, r.step, r.total_steps, r.loss, r.tokens / seconds, state)
+                )
+    return outputs

@@ -1,0 +1,59 @@
+"""Live per-job progress bars in the terminal (step, loss, tokens/s)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+
+@dataclass
+class JobProgressRow:
+    name: str
+    step: int
+    total_steps: int
+    loss: float | None = None
+    tokens_per_second: float | None = None
+    state: str = "running"
+
+
+class JobProgress:
+    """One bar per job; call `update` with each job's latest figures."""
+
+    def __init__(self, console: Console | None = None) -> None:
+        self.progress = Progress(
+            TextColumn("[bold]{task.fields[name]:<16}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("loss {task.fields[loss]:>7}"),
+            TextColumn("{task.fields[tps]:>9} tok/s"),
+            TextColumn("{task.fields[state]}"),
+            TimeElapsedColumn(),
+            console=console,
+            transient=False,
+        )
+        self._tasks: dict[str, int] = {}
+
+    def __enter__(self) -> JobProgress:
+        self.progress.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.progress.stop()
+
+    def update(self, row: JobProgressRow) -> None:
+        fields = {
+            "name": row.name,
+            "loss": "-" if row.loss is None else f"{row.loss:.4f}",
+            "tps": "-" if row.tokens_per_second is None else f"{row.tokens_per_second:,.0f}",
+            "state": row.state,
+        }
+        if row.name not in self._tasks:
+            self._tasks[row.name] = self.progress.add_task(
+                row.name, total=row.total_steps, completed=row.step, **fields
+            )
+        else:
+            self.progress.update(
+                self._tasks[row.name], completed=row.step, total=row.total_steps, **fields
+            )
