@@ -30,6 +30,7 @@ def train_locally(
     out_dir: Path,
     *,
     on_progress: ProgressFn | None = None,
+    on_notice: Callable[[str], None] | None = None,
     checkpoint_dir: Path | None = None,
     micro_batch_tokens: int | None = None,
     device: str | None = None,
@@ -40,6 +41,7 @@ def train_locally(
     resumes each from its latest checkpoint.
     """
     report = on_progress or (lambda row: None)
+    notice = on_notice or (lambda text: None)
     outputs: dict[str, Path] = {}
     for base, configs in group_by_base([s.to_config() for s in specs]).items():
         engine = Engine(
@@ -51,6 +53,11 @@ def train_locally(
         for config in configs:
             resume = checkpoint_dir / config.name if checkpoint_dir else None
             job = engine.add_job(config, resume_from=resume)
+            if job.dataset.truncated_rows:
+                notice(
+                    f"{job.name}: {job.dataset.truncated_rows} of {len(job.dataset.rows)} rows "
+                    f"truncated to max_seq_length={config.training.max_seq_length}"
+                )
             report(
                 JobProgressRow(job.name, job.step, job.total_steps, job.last_loss, None, "queued")
             )

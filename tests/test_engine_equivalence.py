@@ -176,3 +176,26 @@ def test_base_weights_are_bitwise_unchanged(tiny_base: Path, datasets: dict[str,
     after = engine.base.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
     assert not any(p.requires_grad for p in engine.base.parameters())
+
+
+def test_jobs_join_and_leave_between_steps_without_disturbing_others(
+    tiny_base: Path, datasets: dict[str, Path]
+) -> None:
+    configs = three_jobs(tiny_base, datasets)
+    alone = Engine(str(tiny_base), device="cpu")
+    alone.add_job(configs[0])
+    alone.run()
+
+    engine = Engine(str(tiny_base), device="cpu")
+    base_before = engine.base
+    engine.add_job(configs[0])
+    engine.add_job(configs[1])
+    engine.run(max_rounds=3)
+    engine.add_job(configs[2])  # joins mid-run
+    engine.run(max_rounds=3)
+    engine.remove_job(configs[1].name)  # leaves mid-run
+    engine.run()
+    assert engine.base is base_before
+    assert engine.jobs[configs[2].name].step == STEPS
+    got = engine.jobs[configs[0].name].adapter.named_tensors()
+    assert max_relative_difference(alone.jobs[configs[0].name].adapter.named_tensors(), got) <= 1e-4
