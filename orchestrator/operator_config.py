@@ -1,0 +1,102 @@
+"""The operator's config: where state and artifacts live and how groups are sized.
+
+The file is optional; the defaults serve one machine. Like the job spec, every
+field is checked and unknown fields are errors, and a bad file reports every
+problem at once (one per line, `<file>: <dotted.field>: <message>`) so an
+operator fixes the file in one pass instead of one error per restart.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError, field_validator
+
+
+class OperatorConfigError(ValueError):
+    """A config file that cannot be read or does not validate; lists every problem."""
+
+
+def _default_state_dir() -> Path:
+    # A factory, not a constant, so HOME is read when a config is made, not at import.
+    return Path("~/.carpool").expanduser()
+
+
+class OperatorConfig(BaseModel):
+    # Counts are StrictInt so `group_size: true` or `8.5` fail instead of coercing.
+    model_config = ConfigDict(extra="forbid")
+
+    state_dir: Path = Field(default_factory=_default_state_dir)
+    storage: str | None = Field(None, min_length=1)
+    group_size: StrictInt = Field(1, ge=1)
+    zero_stage: Literal[0, 3, "auto"] = 0
+    max_tokens_per_step: StrictInt = Field(65536, ge=1)
+    max_adapters_per_group: StrictInt = Field(32, ge=1)
+    max_memory_bytes: StrictInt = Field(8 * 2**30, ge=1)
+    max_groups: StrictInt | None = Field(None, ge=1)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    micro_batch_tokens: StrictInt | None = Field(None, ge=1)
+    checkpoint_every_steps: StrictInt | None = Field(None, ge=1)
+    keep_checkpoints: StrictInt = Field(2, ge=1)
+    max_attempts: StrictInt = Field(3, ge=1)
+    trust_remote_code: bool = False
+    allowed_roots: list[Path] | None = None
+    max_dataset_bytes: StrictInt | None = Field(None, ge=1)
+    poll_interval_s: float = Field(0.2, gt=0)
+
+    @field_validator("state_dir")
+    @classmethod
+    def _expand_state_dir(cls, path: Path) -> Path:
+        return path.expanduser()
+
+    @field_validator("allowed_roots")
+    @classmethod
+    def _expand_roots(cls, roots: list[Path] | None) -> list[Path] | None:
+        return None if roots is None else [root.expanduser() for root in roots]
+
+    def storage_root(self) -> str:
+        """The artifact root: `storage` as given, else a folder under `state_dir`."""
+        return self.storage if self.storage is not None else str(self.state_dir / "artifacts")
+
+    def queue_path(self) -> Path:
+        return self.state_dir / "queue.sqlite"
+
+
+def _dotted(loc: tuple[int | str, ...]) -> str:
+    return ".".join(str(part) for part in loc) or "(top level)"
+
+
+def _message(error: Any) -> str:
+    # pydantic's wording for a typo'd key ("Extra inputs are not permitted") hides the cause.
+    return "unknown field" if error["type"] == "extra_forbidden" else error["msg"]
+
+
+def load_operator_config(path: str | Path | None) -> OperatorConfig:
+    """Read and validate the operator config; `None` or an empty file gives the defaults."""
+    if path is None:
+        return OperatorConfig()
+    name = str(path)
+    try:
+        text = Path(path).read_text()
+    except OSError as exc:
+        raise OperatorConfigError(f"{name}: cannot read: {exc.strerror or exc}") from exc
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise OperatorConfigError(f"{name}: {where}invalid YAML: {problem}") from exc
+    if raw is None:
+        return OperatorConfig()
+    if not isinstance(raw, dict):
+        raise OperatorConfigError(
+            f"{name}: (top level): must be a mapping of settings, got {type(raw).__name__}"
+        )
+    try:
+        return OperatorConfig.model_validate(raw)
+    except ValidationError as exc:
+        lines = [f"{name}: {_dotted(err['loc'])}: {_message(err)}" for err in exc.errors()]
+        raise OperatorConfigError("\n".join(lines)) from None
