@@ -1,0 +1,355 @@
+"""The durable job queue: one SQLite file (WAL) in the operator's state directory.
+
+Every state change is one `BEGIN IMMEDIATE` transaction, so the controller, the
+CLI and tests may open the same file from several processes and threads, and a
+crash never leaves a job half-moved. Standard library only: the queue must work
+(and be tested) without Ray or torch.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sqlite3
+import threading
+import time
+import uuid
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from enum import Enum
+from pathlib import Path
+from typing import Any
+
+
+class JobState(str, Enum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+FINAL_STATES: frozenset[JobState] = frozenset(
+    {JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED}
+)
+
+# Ids become directory and file names (checkpoints, adapters, logs): nothing
+# that could climb out of a directory or collide on a case-insensitive disk.
+JOB_ID_PATTERN = re.compile(r"^[a-z0-9][a-z0-9_-]{0,80}$")
+
+SCHEMA_VERSION = 1  # PRAGMA user_version; bump with a migration step in _migrate
+
+
+class UnknownJobError(KeyError):
+    def __init__(self, job_id: str) -> None:
+        super().__init__(job_id)
+        self.job_id = job_id
+
+    def __str__(self) -> str:  # KeyError's own __str__ would repr() the message again
+        return f"unknown job id {self.job_id!r}"
+
+
+class InvalidTransitionError(ValueError):
+    # The fields go to super().__init__ so the exception pickles across Ray actors.
+    def __init__(self, job_id: str, state: JobState, transition: str) -> None:
+        super().__init__(job_id, state, transition)
+        self.job_id, self.state, self.transition = job_id, JobState(state), transition
+
+    def __str__(self) -> str:
+        return f"job {self.job_id!r} is {self.state.value}: cannot {self.transition}"
+
+
+def validate_job_id(job_id: str) -> str:
+    if not isinstance(job_id, str) or not JOB_ID_PATTERN.fullmatch(job_id):
+        raise ValueError(
+            f"invalid job id {job_id!r}: want 1-81 characters of [a-z0-9_-], "
+            "starting with a letter or digit"
+        )
+    return job_id
+
+
+@dataclass(frozen=True)
+class JobRecord:
+    id: str
+    name: str
+    spec: dict
+    base_model: str
+    priority: int
+    state: JobState
+    submitted_at: float
+    updated_at: float
+    attempts: int
+    group: str | None
+    checkpoint: str | None
+    checkpoint_step: int
+    step: int
+    total_steps: int | None
+    loss: float | None
+    tokens_per_second: float | None
+    metrics: dict
+    error: str | None
+    cancel_requested: bool
+    seq: int
+
+    @classmethod
+    def from_row(cls, row: sqlite3.Row) -> JobRecord:
+        d = dict(zip(row.keys(), row, strict=True))  # iterating a Row yields values, not keys
+        d["group"] = d.pop("group_id")
+        d["state"] = JobState(d["state"])
+        d["cancel_requested"] = bool(d["cancel_requested"])
+        d["spec"], d["metrics"] = json.loads(d["spec"]), json.loads(d["metrics"])
+        return cls(**d)
+
+
+# "group" is an SQL keyword, hence group_id. seq gives first-come order.
+_SCHEMA = """
+CREATE TABLE jobs (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT, id TEXT NOT NULL UNIQUE, name TEXT NOT NULL,
+    spec TEXT NOT NULL, base_model TEXT NOT NULL, priority INTEGER NOT NULL, state TEXT NOT NULL,
+    submitted_at REAL NOT NULL, updated_at REAL NOT NULL, attempts INTEGER NOT NULL DEFAULT 0,
+    group_id TEXT, checkpoint TEXT, checkpoint_step INTEGER NOT NULL DEFAULT 0,
+    step INTEGER NOT NULL DEFAULT 0, total_steps INTEGER, loss REAL, tokens_per_second REAL,
+    metrics TEXT NOT NULL DEFAULT '{}', error TEXT, cancel_requested INTEGER NOT NULL DEFAULT 0
+);
+CREATE INDEX jobs_by_state ON jobs (state, priority DESC, seq);
+CREATE TABLE logs (
+    n INTEGER PRIMARY KEY AUTOINCREMENT, job_id TEXT NOT NULL, time REAL NOT NULL, line TEXT NOT NULL
+);
+CREATE INDEX logs_by_job ON logs (job_id, n);
+"""
+
+
+def _spec_json(spec: dict) -> str:
+    return json.dumps(spec, allow_nan=False)  # NaN is not JSON; other readers would choke
+
+
+class JobQueue:
+    """Jobs and their logs in one SQLite file; safe across threads and processes."""
+
+    def __init__(self, path: str | Path, busy_timeout_s: float = 30.0) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        # isolation_level=None: we issue BEGIN IMMEDIATE ourselves, so the write
+        # lock is taken up front and a concurrent writer waits (busy_timeout)
+        # instead of failing mid-transaction on a lock upgrade.
+        self._conn = sqlite3.connect(
+            self.path, timeout=busy_timeout_s, isolation_level=None, check_same_thread=False
+        )
+        self._conn.row_factory = sqlite3.Row
+        self._lock = threading.Lock()  # one connection, many threads
+        self._conn.execute(f"PRAGMA busy_timeout={int(busy_timeout_s * 1000)}")
+        self._conn.execute("PRAGMA journal_mode=WAL")
+        self._conn.execute("PRAGMA synchronous=NORMAL")  # durable at WAL checkpoints; fast commits
+        with self._tx() as db:
+            self._migrate(db)
+
+    def _migrate(self, db: sqlite3.Connection) -> None:
+        version = db.execute("PRAGMA user_version").fetchone()[0]
+        if version > SCHEMA_VERSION:
+            raise RuntimeError(f"{self.path}: schema {version} is newer than this carpool's")
+        if version == 0:
+            for statement in _SCHEMA.split(";"):
+                if statement.strip():
+                    db.execute(statement)
+        db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+
+    def close(self) -> None:
+        with self._lock:
+            self._conn.close()
+
+    def __enter__(self) -> JobQueue:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            self._conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._conn
+                self._conn.execute("COMMIT")
+            except BaseException:
+                if self._conn.in_transaction:  # also when COMMIT itself failed
+                    self._conn.execute("ROLLBACK")
+                raise
+
+    # --- reads ---
+
+    @staticmethod
+    def _fetch(db: sqlite3.Connection, job_id: str) -> JobRecord:
+        row = db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        if row is None:
+            raise UnknownJobError(job_id)
+        return JobRecord.from_row(row)
+
+    def get(self, job_id: str) -> JobRecord:
+        with self._lock:
+            return self._fetch(self._conn, job_id)
+
+    def list(self, states: Iterable[JobState] | None = None) -> list[JobRecord]:
+        sql, args = "SELECT * FROM jobs", []
+        if states is not None:
+            args = [JobState(s).value for s in states]
+            sql += f" WHERE state IN ({','.join('?' * len(args))})"
+        with self._lock:
+            rows = self._conn.execute(sql + " ORDER BY priority DESC, seq ASC", args).fetchall()
+        return [JobRecord.from_row(r) for r in rows]
+
+    def queued(self) -> list[JobRecord]:
+        return self.list([JobState.QUEUED])
+
+    def counts(self) -> dict[JobState, int]:
+        with self._lock:
+            rows = self._conn.execute("SELECT state, COUNT(*) FROM jobs GROUP BY state").fetchall()
+        counts = dict.fromkeys(JobState, 0)
+        counts.update({JobState(state): n for state, n in rows})
+        return counts
+
+    def logs(self, job_id: str, since: int = 0) -> list[str]:
+        """Lines in order; `since` skips that many, so a poller passes how many it has."""
+        with self._lock:
+            self._fetch(self._conn, job_id)
+            rows = self._conn.execute(
+                "SELECT time, line FROM logs WHERE job_id = ? ORDER BY n LIMIT -1 OFFSET ?",
+                (job_id, max(since, 0)),
+            ).fetchall()
+        # Local time, like `date`: operators read these next to their own clocks.
+        return [time.strftime("%Y-%m-%d %H:%M:%S ", time.localtime(t)) + line for t, line in rows]
+
+    # --- writes ---
+
+    def submit(self, jobs: Sequence[tuple[str, dict, str, int]]) -> list[str]:
+        """Queue (name, spec, base_model, priority) tuples: all of them or, on any error, none."""
+        ids: list[str] = []
+        with self._tx() as db:
+            for name, spec, base_model, priority in jobs:
+                job_id = validate_job_id(f"{name}-{uuid.uuid4().hex[:8]}")
+                now = time.time()
+                db.execute(
+                    "INSERT INTO jobs (id, name, spec, base_model, priority, state,"
+                    " submitted_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                    (job_id, name, _spec_json(spec), base_model, int(priority), "queued", now, now),
+                )
+                ids.append(job_id)
+        return ids
+
+    @contextmanager
+    def _guard(
+        self, job_id: str, transition: str, allowed: Iterable[JobState]
+    ) -> Iterator[tuple[sqlite3.Connection, JobRecord]]:
+        """A write transaction on one job that is in `allowed`, else InvalidTransitionError."""
+        with self._tx() as db:
+            job = self._fetch(db, job_id)
+            if job.state not in frozenset(allowed):
+                raise InvalidTransitionError(job_id, job.state, transition)
+            yield db, job
+
+    def _set(
+        self, db: sqlite3.Connection, job_id: str, log: str | None, **columns: Any
+    ) -> JobRecord:
+        columns["updated_at"] = time.time()
+        assigns = ", ".join(f"{key} = ?" for key in columns)  # keys are ours, never user input
+        db.execute(f"UPDATE jobs SET {assigns} WHERE id = ?", (*columns.values(), job_id))
+        if log is not None:
+            self._log(db, job_id, log)
+        return self._fetch(db, job_id)
+
+    def mark_running(self, job_id: str, group: str) -> JobRecord:
+        with self._guard(job_id, "start running", [JobState.QUEUED]) as (db, job):
+            running = JobState.RUNNING.value
+            attempts = job.attempts + 1  # so the controller can give up after max_attempts
+            return self._set(
+                db, job_id, None, state=running, group_id=group, attempts=attempts, error=None
+            )
+
+    def record_progress(
+        self,
+        job_id: str,
+        *,
+        step: int,
+        total_steps: int,
+        loss: float | None,
+        tokens_per_second: float | None,
+        metrics: dict | None = None,
+    ) -> None:
+        with self._guard(job_id, "record progress", [JobState.RUNNING]) as (db, job):
+            self._set(
+                db,
+                job_id,
+                None,
+                step=int(step),
+                total_steps=int(total_steps),
+                loss=None if loss is None else float(loss),  # SQLite turns NaN into NULL
+                tokens_per_second=None if tokens_per_second is None else float(tokens_per_second),
+                metrics=json.dumps({**job.metrics, **(metrics or {})}),  # a NaN must not crash
+            )
+
+    def record_checkpoint(self, job_id: str, checkpoint: str, step: int) -> None:
+        # Queued is allowed too: a preempted job's last save may land after its requeue.
+        allowed = [JobState.RUNNING, JobState.QUEUED]
+        with self._guard(job_id, "record a checkpoint", allowed) as (db, _):
+            self._set(db, job_id, None, checkpoint=str(checkpoint), checkpoint_step=int(step))
+
+    def _requeue(self, db: sqlite3.Connection, job: JobRecord, line: str) -> JobRecord:
+        if job.cancel_requested:  # the user asked to stop it: never run it again
+            return self._set(db, job.id, "cancelled", state=JobState.CANCELLED.value, group_id=None)
+        preemptions = job.metrics.get("preemptions", 0) + 1
+        return self._set(
+            db,
+            job.id,
+            line,
+            state=JobState.QUEUED.value,
+            group_id=None,
+            step=job.checkpoint_step,  # steps past the checkpoint are lost; it resumes there
+            metrics=json.dumps({**job.metrics, "preemptions": preemptions}),
+        )
+
+    def requeue(self, job_id: str, reason: str) -> JobRecord:
+        """running -> queued, to resume from its checkpoint (cancelled if a cancel is pending)."""
+        with self._guard(job_id, "requeue", [JobState.RUNNING]) as (db, job):
+            return self._requeue(db, job, f"requeued: {reason}")
+
+    def finish(self, job_id: str, state: JobState, error: str | None = None) -> JobRecord:
+        state = JobState(state)
+        # A queued job can be cancelled or fail (e.g. its data vanished), never succeed.
+        allowed = {
+            JobState.SUCCEEDED: [JobState.RUNNING],
+            JobState.FAILED: [JobState.RUNNING, JobState.QUEUED],
+            JobState.CANCELLED: [JobState.RUNNING, JobState.QUEUED],
+        }.get(state, [])
+        with self._guard(job_id, f"finish as {state.value}", allowed) as (db, _):
+            return self._set(db, job_id, None, state=state.value, group_id=None, error=error)
+
+    def request_cancel(self, job_id: str) -> JobRecord:
+        """Queued: cancelled now. Running: flagged; the controller stops it at a step boundary."""
+        with self._tx() as db:
+            job = self._fetch(db, job_id)
+            if job.state == JobState.QUEUED:
+                return self._set(db, job_id, "cancelled", state=JobState.CANCELLED.value)
+            if job.state == JobState.RUNNING and not job.cancel_requested:
+                return self._set(db, job_id, "cancel requested", cancel_requested=1)
+            return job
+
+    @staticmethod
+    def _log(db: sqlite3.Connection, job_id: str, line: str) -> None:
+        db.execute(
+            "INSERT INTO logs (job_id, time, line) VALUES (?, ?, ?)", (job_id, time.time(), line)
+        )
+
+    def append_log(self, job_id: str, line: str) -> None:
+        with self._tx() as db:
+            self._fetch(db, job_id)  # no orphan log lines for mistyped ids
+            self._log(db, job_id, line)
+
+    def recover_running(self) -> list[JobRecord]:
+        """After a controller restart no group survives: requeue every running job at once.
+
+        Jobs with a pending cancel come back cancelled instead; all are returned.
+        """
+        with self._tx() as db:
+            rows = db.execute("SELECT * FROM jobs WHERE state = 'running' ORDER BY seq").fetchall()
+            line = "requeued after controller restart"
+            return [self._requeue(db, JobRecord.from_row(r), line) for r in rows]

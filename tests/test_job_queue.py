@@ -1,0 +1,355 @@
+"""The durable job queue: transitions, atomicity, durability and concurrent writers."""
+
+from __future__ import annotations
+
+import multiprocessing
+import pickle
+import re
+import sqlite3
+import threading
+from pathlib import Path
+
+import pytest
+
+from orchestrator.job_queue import (
+    FINAL_STATES,
+    InvalidTransitionError,
+    JobQueue,
+    JobState,
+    UnknownJobError,
+    validate_job_id,
+)
+
+Q, R, S, F, C = (
+    JobState.QUEUED,
+    JobState.RUNNING,
+    JobState.SUCCEEDED,
+    JobState.FAILED,
+    JobState.CANCELLED,
+)
+
+
+@pytest.fixture
+def queue(tmp_path: Path):
+    q = JobQueue(tmp_path / "state" / "queue.db")  # parent dir does not exist yet
+    yield q
+    q.close()
+
+
+def one(queue: JobQueue, name: str = "job", priority: int = 0) -> str:
+    return queue.submit([(name, {"lr": 1e-4, "name": name}, "tiny", priority)])[0]
+
+
+def job_in(queue: JobQueue, state: JobState) -> str:
+    """A job driven through legal transitions into `state`."""
+    job_id = one(queue)
+    if state == Q:
+        return job_id
+    if state == C:
+        queue.request_cancel(job_id)
+        return job_id
+    queue.mark_running(job_id, "g0")
+    if state in (S, F):
+        queue.finish(job_id, state)
+    return job_id
+
+
+def test_submit_get_list_round_trip_and_order(queue: JobQueue) -> None:
+    ids = queue.submit(
+        [
+            ("low", {"a": 1}, "base-a", 0),
+            ("high", {"b": [1, 2]}, "base-b", 5),
+            ("low2", {}, "base-a", 0),
+            ("high2", {}, "base-a", 5),
+        ]
+    )
+    assert [i.rsplit("-", 1)[0] for i in ids] == ["low", "high", "low2", "high2"]
+    assert all(re.fullmatch(r"[a-z0-9]+-[0-9a-f]{8}", i) for i in ids)
+    job = queue.get(ids[1])
+    assert (job.id, job.name, job.spec, job.base_model, job.priority) == (
+        ids[1],
+        "high",
+        {"b": [1, 2]},
+        "base-b",
+        5,
+    )
+    assert job.state == Q and job.attempts == 0 and job.group is None
+    assert job.checkpoint is None and job.step == 0 and job.metrics == {}
+    assert not job.cancel_requested and job.submitted_at == job.updated_at
+    # priority first, then first-come
+    assert [j.name for j in queue.list()] == ["high", "high2", "low", "low2"]
+    assert [j.name for j in queue.queued()] == ["high", "high2", "low", "low2"]
+    assert [queue.get(i).seq for i in ids] == sorted(queue.get(i).seq for i in ids)
+    queue.mark_running(ids[1], "g")
+    assert [j.name for j in queue.list([R])] == ["high"]
+    assert [j.name for j in queue.queued()] == ["high2", "low", "low2"]
+    assert queue.counts() == {Q: 3, R: 1, S: 0, F: 0, C: 0}
+
+
+def test_submit_is_all_or_nothing(queue: JobQueue) -> None:
+    keep = one(queue, "before")
+    with pytest.raises(TypeError):
+        queue.submit([("ok", {}, "m", 0), ("bad", {"x": object()}, "m", 0)])
+    with pytest.raises(ValueError, match="invalid job id"):
+        queue.submit([("ok", {}, "m", 0), ("Bad/Name", {}, "m", 0)])
+    with pytest.raises(ValueError):  # NaN is not JSON
+        queue.submit([("ok", {}, "m", 0), ("nan", {"x": float("nan")}, "m", 0)])
+    assert [j.id for j in queue.list()] == [keep]
+    assert queue.submit([]) == []
+
+
+@pytest.mark.parametrize("bad", ["../x", "a/b", "", "X", "Upper", "-a", "a b", "a" * 100, None])
+def test_validate_job_id_rejects(bad: object) -> None:
+    with pytest.raises(ValueError, match="invalid job id"):
+        validate_job_id(bad)  # type: ignore[arg-type]
+
+
+def test_validate_job_id_accepts() -> None:
+    for good in ["a", "0", "support-bot_2-1a2b3c4d", "a" * 81]:
+        assert validate_job_id(good) == good
+
+
+def test_legal_transitions(queue: JobQueue) -> None:
+    job_id = one(queue)
+    job = queue.mark_running(job_id, "g1")
+    assert (job.state, job.group, job.attempts) == (R, "g1", 1)
+    job = queue.requeue(job_id, "preempted")
+    assert (job.state, job.group) == (Q, None)
+    job = queue.mark_running(job_id, "g2")
+    assert (job.state, job.group, job.attempts) == (R, "g2", 2)
+    job = queue.finish(job_id, F, error="oom")
+    assert (job.state, job.error, job.group) == (F, "oom", None)
+
+    for final in FINAL_STATES:
+        job_id = one(queue)
+        queue.mark_running(job_id, "g")
+        assert queue.finish(job_id, final).state == final
+    for final in (F, C):
+        assert queue.finish(one(queue), final).state == final
+
+
+def test_mark_running_clears_previous_error(queue: JobQueue) -> None:
+    job_id = one(queue)
+    with queue._tx() as db:  # an error left by an earlier attempt
+        db.execute("UPDATE jobs SET error = 'old' WHERE id = ?", (job_id,))
+    assert queue.mark_running(job_id, "g").error is None
+
+
+@pytest.mark.parametrize("state", [Q, R, S, F, C])
+def test_illegal_transitions_raise(queue: JobQueue, state: JobState) -> None:
+    attempts = {
+        "mark_running": lambda j: queue.mark_running(j, "g"),
+        "requeue": lambda j: queue.requeue(j, "x"),
+        "record_progress": lambda j: queue.record_progress(
+            j, step=1, total_steps=2, loss=1.0, tokens_per_second=1.0
+        ),
+        "record_checkpoint": lambda j: queue.record_checkpoint(j, "/ck", 1),
+        **{f"finish_{s.value}": (lambda j, s=s: queue.finish(j, s)) for s in JobState},
+    }
+    legal = {
+        Q: {"mark_running", "record_checkpoint", "finish_failed", "finish_cancelled"},
+        R: {"requeue", "record_progress", "record_checkpoint"}
+        | {f"finish_{s.value}" for s in FINAL_STATES},
+    }.get(state, set())
+    for name, attempt in attempts.items():
+        job_id = job_in(queue, state)
+        before = queue.get(job_id)
+        if name in legal:
+            attempt(job_id)
+            continue
+        with pytest.raises(InvalidTransitionError) as info:
+            attempt(job_id)
+        message = str(info.value)
+        assert job_id in message and state.value in message, (name, message)
+        after = queue.get(job_id)
+        assert after == before, name  # nothing changed, not even updated_at
+
+
+def test_errors_name_the_job_and_pickle() -> None:
+    err = InvalidTransitionError("j-1", R, "requeue")
+    assert str(err) == "job 'j-1' is running: cannot requeue"
+    assert isinstance(err, ValueError)
+    back = pickle.loads(pickle.dumps(err))
+    assert (back.job_id, back.state, back.transition, str(back)) == ("j-1", R, "requeue", str(err))
+    unknown = UnknownJobError("x")
+    assert str(unknown) == "unknown job id 'x'" and isinstance(unknown, KeyError)
+    assert str(pickle.loads(pickle.dumps(unknown))) == "unknown job id 'x'"
+
+
+def test_unknown_ids(queue: JobQueue) -> None:
+    for call in (
+        lambda: queue.get("nope"),
+        lambda: queue.mark_running("nope", "g"),
+        lambda: queue.request_cancel("nope"),
+        lambda: queue.append_log("nope", "x"),
+        lambda: queue.logs("nope"),
+    ):
+        with pytest.raises(UnknownJobError, match="unknown job id 'nope'"):
+            call()
+
+
+def test_cancel_semantics(queue: JobQueue) -> None:
+    queued = one(queue)
+    assert queue.request_cancel(queued).state == C
+
+    running = one(queue)
+    queue.mark_running(running, "g")
+    job = queue.request_cancel(running)
+    assert (job.state, job.cancel_requested) == (R, True)
+    assert queue.request_cancel(running).cancel_requested  # idempotent
+    assert queue.finish(running, C).state == C  # the controller, at a step boundary
+
+    for state in FINAL_STATES:
+        job_id = job_in(queue, state)
+        before = queue.get(job_id)
+        assert queue.request_cancel(job_id) == before
+
+
+def test_pending_cancel_wins_over_requeue(queue: JobQueue) -> None:
+    job_id = one(queue)
+    queue.mark_running(job_id, "g")
+    queue.request_cancel(job_id)
+    assert queue.requeue(job_id, "preempted").state == C
+
+
+def test_progress_checkpoint_and_requeue(queue: JobQueue) -> None:
+    job_id = one(queue)
+    queue.mark_running(job_id, "g")
+    queue.record_progress(
+        job_id,
+        step=3,
+        total_steps=10,
+        loss=2.5,
+        tokens_per_second=100.0,
+        metrics={"tokens_seen": 9},
+    )
+    queue.record_checkpoint(job_id, "/ckpt/job/step-4", 4)
+    queue.record_progress(
+        job_id, step=6, total_steps=10, loss=2.0, tokens_per_second=120.0, metrics={"rows": 1}
+    )
+    job = queue.get(job_id)
+    assert (job.step, job.total_steps, job.loss, job.tokens_per_second) == (6, 10, 2.0, 120.0)
+    assert job.metrics == {"tokens_seen": 9, "rows": 1}  # merged, not replaced
+
+    job = queue.requeue(job_id, "group g lost")
+    assert (job.state, job.group) == (Q, None)
+    assert (job.checkpoint, job.checkpoint_step, job.step) == ("/ckpt/job/step-4", 4, 4)
+    assert job.metrics == {"tokens_seen": 9, "rows": 1, "preemptions": 1}
+    assert queue.logs(job_id)[-1].endswith("requeued: group g lost")
+
+    queue.mark_running(job_id, "g2")
+    assert queue.requeue(job_id, "preempted by priority").metrics["preemptions"] == 2
+
+
+def test_diverged_progress_is_recorded(queue: JobQueue) -> None:
+    job_id = job_in(queue, R)
+    nan = float("nan")
+    queue.record_progress(
+        job_id, step=1, total_steps=2, loss=nan, tokens_per_second=1.0, metrics={"g": nan}
+    )
+    job = queue.get(job_id)
+    assert job.step == 1 and job.metrics["g"] != job.metrics["g"]  # still NaN
+    assert job.loss is None  # SQLite has no NaN REAL: it stores NULL
+
+
+def test_recover_running(queue: JobQueue) -> None:
+    a, b, c, d = (one(queue, n) for n in "abcd")
+    for job_id in (a, b, d):
+        queue.mark_running(job_id, "g")
+    queue.record_checkpoint(a, "/ck/a", 7)
+    queue.finish(b, S)
+    queue.request_cancel(d)
+
+    recovered = queue.recover_running()
+    assert [(j.id, j.state) for j in recovered] == [(a, Q), (d, C)]
+    assert queue.get(a).checkpoint == "/ck/a" and queue.get(a).group is None
+    assert queue.logs(a)[-1].endswith("requeued after controller restart")
+    assert queue.get(b).state == S and queue.get(c).state == Q
+    assert queue.list([R]) == [] and queue.recover_running() == []
+
+
+def test_logs_order_prefix_and_since(queue: JobQueue) -> None:
+    job_id, other = one(queue), one(queue, "other")
+    for i in range(5):
+        queue.append_log(job_id, f"line {i}")
+        queue.append_log(other, f"other {i}")
+    lines = queue.logs(job_id)
+    assert [line[20:] for line in lines] == [f"line {i}" for i in range(5)]
+    assert all(re.match(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d line \d$", line) for line in lines)
+    assert queue.logs(job_id, since=3) == lines[3:]
+    assert queue.logs(job_id, since=99) == []
+
+
+def test_durable_across_reopen(tmp_path: Path) -> None:
+    path = tmp_path / "queue.db"
+    with JobQueue(path) as q:
+        a, b = q.submit([("a", {"x": 1}, "m", 1), ("b", {"y": 2}, "m", 0)])
+        q.mark_running(a, "g")
+        q.record_checkpoint(a, "/ck", 2)
+        q.append_log(b, "hello")
+        before = q.list()
+    with JobQueue(path) as q:
+        assert q.list() == before
+        assert q.logs(b)[-1].endswith("hello")
+        assert q.submit([("c", {}, "m", 0)])  # and still writable
+    db = sqlite3.connect(path)
+    assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    assert db.execute("PRAGMA user_version").fetchone()[0] >= 1
+    db.close()
+
+
+def test_concurrent_threads(queue: JobQueue) -> None:
+    ids: list[str] = []
+    errors: list[BaseException] = []
+
+    def worker(t: int) -> None:
+        try:
+            for i in range(25):
+                ids.extend(queue.submit([(f"t{t}-{i}", {"t": t, "i": i}, "m", t % 3)]))
+                queue.counts()
+        except BaseException as e:  # surface it in the main thread
+            errors.append(e)
+
+    threads = [threading.Thread(target=worker, args=(t,)) for t in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert len(ids) == len(set(ids)) == 200
+    assert sorted(j.id for j in queue.queued()) == sorted(ids)
+
+
+def _submit_from_process(path: str, p: int, go: object) -> None:
+    """Two threads of 25 submits each, sharing this process's JobQueue."""
+    go.wait()  # type: ignore[attr-defined]  # all four open the fresh file at once
+    with JobQueue(path) as q:
+
+        def submit(t: int) -> None:
+            for i in range(25):
+                q.submit([(f"p{p}-{t}-{i}", {"p": p, "i": i}, "m", 0)])
+
+        threads = [threading.Thread(target=submit, args=(t,)) for t in range(2)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+
+
+def test_concurrent_processes(tmp_path: Path) -> None:
+    path = str(tmp_path / "shared" / "queue.db")  # not there yet: schema creation races too
+    ctx = multiprocessing.get_context("spawn")
+    go = ctx.Event()
+    procs = [ctx.Process(target=_submit_from_process, args=(path, p, go)) for p in range(4)]
+    for proc in procs:
+        proc.start()
+    go.set()
+    for proc in procs:
+        proc.join(timeout=120)
+    assert [proc.exitcode for proc in procs] == [0] * 4
+    with JobQueue(path) as q:
+        jobs = q.queued()
+        assert q.counts()[Q] == 200
+    assert len({j.id for j in jobs}) == 200
+    names = sorted(f"p{p}-{t}-{i}" for p in range(4) for t in range(2) for i in range(25))
+    assert sorted(j.name for j in jobs) == names
