@@ -13,21 +13,14 @@ overwrite or delete anything outside it.
 from __future__ import annotations
 
 import os
-import re
 import uuid
 from pathlib import Path
 
 from pyarrow import fs
 
-JOB_ID_PATTERN = re.compile(r"[a-z0-9][a-z0-9_-]{0,80}")
+from orchestrator.job_ids import validate_job_id
+
 _LOCAL = fs.LocalFileSystem()
-
-
-def check_job_id(job_id: str) -> str:
-    # fullmatch, not `$`: `$` also matches before a trailing newline.
-    if not isinstance(job_id, str) or not JOB_ID_PATTERN.fullmatch(job_id):
-        raise ValueError(f"invalid job id {job_id!r}: expected {JOB_ID_PATTERN.pattern}")
-    return job_id
 
 
 class ArtifactStore:
@@ -49,10 +42,10 @@ class ArtifactStore:
         return isinstance(self._fs, fs.LocalFileSystem)
 
     def adapter_uri(self, job_id: str) -> str:
-        return f"{self.root.rstrip('/')}/adapters/{check_job_id(job_id)}"
+        return f"{self.root.rstrip('/')}/adapters/{validate_job_id(job_id)}"
 
     def checkpoint_uri(self, job_id: str) -> str:
-        return f"{self.root.rstrip('/')}/checkpoints/{check_job_id(job_id)}"
+        return f"{self.root.rstrip('/')}/checkpoints/{validate_job_id(job_id)}"
 
     def _path(self, uri: str) -> str:
         """The filesystem path of a URI strictly under the root; ValueError otherwise."""

@@ -12,6 +12,7 @@ give exit status 1; raise `CliError` from a command for such an error.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -106,6 +107,151 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- the queue and the controller ---------------------------------------------------------
+def _client():
+    from orchestrator.client import Client
+
+    return Client()
+
+
+def _up_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--address", default=None, help="attach to a running Ray cluster")
+    parser.add_argument("--config", type=Path, default=None, help="operator config YAML")
+    parser.add_argument("--num-cpus", type=int, default=None, help="CPUs of a local Ray head")
+
+
+@subcommand("up", "start Ray (or attach to it) and the carpool controller", _up_arguments)
+def cmd_up(args: argparse.Namespace) -> int:
+    from orchestrator.client import Client
+
+    client = Client.up(args.config, address=args.address, num_cpus=args.num_cpus)
+    print(f"carpool is up; state in {client.state_dir}")
+    print(f"Ray dashboard: {client.dashboard_url}")
+    return 0
+
+
+@subcommand(
+    "down", "stop the controller and any Ray it started (queue and artifacts stay)", lambda p: None
+)
+def cmd_down(args: argparse.Namespace) -> int:
+    _client().down()
+    print("carpool is down")
+    return 0
+
+
+@subcommand("submit", "queue job specs; prints one job id per line", _validate_arguments)
+def cmd_submit(args: argparse.Namespace) -> int:
+    for job_id in _client().submit(args.specs):
+        print(job_id)
+    return 0
+
+
+def _status_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("job", nargs="?", default=None, help="one job id (default: all)")
+    parser.add_argument("--json", action="store_true", help="machine-readable output")
+    parser.add_argument("--watch", action="store_true", help="live progress bars until all finish")
+
+
+def _fmt(value, spec: str = "") -> str:
+    return "-" if value is None else format(value, spec)
+
+
+@subcommand("status", "jobs' state, step/total, loss, tokens/s and group", _status_arguments)
+def cmd_status(args: argparse.Namespace) -> int:
+    client = _client()
+    if args.watch:
+        return _watch(client, args.job)
+    records = client.status(args.job)
+    if args.json:
+        print(json.dumps(records, indent=2))
+        return 0
+    print(f"{'JOB':<30} {'STATE':<10} {'STEP':>11} {'LOSS':>8} {'TOK/S':>9} GROUP")
+    for r in records:
+        step = f"{r['step']}/{_fmt(r['total_steps'])}"
+        print(
+            f"{r['id']:<30} {r['state']:<10} {step:>11} {_fmt(r['loss'], '.4f'):>8} "
+            f"{_fmt(r['tokens_per_second'], ',.0f'):>9} {_fmt(r['group'])}"
+        )
+        if r["error"]:
+            print(f"  error: {r['error']}")
+    return 0
+
+
+def _watch(client, job_id: str | None) -> int:
+    import time
+
+    from orchestrator.progress import JobProgress, JobProgressRow
+
+    final = {"succeeded", "failed", "cancelled"}
+    with JobProgress() as progress:
+        while True:
+            records = client.status(job_id)
+            for r in records:
+                progress.update(
+                    JobProgressRow(
+                        r["id"],
+                        r["step"],
+                        r["total_steps"] or 1,
+                        r["loss"],
+                        r["tokens_per_second"],
+                        r["state"],
+                    )  # fmt: skip
+                )
+            if all(r["state"] in final for r in records):
+                return 0
+            time.sleep(1.0)
+
+
+def _wait_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("jobs", nargs="+", metavar="JOB")
+    parser.add_argument("--timeout", type=float, default=None, help="seconds")
+
+
+@subcommand(
+    "wait",
+    "wait for jobs: exit 0 all succeeded, 1 any failed/cancelled, 2 timeout",
+    _wait_arguments,
+)
+def cmd_wait(args: argparse.Namespace) -> int:
+    try:
+        states = _client().wait(args.jobs, timeout=args.timeout)
+    except TimeoutError as e:
+        print(f"timeout: {e}", file=sys.stderr)
+        return 2
+    for job_id, state in states.items():
+        print(f"{job_id} {state}")
+    return 0 if all(s == "succeeded" for s in states.values()) else 1
+
+
+def _job_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("job", metavar="JOB")
+
+
+@subcommand("logs", "a job's log lines", _job_argument)
+def cmd_logs(args: argparse.Namespace) -> int:
+    for line in _client().logs(args.job):
+        print(line)
+    return 0
+
+
+@subcommand("cancel", "cancel a job (a running one stops at its next step)", _job_argument)
+def cmd_cancel(args: argparse.Namespace) -> int:
+    record = _client().cancel(args.job)
+    print(f"{record['id']} {'cancelling' if record['cancel_requested'] else record['state']}")
+    return 0
+
+
+def _fetch_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("job", metavar="JOB")
+    parser.add_argument("--out", type=Path, required=True, help="directory for the PEFT adapter")
+
+
+@subcommand("fetch", "write a finished job's PEFT adapter directory", _fetch_arguments)
+def cmd_fetch(args: argparse.Namespace) -> int:
+    print(_client().fetch(args.job, args.out))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="carpool", description="Train many LoRA jobs at once on one frozen base model."
@@ -132,18 +278,46 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     except Exception as e:
-        if not _is_user_error(e):
+        user_error = _user_error(e)
+        if user_error is None:
             raise  # a bug: keep the traceback
-        print(str(e), file=sys.stderr)
+        print(_describe(user_error), file=sys.stderr)
         return 1
 
 
-def _is_user_error(error: Exception) -> bool:
-    """Typed errors that already name their file and field; imported late (they pull in torch)."""
+def _describe(error: Exception) -> str:
+    """Spec problems one per line (each names file and field); anything else one line."""
+    from orchestrator.operator_config import OperatorConfigError
+    from orchestrator.validation import SpecValidationError
+
+    if isinstance(error, (SpecValidationError, OperatorConfigError)):
+        return str(error)
+    text = str(error).strip()
+    return f"error: {text.splitlines()[0] if text else type(error).__name__}"
+
+
+def _user_error(error: Exception) -> Exception | None:
+    """The typed error the user can act on, unwrapped from Ray's task error; else None.
+
+    Imported late: these modules pull in torch.
+    """
+    from orchestrator.client import ControllerNotRunningError, JobNotFinishedError
+    from orchestrator.job_ids import InvalidJobIdError
+    from orchestrator.job_queue import InvalidTransitionError, UnknownJobError
+    from orchestrator.operator_config import OperatorConfigError
     from orchestrator.validation import SpecValidationError
     from workers.dataset import DatasetError
 
-    return isinstance(error, (SpecValidationError, DatasetError))
+    user_errors = (
+        SpecValidationError, DatasetError, ControllerNotRunningError, JobNotFinishedError,
+        UnknownJobError, InvalidTransitionError, InvalidJobIdError, OperatorConfigError,
+        FileNotFoundError,
+    )  # fmt: skip
+    # Errors raised inside the controller actor arrive wrapped, the original as `cause`.
+    for candidate in (getattr(error, "cause", None), error):
+        if isinstance(candidate, user_errors):
+            return candidate
+    return None
 
 
 if __name__ == "__main__":

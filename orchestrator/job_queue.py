@@ -9,17 +9,17 @@ crash never leaves a job half-moved. Standard library only: the queue must work
 from __future__ import annotations
 
 import json
-import re
 import sqlite3
 import threading
 import time
-import uuid
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
 from typing import Any
+
+from orchestrator.job_ids import new_job_id
 
 
 class JobState(str, Enum):
@@ -36,7 +36,6 @@ FINAL_STATES: frozenset[JobState] = frozenset(
 
 # Ids become directory and file names (checkpoints, adapters, logs): nothing
 # that could climb out of a directory or collide on a case-insensitive disk.
-JOB_ID_PATTERN = re.compile(r"^[a-z0-9][a-z0-9_-]{0,80}$")
 
 SCHEMA_VERSION = 1  # PRAGMA user_version; bump with a migration step in _migrate
 
@@ -58,15 +57,6 @@ class InvalidTransitionError(ValueError):
 
     def __str__(self) -> str:
         return f"job {self.job_id!r} is {self.state.value}: cannot {self.transition}"
-
-
-def validate_job_id(job_id: str) -> str:
-    if not isinstance(job_id, str) or not JOB_ID_PATTERN.fullmatch(job_id):
-        raise ValueError(
-            f"invalid job id {job_id!r}: want 1-81 characters of [a-z0-9_-], "
-            "starting with a letter or digit"
-        )
-    return job_id
 
 
 @dataclass(frozen=True)
@@ -226,7 +216,7 @@ class JobQueue:
         ids: list[str] = []
         with self._tx() as db:
             for name, spec, base_model, priority in jobs:
-                job_id = validate_job_id(f"{name}-{uuid.uuid4().hex[:8]}")
+                job_id = new_job_id(name)
                 now = time.time()
                 db.execute(
                     "INSERT INTO jobs (id, name, spec, base_model, priority, state,"

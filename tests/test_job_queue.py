@@ -11,13 +11,13 @@ from pathlib import Path
 
 import pytest
 
+from orchestrator.job_ids import validate_job_id
 from orchestrator.job_queue import (
     FINAL_STATES,
     InvalidTransitionError,
     JobQueue,
     JobState,
     UnknownJobError,
-    validate_job_id,
 )
 
 Q, R, S, F, C = (

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import time
 from collections import defaultdict
+from dataclasses import replace
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -145,7 +146,8 @@ class Engine:
         if self.checkpoint_root is not None:
             for job in jobs:
                 if job.done or job.step % job.config.training.save_steps == 0:
-                    save_checkpoint(job, self.checkpoint_root / job.name)
+                    path = save_checkpoint(job, self.checkpoint_root / job.name)
+                    reports[job.name] = replace(reports[job.name], checkpoint=str(path))
         return reports
 
     def _forward_loss(self, batch: FusedBatch) -> torch.Tensor:

@@ -30,6 +30,7 @@ class StepReport:
     tokens: int  # real tokens the step processed
     learning_rate: float
     grad_norm: float | None
+    checkpoint: str | None = None  # where the engine checkpointed the job after this step
 
 
 def build_optimizer(adapter: JobAdapter, config: JobConfig) -> torch.optim.AdamW:

@@ -1,0 +1,270 @@
+"""The Python client: every CLI command, as methods.
+
+`Client.up()` starts (or attaches to) Ray and the controller; other calls
+attach to the running controller through the address recorded in the state
+directory. Specs are validated here, before anything reaches the queue, so a
+bad file queues nothing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from orchestrator.artifact_store import ArtifactStore
+from orchestrator.job_ids import validate_job_id
+from orchestrator.job_queue import FINAL_STATES, JobState
+from orchestrator.operator_config import OperatorConfig, load_operator_config
+
+CLUSTER_FILE = "cluster.json"
+
+
+class ControllerNotRunningError(RuntimeError):
+    """No controller is up for this state directory."""
+
+
+class JobNotFinishedError(RuntimeError):
+    pass
+
+
+def default_state_dir() -> Path:
+    return Path(os.environ.get("CARPOOL_STATE_DIR", "~/.carpool")).expanduser()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ray_cli() -> str:
+    return str(Path(sys.executable).with_name("ray"))
+
+
+def _ray_env() -> dict[str, str]:
+    """The environment for Ray: token authentication on for clients too.
+
+    A cluster started by `ray start` requires a token; a client that connects
+    to it presents the one in ~/.ray/auth_token only in token mode, which Ray
+    reads when it is first imported.
+    """
+    os.environ.setdefault("RAY_AUTH_MODE", "token")
+    return dict(os.environ)
+
+
+def _ray():
+    """Import ray only after its environment is set."""
+    _ray_env()
+    import ray
+
+    return ray
+
+
+class Client:
+    def __init__(self, state_dir: str | Path | None = None) -> None:
+        self.state_dir = Path(state_dir).expanduser() if state_dir else default_state_dir()
+        self._controller = None
+        self._cluster: dict | None = None
+        self._dashboard_url: str | None = None
+
+    # -- lifecycle -------------------------------------------------------------------------
+    @classmethod
+    def up(
+        cls,
+        config_path: str | Path | None = None,
+        address: str | None = None,
+        num_cpus: int | None = None,
+    ) -> Client:
+        """Start a local Ray head (or attach to `address`) and the controller. Idempotent."""
+        config = load_operator_config(config_path)
+        if "state_dir" not in config.model_fields_set:  # CARPOOL_STATE_DIR or ~/.carpool
+            config = config.model_copy(update={"state_dir": default_state_dir()})
+        client = cls(config.state_dir)
+        config.state_dir.mkdir(parents=True, exist_ok=True)
+        cluster = client._read_cluster()
+        if cluster and client._reachable(cluster["address"]):
+            client._attach(cluster)
+            return client  # already up: change nothing
+        started = False
+        if address is None:
+            address, dashboard = client._start_head(num_cpus)
+            started = True
+        else:
+            dashboard = None
+        cluster = {
+            "address": address,
+            "started_ray": started,
+            "dashboard_url": dashboard,
+            "config": config.model_dump(mode="json"),
+        }
+        client._attach(cluster)
+        ray = _ray()
+
+        from orchestrator.ray_runtime import CONTROLLER_NAME, NAMESPACE, ControllerActor
+
+        if not cluster["dashboard_url"]:
+            cluster["dashboard_url"] = client._dashboard_url
+        ray.remote(ControllerActor).options(
+            name=CONTROLLER_NAME,
+            namespace=NAMESPACE,
+            lifetime="detached",
+            get_if_exists=True,
+            max_concurrency=16,
+            max_restarts=-1,
+            num_cpus=0,
+        ).remote(cluster["config"])
+        client._write_cluster(cluster)
+        ray.get(client.controller.ping.remote())  # returns once the controller answers
+        return client
+
+    def _start_head(self, num_cpus: int | None) -> tuple[str, str]:
+        port, dash, metrics = _free_port(), _free_port(), _free_port()
+        cmd = [
+            _ray_cli(), "start", "--head", f"--port={port}",
+            "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
+            f"--metrics-export-port={metrics}", "--disable-usage-stats",
+        ]  # fmt: skip
+        if num_cpus is not None:
+            cmd.append(f"--num-cpus={num_cpus}")
+        done = subprocess.run(cmd, capture_output=True, text=True, env=_ray_env())
+        output = done.stdout + done.stderr
+        # The head binds its node IP; `ray start` prints the address others join with.
+        found = re.search(r"ray start --address='([^']+)'", output)
+        if done.returncode != 0 or found is None:
+            raise RuntimeError(f"ray start failed: {output.strip().splitlines()[-1:]}")
+        return found.group(1), f"http://127.0.0.1:{dash}"
+
+    def down(self) -> None:
+        """Stop the controller (checkpointing running jobs) and any Ray that `up` started."""
+        cluster = self._read_cluster()
+        if cluster is None:
+            raise ControllerNotRunningError(f"no carpool is up for {self.state_dir}")
+        ray = _ray()
+
+        if self._reachable(cluster["address"]):
+            self._attach(cluster)
+            # It may already be gone; killing it (and ray stop) ends it anyway.
+            with contextlib.suppress(Exception):
+                ray.get(self.controller.shutdown.remote(), timeout=120)
+            ray.kill(self.controller, no_restart=True)
+            ray.shutdown()
+        if cluster.get("started_ray"):
+            subprocess.run([_ray_cli(), "stop", "--force"], capture_output=True, env=_ray_env())
+        (self.state_dir / CLUSTER_FILE).unlink(missing_ok=True)
+        self._controller = None
+
+    # -- connection --------------------------------------------------------------------------
+    def _read_cluster(self) -> dict | None:
+        path = self.state_dir / CLUSTER_FILE
+        return json.loads(path.read_text()) if path.exists() else None
+
+    def _write_cluster(self, cluster: dict) -> None:
+        (self.state_dir / CLUSTER_FILE).write_text(json.dumps(cluster, indent=2))
+
+    @staticmethod
+    def _reachable(address: str) -> bool:
+        host, _, port = address.rpartition(":")
+        try:
+            with socket.create_connection((host or "127.0.0.1", int(port)), timeout=2):
+                return True
+        except (OSError, ValueError):
+            return False
+
+    def _attach(self, cluster: dict) -> None:
+        ray = _ray()
+        if not ray.is_initialized():
+            context = ray.init(
+                address=cluster["address"],
+                namespace="carpool",
+                logging_level=logging.ERROR,
+                log_to_driver=False,
+            )
+            url = context.dashboard_url
+            self._dashboard_url = f"http://{url}" if url and "://" not in url else url
+        self._cluster = cluster
+
+    @property
+    def controller(self):
+        if self._controller is None:
+            cluster = self._read_cluster()
+            if cluster is None or not self._reachable(cluster["address"]):
+                raise ControllerNotRunningError("no carpool controller is up (run `carpool up`)")
+            self._attach(cluster)
+            ray = _ray()
+
+            from orchestrator.ray_runtime import CONTROLLER_NAME, NAMESPACE
+
+            try:
+                self._controller = ray.get_actor(CONTROLLER_NAME, namespace=NAMESPACE)
+            except ValueError as e:
+                raise ControllerNotRunningError(
+                    "no carpool controller is up (run `carpool up`)"
+                ) from e
+        return self._controller
+
+    def _call(self, method: str, *args):
+        ray = _ray()
+
+        return ray.get(getattr(self.controller, method).remote(*args))
+
+    @property
+    def config(self) -> OperatorConfig:
+        cluster = self._cluster or self._read_cluster()
+        if cluster is None:
+            raise ControllerNotRunningError("no carpool controller is up (run `carpool up`)")
+        return OperatorConfig.model_validate(cluster["config"])
+
+    @property
+    def dashboard_url(self) -> str | None:
+        cluster = self._cluster or self._read_cluster()
+        return cluster.get("dashboard_url") if cluster else None
+
+    # -- jobs --------------------------------------------------------------------------------
+    def submit(self, spec_paths: Sequence[str | Path]) -> list[str]:
+        """Validate every file (all problems at once, nothing queued on any), then queue them."""
+        from orchestrator.validation import validate_files
+
+        specs = validate_files([Path(p) for p in spec_paths])
+        return self._call("submit", [s.model_dump(mode="json") for s in specs])
+
+    def status(self, job_id: str | None = None) -> list[dict]:
+        if job_id is not None:
+            validate_job_id(job_id)
+        return self._call("status", job_id)
+
+    def cancel(self, job_id: str) -> dict:
+        return self._call("cancel", validate_job_id(job_id))
+
+    def logs(self, job_id: str) -> list[str]:
+        return self._call("logs", validate_job_id(job_id))
+
+    def wait(self, job_ids: Sequence[str], timeout: float | None = None) -> dict[str, str]:
+        """Block until every job is final; returns {id: state}. TimeoutError past `timeout`."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            states = {j: self.status(j)[0]["state"] for j in job_ids}
+            if all(JobState(s) in FINAL_STATES for s in states.values()):
+                return states
+            if deadline is not None and time.monotonic() > deadline:
+                raise TimeoutError(f"jobs not finished after {timeout}s: {states}")
+            time.sleep(0.5)
+
+    def fetch(self, job_id: str, out_dir: str | Path) -> Path:
+        """Copy a finished job's PEFT adapter directory to `out_dir`."""
+        record = self.status(job_id)[0]
+        if record["state"] != JobState.SUCCEEDED.value:
+            raise JobNotFinishedError(f"job {job_id} is {record['state']}, not succeeded")
+        out = Path(out_dir)
+        if out.exists():
+            shutil.rmtree(out)
+        return ArtifactStore(self.config.storage_root()).fetch_adapter(job_id, out)

@@ -1,0 +1,289 @@
+"""The controller: executes the scheduler's decisions and runs the groups' rounds.
+
+An explicit loop, one `tick` at a time, with no Ray in it: groups come from a
+factory (Ray actors in production, fakes in tests) and metrics go to a sink.
+Each tick:
+  1. cancelled jobs leave their groups (a step boundary: no round is in flight);
+  2. the scheduler decides from the queue and the groups; the decisions are
+     executed in order (preempt, stop, start, admit);
+  3. every group with jobs runs one round, all groups in parallel, and the
+     results (progress, checkpoints, finished adapters) go into the queue.
+Membership changes therefore always happen between rounds, never during one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+from typing import Protocol
+
+from orchestrator.engine_worker import JobStepResult
+from orchestrator.job_queue import JobQueue, JobRecord, JobState
+from orchestrator.operator_config import OperatorConfig
+from orchestrator.scheduler import (
+    AdmitJob,
+    Capacity,
+    ClusterView,
+    GroupView,
+    JobDemand,
+    PreemptJob,
+    StartGroup,
+    StopGroup,
+    schedule,
+)
+from orchestrator.spec import JobSpec
+from workers.base_model import linear_module_shapes, match_target_modules
+from workers.job_config import JobConfig
+
+log = logging.getLogger("carpool.controller")
+
+# Weights, gradients and AdamW's two moments, in float32.
+_BYTES_PER_ADAPTER_PARAM = 4 * 4
+_PROGRESS_LOG_EVERY = 10
+
+
+class GroupFailedError(RuntimeError):
+    """A worker group died (a rank's process or node was lost)."""
+
+
+class WorkerGroup(Protocol):
+    group_id: str
+    base_model: str
+
+    def add_job(self, job_id: str, config: JobConfig, resume_from: str | None) -> int: ...
+    def remove_job(self, job_id: str, checkpoint: bool) -> str | None: ...
+    def start_step(self) -> None: ...
+    def finish_step(self) -> list[JobStepResult]: ...
+    def shutdown(self) -> None: ...
+
+
+GroupFactory = Callable[[str, str], WorkerGroup]
+
+
+class MetricsSink(Protocol):
+    def job_progress(self, job_id: str, group_id: str, result: JobStepResult) -> None: ...
+    def queue_state(self, counts: dict[JobState, int]) -> None: ...
+
+
+class NoMetrics:
+    def job_progress(self, job_id: str, group_id: str, result: JobStepResult) -> None:
+        pass
+
+    def queue_state(self, counts: dict[JobState, int]) -> None:
+        pass
+
+
+@dataclass
+class _Group:
+    handle: WorkerGroup
+    jobs: dict[str, JobDemand]
+
+
+class Controller:
+    def __init__(
+        self,
+        queue: JobQueue,
+        config: OperatorConfig,
+        group_factory: GroupFactory,
+        free_group_slots: Callable[[int], int],
+        metrics: MetricsSink | None = None,
+    ) -> None:
+        """`free_group_slots(running_groups)` says how many more groups resources allow."""
+        self.queue = queue
+        self.config = config
+        self.group_factory = group_factory
+        self.free_group_slots = free_group_slots
+        self.metrics = metrics or NoMetrics()
+        self.groups: dict[str, _Group] = {}
+        self._shapes: dict[str, dict[str, tuple[int, int]]] = {}
+        for record in queue.recover_running():
+            log.info("[job %s] requeued after controller restart", record.id)
+
+    # -- requests -----------------------------------------------------------------------
+    def submit(self, specs: Sequence[JobSpec]) -> list[str]:
+        """Queue validated specs in one transaction; returns their job ids."""
+        ids = self.queue.submit(
+            [(s.name, s.model_dump(mode="json"), s.base_model, s.priority) for s in specs]
+        )
+        for job_id in ids:
+            self.queue.append_log(job_id, "queued")
+        return ids
+
+    # -- the loop -----------------------------------------------------------------------
+    def tick(self) -> None:
+        self._apply_cancellations()
+        self._execute(self._decide())
+        self._run_rounds()
+        self.metrics.queue_state(self.queue.counts())
+
+    def _apply_cancellations(self) -> None:
+        for record in self.queue.list([JobState.RUNNING]):
+            if record.cancel_requested and record.group in self.groups:
+                group = self.groups[record.group]
+                group.handle.remove_job(record.id, checkpoint=False)
+                group.jobs.pop(record.id, None)
+                self.queue.finish(record.id, JobState.CANCELLED)
+                self.queue.append_log(record.id, "cancelled")
+
+    def _decide(self) -> list:
+        demands = []
+        for record in self.queue.queued():
+            try:
+                demands.append(self._demand(record))
+            except Exception as e:  # e.g. the base model vanished since submission
+                self.queue.finish(record.id, JobState.FAILED, error=f"cannot schedule: {e}")
+        views = [
+            GroupView(gid, g.handle.base_model, tuple(g.jobs.values()))
+            for gid, g in self.groups.items()
+        ]
+        capacity = Capacity(
+            max_tokens_per_step=self.config.max_tokens_per_step,
+            max_adapters_per_group=self.config.max_adapters_per_group,
+            max_memory_bytes=self.config.max_memory_bytes,
+        )
+        cluster = ClusterView(free_group_slots=self.free_group_slots(len(self.groups)))
+        return schedule(demands, views, cluster, capacity, _new_group_id)
+
+    def _execute(self, decisions: list) -> None:
+        for decision in decisions:
+            if isinstance(decision, PreemptJob):
+                self._preempt(decision)
+            elif isinstance(decision, StopGroup):
+                self.groups.pop(decision.group_id).handle.shutdown()
+            elif isinstance(decision, StartGroup):
+                handle = self.group_factory(decision.group_id, decision.base_model)
+                self.groups[decision.group_id] = _Group(handle, {})
+            elif isinstance(decision, AdmitJob):
+                self._admit(decision)
+
+    def _admit(self, decision: AdmitJob) -> None:
+        record = self.queue.get(decision.job_id)
+        group = self.groups[decision.group_id]
+        self.queue.mark_running(record.id, decision.group_id)
+        try:
+            step = group.handle.add_job(record.id, self.job_config(record), record.checkpoint)
+        except GroupFailedError:
+            self._group_failed(decision.group_id)
+            return
+        except Exception as e:  # the job's own fault: its data or adapter cannot load
+            self.queue.finish(record.id, JobState.FAILED, error=f"{type(e).__name__}: {e}")
+            self.queue.append_log(record.id, f"failed to start: {e}")
+            return
+        group.jobs[record.id] = self._demand(record)
+        how = f"resumed from step {step}" if record.checkpoint else "started"
+        self.queue.append_log(record.id, f"{how} in group {decision.group_id}")
+
+    def _preempt(self, decision: PreemptJob) -> None:
+        group = self.groups[decision.group_id]
+        try:
+            self._checkpoint_and_requeue(group, decision.job_id, f"preempted: {decision.reason}")
+        except GroupFailedError:
+            self._group_failed(decision.group_id)
+
+    def _run_rounds(self) -> None:
+        busy = [(gid, g) for gid, g in self.groups.items() if g.jobs]
+        started = []
+        for gid, group in busy:
+            try:
+                group.handle.start_step()
+                started.append((gid, group))
+            except GroupFailedError:
+                self._group_failed(gid)
+        for gid, group in started:
+            try:
+                results = group.handle.finish_step()
+            except GroupFailedError:
+                self._group_failed(gid)
+                continue
+            for result in results:
+                self._record(gid, group, result)
+
+    def _record(self, group_id: str, group: _Group, r: JobStepResult) -> None:
+        self.queue.record_progress(
+            r.job_id,
+            step=r.step,
+            total_steps=r.total_steps,
+            loss=r.loss,
+            tokens_per_second=r.tokens_per_second,
+        )
+        self.metrics.job_progress(r.job_id, group_id, r)
+        if r.checkpoint is not None:
+            self.queue.record_checkpoint(r.job_id, r.checkpoint, r.step)
+        if r.step % _PROGRESS_LOG_EVERY == 0 or r.adapter is not None:
+            self.queue.append_log(
+                r.job_id, f"step {r.step}/{r.total_steps} loss {r.loss:.4f} "
+                f"{r.tokens_per_second:,.0f} tokens/s"
+            )  # fmt: skip
+        if r.adapter is not None:
+            group.jobs.pop(r.job_id, None)
+            self.queue.finish(r.job_id, JobState.SUCCEEDED)
+            self.queue.append_log(r.job_id, f"succeeded: adapter at {r.adapter}")
+
+    def _group_failed(self, group_id: str) -> None:
+        """Requeue the group's jobs to resume from their checkpoints, up to max_attempts."""
+        group = self.groups.pop(group_id)
+        for job_id in group.jobs:
+            record = self.queue.get(job_id)
+            if record.attempts >= self.config.max_attempts:
+                self.queue.finish(
+                    job_id, JobState.FAILED, error=f"group {group_id} failed; out of attempts"
+                )
+            else:
+                self.queue.requeue(job_id, f"group {group_id} failed; retrying from checkpoint")
+        with contextlib.suppress(Exception):  # already dead
+            group.handle.shutdown()
+
+    def shutdown(self) -> None:
+        """Checkpoint every running job back into the queue and stop the groups."""
+        for gid in list(self.groups):
+            group = self.groups.pop(gid)
+            for job_id in list(group.jobs):
+                try:
+                    self._checkpoint_and_requeue(group, job_id, "controller shut down")
+                except GroupFailedError:
+                    self.queue.requeue(job_id, "controller shut down; group lost")
+            group.handle.shutdown()
+
+    def _checkpoint_and_requeue(self, group: _Group, job_id: str, reason: str) -> None:
+        uri = group.handle.remove_job(job_id, checkpoint=True)
+        group.jobs.pop(job_id, None)
+        if uri is not None:
+            step = int(uri.rsplit("step-", 1)[-1]) if "step-" in uri else 0
+            self.queue.record_checkpoint(job_id, uri, step)
+        self.queue.requeue(job_id, reason)
+
+    # -- helpers -----------------------------------------------------------------------------
+    def job_config(self, record: JobRecord) -> JobConfig:
+        config = JobSpec.model_validate(record.spec).to_config()
+        every = self.config.checkpoint_every_steps
+        if every is not None:
+            config = replace(config, training=replace(config.training, save_steps=every))
+        return config
+
+    def _demand(self, record: JobRecord) -> JobDemand:
+        config = JobSpec.model_validate(record.spec).to_config()
+        if config.base_model not in self._shapes:
+            self._shapes[config.base_model] = linear_module_shapes(
+                config.base_model, trust_remote_code=self.config.trust_remote_code
+            )
+        shapes = self._shapes[config.base_model]
+        a = config.adapter
+        params = sum(
+            a.r * (shapes[m][0] + shapes[m][1])
+            for m in match_target_modules(list(shapes), a.target_modules)
+        )
+        return JobDemand(
+            id=record.id,
+            base_model=config.base_model,
+            priority=record.priority,
+            seq=record.seq,
+            tokens_per_step=config.training.batch_size * config.training.max_seq_length,
+            memory_bytes=params * _BYTES_PER_ADAPTER_PARAM,
+        )
+
+
+def _new_group_id(base_model: str) -> str:
+    return f"g{uuid.uuid4().hex[:6]}"

@@ -1,0 +1,140 @@
+"""The worker behind one rank of a group: an engine plus the artifact store.
+
+A plain class: `ray_runtime` wraps it in a Ray actor, tests drive it directly.
+Jobs are keyed by job id inside the engine (names may repeat across
+submissions; ids do not). Checkpoints and finished adapters go to the store:
+written in place when the store is a local directory, written to scratch and
+uploaded when it is a URI.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from orchestrator.artifact_store import ArtifactStore
+from workers.engine import Engine
+from workers.job_config import JobConfig
+
+log = logging.getLogger("carpool.worker")
+
+
+@dataclass(frozen=True)
+class JobStepResult:
+    """One job's outcome of one round, sent back to the controller."""
+
+    job_id: str
+    step: int
+    total_steps: int
+    loss: float
+    tokens_per_second: float
+    tokens: int
+    checkpoint: str | None = None  # store URI of the checkpoint taken after this step
+    adapter: str | None = None  # store URI of the exported adapter, once finished
+
+
+class EngineWorker:
+    def __init__(
+        self,
+        group_id: str,
+        base_model: str,
+        *,
+        storage_root: str,
+        scratch_dir: str | Path,
+        device: str | None = None,
+        micro_batch_tokens: int | None = None,
+        trust_remote_code: bool = False,
+    ) -> None:
+        self.group_id = group_id
+        self.store = ArtifactStore(storage_root)
+        self.scratch = Path(scratch_dir) / group_id
+        self.scratch.mkdir(parents=True, exist_ok=True)
+        store_checkpoints = self.store.local_path(self.store.checkpoint_uri("probe"))
+        # Local store: the engine checkpoints straight into it. Remote: into scratch, then upload.
+        self._remote = store_checkpoints is None
+        checkpoint_root = self.scratch / "checkpoints" if self._remote else store_checkpoints.parent
+        self.engine = Engine(
+            base_model,
+            device=device,
+            micro_batch_tokens=micro_batch_tokens,
+            checkpoint_root=checkpoint_root,
+            trust_remote_code=trust_remote_code,
+        )
+
+    # -- membership, applied between rounds -------------------------------------------
+    def add_job(self, job_id: str, config: JobConfig, resume_from: str | None = None) -> int:
+        """Admit a job (resuming from a checkpoint URI if given); returns its step."""
+        local_resume = None
+        if resume_from is not None:
+            local_resume = self.store.local_path(resume_from)
+            if local_resume is None:
+                local_resume = self.store.download_dir(
+                    resume_from, self.scratch / "resume" / job_id
+                )
+        job = self.engine.add_job(replace(config, name=job_id), resume_from=local_resume)
+        verb = f"resumed at step {job.step}" if local_resume else "admitted"
+        log.info("[job %s] %s to group %s (%d steps)", job_id, verb, self.group_id, job.total_steps)
+        return job.step
+
+    def remove_job(self, job_id: str, checkpoint: bool) -> str | None:
+        """Take a job off the engine, checkpointing it first if asked; returns the checkpoint URI."""
+        uri = None
+        if checkpoint and job_id in self.engine.jobs:
+            path = self.engine.save_checkpoint(job_id, self.engine.checkpoint_root / job_id)
+            uri = self._publish_checkpoint(job_id, path)
+        if job_id in self.engine.jobs:
+            self.engine.remove_job(job_id)
+        log.info("[job %s] left group %s", job_id, self.group_id)
+        return uri
+
+    def job_ids(self) -> list[str]:
+        return list(self.engine.jobs)
+
+    # -- training ---------------------------------------------------------------------
+    def step(self) -> list[JobStepResult]:
+        """One round; finished jobs are exported and leave the engine."""
+        reports = self.engine.step()
+        seconds = max(self.engine.last_round_seconds, 1e-9)
+        results = []
+        for job_id, r in reports.items():
+            checkpoint = (
+                self._publish_checkpoint(job_id, Path(r.checkpoint)) if r.checkpoint else None
+            )
+            adapter = None
+            if self.engine.jobs[job_id].done:
+                adapter = self._export(job_id)
+                self.engine.remove_job(job_id)
+                log.info("[job %s] finished at step %d, loss %.4f", job_id, r.step, r.loss)
+            results.append(
+                JobStepResult(
+                    job_id,
+                    r.step,
+                    r.total_steps,
+                    r.loss,
+                    r.tokens / seconds,
+                    r.tokens,
+                    checkpoint,
+                    adapter,
+                )  # fmt: skip
+            )
+        return results
+
+    def _publish_checkpoint(self, job_id: str, path: Path) -> str:
+        uri = self.store.checkpoint_uri(job_id)
+        if self._remote:
+            self.store.upload_dir(path.parent, uri)
+        return f"{uri}/{path.name}"
+
+    def _export(self, job_id: str) -> str:
+        uri = self.store.adapter_uri(job_id)
+        local = self.store.local_path(uri)
+        if local is not None:
+            self.engine.export(job_id, local)
+        else:
+            staged = self.scratch / "export" / job_id
+            self.engine.export(job_id, staged)
+            self.store.upload_dir(staged, uri)
+            shutil.rmtree(staged, ignore_errors=True)
+        return uri

@@ -1,0 +1,192 @@
+"""Every Ray call of the control plane: actors, names, resources, metrics.
+
+The controller logic (`controller.Controller`) knows nothing of Ray; this
+module gives it Ray-backed worker groups and a metrics sink, and runs it in a
+detached, named actor that outlives CLI calls.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import threading
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import ray
+from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
+from ray.util import metrics as ray_metrics
+
+from orchestrator.controller import Controller, GroupFailedError
+from orchestrator.engine_worker import EngineWorker, JobStepResult
+from orchestrator.job_queue import JobQueue, JobRecord, JobState
+from orchestrator.operator_config import OperatorConfig
+from orchestrator.spec import JobSpec
+from workers.job_config import JobConfig
+
+NAMESPACE = "carpool"
+CONTROLLER_NAME = "carpool-controller"
+_ACTOR_LOST = (RayActorError, ActorDiedError, ActorUnavailableError)
+
+log = logging.getLogger("carpool.ray")
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^a-zA-Z0-9_.-]+", "-", Path(text).name or text)[:40]
+
+
+def _use_gpu(config: OperatorConfig) -> bool:
+    if config.device == "cuda":
+        return True
+    return config.device == "auto" and ray.cluster_resources().get("GPU", 0) > 0
+
+
+class RayWorkerGroup:
+    """A group of one rank: a named EngineWorker actor."""
+
+    def __init__(self, group_id: str, base_model: str, config: OperatorConfig) -> None:
+        self.group_id = group_id
+        self.base_model = base_model
+        gpu = _use_gpu(config)
+        actor_cls = ray.remote(EngineWorker)
+        self.actor = actor_cls.options(
+            name=f"carpool-group-{group_id}-base-{_slug(base_model)}-rank-0",
+            namespace=NAMESPACE,
+            num_cpus=1,
+            num_gpus=1 if gpu else 0,
+            max_restarts=0,
+        ).remote(
+            group_id,
+            base_model,
+            storage_root=config.storage_root(),
+            scratch_dir=str(config.state_dir / "scratch"),
+            device="cuda" if gpu else "cpu",
+            micro_batch_tokens=config.micro_batch_tokens,
+            trust_remote_code=config.trust_remote_code,
+        )
+        self._pending = None
+
+    def _get(self, ref):
+        try:
+            return ray.get(ref)
+        except _ACTOR_LOST as e:
+            raise GroupFailedError(f"group {self.group_id}: {e}") from e
+
+    def add_job(self, job_id: str, config: JobConfig, resume_from: str | None) -> int:
+        return self._get(self.actor.add_job.remote(job_id, config, resume_from))
+
+    def remove_job(self, job_id: str, checkpoint: bool) -> str | None:
+        return self._get(self.actor.remove_job.remote(job_id, checkpoint))
+
+    def start_step(self) -> None:
+        self._pending = self.actor.step.remote()
+
+    def finish_step(self) -> list[JobStepResult]:
+        ref, self._pending = self._pending, None
+        return self._get(ref)
+
+    def shutdown(self) -> None:
+        ray.kill(self.actor, no_restart=True)
+
+
+class RayMetrics:
+    """carpool's metrics on the Ray node's Prometheus endpoint, tagged by job and group."""
+
+    def __init__(self) -> None:
+        tags = ("job", "group")
+        self.loss = ray_metrics.Gauge("carpool_job_loss", "training loss of the last step", tags)
+        self.tps = ray_metrics.Gauge("carpool_job_tokens_per_second", "tokens/s", tags)
+        self.step = ray_metrics.Gauge("carpool_job_step", "optimizer steps done", tags)
+        self.tokens = ray_metrics.Counter("carpool_job_tokens_total", "tokens trained", tags)
+        self.states = ray_metrics.Gauge("carpool_jobs", "jobs by state", ("state",))
+        self.depth = ray_metrics.Gauge("carpool_queue_depth", "queued jobs")
+
+    def job_progress(self, job_id: str, group_id: str, result: JobStepResult) -> None:
+        tags = {"job": job_id, "group": group_id}
+        self.loss.set(result.loss, tags=tags)
+        self.tps.set(result.tokens_per_second, tags=tags)
+        self.step.set(result.step, tags=tags)
+        self.tokens.inc(result.tokens, tags=tags)
+
+    def queue_state(self, counts: dict[JobState, int]) -> None:
+        for state, n in counts.items():
+            self.states.set(n, tags={"state": state.value})
+        self.depth.set(counts.get(JobState.QUEUED, 0))
+
+
+def free_group_slots(config: OperatorConfig):
+    """How many more groups the cluster can host: by GPUs or CPUs, capped by max_groups."""
+
+    def slots(running: int) -> int:
+        resources = ray.cluster_resources()
+        per_group = config.group_size
+        if _use_gpu(config):
+            capacity = int(resources.get("GPU", 0)) // per_group
+        else:
+            capacity = int(resources.get("CPU", 0)) // per_group
+        if config.max_groups is not None:
+            capacity = min(capacity, config.max_groups)
+        return max(0, capacity - running)
+
+    return slots
+
+
+def record_to_dict(record: JobRecord) -> dict:
+    out = asdict(record)
+    out["state"] = record.state.value
+    return out
+
+
+class ControllerActor:
+    """The detached controller: a loop thread ticking the Controller, plus request methods."""
+
+    def __init__(self, config: dict) -> None:
+        logging.basicConfig(level=logging.INFO, format="%(name)s %(message)s")
+        self.config = OperatorConfig.model_validate(config)
+        self.queue = JobQueue(self.config.queue_path())
+        self.controller = Controller(
+            self.queue,
+            self.config,
+            group_factory=lambda gid, base: RayWorkerGroup(gid, base, self.config),
+            free_group_slots=free_group_slots(self.config),
+            metrics=RayMetrics(),
+        )
+        self._lock = threading.Lock()  # the loop and shutdown never run at once
+        self._stop = threading.Event()
+        self._loop = threading.Thread(target=self._run, name="carpool-controller-loop", daemon=True)
+        self._loop.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            with self._lock:
+                if self._stop.is_set():
+                    break
+                try:
+                    self.controller.tick()
+                except Exception:
+                    log.exception("controller tick failed")
+            time.sleep(self.config.poll_interval_s)
+
+    # -- requests (run on other actor threads; the queue is thread-safe) ---------------
+    def ping(self) -> dict:
+        return {"state_dir": str(self.config.state_dir), "storage": self.config.storage_root()}
+
+    def submit(self, specs: list[dict]) -> list[str]:
+        return self.controller.submit([JobSpec.model_validate(s) for s in specs])
+
+    def status(self, job_id: str | None = None) -> list[dict]:
+        records = [self.queue.get(job_id)] if job_id else self.queue.list()
+        return [record_to_dict(r) for r in records]
+
+    def cancel(self, job_id: str) -> dict:
+        return record_to_dict(self.queue.request_cancel(job_id))
+
+    def logs(self, job_id: str) -> list[str]:
+        return self.queue.logs(job_id)
+
+    def shutdown(self) -> None:
+        """Stop the loop, checkpoint running jobs back into the queue, stop the groups."""
+        self._stop.set()
+        with self._lock:
+            self.controller.shutdown()
