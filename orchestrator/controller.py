@@ -113,11 +113,13 @@ class Controller:
         return ids
 
     # -- the loop -----------------------------------------------------------------------
-    def tick(self) -> None:
+    def tick(self) -> bool:
+        """One pass of the loop; True if any group ran a round (so no need to pause)."""
         self._apply_cancellations()
         self._execute(self._decide())
-        self._run_rounds()
+        ran = self._run_rounds()
         self.metrics.queue_state(self.queue.counts())
+        return ran
 
     def _apply_cancellations(self) -> None:
         for record in self.queue.list([JobState.RUNNING]):
@@ -183,7 +185,7 @@ class Controller:
         except GroupFailedError:
             self._group_failed(decision.group_id)
 
-    def _run_rounds(self) -> None:
+    def _run_rounds(self) -> bool:
         busy = [(gid, g) for gid, g in self.groups.items() if g.jobs]
         started = []
         for gid, group in busy:
@@ -200,6 +202,7 @@ class Controller:
                 continue
             for result in results:
                 self._record(gid, group, result)
+        return bool(started)
 
     def _record(self, group_id: str, group: _Group, r: JobStepResult) -> None:
         self.queue.record_progress(

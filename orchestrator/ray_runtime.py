@@ -42,6 +42,14 @@ def _use_gpu(config: OperatorConfig) -> bool:
     return config.device == "auto" and ray.cluster_resources().get("GPU", 0) > 0
 
 
+class _EngineWorkerActor(EngineWorker):
+    """EngineWorker in its own process: log lines (prefixed with their job) reach Ray's logs."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+        super().__init__(*args, **kwargs)
+
+
 class RayWorkerGroup:
     """A group of one rank: a named EngineWorker actor."""
 
@@ -49,7 +57,7 @@ class RayWorkerGroup:
         self.group_id = group_id
         self.base_model = base_model
         gpu = _use_gpu(config)
-        actor_cls = ray.remote(EngineWorker)
+        actor_cls = ray.remote(_EngineWorkerActor)
         self.actor = actor_cls.options(
             name=f"carpool-group-{group_id}-base-{_slug(base_model)}-rank-0",
             namespace=NAMESPACE,
@@ -159,14 +167,16 @@ class ControllerActor:
 
     def _run(self) -> None:
         while not self._stop.is_set():
+            ran = False
             with self._lock:
                 if self._stop.is_set():
                     break
                 try:
-                    self.controller.tick()
+                    ran = self.controller.tick()
                 except Exception:
                     log.exception("controller tick failed")
-            time.sleep(self.config.poll_interval_s)
+            if not ran:  # idle: wait for work; busy: the next round starts at once
+                time.sleep(self.config.poll_interval_s)
 
     # -- requests (run on other actor threads; the queue is thread-safe) ---------------
     def ping(self) -> dict:

@@ -1,0 +1,218 @@
+"""The control plane end to end on a local Ray cluster (CPU).
+
+Each cluster is started with `Client.up` (a real `ray start` head with token
+authentication, the detached controller, worker actors) and stopped with
+`Client.down`, which also stops that Ray.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from peft import PeftModel
+from transformers import AutoModelForCausalLM
+
+from orchestrator.client import Client
+from orchestrator.job_queue import JobQueue, JobState
+from orchestrator.validation import load_spec_file
+from workers.engine import Engine
+from workers.peft_format import read_adapter
+from workers.tiny_base import build_tiny_base
+
+pytestmark = pytest.mark.integration
+
+
+@contextmanager
+def carpool_cluster(root: Path, **operator) -> Iterator[Client]:
+    config = {"state_dir": str(root / "state"), "poll_interval_s": 0.05, **operator}
+    config_path = root / "operator.yaml"
+    config_path.write_text(yaml.safe_dump(config))
+    client = Client.up(config_path, num_cpus=2)
+    try:
+        yield client
+    finally:
+        client.down()
+
+
+def restart(client: Client, root: Path) -> Client:
+    client.down()
+    return Client.up(root / "operator.yaml", num_cpus=2)
+
+
+@pytest.fixture(scope="module")
+def second_base(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_tiny_base(tmp_path_factory.mktemp("second-base"), seed=1)
+
+
+def write_job(
+    path: Path, name: str, base: Path, data: Path, steps: int, priority: int = 0, **training
+) -> Path:
+    spec = {
+        "name": name,
+        "base_model": str(base),
+        "dataset": {"path": str(data)},
+        "adapter": {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"]},
+        "training": {
+            "max_steps": steps,
+            "batch_size": 2,
+            "learning_rate": 1e-2,
+            "shuffle": True,
+            "seed": 1,
+            "save_steps": 25,
+            **training,
+        },
+        "priority": priority,
+    }
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+def engine_result(spec_path: Path) -> dict[str, torch.Tensor]:
+    """The same spec trained by the engine alone, in this process: the reference."""
+    config = load_spec_file(spec_path).to_config()
+    engine = Engine(config.base_model, device="cpu")
+    engine.add_job(config)
+    engine.run()
+    return engine.jobs[config.name].adapter.named_tensors()
+
+
+def assert_same_adapter(fetched: Path, expected: dict[str, torch.Tensor]) -> None:
+    loaded = read_adapter(fetched)
+    got = {}
+    for module, (a, b) in loaded.weights.items():
+        got[f"{module}.lora_A"], got[f"{module}.lora_B"] = a, b
+    assert set(got) == set(expected)
+    for key, tensor in expected.items():
+        scale = tensor.abs().max().clamp_min(1e-12)
+        assert float((got[key] - tensor).abs().max() / scale) <= 1e-4, key
+
+
+def wait_for(predicate, timeout: float = 120, what: str = "condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def job(client: Client, job_id: str) -> dict:
+    return client.status(job_id)[0]
+
+
+def group_of(client: Client, job_id: str) -> str:
+    started = [line for line in client.logs(job_id) if "in group" in line]
+    return re.search(r"in group (\S+)", started[0]).group(1)
+
+
+def test_jobs_queue_group_cancel_and_metrics(
+    tiny_base: Path, second_base: Path, datasets: dict[str, Path], tmp_path: Path
+) -> None:
+    specs = {
+        "a": write_job(tmp_path / "a.yaml", "a", tiny_base, datasets["text"], 12),
+        "b": write_job(tmp_path / "b.yaml", "b", tiny_base, datasets["messages"], 8),
+        "c": write_job(tmp_path / "c.yaml", "c", second_base, datasets["prompt_completion"], 10),
+        "long": write_job(tmp_path / "long.yaml", "long", tiny_base, datasets["text"], 400),
+        "joiner": write_job(tmp_path / "join.yaml", "joiner", tiny_base, datasets["text"], 6),
+        "doomed": write_job(tmp_path / "doomed.yaml", "doomed", tiny_base, datasets["text"], 4000),
+    }
+    with carpool_cluster(tmp_path) as client:
+        # Three jobs on two bases: two groups, all succeed, each equal to the engine alone.
+        ids = dict(zip("abc", client.submit([specs["a"], specs["b"], specs["c"]]), strict=True))
+        assert client.wait(list(ids.values()), timeout=180) == dict.fromkeys(
+            ids.values(), "succeeded"
+        )
+        assert group_of(client, ids["a"]) == group_of(client, ids["b"])
+        assert group_of(client, ids["a"]) != group_of(client, ids["c"])
+        for key, job_id in ids.items():
+            out = client.fetch(job_id, tmp_path / "fetched" / key)
+            assert_same_adapter(out, engine_result(specs[key]))
+        base = AutoModelForCausalLM.from_pretrained(tiny_base)
+        assert PeftModel.from_pretrained(base, tmp_path / "fetched" / "a") is not None
+
+        # A job submitted while its base's group runs joins that group, no restart.
+        long_id, doomed_id = client.submit([specs["long"], specs["doomed"]])
+        wait_for(lambda: job(client, long_id)["step"] >= 5, what="long job running")
+        group = group_of(client, long_id)
+        import ray
+
+        actors_before = {a["name"] for a in ray.util.list_named_actors(all_namespaces=True)}
+        step_before = job(client, long_id)["step"]
+        (joiner_id,) = client.submit([specs["joiner"]])
+        assert client.wait([joiner_id], timeout=120) == {joiner_id: "succeeded"}
+        assert group_of(client, joiner_id) == group
+        actors_after = {a["name"] for a in ray.util.list_named_actors(all_namespaces=True)}
+        assert any(group in name for name in actors_before) and actors_before == actors_after
+        assert job(client, long_id)["step"] > step_before  # it went on meanwhile
+
+        # Cancel stops a running job at the next step boundary; the others go on.
+        at_request = job(client, doomed_id)["step"]
+        client.cancel(doomed_id)
+        wait_for(lambda: job(client, doomed_id)["state"] == "cancelled", what="cancel")
+        # One round may have been in flight when the request arrived.
+        assert job(client, doomed_id)["step"] <= at_request + 2
+        assert client.wait([long_id], timeout=180) == {long_id: "succeeded"}
+        assert job(client, long_id)["attempts"] == 1  # never restarted
+        assert_same_adapter(client.fetch(long_id, tmp_path / "long"), engine_result(specs["long"]))
+
+        # carpool's metrics reach the Ray node's Prometheus endpoint.
+        node = next(n for n in ray.nodes() if n["Alive"])
+        url = f"http://{node['NodeManagerAddress']}:{node['MetricsExportPort']}/metrics"
+
+        def carpool_lines() -> list[str] | None:
+            text = urllib.request.urlopen(url, timeout=5).read().decode()
+            # Ray prefixes application metrics with "ray_".
+            lines = [line for line in text.splitlines() if line.startswith("ray_carpool_")]
+            # Exported every few seconds: wait for the long job's own series.
+            wanted = f'job="{long_id}"'
+            counted = any(
+                x.startswith("ray_carpool_job_tokens_total") and wanted in x for x in lines
+            )
+            return lines if counted else None
+
+        lines = wait_for(carpool_lines, timeout=90, what="the long job's metrics on /metrics")
+        assert any(line.startswith("ray_carpool_queue_depth") for line in lines), lines
+
+
+def test_priority_preemption_and_durability(
+    tiny_base: Path, datasets: dict[str, Path], tmp_path: Path
+) -> None:
+    low = write_job(tmp_path / "low.yaml", "low", tiny_base, datasets["text"], 300)
+    high = write_job(tmp_path / "high.yaml", "high", tiny_base, datasets["messages"], 10, 5)
+    waiting = write_job(tmp_path / "waiting.yaml", "waiting", tiny_base, datasets["text"], 20)
+    # Room for exactly one job: one group of one adapter.
+    with carpool_cluster(tmp_path, max_groups=1, max_adapters_per_group=1) as client:
+        (low_id,) = client.submit([low])
+        wait_for(lambda: job(client, low_id)["step"] >= 30, what="low running")
+        (high_id,) = client.submit([high])
+        assert client.wait([high_id], timeout=120) == {high_id: "succeeded"}
+        assert any("preempted" in line for line in client.logs(low_id))
+        assert client.wait([low_id], timeout=180) == {low_id: "succeeded"}
+        assert job(client, low_id)["attempts"] == 2
+        # Resumed from its checkpoint, it ends where an uninterrupted run ends.
+        assert_same_adapter(client.fetch(low_id, tmp_path / "low"), engine_result(low))
+
+        # Durability: down and up keep the queue and the artifacts.
+        again_id, waiting_id = client.submit([low, waiting])
+        wait_for(lambda: job(client, again_id)["step"] >= 5, what="second low running")
+        client.down()
+        with JobQueue(tmp_path / "state" / "queue.sqlite") as queue:
+            assert queue.get(waiting_id).state is JobState.QUEUED
+            assert queue.get(again_id).state is JobState.QUEUED  # checkpointed by down
+            assert queue.get(again_id).checkpoint is not None
+        client = Client.up(tmp_path / "operator.yaml", num_cpus=2)
+        assert client.fetch(high_id, tmp_path / "high-after-restart").is_dir()
+        assert client.wait([again_id, waiting_id], timeout=180) == {
+            again_id: "succeeded",
+            waiting_id: "succeeded",
+        }
+        assert_same_adapter(client.fetch(again_id, tmp_path / "again"), engine_result(low))
