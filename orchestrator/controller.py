@@ -125,8 +125,11 @@ class Controller:
         for record in self.queue.list([JobState.RUNNING]):
             if record.cancel_requested and record.group in self.groups:
                 group = self.groups[record.group]
-                group.handle.remove_job(record.id, checkpoint=False)
                 group.jobs.pop(record.id, None)
+                try:
+                    group.handle.remove_job(record.id, checkpoint=False)
+                except GroupFailedError:
+                    self._group_failed(record.group)
                 self.queue.finish(record.id, JobState.CANCELLED)
                 self.queue.append_log(record.id, "cancelled")
 
@@ -151,6 +154,8 @@ class Controller:
 
     def _execute(self, decisions: list) -> None:
         for decision in decisions:
+            if not isinstance(decision, StartGroup) and decision.group_id not in self.groups:
+                continue  # its group failed earlier in this tick; the next tick re-plans
             if isinstance(decision, PreemptJob):
                 self._preempt(decision)
             elif isinstance(decision, StopGroup):
@@ -168,6 +173,7 @@ class Controller:
         try:
             step = group.handle.add_job(record.id, self.job_config(record), record.checkpoint)
         except GroupFailedError:
+            group.jobs[record.id] = self._demand(record)  # so the failure requeues it too
             self._group_failed(decision.group_id)
             return
         except Exception as e:  # the job's own fault: its data or adapter cannot load

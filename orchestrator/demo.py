@@ -1,9 +1,11 @@
 """`make demo`: three visibly different LoRA jobs carpooling on one tiny base.
 
 Builds (if absent) a tiny Llama-shaped base, three small datasets and their
-job specs under `demo_out/`, trains the three jobs fused with `carpool train`,
-then prints one generation per adapter from the same prompt, each loaded
-through PEFT from the exported adapter directory.
+job specs under `demo_out/`, then runs the real control plane: `carpool up`
+(a local Ray head and the controller; state in `demo_out/state`), `carpool
+submit` of the three jobs, live progress (`carpool status --watch`), `carpool
+fetch` of each adapter, one generation per adapter from the same prompt
+(loaded through PEFT), and `carpool down`.
 """
 
 from __future__ import annotations
@@ -156,30 +158,46 @@ def generate(base: str, adapter_dirs: dict[str, Path], prompt: str) -> dict[str,
 
 
 def main() -> int:
+    import os
     import warnings
 
     from transformers.utils import logging as hf_logging
 
-    from orchestrator.cli import main as carpool
-
     warnings.filterwarnings("ignore", category=FutureWarning)
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
-    root = Path("demo_out")
+    root = Path("demo_out").resolve()
+    os.environ.setdefault("CARPOOL_STATE_DIR", str(root / "state"))
     specs = prepare(root)
-    out = root / "adapters"
-    print(
-        f"training {len(specs)} jobs fused on one base: carpool train {' '.join(map(str, specs))}"
-    )
-    status = carpool(["train", *map(str, specs), "--out", str(out)])
-    if status != 0:
-        return status
-    base = yaml.safe_load(specs[0].read_text())["base_model"]
-    prompt = PROMPT_TEMPLATE.format(phrase="the happy dog ran over the river")
-    print(f"\nprompt: {prompt.strip()!r}")
-    dirs = {p.stem: out / f"demo-{p.stem}" for p in specs}
-    for name, text in generate(base, dirs, prompt).items():
-        print(f"  {name:<8} -> {text}")
+    from orchestrator.client import Client
+
+    def run(*argv: str) -> None:
+        print(f"\n$ carpool {' '.join(argv)}", flush=True)
+        status = carpool(list(argv))
+        if status != 0:
+            raise SystemExit(status)
+
+    from orchestrator.cli import main as carpool
+
+    try:
+        run("up")
+        print(f"\n$ carpool submit {' '.join(str(p.relative_to(root.parent)) for p in specs)}")
+        job_ids = Client().submit(specs)
+        print("\n".join(job_ids))
+        run("status", "--watch")
+        run("wait", *job_ids)
+        out = root / "adapters"
+        dirs = {}
+        for spec, job_id in zip(specs, job_ids, strict=True):
+            dirs[spec.stem] = out / spec.stem
+            run("fetch", job_id, "--out", str(dirs[spec.stem]))
+        base = yaml.safe_load(specs[0].read_text())["base_model"]
+        prompt = PROMPT_TEMPLATE.format(phrase="the happy dog ran over the river")
+        print(f"\nprompt: {prompt.strip()!r}")
+        for name, text in generate(base, dirs, prompt).items():
+            print(f"  {name:<8} -> {text}")
+    finally:
+        run("down")
     return 0
 
 

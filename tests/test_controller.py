@@ -599,13 +599,6 @@ def test_operator_checkpoint_interval_overrides_the_jobs_save_steps(queue, facto
 # -- a group lost between rounds: known bugs --------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="_admit marks the job running, then on GroupFailedError from add_job calls "
-    "_group_failed, which requeues only the group's existing jobs: the job being admitted "
-    "stays RUNNING in a group that no longer exists",
-)
 def test_job_admitted_to_a_group_that_died_is_requeued(queue, factory, spec) -> None:
     controller = make_controller(queue, factory)
     (a,) = controller.submit([spec("a", steps=3)])
@@ -621,11 +614,6 @@ def test_job_admitted_to_a_group_that_died_is_requeued(queue, factory, spec) -> 
     assert (queue.get(a).state, queue.get(b).state) == (SUCCEEDED, SUCCEEDED)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="both bugs above: the first job's failed add_job leaves it RUNNING, and the "
-    "second job's AdmitJob names the dropped group -> KeyError out of tick()",
-)
 def test_group_that_dies_while_starting_requeues_every_job_sent_to_it(queue, factory, spec) -> None:
     factory.fail_group(0, at_round=0)  # e.g. a rank cannot load the base
     controller = make_controller(queue, factory)
@@ -639,12 +627,6 @@ def test_group_that_dies_while_starting_requeues_every_job_sent_to_it(queue, fac
     assert len(factory.groups) == 2
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=KeyError,
-    reason="after _preempt's remove_job raises GroupFailedError, _group_failed drops the "
-    "group, and the same tick's AdmitJob for that group hits self.groups[...] -> KeyError",
-)
 def test_preemption_from_a_group_that_died_does_not_crash_the_tick(queue, factory, spec) -> None:
     controller = make_controller(queue, factory, max_groups=1, max_adapters_per_group=1)
     (low,) = controller.submit([spec("low", steps=5, priority=0)])
@@ -659,12 +641,6 @@ def test_preemption_from_a_group_that_died_does_not_crash_the_tick(queue, factor
     assert (queue.get(high).state, queue.get(low).state) == (SUCCEEDED, SUCCEEDED)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=GroupFailedError,
-    reason="_apply_cancellations calls remove_job without handling GroupFailedError, so a "
-    "cancel aimed at a group that died makes tick() raise",
-)
 def test_cancel_in_a_group_that_died_does_not_crash_the_tick(queue, factory, spec) -> None:
     controller = make_controller(queue, factory)
     a, b = controller.submit([spec("a", steps=3), spec("b", steps=3)])
