@@ -31,6 +31,8 @@ class OperatorConfig(BaseModel):
     state_dir: Path = Field(default_factory=_default_state_dir)
     storage: str | None = Field(None, min_length=1)
     group_size: StrictInt = Field(1, ge=1)
+    # CPUs Ray reserves for each rank; on CPU devices also its torch threads.
+    cpus_per_rank: StrictInt = Field(1, ge=1)
     zero_stage: Literal[0, 3, "auto"] = 0
     max_tokens_per_step: StrictInt = Field(65536, ge=1)
     max_adapters_per_group: StrictInt = Field(32, ge=1)
