@@ -20,6 +20,7 @@ import yaml
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
+from orchestrator.cli import main
 from orchestrator.client import Client
 from orchestrator.job_queue import JobQueue, JobState
 from orchestrator.validation import load_spec_file
@@ -115,8 +116,13 @@ def group_of(client: Client, job_id: str) -> str:
 
 
 def test_jobs_queue_group_cancel_and_metrics(
-    tiny_base: Path, second_base: Path, datasets: dict[str, Path], tmp_path: Path
+    tiny_base: Path,
+    second_base: Path,
+    datasets: dict[str, Path],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    monkeypatch.setenv("CARPOOL_STATE_DIR", str(tmp_path / "state"))  # for the CLI calls
     specs = {
         "a": write_job(tmp_path / "a.yaml", "a", tiny_base, datasets["text"], 12),
         "b": write_job(tmp_path / "b.yaml", "b", tiny_base, datasets["messages"], 8),
@@ -154,10 +160,13 @@ def test_jobs_queue_group_cancel_and_metrics(
         assert any(group in name for name in actors_before) and actors_before == actors_after
         assert job(client, long_id)["step"] > step_before  # it went on meanwhile
 
+        assert main(["wait", long_id, "--timeout", "0.1"]) == 2  # still running
+
         # Cancel stops a running job at the next step boundary; the others go on.
         at_request = job(client, doomed_id)["step"]
-        client.cancel(doomed_id)
+        assert main(["cancel", doomed_id]) == 0
         wait_for(lambda: job(client, doomed_id)["state"] == "cancelled", what="cancel")
+        assert main(["wait", doomed_id]) == 1
         # One round may have been in flight when the request arrived.
         assert job(client, doomed_id)["step"] <= at_request + 2
         assert client.wait([long_id], timeout=180) == {long_id: "succeeded"}

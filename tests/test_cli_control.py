@@ -1,0 +1,71 @@
+"""CLI calls that must fail cleanly: no controller up, bad ids, bad specs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from orchestrator.cli import main
+
+
+@pytest.fixture(autouse=True)
+def empty_state_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.setenv("CARPOOL_STATE_DIR", str(tmp_path / "state"))
+    return tmp_path / "state"
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["status"],
+        ["status", "some-job-1"],
+        ["logs", "some-job-1"],
+        ["cancel", "some-job-1"],
+        ["wait", "some-job-1"],
+        ["fetch", "some-job-1", "--out", "x"],
+        ["down"],
+    ],
+)
+def test_no_controller_is_one_line_and_exit_1(argv: list[str], capsys) -> None:
+    assert main(argv) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err
+    assert "no carpool" in err and "is up" in err
+
+
+@pytest.mark.parametrize("argv", [["logs", "../etc/passwd"], ["cancel", "A/B"], ["status", ".."]])
+def test_invalid_job_ids_are_refused_before_anything(argv: list[str], capsys) -> None:
+    assert main(argv) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: invalid job id") and len(err.splitlines()) == 1
+
+
+def test_submit_reports_every_problem_and_queues_nothing(
+    tmp_path: Path, empty_state_dir: Path, capsys
+) -> None:
+    spec = tmp_path / "bad.yaml"
+    spec.write_text(
+        yaml.safe_dump(
+            {
+                "name": "Bad!",
+                "base_model": str(tmp_path / "missing-model"),
+                "dataset": {"path": str(tmp_path / "missing.jsonl")},
+                "adapter": {"r": 0},
+                "training": {"max_steps": 5, "num_epochs": 1, "batch_size": 0},
+            }
+        )
+    )
+    assert main(["submit", str(spec)]) == 1
+    err = capsys.readouterr().err
+    for field in (
+        "name",
+        "adapter.r",
+        "training.batch_size",
+        "training.max_steps",
+        "base_model",
+        "dataset.path",
+    ):
+        assert f": {field}:" in err, field
+    assert not (empty_state_dir / "queue.sqlite").exists()
