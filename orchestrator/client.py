@@ -51,25 +51,6 @@ def _ray_cli() -> str:
     return str(Path(sys.executable).with_name("ray"))
 
 
-def _ray_env() -> dict[str, str]:
-    """The environment for Ray: token authentication on for clients too.
-
-    A cluster started by `ray start` requires a token; a client that connects
-    to it presents the one in ~/.ray/auth_token only in token mode, which Ray
-    reads when it is first imported.
-    """
-    os.environ.setdefault("RAY_AUTH_MODE", "token")
-    return dict(os.environ)
-
-
-def _ray():
-    """Import ray only after its environment is set."""
-    _ray_env()
-    import ray
-
-    return ray
-
-
 class Client:
     def __init__(self, state_dir: str | Path | None = None) -> None:
         self.state_dir = Path(state_dir).expanduser() if state_dir else default_state_dir()
@@ -108,7 +89,7 @@ class Client:
             "config": config.model_dump(mode="json"),
         }
         client._attach(cluster)
-        ray = _ray()
+        import ray
 
         from orchestrator.ray_runtime import CONTROLLER_NAME, NAMESPACE, ControllerActor
 
@@ -136,7 +117,7 @@ class Client:
         ]  # fmt: skip
         if num_cpus is not None:
             cmd.append(f"--num-cpus={num_cpus}")
-        done = subprocess.run(cmd, capture_output=True, text=True, env=_ray_env())
+        done = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ))
         output = done.stdout + done.stderr
         # The head binds its node IP; `ray start` prints the address others join with.
         found = re.search(r"ray start --address='([^']+)'", output)
@@ -149,7 +130,7 @@ class Client:
         cluster = self._read_cluster()
         if cluster is None:
             raise ControllerNotRunningError(f"no carpool is up for {self.state_dir}")
-        ray = _ray()
+        import ray
 
         if self._reachable(cluster["address"]):
             self._attach(cluster)
@@ -159,7 +140,9 @@ class Client:
             ray.kill(self.controller, no_restart=True)
             ray.shutdown()
         if cluster.get("started_ray"):
-            subprocess.run([_ray_cli(), "stop", "--force"], capture_output=True, env=_ray_env())
+            subprocess.run(
+                [_ray_cli(), "stop", "--force"], capture_output=True, env=dict(os.environ)
+            )
         (self.state_dir / CLUSTER_FILE).unlink(missing_ok=True)
         self._controller = None
 
@@ -181,7 +164,8 @@ class Client:
             return False
 
     def _attach(self, cluster: dict) -> None:
-        ray = _ray()
+        import ray
+
         if not ray.is_initialized():
             context = ray.init(
                 address=cluster["address"],
@@ -200,7 +184,7 @@ class Client:
             if cluster is None or not self._reachable(cluster["address"]):
                 raise ControllerNotRunningError("no carpool controller is up (run `carpool up`)")
             self._attach(cluster)
-            ray = _ray()
+            import ray
 
             from orchestrator.ray_runtime import CONTROLLER_NAME, NAMESPACE
 
@@ -213,7 +197,7 @@ class Client:
         return self._controller
 
     def _call(self, method: str, *args):
-        ray = _ray()
+        import ray
 
         return ray.get(getattr(self.controller, method).remote(*args))
 
