@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import time
 from collections import defaultdict
-from dataclasses import replace
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from workers.adapter_bank import AdapterBank, JobAdapter, Segment, new_job_adapter
 from workers.base_model import default_device, default_dtype, load_base, load_tokenizer
 from workers.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from workers.data_parallel import DataParallel
 from workers.dataset import IGNORE_INDEX, TokenizedDataset, load_dataset
 from workers.fused_batch import FusedBatch, collate, plan_micro_batches, step_rows
 from workers.job_config import JobConfig
@@ -41,17 +42,22 @@ class Engine:
         micro_batch_tokens: int | None = None,
         checkpoint_root: str | Path | None = None,
         trust_remote_code: bool = False,
+        data_parallel: DataParallel | None = None,
     ) -> None:
         """`micro_batch_tokens` caps padded tokens per forward/backward (None: one per round).
 
         With `checkpoint_root`, each job checkpoints to `<root>/<job>/` every
         `save_steps` steps and when it finishes.
+
+        With `data_parallel`, this engine is one rank of a group: it trains its
+        share of every job's rows and sums adapter gradients with the others.
         """
         self.base_model = base_model
         self.device = torch.device(device) if device is not None else default_device()
         self.dtype = dtype or default_dtype(self.device)
         self.micro_batch_tokens = micro_batch_tokens
         self.checkpoint_root = Path(checkpoint_root) if checkpoint_root is not None else None
+        self.data_parallel = data_parallel
         self.base = load_base(
             base_model, device=self.device, dtype=self.dtype, trust_remote_code=trust_remote_code
         )
@@ -132,8 +138,10 @@ class Engine:
         all_rows = [
             r for name, (rows, ids) in rows_by_job.items() for r in step_rows(name, rows, ids)
         ]
+        dp = self.data_parallel
+        my_rows = dp.shard(all_rows) if dp else all_rows
         losses: dict[str, float] = defaultdict(float)
-        for micro in plan_micro_batches(all_rows, self.micro_batch_tokens):
+        for micro in plan_micro_batches(my_rows, self.micro_batch_tokens):
             batch = collate(micro, self.tokenizer.pad_token_id, self.device)
             row_loss = self._forward_loss(batch)
             row_loss.sum().backward()
@@ -141,6 +149,10 @@ class Engine:
             values = row_loss.detach().float().tolist()
             for seg in batch.segments:
                 losses[seg.job] += sum(values[seg.start : seg.end])
+        if dp:
+            jobs = sorted(jobs, key=lambda j: j.name)  # the same order on every rank
+            dp.reduce_gradients([j.adapter for j in jobs])
+            losses = dp.reduce_losses([j.name for j in jobs], losses)
         reports = {j.name: j.finish_step(losses[j.name], rows_by_job[j.name][0]) for j in jobs}
         self.last_round_seconds = time.perf_counter() - started
         if self.checkpoint_root is not None:
