@@ -161,7 +161,11 @@ class Controller:
             elif isinstance(decision, StopGroup):
                 self.groups.pop(decision.group_id).handle.shutdown()
             elif isinstance(decision, StartGroup):
-                handle = self.group_factory(decision.group_id, decision.base_model)
+                try:
+                    handle = self.group_factory(decision.group_id, decision.base_model)
+                except GroupFailedError as e:  # no room for its ranks: jobs stay queued
+                    log.warning("cannot start group %s: %s", decision.group_id, e)
+                    continue
                 self.groups[decision.group_id] = _Group(handle, {})
             elif isinstance(decision, AdmitJob):
                 self._admit(decision)

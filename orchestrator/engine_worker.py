@@ -5,6 +5,11 @@ Jobs are keyed by job id inside the engine (names may repeat across
 submissions; ids do not). Checkpoints and finished adapters go to the store:
 written in place when the store is a local directory, written to scratch and
 uploaded when it is a URI.
+
+In a group of several ranks, every rank gets every call (same jobs, same
+rounds, so the same collectives); rank 0, the leader, alone writes checkpoints
+and adapters and reports results. The adapters are replicas, so its copy is
+everyone's.
 """
 
 from __future__ import annotations
@@ -14,7 +19,10 @@ import shutil
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+import torch.distributed as dist
+
 from orchestrator.artifact_store import ArtifactStore
+from workers.data_parallel import DataParallel
 from workers.engine import Engine
 from workers.job_config import JobConfig
 
@@ -46,8 +54,15 @@ class EngineWorker:
         device: str | None = None,
         micro_batch_tokens: int | None = None,
         trust_remote_code: bool = False,
+        rank: int = 0,
+        world_size: int = 1,
+        init_method: str | None = None,
     ) -> None:
+        """With `world_size` > 1, joins the group's torch.distributed process group
+        at `init_method` (gloo on CPU, NCCL on GPU) before loading the base."""
         self.group_id = group_id
+        self.rank = rank
+        self.is_leader = rank == 0
         self.store = ArtifactStore(storage_root)
         self.scratch = Path(scratch_dir) / group_id
         self.scratch.mkdir(parents=True, exist_ok=True)
@@ -55,12 +70,20 @@ class EngineWorker:
         # Local store: the engine checkpoints straight into it. Remote: into scratch, then upload.
         self._remote = store_checkpoints is None
         checkpoint_root = self.scratch / "checkpoints" if self._remote else store_checkpoints.parent
+        data_parallel = None
+        if world_size > 1:
+            backend = "nccl" if device and device.startswith("cuda") else "gloo"
+            dist.init_process_group(
+                backend, init_method=init_method, rank=rank, world_size=world_size
+            )
+            data_parallel = DataParallel(device=device or "cpu")
         self.engine = Engine(
             base_model,
             device=device,
             micro_batch_tokens=micro_batch_tokens,
-            checkpoint_root=checkpoint_root,
+            checkpoint_root=checkpoint_root if self.is_leader else None,
             trust_remote_code=trust_remote_code,
+            data_parallel=data_parallel,
         )
 
     # -- membership, applied between rounds -------------------------------------------
@@ -81,7 +104,7 @@ class EngineWorker:
     def remove_job(self, job_id: str, checkpoint: bool) -> str | None:
         """Take a job off the engine, checkpointing it first if asked; returns the checkpoint URI."""
         uri = None
-        if checkpoint and job_id in self.engine.jobs:
+        if checkpoint and self.is_leader and job_id in self.engine.jobs:
             path = self.engine.save_checkpoint(job_id, self.engine.checkpoint_root / job_id)
             uri = self._publish_checkpoint(job_id, path)
         if job_id in self.engine.jobs:
@@ -94,7 +117,7 @@ class EngineWorker:
 
     # -- training ---------------------------------------------------------------------
     def step(self) -> list[JobStepResult]:
-        """One round; finished jobs are exported and leave the engine."""
+        """One round; finished jobs are exported (by the leader) and leave the engine."""
         reports = self.engine.step()
         seconds = max(self.engine.last_round_seconds, 1e-9)
         results = []
@@ -104,21 +127,16 @@ class EngineWorker:
             )
             adapter = None
             if self.engine.jobs[job_id].done:
-                adapter = self._export(job_id)
+                adapter = self._export(job_id) if self.is_leader else None
                 self.engine.remove_job(job_id)
                 log.info("[job %s] finished at step %d, loss %.4f", job_id, r.step, r.loss)
-            results.append(
-                JobStepResult(
-                    job_id,
-                    r.step,
-                    r.total_steps,
-                    r.loss,
-                    r.tokens / seconds,
-                    r.tokens,
-                    checkpoint,
-                    adapter,
-                )  # fmt: skip
-            )
+            if not self.is_leader:
+                continue
+            result = JobStepResult(
+                job_id, r.step, r.total_steps, r.loss, r.tokens / seconds, r.tokens,
+                checkpoint, adapter,
+            )  # fmt: skip
+            results.append(result)
         return results
 
     def _publish_checkpoint(self, job_id: str, path: Path) -> str:

@@ -12,7 +12,15 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictInt,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 
 class OperatorConfigError(ValueError):
@@ -33,6 +41,11 @@ class OperatorConfig(BaseModel):
     group_size: StrictInt = Field(1, ge=1)
     # CPUs Ray reserves for each rank; on CPU devices also its torch threads.
     cpus_per_rank: StrictInt = Field(1, ge=1)
+    # How a group's ranks are placed on nodes (a Ray placement group strategy).
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
+    # Extra Ray resources each rank asks for, by rank (e.g. to pin ranks to nodes).
+    rank_resources: list[dict[str, float]] | None = None
+    placement_timeout_s: float = Field(120, gt=0)
     zero_stage: Literal[0, 3, "auto"] = 0
     max_tokens_per_step: StrictInt = Field(65536, ge=1)
     max_adapters_per_group: StrictInt = Field(32, ge=1)
@@ -47,6 +60,15 @@ class OperatorConfig(BaseModel):
     allowed_roots: list[Path] | None = None
     max_dataset_bytes: StrictInt | None = Field(None, ge=1)
     poll_interval_s: float = Field(0.2, gt=0)
+
+    @model_validator(mode="after")
+    def _rank_resources_per_rank(self) -> OperatorConfig:
+        if self.rank_resources is not None and len(self.rank_resources) != self.group_size:
+            raise ValueError(
+                f"rank_resources has {len(self.rank_resources)} entries; group_size is "
+                f"{self.group_size}"
+            )
+        return self
 
     @field_validator("state_dir")
     @classmethod

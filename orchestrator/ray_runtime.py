@@ -9,14 +9,17 @@ from __future__ import annotations
 
 import logging
 import re
+import socket
 import threading
 import time
 from dataclasses import asdict
 from pathlib import Path
 
 import ray
-from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
+from ray.exceptions import ActorDiedError, ActorUnavailableError, GetTimeoutError, RayActorError
 from ray.util import metrics as ray_metrics
+from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from orchestrator.controller import Controller, GroupFailedError
 from orchestrator.engine_worker import EngineWorker, JobStepResult
@@ -53,53 +56,107 @@ class _EngineWorkerActor(EngineWorker):
         super().__init__(*args, **kwargs)
 
 
+@ray.remote(num_cpus=0)
+def _rendezvous_address() -> str:
+    """A TCP address on this node for torch.distributed's rendezvous."""
+    with socket.socket() as sock:
+        sock.bind(("", 0))
+        port = sock.getsockname()[1]
+    return f"tcp://{ray.util.get_node_ip_address()}:{port}"
+
+
 class RayWorkerGroup:
-    """A group of one rank: a named EngineWorker actor."""
+    """A group of `group_size` ranks: named EngineWorker actors in one placement group.
+
+    Every call goes to every rank (they hold the same jobs and run the same
+    rounds); results and checkpoint URIs come from rank 0.
+    """
 
     def __init__(self, group_id: str, base_model: str, config: OperatorConfig) -> None:
         self.group_id = group_id
         self.base_model = base_model
         gpu = _use_gpu(config)
-        actor_cls = ray.remote(_EngineWorkerActor)
-        self.actor = actor_cls.options(
-            name=f"carpool-group-{group_id}-base-{_slug(base_model)}-rank-0",
-            namespace=NAMESPACE,
-            num_cpus=config.cpus_per_rank,
-            num_gpus=1 if gpu else 0,
-            max_restarts=0,
-        ).remote(
-            group_id,
-            base_model,
-            storage_root=config.storage_root(),
-            scratch_dir=str(config.state_dir / "scratch"),
-            device="cuda" if gpu else "cpu",
-            micro_batch_tokens=config.micro_batch_tokens,
-            trust_remote_code=config.trust_remote_code,
-            threads=config.cpus_per_rank,
+        n = config.group_size
+        bundles = []
+        for rank in range(n):
+            bundle = {"CPU": float(config.cpus_per_rank), **({"GPU": 1.0} if gpu else {})}
+            if config.rank_resources:
+                bundle.update(config.rank_resources[rank])
+            bundles.append(bundle)
+        self.placement = placement_group(
+            bundles, strategy=config.placement_strategy, name=f"carpool-group-{group_id}"
         )
+        try:
+            ray.get(self.placement.ready(), timeout=config.placement_timeout_s)
+        except GetTimeoutError as e:
+            remove_placement_group(self.placement)  # do not hold half-reserved resources
+            raise GroupFailedError(
+                f"group {group_id}: no room for {n} ranks {bundles} "
+                f"after {config.placement_timeout_s}s"
+            ) from e
+        init_method = None
+        if n > 1:
+            init_method = ray.get(
+                _rendezvous_address.options(scheduling_strategy=self._on(0)).remote()
+            )
+        actor_cls = ray.remote(_EngineWorkerActor)
+        self.actors = [
+            actor_cls.options(
+                name=f"carpool-group-{group_id}-base-{_slug(base_model)}-rank-{rank}",
+                namespace=NAMESPACE,
+                num_cpus=config.cpus_per_rank,
+                num_gpus=1 if gpu else 0,
+                max_restarts=0,
+                scheduling_strategy=self._on(rank),
+            ).remote(
+                group_id,
+                base_model,
+                storage_root=config.storage_root(),
+                scratch_dir=str(config.state_dir / "scratch"),
+                device="cuda" if gpu else "cpu",
+                micro_batch_tokens=config.micro_batch_tokens,
+                trust_remote_code=config.trust_remote_code,
+                threads=config.cpus_per_rank,
+                rank=rank,
+                world_size=n,
+                init_method=init_method,
+            )
+            for rank in range(n)
+        ]
         self._pending = None
 
-    def _get(self, ref):
+    def _on(self, rank: int) -> PlacementGroupSchedulingStrategy:
+        return PlacementGroupSchedulingStrategy(
+            placement_group=self.placement, placement_group_bundle_index=rank
+        )
+
+    def _all(self, method: str, *args):
+        """Call `method` on every rank; rank 0's answer."""
+        return self._get([getattr(a, method).remote(*args) for a in self.actors])[0]
+
+    def _get(self, refs):
         try:
-            return ray.get(ref)
+            return ray.get(refs)
         except _ACTOR_LOST as e:
             raise GroupFailedError(f"group {self.group_id}: {e}") from e
 
     def add_job(self, job_id: str, config: JobConfig, resume_from: str | None) -> int:
-        return self._get(self.actor.add_job.remote(job_id, config, resume_from))
+        return self._all("add_job", job_id, config, resume_from)
 
     def remove_job(self, job_id: str, checkpoint: bool) -> str | None:
-        return self._get(self.actor.remove_job.remote(job_id, checkpoint))
+        return self._all("remove_job", job_id, checkpoint)
 
     def start_step(self) -> None:
-        self._pending = self.actor.step.remote()
+        self._pending = [a.step.remote() for a in self.actors]
 
     def finish_step(self) -> list[JobStepResult]:
-        ref, self._pending = self._pending, None
-        return self._get(ref)
+        refs, self._pending = self._pending, None
+        return self._get(refs)[0]
 
     def shutdown(self) -> None:
-        ray.kill(self.actor, no_restart=True)
+        for actor in self.actors:
+            ray.kill(actor, no_restart=True)
+        remove_placement_group(self.placement)
 
 
 class RayMetrics:

@@ -1,0 +1,99 @@
+"""Worker groups of two ranks through the whole control plane (Ray, gloo, CPU)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from orchestrator.client import Client
+from tests.test_orchestrator_integration import (
+    assert_same_adapter,
+    carpool_cluster,
+    engine_result,
+    wait_for,
+    write_job,
+)
+
+pytestmark = pytest.mark.integration
+
+RAY = str(Path(sys.executable).with_name("ray"))
+
+
+def two_rank_jobs(tmp_path: Path, base: Path, datasets: dict[str, Path]) -> list[Path]:
+    return [
+        # Odd: the ranks get 3 and 2 of its rows each step.
+        write_job(tmp_path / "odd.yaml", "odd", base, datasets["text"], 6, batch_size=5),
+        # One row a step: rank 1 never has a row of this job.
+        write_job(tmp_path / "one.yaml", "one", base, datasets["messages"], 5, batch_size=1),
+    ]
+
+
+def test_group_of_two_ranks_equals_one_rank(
+    tiny_base: Path, datasets: dict[str, Path], tmp_path: Path
+) -> None:
+    specs = two_rank_jobs(tmp_path, tiny_base, datasets)
+    with carpool_cluster(tmp_path, group_size=2) as client:
+        ids = client.submit(specs)
+        import ray
+
+        def rank_actors() -> set[str]:
+            names = {a["name"] for a in ray.util.list_named_actors(all_namespaces=True)}
+            return {n for n in names if re.search(r"-rank-\d+$", n)}
+
+        ranks = wait_for(rank_actors, what="the group's rank actors")
+        assert {n.rsplit("-", 1)[1] for n in ranks} == {"0", "1"}
+        assert client.wait(ids, timeout=240) == dict.fromkeys(ids, "succeeded")
+        for spec, job_id in zip(specs, ids, strict=True):
+            assert_same_adapter(client.fetch(job_id, tmp_path / spec.stem), engine_result(spec))
+        wait_for(lambda: not rank_actors(), what="the idle group to stop")
+
+
+def ray_cli(*args: str) -> str:
+    done = subprocess.run([RAY, *args], capture_output=True, text=True, env=dict(os.environ))
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done.stdout + done.stderr
+
+
+def test_group_spanning_two_ray_nodes(
+    tiny_base: Path, datasets: dict[str, Path], tmp_path: Path
+) -> None:
+    """Two `ray start` nodes, each with a resource only it has: the ranks must span both."""
+    out = ray_cli(
+        "start", "--head", "--port=0", "--num-cpus=1", "--include-dashboard=false",
+        "--disable-usage-stats", "--resources", json.dumps({"node_a": 1}),
+    )  # fmt: skip
+    address = re.search(r"ray start --address='([^']+)'", out).group(1)
+    try:
+        ray_cli(
+            "start", f"--address={address}", "--num-cpus=1", "--disable-usage-stats",
+            "--resources", json.dumps({"node_b": 1}),
+        )  # fmt: skip
+        config = {
+            "state_dir": str(tmp_path / "state"),
+            "poll_interval_s": 0.05,
+            "group_size": 2,
+            "rank_resources": [{"node_a": 1}, {"node_b": 1}],
+        }
+        (tmp_path / "operator.yaml").write_text(yaml.safe_dump(config))
+        client = Client.up(tmp_path / "operator.yaml", address=address)
+        try:
+            import ray
+
+            assert len([n for n in ray.nodes() if n["Alive"]]) == 2
+            specs = two_rank_jobs(tmp_path, tiny_base, datasets)
+            ids = client.submit(specs)
+            assert client.wait(ids, timeout=240) == dict.fromkeys(ids, "succeeded")
+            for spec, job_id in zip(specs, ids, strict=True):
+                fetched = client.fetch(job_id, tmp_path / spec.stem)
+                assert_same_adapter(fetched, engine_result(spec))
+        finally:
+            client.down()
+    finally:
+        subprocess.run([RAY, "stop", "--force"], capture_output=True, env=dict(os.environ))
