@@ -28,6 +28,7 @@ from workers.fused_batch import FusedBatch, collate, plan_micro_batches, step_ro
 from workers.job_config import JobConfig
 from workers.peft_format import adapter_from_loaded, export_adapter, read_adapter
 from workers.training_job import StepReport, TrainingJob
+from workers.zero3 import dummy_row, load_base_zero3, pad_micro_batches
 
 
 class Engine:
@@ -43,6 +44,9 @@ class Engine:
         checkpoint_root: str | Path | None = None,
         trust_remote_code: bool = False,
         data_parallel: DataParallel | None = None,
+        zero_stage: int = 0,
+        offload_params: bool = False,
+        zero_options: dict | None = None,
     ) -> None:
         """`micro_batch_tokens` caps padded tokens per forward/backward (None: one per round).
 
@@ -51,16 +55,39 @@ class Engine:
 
         With `data_parallel`, this engine is one rank of a group: it trains its
         share of every job's rows and sums adapter gradients with the others.
+        `zero_stage=3` also partitions the base across that group (DeepSpeed
+        ZeRO-3, `offload_params` keeps the partitions on the host; `zero_options`
+        go to DeepSpeed's `zero_optimization`); then every rank must call
+        `step` and `logits` together.
         """
+        if zero_stage not in (0, 3):
+            raise ValueError(f"zero_stage must be 0 or 3, got {zero_stage}")
+        if zero_stage == 3 and data_parallel is None:
+            raise ValueError("zero_stage=3 partitions the base across a group: pass data_parallel")
         self.base_model = base_model
         self.device = torch.device(device) if device is not None else default_device()
         self.dtype = dtype or default_dtype(self.device)
         self.micro_batch_tokens = micro_batch_tokens
         self.checkpoint_root = Path(checkpoint_root) if checkpoint_root is not None else None
         self.data_parallel = data_parallel
-        self.base = load_base(
-            base_model, device=self.device, dtype=self.dtype, trust_remote_code=trust_remote_code
-        )
+        self.zero_stage = zero_stage
+        self._zero3 = None  # what must stay alive while the ZeRO-3 base is in use
+        if zero_stage == 3:
+            self.base, self._zero3 = load_base_zero3(
+                base_model,
+                dtype=self.dtype,
+                device=self.device,
+                offload_params=offload_params,
+                trust_remote_code=trust_remote_code,
+                zero_options=zero_options,
+            )
+        else:
+            self.base = load_base(
+                base_model,
+                device=self.device,
+                dtype=self.dtype,
+                trust_remote_code=trust_remote_code,
+            )
         self.tokenizer = load_tokenizer(base_model, trust_remote_code=trust_remote_code)
         self.bank = AdapterBank(self.base)
         self.jobs: dict[str, TrainingJob] = {}
@@ -141,7 +168,12 @@ class Engine:
         dp = self.data_parallel
         my_rows = dp.shard(all_rows) if dp else all_rows
         losses: dict[str, float] = defaultdict(float)
-        for micro in plan_micro_batches(my_rows, self.micro_batch_tokens):
+        micro_batches = plan_micro_batches(my_rows, self.micro_batch_tokens)
+        if self.zero_stage == 3:
+            # ZeRO-3 gathers are collectives: every rank runs as many passes as the busiest.
+            filler = dummy_row(min(j.name for j in jobs), self.tokenizer.pad_token_id)
+            micro_batches = pad_micro_batches(micro_batches, dp, filler)
+        for micro in micro_batches:
             batch = collate(micro, self.tokenizer.pad_token_id, self.device)
             row_loss = self._forward_loss(batch)
             row_loss.sum().backward()
