@@ -17,6 +17,7 @@ from tests.test_orchestrator_integration import (
     assert_same_adapter,
     carpool_cluster,
     engine_result,
+    job,
     wait_for,
     write_job,
 )
@@ -38,21 +39,44 @@ def two_rank_jobs(tmp_path: Path, base: Path, datasets: dict[str, Path]) -> list
 def test_group_of_two_ranks_equals_one_rank(
     tiny_base: Path, datasets: dict[str, Path], tmp_path: Path
 ) -> None:
-    specs = two_rank_jobs(tmp_path, tiny_base, datasets)
-    with carpool_cluster(tmp_path, group_size=2) as client:
-        ids = client.submit(specs)
+    """Join, cancel and preemption in a group of two ranks; every adapter == one rank's."""
+    odd, one = two_rank_jobs(tmp_path, tiny_base, datasets)
+    low = write_job(tmp_path / "low.yaml", "low", tiny_base, datasets["text"], 150)
+    doomed = write_job(tmp_path / "doomed.yaml", "doomed", tiny_base, datasets["text"], 5000)
+    # One group of two ranks with room for two jobs.
+    with carpool_cluster(tmp_path, group_size=2, max_groups=1, max_adapters_per_group=2) as client:
         import ray
 
         def rank_actors() -> set[str]:
             names = {a["name"] for a in ray.util.list_named_actors(all_namespaces=True)}
             return {n for n in names if re.search(r"-rank-\d+$", n)}
 
+        low_id, doomed_id = client.submit([low, doomed])
         ranks = wait_for(rank_actors, what="the group's rank actors")
         assert {n.rsplit("-", 1)[1] for n in ranks} == {"0", "1"}
-        assert client.wait(ids, timeout=240) == dict.fromkeys(ids, "succeeded")
-        for spec, job_id in zip(specs, ids, strict=True):
+        wait_for(lambda: job(client, doomed_id)["step"] >= 3, what="doomed running")
+        client.cancel(doomed_id)
+        wait_for(lambda: job(client, doomed_id)["state"] == "cancelled", what="cancel")
+        # A higher-priority job takes the freed place: it joins the running group.
+        (odd_id,) = client.submit([with_priority(odd, 5)])
+        wait_for(lambda: job(client, odd_id)["state"] == "running", what="odd admitted")
+        assert rank_actors() == ranks  # same actors: no reload, no restart
+        # The group is full now: the next one preempts the low-priority job.
+        (one_id,) = client.submit([with_priority(one, 5)])
+        ids = [low_id, odd_id, one_id]
+        assert client.wait(ids, timeout=300) == dict.fromkeys(ids, "succeeded")
+        assert any("preempted" in line for line in client.logs(low_id))
+        for spec, job_id in [(low, low_id), (odd, odd_id), (one, one_id)]:
             assert_same_adapter(client.fetch(job_id, tmp_path / spec.stem), engine_result(spec))
         wait_for(lambda: not rank_actors(), what="the idle group to stop")
+
+
+def with_priority(spec: Path, priority: int) -> Path:
+    data = yaml.safe_load(spec.read_text())
+    data["priority"] = priority
+    out = spec.with_name(f"{spec.stem}-p{priority}.yaml")
+    out.write_text(yaml.safe_dump(data))
+    return out
 
 
 def ray_cli(*args: str) -> str:

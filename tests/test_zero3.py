@@ -1,0 +1,219 @@
+"""ZeRO-3: the base partitioned across two ranks (gloo, CPU) trains what a replicated base trains.
+
+Runs in float32, the widest dtype `deepspeed.zero.Init` takes. Two ranks with
+a partitioned base do the same arithmetic as two ranks with a replicated one
+(the gathered weights are the checkpoint's, bit for bit), so those agree
+tightly; against one rank, splitting steps changes summation order (see
+test_data_parallel), so the comparison holds to the usual 1e-4.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from safetensors.torch import load_file
+
+import workers.engine
+from tests.peft_reference import max_relative_difference
+from tests.test_data_parallel import free_port, group_jobs
+from workers.data_parallel import DataParallel
+from workers.engine import Engine
+from workers.job_config import AdapterConfig, DatasetConfig, JobConfig, TrainingConfig
+from workers.zero3 import choose_zero_stage, deepspeed_zero3_config, parameter_bytes_on_this_rank
+
+# Small enough that the ranks' shares split into different numbers of micro-batches.
+MICRO_BATCH_TOKENS = 48
+# Keep nothing gathered between uses: DeepSpeed would otherwise keep every
+# parameter of this tiny base (all under 1e5 elements) whole on every rank.
+ZERO_OPTIONS = {"stage3_param_persistence_threshold": 0}
+
+
+def zero3_jobs(base: Path, datasets: dict[str, Path]) -> list[JobConfig]:
+    """test_data_parallel's jobs, plus one that outlives them with one row per step.
+
+    In its last rounds it is the only job: rank 1 has no rows at all and must
+    still run a (dummy) forward/backward for rank 0's gathers to complete.
+    """
+    solo = JobConfig(
+        "solo",
+        str(base),
+        DatasetConfig(datasets["text"]),
+        AdapterConfig(r=2, target_modules=("v_proj", "up_proj")),
+        TrainingConfig(learning_rate=1e-2, max_steps=8, batch_size=1, seed=3),
+    )
+    return [*group_jobs(base, datasets), solo]
+
+
+def _train(engine: Engine, configs: list[JobConfig]) -> dict:
+    for config in configs:
+        engine.add_job(config)
+    losses = []
+    while engine.active_jobs():
+        losses.append({k: r.loss for k, r in engine.step().items()})
+    return {
+        "adapters": {n: j.adapter.named_tensors() for n, j in engine.jobs.items()},
+        "losses": losses,
+    }
+
+
+def _rank(rank: int, world: int, port: int, base: Path, datasets: dict, out: Path) -> None:
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world
+    )
+    # Record each round's micro-batch counts before and after the ZeRO-3 padding.
+    padding: list[tuple[int, int]] = []
+    pad = workers.engine.pad_micro_batches
+
+    def spy(micro_batches, dp, filler):
+        padded = pad(micro_batches, dp, filler)
+        padding.append((len(micro_batches), len(padded)))
+        return padded
+
+    workers.engine.pad_micro_batches = spy
+    try:
+        configs = zero3_jobs(base, datasets)
+        kwargs = {"device": "cpu", "dtype": torch.float32, "micro_batch_tokens": MICRO_BATCH_TOKENS}
+        # Replicated first: once a ZeRO-3 base is loaded, transformers builds every
+        # later model of this process inside zero.Init.
+        replicated = Engine(str(base), data_parallel=DataParallel(), **kwargs)
+        result = {"replicated": _train(replicated, configs)}
+
+        dp = DataParallel()
+        engine = Engine(
+            str(base), data_parallel=dp, zero_stage=3, zero_options=ZERO_OPTIONS, **kwargs
+        )
+        result["bytes_loaded"] = parameter_bytes_on_this_rank(engine.base)
+        result["zero3"] = _train(engine, configs)
+        result["bytes_trained"] = parameter_bytes_on_this_rank(engine.base)
+        result["bytes_total"] = sum(p.ds_numel * p.element_size() for p in engine.base.parameters())
+        result["padding"] = padding
+        result["collective_kinds"] = sorted(dp.collective_bytes)
+
+        # Plain base forwards (no adapter routed) agree: replicated, partitioned, offloaded.
+        ids = torch.arange(3, 19).view(2, 8)
+        offloaded = Engine(
+            str(base), data_parallel=DataParallel(), zero_stage=3, offload_params=True, **kwargs
+        )
+        with torch.no_grad():
+            result["logits"] = [
+                e.base(input_ids=ids, use_cache=False).logits for e in (replicated, engine, offloaded)
+            ]
+
+        import deepspeed
+
+        # A collective: every rank gathers, rank 0 keeps a copy.
+        with deepspeed.zero.GatheredParameters(list(engine.base.parameters())):
+            result["weights"] = {
+                n: p.detach().clone() for n, p in engine.base.named_parameters() if rank == 0
+            }
+        torch.save(result, out / f"rank{rank}.pt")
+    finally:
+        workers.engine.pad_micro_batches = pad
+        dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def zero3_run(tiny_base: Path, datasets: dict[str, Path], tmp_path_factory) -> list[dict]:
+    out = tmp_path_factory.mktemp("zero3")
+    mp.spawn(_rank, args=(2, free_port(), tiny_base, datasets, out), nprocs=2, join=True)
+    return [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(2)]
+
+
+@pytest.mark.integration
+def test_zero3_trains_what_a_replicated_base_trains(
+    zero3_run: list[dict], tiny_base: Path, datasets: dict[str, Path]
+) -> None:
+    configs = zero3_jobs(tiny_base, datasets)
+    single = Engine(
+        str(tiny_base), device="cpu", dtype=torch.float32, micro_batch_tokens=MICRO_BATCH_TOKENS
+    )
+    alone = _train(single, configs)
+    for config in configs:
+        name = config.name
+        zero3 = zero3_run[0]["zero3"]["adapters"][name]
+        assert max_relative_difference(zero3_run[0]["replicated"]["adapters"][name], zero3) <= 1e-6
+        assert max_relative_difference(alone["adapters"][name], zero3) <= 1e-4, name
+        for key, tensor in zero3.items():  # replicas stay identical
+            assert torch.equal(tensor, zero3_run[1]["zero3"]["adapters"][name][key]), key
+    # The rows of every job were trained: the adapters moved off their start.
+    start = Engine(str(tiny_base), device="cpu", dtype=torch.float32)
+    for config in configs:
+        init = start._initial_adapter(config).named_tensors()
+        assert max_relative_difference(init, zero3_run[0]["zero3"]["adapters"][config.name]) > 1e-3
+    for got, want in zip(zero3_run[0]["zero3"]["losses"], alone["losses"], strict=True):
+        assert got.keys() == want.keys()
+        assert all(abs(got[k] - want[k]) <= 1e-4 * max(1.0, abs(want[k])) for k in want)
+
+    # Both ranks ran the same number of passes every round; rank 1 had rounds with
+    # no rows (solo's last steps) and rounds with fewer micro-batches than rank 0.
+    pads = [run["padding"] for run in zero3_run]
+    assert [[after for _, after in p] for p in pads][0] == [after for _, after in pads[1]]
+    assert any(before == 0 and after > 0 for before, after in pads[1])
+    assert any(0 < before < after for p in pads for before, after in p)
+    assert zero3_run[0]["collective_kinds"] == [
+        "adapter_gradients",
+        "losses",
+        "micro_batch_count",
+    ]
+
+    replicated, partitioned, offloaded = zero3_run[0]["logits"]
+    assert torch.equal(replicated, partitioned)
+    assert torch.equal(replicated, offloaded)
+
+
+@pytest.mark.integration
+def test_each_rank_holds_half_the_base(zero3_run: list[dict]) -> None:
+    total = zero3_run[0]["bytes_total"]
+    for run in zero3_run:
+        assert run["bytes_total"] == total
+        for held in (run["bytes_loaded"], run["bytes_trained"]):
+            assert abs(held - total / 2) <= 0.1 * total / 2, (held, total)
+
+
+@pytest.mark.integration
+def test_base_weights_unchanged(zero3_run: list[dict], tiny_base: Path) -> None:
+    saved = load_file(tiny_base / "model.safetensors")
+    weights = zero3_run[0]["weights"]
+    assert set(weights) == set(saved)
+    for name, tensor in saved.items():
+        assert torch.equal(weights[name], tensor.to(weights[name].dtype)), name
+
+
+def test_choose_zero_stage() -> None:
+    gib = 2**30
+    assert choose_zero_stage(16 * gib, 80 * gib) == 0  # an 8B model in bf16 on an 80 GiB GPU
+    assert choose_zero_stage(140 * gib, 80 * gib) == 3  # 70B: it must be partitioned
+    assert choose_zero_stage(48 * gib, 80 * gib) == 0  # exactly at the 60% headroom
+    assert choose_zero_stage(48 * gib + 1, 80 * gib) == 3
+    assert choose_zero_stage(30 * gib, 80 * gib, headroom=0.3) == 3
+    assert choose_zero_stage(0, 1) == 0
+    for bad in [(-1, gib), (gib, 0)]:
+        with pytest.raises(ValueError):
+            choose_zero_stage(*bad)
+    with pytest.raises(ValueError, match="headroom"):
+        choose_zero_stage(gib, gib, headroom=0.0)
+
+
+def test_deepspeed_config() -> None:
+    config = deepspeed_zero3_config(torch.bfloat16, offload_params=True, zero_options=ZERO_OPTIONS)
+    assert config["zero_optimization"] == {
+        "stage": 3,
+        "offload_param": {"device": "cpu"},
+        "stage3_param_persistence_threshold": 0,
+    }
+    assert config["bf16"]["enabled"] and config["train_micro_batch_size_per_gpu"] == 1
+    plain = deepspeed_zero3_config(torch.float32)
+    assert plain["zero_optimization"] == {"stage": 3} and not plain["bf16"]["enabled"]
+    with pytest.raises(ValueError, match="float32 or bfloat16"):
+        deepspeed_zero3_config(torch.float64)
+
+
+def test_zero3_needs_a_group() -> None:
+    with pytest.raises(ValueError, match="data_parallel"):
+        Engine("unused", zero_stage=3)
+    with pytest.raises(ValueError, match="zero_stage"):
+        Engine("unused", zero_stage=2)
