@@ -15,6 +15,7 @@ everyone's.
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -114,6 +115,9 @@ class EngineWorker:
 
     def job_ids(self) -> list[str]:
         return list(self.engine.jobs)
+
+    def pid(self) -> int:
+        return os.getpid()
 
     # -- training ---------------------------------------------------------------------
     def step(self) -> list[JobStepResult]:

@@ -8,6 +8,7 @@ detached, named actor that outlives CLI calls.
 from __future__ import annotations
 
 import logging
+import os
 import re
 import socket
 import threading
@@ -262,7 +263,11 @@ class ControllerActor:
 
     # -- requests (run on other actor threads; the queue is thread-safe) ---------------
     def ping(self) -> dict:
-        return {"state_dir": str(self.config.state_dir), "storage": self.config.storage_root()}
+        return {
+            "state_dir": str(self.config.state_dir),
+            "storage": self.config.storage_root(),
+            "pid": os.getpid(),
+        }
 
     def submit(self, specs: list[dict]) -> list[str]:
         return self.controller.submit([JobSpec.model_validate(s) for s in specs])

@@ -78,14 +78,32 @@ def write_job(
 
 def engine_result(spec_path: Path) -> dict[str, torch.Tensor]:
     """The same spec trained by the engine alone, in this process: the reference."""
-    config = load_spec_file(spec_path).to_config()
-    engine = Engine(config.base_model, device="cpu")
-    engine.add_job(config)
-    engine.run()
-    return engine.jobs[config.name].adapter.named_tensors()
+    return engine_results([spec_path])[0]
 
 
-def assert_same_adapter(fetched: Path, expected: dict[str, torch.Tensor]) -> None:
+def engine_results(
+    spec_paths: list[Path], threads: int | None = None
+) -> list[dict[str, torch.Tensor]]:
+    """The specs trained together, uninterrupted, by one engine in this process.
+
+    `threads` matches a worker's torch threads, so matmuls sum in the same order.
+    """
+    configs = [load_spec_file(p).to_config() for p in spec_paths]
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads or previous)
+    try:
+        engine = Engine(configs[0].base_model, device="cpu")
+        for config in configs:
+            engine.add_job(config)
+        engine.run()
+    finally:
+        torch.set_num_threads(previous)
+    return [engine.jobs[c.name].adapter.named_tensors() for c in configs]
+
+
+def assert_same_adapter(
+    fetched: Path, expected: dict[str, torch.Tensor], tolerance: float = 1e-4
+) -> None:
     loaded = read_adapter(fetched)
     got = {}
     for module, (a, b) in loaded.weights.items():
@@ -93,7 +111,7 @@ def assert_same_adapter(fetched: Path, expected: dict[str, torch.Tensor]) -> Non
     assert set(got) == set(expected)
     for key, tensor in expected.items():
         scale = tensor.abs().max().clamp_min(1e-12)
-        assert float((got[key] - tensor).abs().max() / scale) <= 1e-4, key
+        assert float((got[key] - tensor).abs().max() / scale) <= tolerance, key
 
 
 def wait_for(predicate, timeout: float = 120, what: str = "condition"):
