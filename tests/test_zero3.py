@@ -10,6 +10,7 @@ rounding stays under the usual 1e-4, as does splitting steps over ranks.
 from __future__ import annotations
 
 from dataclasses import replace
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
 
 import workers.engine
 from tests.peft_reference import max_relative_difference
@@ -24,7 +26,12 @@ from tests.test_data_parallel import free_port, group_jobs
 from workers.data_parallel import DataParallel
 from workers.engine import Engine
 from workers.job_config import AdapterConfig, DatasetConfig, JobConfig, TrainingConfig
-from workers.zero3 import choose_zero_stage, deepspeed_zero3_config, parameter_bytes_on_this_rank
+from workers.zero3 import (
+    base_parameter_bytes,
+    choose_zero_stage,
+    deepspeed_zero3_config,
+    parameter_bytes_on_this_rank,
+)
 
 # Small enough that the ranks' shares split into different numbers of micro-batches.
 MICRO_BATCH_TOKENS = 48
@@ -60,6 +67,25 @@ def zero3_jobs(base: Path, datasets: dict[str, Path]) -> list[JobConfig]:
     return [*jobs, solo]
 
 
+def mixed_target_jobs(base: Path, datasets: dict[str, Path]) -> list[JobConfig]:
+    """Rank 1 gets rows of the MLP-only job alone (every job's first row goes to rank 0).
+
+    Without gradients forced through the whole base, rank 1's backward would
+    skip layer 0's attention while rank 0's gathers its weights: a hang.
+    """
+
+    def job(name: str, targets: tuple[str, ...], batch_size: int) -> JobConfig:
+        return JobConfig(
+            name,
+            str(base),
+            DatasetConfig(datasets["prompt_completion"]),
+            AdapterConfig(r=2, target_modules=targets),
+            TrainingConfig(learning_rate=1e-2, max_steps=2, batch_size=batch_size),
+        )
+
+    return [job("attention", ("q_proj",), 1), job("mlp", ("down_proj",), 2)]
+
+
 def _train(engine: Engine, configs: list[JobConfig]) -> dict:
     for config in configs:
         engine.add_job(config)
@@ -73,8 +99,13 @@ def _train(engine: Engine, configs: list[JobConfig]) -> dict:
 
 
 def _rank(rank: int, world: int, port: int, base: Path, datasets: dict, out: Path) -> None:
+    # A short timeout: a rank that skips a gather makes the others fail, not hang.
     dist.init_process_group(
-        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world
+        "gloo",
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=rank,
+        world_size=world,
+        timeout=timedelta(seconds=60),
     )
     # Record each round's micro-batch counts before and after the ZeRO-3 padding.
     padding: list[tuple[int, int]] = []
@@ -105,11 +136,17 @@ def _rank(rank: int, world: int, port: int, base: Path, datasets: dict, out: Pat
         result["padding"] = padding
         result["collective_kinds"] = sorted(dp.collective_bytes)
 
+        offloaded = Engine(
+            str(base),
+            device="cpu",
+            dtype=torch.float32,
+            data_parallel=DataParallel(),
+            zero_stage=3,
+            offload_params=True,
+        )
+        result["mixed"] = _train(offloaded, mixed_target_jobs(base, datasets))
         # Plain base forwards (no adapter routed) agree: replicated, partitioned, offloaded.
         ids = torch.arange(3, 19).view(2, 8)
-        offloaded = Engine(
-            str(base), data_parallel=DataParallel(), zero_stage=3, offload_params=True, **kwargs
-        )
         with torch.no_grad():
             result["logits"] = [
                 e.base(input_ids=ids, use_cache=False).logits
@@ -164,7 +201,7 @@ def test_zero3_trains_what_a_replicated_base_trains(
     # Both ranks ran the same number of passes every round; rank 1 had rounds with
     # no rows (solo's last steps) and rounds with fewer micro-batches than rank 0.
     pads = [run["padding"] for run in zero3_run]
-    assert [[after for _, after in p] for p in pads][0] == [after for _, after in pads[1]]
+    assert [after for _, after in pads[0]] == [after for _, after in pads[1]]
     assert any(before == 0 and after > 0 for before, after in pads[1])
     assert any(0 < before < after for p in pads for before, after in p)
     assert zero3_run[0]["collective_kinds"] == [
@@ -172,6 +209,14 @@ def test_zero3_trains_what_a_replicated_base_trains(
         "losses",
         "micro_batch_count",
     ]
+
+    # Jobs whose adapters sit on different modules, one of them alone on a rank,
+    # with the partitions offloaded to the host.
+    mixed = mixed_target_jobs(tiny_base, datasets)
+    alone_mixed = _train(Engine(str(tiny_base), device="cpu", dtype=torch.float32), mixed)
+    for config in mixed:
+        want = alone_mixed["adapters"][config.name]
+        assert max_relative_difference(want, zero3_run[0]["mixed"]["adapters"][config.name]) <= 1e-4
 
     replicated, partitioned, offloaded = zero3_run[0]["logits"]
     assert torch.equal(replicated, partitioned)
@@ -209,6 +254,14 @@ def test_choose_zero_stage() -> None:
             choose_zero_stage(*bad)
     with pytest.raises(ValueError, match="headroom"):
         choose_zero_stage(gib, gib, headroom=0.0)
+
+
+def test_base_parameter_bytes_from_config_alone(tiny_base: Path) -> None:
+    model = AutoModelForCausalLM.from_pretrained(tiny_base, dtype=torch.float32)
+    loaded = parameter_bytes_on_this_rank(model)  # no ZeRO-3 here: every parameter whole
+    assert loaded == sum(p.numel() * 4 for p in model.parameters())
+    assert base_parameter_bytes(str(tiny_base), dtype=torch.float32) == loaded
+    assert base_parameter_bytes(str(tiny_base), dtype=torch.bfloat16) == loaded // 2
 
 
 def test_deepspeed_config() -> None:

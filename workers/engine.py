@@ -80,6 +80,7 @@ class Engine:
                 offload_params=offload_params,
                 trust_remote_code=trust_remote_code,
                 zero_options=zero_options,
+                group=data_parallel.group,
             )
         else:
             self.base = load_base(

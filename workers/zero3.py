@@ -55,7 +55,11 @@ def choose_zero_stage(param_bytes: int, device_memory_bytes: int, headroom: floa
 def base_parameter_bytes(
     name_or_path: str, *, dtype: torch.dtype, trust_remote_code: bool = False
 ) -> int:
-    """Bytes of the base's parameters in `dtype`, from its config alone (no weights loaded)."""
+    """Bytes of the base's parameters in `dtype`, from its config alone (no weights loaded).
+
+    For `choose_zero_stage`, before any ZeRO-3 load in this process (after one,
+    transformers builds every model inside `zero.Init`).
+    """
     config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
@@ -112,6 +116,7 @@ def load_base_zero3(
     offload_params: bool = False,
     trust_remote_code: bool = False,
     zero_options: Mapping[str, Any] | None = None,
+    group: dist.ProcessGroup | None = None,
 ) -> tuple[nn.Module, Zero3Handles]:
     """Load a causal LM partitioned across the default process group; frozen, eval mode.
 
@@ -120,9 +125,17 @@ def load_base_zero3(
     holds all of it on the device (rank 0 reads the checkpoint on the host and
     scatters it). `deepspeed.initialize` with no optimizer then installs the
     gather/release hooks (DeepSpeed's `DeepSpeedZeRoOffload`).
+
+    `group`, the data-parallel group, must span the whole world: transformers
+    enters `zero.Init` without a group, so DeepSpeed partitions over all ranks.
     """
     if not dist.is_initialized():
         raise RuntimeError("ZeRO-3 needs torch.distributed initialized before loading the base")
+    if group is not None and dist.get_world_size(group) != dist.get_world_size():
+        raise ValueError(
+            f"ZeRO-3 partitions over the whole world ({dist.get_world_size()} ranks); "
+            f"the data-parallel group has {dist.get_world_size(group)}"
+        )
     import deepspeed
     from transformers.integrations import HfDeepSpeedConfig
 
@@ -160,13 +173,11 @@ def parameter_bytes_on_this_rank(model: nn.Module) -> int:
     DeepSpeed does for good with small "persistent" parameters. Otherwise the
     whole parameter.
     """
-    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
-
     total = 0
     for p in model.parameters():
         if is_zero3_parameter(p):
             total += p.ds_tensor.numel() * p.ds_tensor.element_size()
-            if p.ds_status != ZeroParamStatus.NOT_AVAILABLE:
+            if p.ds_status.name != "NOT_AVAILABLE":  # gathered: the full tensor is here too
                 total += p.numel() * p.element_size()
         else:
             total += p.numel() * p.element_size()
