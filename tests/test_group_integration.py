@@ -41,7 +41,7 @@ def test_group_of_two_ranks_equals_one_rank(
 ) -> None:
     """Join, cancel and preemption in a group of two ranks; every adapter == one rank's."""
     odd, one = two_rank_jobs(tmp_path, tiny_base, datasets)
-    low = write_job(tmp_path / "low.yaml", "low", tiny_base, datasets["text"], 150)
+    low = write_job(tmp_path / "low.yaml", "low", tiny_base, datasets["text"], 600)
     doomed = write_job(tmp_path / "doomed.yaml", "doomed", tiny_base, datasets["text"], 5000)
     # One group of two ranks with room for two jobs.
     with carpool_cluster(tmp_path, group_size=2, max_groups=1, max_adapters_per_group=2) as client:
@@ -57,12 +57,12 @@ def test_group_of_two_ranks_equals_one_rank(
         wait_for(lambda: job(client, doomed_id)["step"] >= 3, what="doomed running")
         client.cancel(doomed_id)
         wait_for(lambda: job(client, doomed_id)["state"] == "cancelled", what="cancel")
-        # A higher-priority job takes the freed place: it joins the running group.
-        (odd_id,) = client.submit([with_priority(odd, 5)])
-        wait_for(lambda: job(client, odd_id)["state"] == "running", what="odd admitted")
+        # Two higher-priority jobs at once: one takes the freed place (joining the
+        # running group), the other preempts the low-priority job.
+        assert job(client, low_id)["state"] == "running"
+        odd_id, one_id = client.submit([with_priority(odd, 5), with_priority(one, 5)])
+        wait_for(lambda: job(client, one_id)["state"] != "queued", what="both admitted")
         assert rank_actors() == ranks  # same actors: no reload, no restart
-        # The group is full now: the next one preempts the low-priority job.
-        (one_id,) = client.submit([with_priority(one, 5)])
         ids = [low_id, odd_id, one_id]
         assert client.wait(ids, timeout=300) == dict.fromkeys(ids, "succeeded")
         assert any("preempted" in line for line in client.logs(low_id))
