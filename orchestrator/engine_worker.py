@@ -23,9 +23,11 @@ from pathlib import Path
 import torch.distributed as dist
 
 from orchestrator.artifact_store import ArtifactStore
+from workers.base_model import default_dtype
 from workers.data_parallel import DataParallel
 from workers.engine import Engine
 from workers.job_config import JobConfig
+from workers.zero3 import base_parameter_bytes, choose_zero_stage
 
 log = logging.getLogger("carpool.worker")
 
@@ -58,9 +60,13 @@ class EngineWorker:
         rank: int = 0,
         world_size: int = 1,
         init_method: str | None = None,
+        zero_stage: int | str = 0,
+        offload_params: bool = False,
     ) -> None:
-        """With `world_size` > 1, joins the group's torch.distributed process group
-        at `init_method` (gloo on CPU, NCCL on GPU) before loading the base."""
+        """With `world_size` > 1 (or ZeRO-3), joins the group's torch.distributed
+        process group at `init_method` (gloo on CPU, NCCL on GPU) before loading
+        the base. `zero_stage` is 0, 3 or "auto" (3 when the base would not fit
+        comfortably on one device)."""
         self.group_id = group_id
         self.rank = rank
         self.is_leader = rank == 0
@@ -71,8 +77,10 @@ class EngineWorker:
         # Local store: the engine checkpoints straight into it. Remote: into scratch, then upload.
         self._remote = store_checkpoints is None
         checkpoint_root = self.scratch / "checkpoints" if self._remote else store_checkpoints.parent
+        if zero_stage == "auto":
+            zero_stage = _auto_zero_stage(base_model, device or "cpu", trust_remote_code)
         data_parallel = None
-        if world_size > 1:
+        if world_size > 1 or zero_stage == 3:
             backend = "nccl" if device and device.startswith("cuda") else "gloo"
             dist.init_process_group(
                 backend, init_method=init_method, rank=rank, world_size=world_size
@@ -85,7 +93,10 @@ class EngineWorker:
             checkpoint_root=checkpoint_root if self.is_leader else None,
             trust_remote_code=trust_remote_code,
             data_parallel=data_parallel,
+            zero_stage=zero_stage,
+            offload_params=offload_params,
         )
+        log.info("group %s rank %d/%d: zero_stage=%s", group_id, rank, world_size, zero_stage)
 
     # -- membership, applied between rounds -------------------------------------------
     def add_job(self, job_id: str, config: JobConfig, resume_from: str | None = None) -> int:
@@ -160,3 +171,17 @@ class EngineWorker:
             self.store.upload_dir(staged, uri)
             shutil.rmtree(staged, ignore_errors=True)
         return uri
+
+
+def _auto_zero_stage(base_model: str, device: str, trust_remote_code: bool) -> int:
+    """ZeRO-3 when the base would take more than its share of one device's memory."""
+    import torch
+
+    on_gpu = device.startswith("cuda")
+    dtype = default_dtype(torch.device(device))
+    needed = base_parameter_bytes(base_model, dtype=dtype, trust_remote_code=trust_remote_code)
+    if on_gpu:
+        memory = torch.cuda.get_device_properties(torch.device(device)).total_memory
+    else:
+        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return choose_zero_stage(needed, memory)

@@ -47,6 +47,8 @@ class OperatorConfig(BaseModel):
     rank_resources: list[dict[str, float]] | None = None
     placement_timeout_s: float = Field(120, gt=0)
     zero_stage: Literal[0, 3, "auto"] = 0
+    # With ZeRO-3: keep the base's partitions in host memory (a base larger than the group's).
+    offload_params: bool = False
     max_tokens_per_step: StrictInt = Field(65536, ge=1)
     max_adapters_per_group: StrictInt = Field(32, ge=1)
     max_memory_bytes: StrictInt = Field(8 * 2**30, ge=1)

@@ -96,7 +96,7 @@ class RayWorkerGroup:
                 f"after {config.placement_timeout_s}s"
             ) from e
         init_method = None
-        if n > 1:
+        if n > 1 or config.zero_stage != 0:
             init_method = ray.get(
                 _rendezvous_address.options(scheduling_strategy=self._on(0)).remote()
             )
@@ -121,6 +121,8 @@ class RayWorkerGroup:
                 rank=rank,
                 world_size=n,
                 init_method=init_method,
+                zero_stage=config.zero_stage,
+                offload_params=config.offload_params,
             )
             for rank in range(n)
         ]

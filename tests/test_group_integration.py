@@ -121,3 +121,23 @@ def test_group_spanning_two_ray_nodes(
             client.down()
     finally:
         subprocess.run([RAY, "stop", "--force"], capture_output=True, env=dict(os.environ))
+
+
+def test_zero3_group_through_the_control_plane(
+    tiny_base: Path, datasets: dict[str, Path], tmp_path: Path
+) -> None:
+    """`zero_stage: 3` in the operator config: the base is partitioned across the two
+    ranks (DeepSpeed ZeRO-3), and the adapters equal one rank's replicated run."""
+    specs = two_rank_jobs(tmp_path, tiny_base, datasets)
+    with carpool_cluster(tmp_path, group_size=2, zero_stage=3) as client:
+        ids = client.submit(specs)
+        assert client.wait(ids, timeout=300) == dict.fromkeys(ids, "succeeded")
+        for spec, job_id in zip(specs, ids, strict=True):
+            assert_same_adapter(client.fetch(job_id, tmp_path / spec.stem), engine_result(spec))
+        # Both ranks said so when they loaded the base (their lines in Ray's worker logs).
+        import ray
+
+        logs = Path(ray._private.worker.global_worker.node.get_logs_dir_path())
+        text = "".join(p.read_text(errors="replace") for p in logs.glob("worker-*"))
+        for rank in (0, 1):
+            assert f"rank {rank}/2: zero_stage=3" in text
