@@ -215,6 +215,11 @@ class Controller:
         return bool(started)
 
     def _record(self, group_id: str, group: _Group, r: JobStepResult) -> None:
+        if r.error is not None:  # its own fault: fails alone, never retried
+            group.jobs.pop(r.job_id, None)
+            self.queue.finish(r.job_id, JobState.FAILED, error=r.error)
+            self.queue.append_log(r.job_id, f"failed: {r.error}")
+            return
         self.queue.record_progress(
             r.job_id,
             step=r.step,

@@ -44,6 +44,7 @@ class JobStepResult:
     tokens: int
     checkpoint: str | None = None  # store URI of the checkpoint taken after this step
     adapter: str | None = None  # store URI of the exported adapter, once finished
+    error: str | None = None  # the job failed of its own fault (e.g. a NaN loss)
 
 
 class EngineWorker:
@@ -141,7 +142,10 @@ class EngineWorker:
                 self._publish_checkpoint(job_id, Path(r.checkpoint)) if r.checkpoint else None
             )
             adapter = None
-            if self.engine.jobs[job_id].done:
+            if r.error is not None:
+                self.engine.remove_job(job_id)
+                log.error("[job %s] failed: %s", job_id, r.error)
+            elif self.engine.jobs[job_id].done:
                 adapter = self._export(job_id) if self.is_leader else None
                 self.engine.remove_job(job_id)
                 log.info("[job %s] finished at step %d, loss %.4f", job_id, r.step, r.loss)
@@ -149,7 +153,7 @@ class EngineWorker:
                 continue
             result = JobStepResult(
                 job_id, r.step, r.total_steps, r.loss, r.tokens / seconds, r.tokens,
-                checkpoint, adapter,
+                checkpoint, adapter, r.error,
             )  # fmt: skip
             results.append(result)
         return results

@@ -181,3 +181,27 @@ def test_epochs_define_the_number_of_steps(tiny_base: Path, datasets: dict[str, 
         rows_per_step.append(len(training_job.next_rows()[0]))
         engine.step()
     assert rows_per_step == [16, 16, 16, 12]
+
+
+def test_a_diverging_job_fails_alone(tiny_base: Path, datasets: dict[str, Path]) -> None:
+    good = job("good", tiny_base, datasets["text"], AdapterConfig(r=4), max_steps=6)
+    # A learning rate this large makes the adapter blow up within a few steps.
+    bad = job(
+        "bad", tiny_base, datasets["messages"], AdapterConfig(r=4, target_modules="all-linear"),
+        max_steps=6, learning_rate=1e30,
+    )  # fmt: skip
+    alone = Engine(str(tiny_base), device="cpu")
+    alone.add_job(good)
+    alone.run()
+
+    engine = Engine(str(tiny_base), device="cpu")
+    engine.add_job(good)
+    engine.add_job(bad)
+    failures = []
+    while engine.active_jobs():
+        failures += [r for r in engine.step().values() if r.error]
+    assert [r.job for r in failures] == ["bad"]
+    assert "loss is" in failures[0].error or "non-finite" in failures[0].error
+    assert engine.jobs["bad"].step < 6 and engine.jobs["good"].step == 6
+    expected = alone.jobs["good"].adapter.named_tensors()
+    assert max_relative_difference(expected, engine.jobs["good"].adapter.named_tensors()) <= 1e-4

@@ -8,10 +8,12 @@ import signal
 from pathlib import Path
 
 import pytest
+import yaml
 
 from tests.test_orchestrator_integration import (
     assert_same_adapter,
     carpool_cluster,
+    engine_result,
     engine_results,
     job,
     wait_for,
@@ -86,3 +88,26 @@ def _pid_or_none(client) -> int | None:
         return ray.get(client.controller.ping.remote(), timeout=5)["pid"]
     except Exception:
         return None
+
+
+def test_a_diverging_job_fails_alone_through_the_queue(
+    tiny_base: Path, datasets: dict[str, Path], tmp_path: Path
+) -> None:
+    good = write_job(tmp_path / "good.yaml", "good", tiny_base, datasets["text"], 30)
+    bad = write_job(
+        tmp_path / "bad.yaml", "bad", tiny_base, datasets["messages"], 30, learning_rate=1e30
+    )
+    spec = yaml.safe_load(bad.read_text())
+    spec["adapter"]["target_modules"] = "all-linear"  # so the blow-up reaches the loss
+    bad.write_text(yaml.safe_dump(spec))
+    with carpool_cluster(tmp_path) as client:
+        good_id, bad_id = client.submit([good, bad])
+        assert client.wait([good_id, bad_id], timeout=180) == {
+            good_id: "succeeded",
+            bad_id: "failed",
+        }
+        record = job(client, bad_id)
+        assert record["attempts"] == 1  # its own fault: never retried
+        assert "loss is" in record["error"] or "non-finite" in record["error"]
+        # Its neighbour trained as if it had been alone.
+        assert_same_adapter(client.fetch(good_id, tmp_path / "good"), engine_result(good))

@@ -153,7 +153,7 @@ class Engine:
         return job
 
     def active_jobs(self) -> list[TrainingJob]:
-        return [j for j in self.jobs.values() if not j.done]
+        return [j for j in self.jobs.values() if j.active]
 
     # -- training -------------------------------------------------------------------------
     def step(self) -> dict[str, StepReport]:
@@ -186,11 +186,23 @@ class Engine:
             jobs = sorted(jobs, key=lambda j: j.name)  # the same order on every rank
             dp.reduce_gradients([j.adapter for j in jobs])
             losses = dp.reduce_losses([j.name for j in jobs], losses)
-        reports = {j.name: j.finish_step(losses[j.name], rows_by_job[j.name][0]) for j in jobs}
+        reports = {}
+        for j in jobs:
+            # A job that diverged fails alone: its rows touched only its own adapter.
+            reason = j.non_finite(losses[j.name])
+            if reason is not None:
+                j.fail(reason)
+                reports[j.name] = StepReport(
+                    j.name, j.step, j.total_steps, losses[j.name], 0, 0.0, None, error=reason
+                )
+                continue
+            reports[j.name] = j.finish_step(losses[j.name], rows_by_job[j.name][0])
         self.last_round_seconds = time.perf_counter() - started
         if self.checkpoint_root is not None:
             for job in jobs:
-                if job.done or job.step % job.config.training.save_steps == 0:
+                if job.error is None and (
+                    job.done or job.step % job.config.training.save_steps == 0
+                ):
                     path = save_checkpoint(job, self.checkpoint_root / job.name)
                     reports[job.name] = replace(reports[job.name], checkpoint=str(path))
         return reports

@@ -8,6 +8,7 @@ whatever else shares the fused batch.
 from __future__ import annotations
 
 import hashlib
+import math
 from dataclasses import dataclass
 
 import torch
@@ -31,6 +32,7 @@ class StepReport:
     learning_rate: float
     grad_norm: float | None
     checkpoint: str | None = None  # where the engine checkpointed the job after this step
+    error: str | None = None  # the job failed in this step (e.g. its loss became NaN)
 
 
 def build_optimizer(adapter: JobAdapter, config: JobConfig) -> torch.optim.AdamW:
@@ -72,12 +74,31 @@ class TrainingJob:
         self.rows_consumed = 0  # position in the row stream, across epochs
         self.tokens_seen = 0
         self.last_loss: float | None = None
+        self.error: str | None = None  # set when the job failed of its own fault
         self._order_epoch = -1
         self._order: list[int] = []
 
     @property
     def done(self) -> bool:
         return self.step >= self.total_steps
+
+    @property
+    def active(self) -> bool:
+        return not self.done and self.error is None
+
+    def non_finite(self, loss: float) -> str | None:
+        """Why this step must not be applied (a NaN/inf loss or gradient), or None."""
+        if not math.isfinite(loss):
+            return f"loss is {loss} at step {self.step + 1}"
+        for p in self.adapter.parameters():
+            if p.grad is not None and not bool(torch.isfinite(p.grad).all()):
+                return f"non-finite gradient at step {self.step + 1}"
+        return None
+
+    def fail(self, reason: str) -> None:
+        """Stop this job; its update is dropped, the others are untouched."""
+        self.error = reason
+        self.optimizer.zero_grad(set_to_none=True)
 
     # -- data -------------------------------------------------------------------------
     def _epoch_order(self, epoch: int) -> list[int]:
