@@ -216,9 +216,12 @@ class Client:
     # -- jobs --------------------------------------------------------------------------------
     def submit(self, spec_paths: Sequence[str | Path]) -> list[str]:
         """Validate every file (all problems at once, nothing queued on any), then queue them."""
+        from orchestrator.admission import check_admission
         from orchestrator.validation import validate_files
 
-        specs = validate_files([Path(p) for p in spec_paths])
+        paths = [Path(p) for p in spec_paths]
+        specs = validate_files(paths)
+        check_admission(specs, self.config, [str(p) for p in paths])
         return self._call("submit", [s.model_dump(mode="json") for s in specs])
 
     def status(self, job_id: str | None = None) -> list[dict]:

@@ -22,6 +22,7 @@ from ray.util import metrics as ray_metrics
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+from orchestrator.admission import check_admission
 from orchestrator.controller import Controller, GroupFailedError
 from orchestrator.engine_worker import EngineWorker, JobStepResult
 from orchestrator.job_queue import JobQueue, JobRecord, JobState
@@ -272,7 +273,10 @@ class ControllerActor:
         }
 
     def submit(self, specs: list[dict]) -> list[str]:
-        return self.controller.submit([JobSpec.model_validate(s) for s in specs])
+        parsed = [JobSpec.model_validate(s) for s in specs]
+        # Re-checked here: the operator's limits do not depend on the client's honesty.
+        check_admission(parsed, self.config, [f"job {s.name}" for s in parsed])
+        return self.controller.submit(parsed)
 
     def status(self, job_id: str | None = None) -> list[dict]:
         records = [self.queue.get(job_id)] if job_id else self.queue.list()

@@ -1,0 +1,66 @@
+"""What the operator allows a job to read: path roots and dataset size.
+
+Checked twice: by the client before submitting (so the user sees every
+problem at once) and by the controller before queueing (a client is not
+trusted to have checked).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+from orchestrator.operator_config import OperatorConfig
+from orchestrator.spec import JobSpec
+from orchestrator.validation import SpecProblem, SpecValidationError
+
+
+def _under(path: Path, roots: Sequence[Path]) -> bool:
+    """True if `path`, with symlinks and '..' resolved, lies inside one of `roots`."""
+    real = Path(os.path.realpath(path))
+    return any(real.is_relative_to(Path(os.path.realpath(root))) for root in roots)
+
+
+def admission_problems(spec: JobSpec, config: OperatorConfig, source: str) -> list[SpecProblem]:
+    problems = []
+    roots = config.allowed_roots
+    paths = {"base_model": spec.base_model, "dataset.path": spec.dataset.path}
+    if spec.adapter.init_from is not None:
+        paths["adapter.init_from"] = spec.adapter.init_from
+    if roots is not None:
+        allowed = ", ".join(str(r) for r in roots)
+        for field, value in paths.items():
+            path = Path(value)
+            if not path.is_absolute() or not path.exists():
+                # With allowed roots, a hub id or a relative path could point anywhere.
+                problems.append(
+                    SpecProblem(source, field, f"must be an existing path under {allowed}")
+                )
+            elif not _under(path, roots):
+                problems.append(
+                    SpecProblem(source, field, f"{value} is outside the allowed roots ({allowed})")
+                )
+    cap = config.max_dataset_bytes
+    dataset = Path(spec.dataset.path)
+    if cap is not None and dataset.is_file() and dataset.stat().st_size > cap:
+        size = dataset.stat().st_size
+        problems.append(
+            SpecProblem(
+                source, "dataset.path", f"{size} bytes is over the operator's cap of {cap} bytes"
+            )
+        )
+    return problems
+
+
+def check_admission(
+    specs: Sequence[JobSpec], config: OperatorConfig, sources: Sequence[str]
+) -> None:
+    """Raise SpecValidationError with every problem of every spec, or return."""
+    problems = [
+        p
+        for spec, src in zip(specs, sources, strict=True)
+        for p in admission_problems(spec, config, src)
+    ]
+    if problems:
+        raise SpecValidationError(problems)
