@@ -57,7 +57,7 @@ def write_spec(root: Path, base: Path, data: Path, i: int, rng: random.Random) -
         "base_model": str(base),
         "dataset": {"path": str(data)},
         "adapter": {"r": rng.choice([2, 4, 8]), "target_modules": ["q_proj", "v_proj"]},
-        "training": {"max_steps": rng.randint(20, 80), "batch_size": rng.randint(1, 4),
+        "training": {"max_steps": rng.randint(100, 400), "batch_size": rng.randint(1, 4),
                      "learning_rate": 1e-3, "save_steps": 10, "seed": i},
         "priority": rng.randint(0, 2),
     }  # fmt: skip
@@ -96,10 +96,10 @@ def main() -> int:
                 i += 1
                 if time.monotonic() >= next_kill:
                     pids = worker_pids()
-                    if pids:
+                    if pids:  # no live rank now (groups stop when idle): try again soon
                         os.kill(rng.choice(pids), signal.SIGKILL)
                         kills += 1
-                    next_kill = time.monotonic() + args.kill_every
+                        next_kill = time.monotonic() + args.kill_every
                 time.sleep(args.submit_every)
             deadline = time.monotonic() + args.drain_minutes * 60
             while time.monotonic() < deadline:
