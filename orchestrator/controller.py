@@ -99,6 +99,8 @@ class Controller:
         self.metrics = metrics or NoMetrics()
         self.groups: dict[str, _Group] = {}
         self._shapes: dict[str, dict[str, tuple[int, int]]] = {}
+        # A job's demand never changes: parse its spec once, not on every tick.
+        self._demands: dict[str, JobDemand] = {}
         for record in queue.recover_running():
             log.info("[job %s] requeued after controller restart", record.id)
 
@@ -130,7 +132,7 @@ class Controller:
                     group.handle.remove_job(record.id, checkpoint=False)
                 except GroupFailedError:
                     self._group_failed(record.group)
-                self.queue.finish(record.id, JobState.CANCELLED)
+                self._finish(record.id, JobState.CANCELLED)
                 self.queue.append_log(record.id, "cancelled")
 
     def _decide(self) -> list:
@@ -139,7 +141,7 @@ class Controller:
             try:
                 demands.append(self._demand(record))
             except Exception as e:  # e.g. the base model vanished since submission
-                self.queue.finish(record.id, JobState.FAILED, error=f"cannot schedule: {e}")
+                self._finish(record.id, JobState.FAILED, error=f"cannot schedule: {e}")
         views = [
             GroupView(gid, g.handle.base_model, tuple(g.jobs.values()))
             for gid, g in self.groups.items()
@@ -181,7 +183,7 @@ class Controller:
             self._group_failed(decision.group_id)
             return
         except Exception as e:  # the job's own fault: its data or adapter cannot load
-            self.queue.finish(record.id, JobState.FAILED, error=f"{type(e).__name__}: {e}")
+            self._finish(record.id, JobState.FAILED, error=f"{type(e).__name__}: {e}")
             self.queue.append_log(record.id, f"failed to start: {e}")
             return
         group.jobs[record.id] = self._demand(record)
@@ -217,7 +219,7 @@ class Controller:
     def _record(self, group_id: str, group: _Group, r: JobStepResult) -> None:
         if r.error is not None:  # its own fault: fails alone, never retried
             group.jobs.pop(r.job_id, None)
-            self.queue.finish(r.job_id, JobState.FAILED, error=r.error)
+            self._finish(r.job_id, JobState.FAILED, error=r.error)
             self.queue.append_log(r.job_id, f"failed: {r.error}")
             return
         self.queue.record_progress(
@@ -237,7 +239,7 @@ class Controller:
             )  # fmt: skip
         if r.adapter is not None:
             group.jobs.pop(r.job_id, None)
-            self.queue.finish(r.job_id, JobState.SUCCEEDED)
+            self._finish(r.job_id, JobState.SUCCEEDED)
             self.queue.append_log(r.job_id, f"succeeded: adapter at {r.adapter}")
 
     def _group_failed(self, group_id: str) -> None:
@@ -246,7 +248,7 @@ class Controller:
         for job_id in group.jobs:
             record = self.queue.get(job_id)
             if record.attempts >= self.config.max_attempts:
-                self.queue.finish(
+                self._finish(
                     job_id, JobState.FAILED, error=f"group {group_id} failed; out of attempts"
                 )
             else:
@@ -274,6 +276,10 @@ class Controller:
         self.queue.requeue(job_id, reason)
 
     # -- helpers -----------------------------------------------------------------------------
+    def _finish(self, job_id: str, state: JobState, error: str | None = None) -> None:
+        self._demands.pop(job_id, None)
+        self.queue.finish(job_id, state, error=error)
+
     def job_config(self, record: JobRecord) -> JobConfig:
         config = JobSpec.model_validate(record.spec).to_config()
         every = self.config.checkpoint_every_steps
@@ -282,6 +288,11 @@ class Controller:
         return config
 
     def _demand(self, record: JobRecord) -> JobDemand:
+        if record.id not in self._demands:
+            self._demands[record.id] = self._compute_demand(record)
+        return self._demands[record.id]
+
+    def _compute_demand(self, record: JobRecord) -> JobDemand:
         config = JobSpec.model_validate(record.spec).to_config()
         if config.base_model not in self._shapes:
             self._shapes[config.base_model] = linear_module_shapes(
