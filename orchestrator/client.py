@@ -73,21 +73,20 @@ class Client:
         client = cls(config.state_dir)
         config.state_dir.mkdir(parents=True, exist_ok=True)
         cluster = client._read_cluster()
-        if cluster and client._reachable(cluster["address"]):
-            client._attach(cluster)
-            return client  # already up: change nothing
-        started = False
-        if address is None:
-            address, dashboard = client._start_head(num_cpus)
-            started = True
-        else:
-            dashboard = None
-        cluster = {
-            "address": address,
-            "started_ray": started,
-            "dashboard_url": dashboard,
-            "config": config.model_dump(mode="json"),
-        }
+        if cluster is None or not client._reachable(cluster["address"]):
+            started = False
+            if address is None:
+                address, dashboard = client._start_head(num_cpus)
+                started = True
+            else:
+                dashboard = None
+            cluster = {
+                "address": address,
+                "started_ray": started,
+                "dashboard_url": dashboard,
+                "config": config.model_dump(mode="json"),
+            }
+        # Ray is up: (re)create the controller if it is gone; if it runs, this changes nothing.
         client._attach(cluster)
         import ray
 

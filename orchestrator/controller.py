@@ -36,6 +36,7 @@ from orchestrator.scheduler import (
 )
 from orchestrator.spec import JobSpec
 from workers.base_model import linear_module_shapes, match_target_modules
+from workers.checkpoint import checkpoint_step
 from workers.job_config import JobConfig
 
 log = logging.getLogger("carpool.controller")
@@ -271,8 +272,7 @@ class Controller:
         uri = group.handle.remove_job(job_id, checkpoint=True)
         group.jobs.pop(job_id, None)
         if uri is not None:
-            step = int(uri.rsplit("step-", 1)[-1]) if "step-" in uri else 0
-            self.queue.record_checkpoint(job_id, uri, step)
+            self.queue.record_checkpoint(job_id, uri, checkpoint_step(uri))
         self.queue.requeue(job_id, reason)
 
     # -- helpers -----------------------------------------------------------------------------

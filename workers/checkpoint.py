@@ -51,7 +51,15 @@ def list_checkpoints(root: str | Path) -> list[Path]:
     if not root.is_dir():
         return []
     found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith(_PREFIX)]
-    return sorted(found, key=lambda p: int(p.name[len(_PREFIX) :]))
+    return sorted(found, key=checkpoint_step)
+
+
+def checkpoint_step(path: str | Path) -> int:
+    """The optimizer step a checkpoint directory (a path or URI ending `step-<N>`) holds."""
+    name = str(path).rstrip("/").rsplit("/", 1)[-1]
+    if not name.startswith(_PREFIX):
+        raise ValueError(f"not a checkpoint directory: {path}")
+    return int(name[len(_PREFIX) :])
 
 
 def latest_checkpoint(root: str | Path) -> Path | None:

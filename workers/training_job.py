@@ -90,9 +90,10 @@ class TrainingJob:
         """Why this step must not be applied (a NaN/inf loss or gradient), or None."""
         if not math.isfinite(loss):
             return f"loss is {loss} at step {self.step + 1}"
-        for p in self.adapter.parameters():
-            if p.grad is not None and not bool(torch.isfinite(p.grad).all()):
-                return f"non-finite gradient at step {self.step + 1}"
+        grads = [p.grad for p in self.adapter.parameters() if p.grad is not None]
+        # One host sync per job, not one per tensor: this runs every step.
+        if grads and not bool(torch.stack([torch.isfinite(g).all() for g in grads]).all()):
+            return f"non-finite gradient at step {self.step + 1}"
         return None
 
     def fail(self, reason: str) -> None:
