@@ -129,10 +129,28 @@ class JobQueue:
         self._conn.row_factory = sqlite3.Row
         self._lock = threading.Lock()  # one connection, many threads
         self._conn.execute(f"PRAGMA busy_timeout={int(busy_timeout_s * 1000)}")
-        self._conn.execute("PRAGMA journal_mode=WAL")
+        self._enable_wal(busy_timeout_s)
         self._conn.execute("PRAGMA synchronous=NORMAL")  # durable at WAL checkpoints; fast commits
         with self._tx() as db:
             self._migrate(db)
+
+    def _enable_wal(self, timeout_s: float) -> None:
+        # Switching a fresh file to WAL needs an exclusive lock, and SQLite
+        # answers SQLITE_BUSY at once (without its busy handler) while another
+        # process is opening or converting the same file; so we wait ourselves.
+        deadline = time.monotonic() + timeout_s
+        delay = 0.005
+        while True:
+            try:
+                self._conn.execute("PRAGMA journal_mode=WAL")
+                return
+            except sqlite3.OperationalError as e:
+                if "locked" not in str(e) and "busy" not in str(e):
+                    raise
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(delay)
+                delay = min(delay * 2, 0.2)
 
     def _migrate(self, db: sqlite3.Connection) -> None:
         version = db.execute("PRAGMA user_version").fetchone()[0]

@@ -353,3 +353,28 @@ def test_concurrent_processes(tmp_path: Path) -> None:
     assert len({j.id for j in jobs}) == 200
     names = sorted(f"p{p}-{t}-{i}" for p in range(4) for t in range(2) for i in range(25))
     assert sorted(j.name for j in jobs) == names
+
+
+def _open_and_submit(path: str, go: object) -> None:
+    go.wait()  # type: ignore[attr-defined]
+    with JobQueue(path) as q:
+        q.submit([("x", {"a": 1}, "m", 0)])
+
+
+def test_fresh_file_opened_by_many_processes_at_once(tmp_path: Path) -> None:
+    """Converting a new file to WAL races between openers; none may fail."""
+    ctx = multiprocessing.get_context("fork")  # cheap enough for many rounds
+    exit_codes: list[int | None] = []
+    for trial in range(20):
+        path = str(tmp_path / f"q{trial}.db")
+        go = ctx.Event()
+        procs = [ctx.Process(target=_open_and_submit, args=(path, go)) for _ in range(6)]
+        for proc in procs:
+            proc.start()
+        go.set()
+        for proc in procs:
+            proc.join(timeout=60)
+        exit_codes += [proc.exitcode for proc in procs]
+        with JobQueue(path) as q:
+            assert len(q.queued()) == 6
+    assert exit_codes == [0] * len(exit_codes)
