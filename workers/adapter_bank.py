@@ -21,6 +21,16 @@ from torch import nn
 from workers.base_model import linear_modules, match_target_modules
 
 
+def adapter_dtype(base_dtype: torch.dtype) -> torch.dtype:
+    """float32 beside a half-precision base, else the base's own dtype.
+
+    Adapter updates (lr x Adam step, ~1e-5 relative) are below bfloat16's
+    resolution, so bf16 adapter weights would silently stop learning; PEFT
+    upcasts for the same reason. A float64 base (exact tests) keeps float64.
+    """
+    return torch.float32 if base_dtype in (torch.float16, torch.bfloat16) else base_dtype
+
+
 @dataclass
 class LoraWeights:
     """One job's adapter on one module, in PEFT's layout."""
@@ -123,8 +133,9 @@ def new_job_adapter(
         a.uniform_(-bound, bound, generator=gen)
         b = torch.zeros(linear.out_features, r, dtype=torch.float32)
         w = linear.weight
-        lora_a = nn.Parameter(a.to(device=w.device, dtype=w.dtype), requires_grad=not freeze_lora_A)
-        lora_b = nn.Parameter(b.to(device=w.device, dtype=w.dtype))
+        dtype = adapter_dtype(w.dtype)
+        lora_a = nn.Parameter(a.to(device=w.device, dtype=dtype), requires_grad=not freeze_lora_A)
+        lora_b = nn.Parameter(b.to(device=w.device, dtype=dtype))
         adapter.modules[mod_name] = LoraWeights(lora_a, lora_b, index[mod_name])
     return adapter
 
@@ -214,13 +225,15 @@ class AdapterBank:
         # One split and one cat: slicing x per segment would make each slice's
         # backward fill a zero tensor of x's full size (measured: 3x slower), and
         # in-place adds into row slices of `output` cost full-size copies too.
-        pieces = x.split([s.end - s.start for s in self._segments])
+        lora_dtype = adapter_dtype(x.dtype)  # the LoRA path runs in the adapters' dtype
+        pieces = x.to(lora_dtype).split([s.end - s.start for s in self._segments])
         parts = []
         for seg, xs in zip(self._segments, pieces, strict=True):
             adapter = self.adapters[seg.job]
             w = adapter.modules.get(module_name)
             if w is None:
-                parts.append(output.new_zeros((seg.end - seg.start, *output.shape[1:])))
+                shape = (seg.end - seg.start, *output.shape[1:])
+                parts.append(output.new_zeros(shape, dtype=lora_dtype))
                 continue
             if adapter.dropout > 0 and torch.is_grad_enabled():
                 xs = xs * dropout_mask(adapter, w.module_index, seg.row_ids, xs.shape, xs)
@@ -229,4 +242,4 @@ class AdapterBank:
         delta = parts[0] if len(parts) == 1 else torch.cat(parts)
         # In place is safe and saves a full-size tensor: a linear's backward
         # needs its input, not its output.
-        return output.add_(delta)
+        return output.add_(delta.to(output.dtype))
