@@ -11,7 +11,6 @@ on a 2-core machine this is a plumbing check, not a scaling claim.
 from __future__ import annotations
 
 import argparse
-import socket
 import tempfile
 import time
 from pathlib import Path
@@ -20,6 +19,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from orchestrator.local_ray import free_port
 from workers.data_parallel import DataParallel
 from workers.dataset import TokenizedDataset, TokenizedRow
 from workers.engine import Engine
@@ -72,12 +72,6 @@ def _rank(rank: int, world: int, port: int, base: Path, k: int, steps: int, out:
         (out / f"world{world}.txt").write_text(str(seconds))
     if dp:
         dist.destroy_process_group()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def main() -> None:

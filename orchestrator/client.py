@@ -12,11 +12,8 @@ import contextlib
 import json
 import logging
 import os
-import re
 import shutil
 import socket
-import subprocess
-import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -24,6 +21,7 @@ from pathlib import Path
 from orchestrator.artifact_store import ArtifactStore
 from orchestrator.job_ids import validate_job_id
 from orchestrator.job_queue import FINAL_STATES, JobState
+from orchestrator.local_ray import start_head, stop_cluster
 from orchestrator.operator_config import OperatorConfig, load_operator_config
 
 CLUSTER_FILE = "cluster.json"
@@ -39,16 +37,6 @@ class JobNotFinishedError(RuntimeError):
 
 def default_state_dir() -> Path:
     return Path(os.environ.get("CARPOOL_STATE_DIR", "~/.carpool")).expanduser()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _ray_cli() -> str:
-    return str(Path(sys.executable).with_name("ray"))
 
 
 class Client:
@@ -76,7 +64,7 @@ class Client:
         if cluster is None or not client._reachable(cluster["address"]):
             started = False
             if address is None:
-                address, dashboard = client._start_head(num_cpus)
+                address, dashboard = start_head(num_cpus)
                 started = True
             else:
                 dashboard = None
@@ -107,23 +95,6 @@ class Client:
         ray.get(client.controller.ping.remote())  # returns once the controller answers
         return client
 
-    def _start_head(self, num_cpus: int | None) -> tuple[str, str]:
-        port, dash, metrics = _free_port(), _free_port(), _free_port()
-        cmd = [
-            _ray_cli(), "start", "--head", f"--port={port}",
-            "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
-            f"--metrics-export-port={metrics}", "--disable-usage-stats",
-        ]  # fmt: skip
-        if num_cpus is not None:
-            cmd.append(f"--num-cpus={num_cpus}")
-        done = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ))
-        output = done.stdout + done.stderr
-        # The head binds its node IP; `ray start` prints the address others join with.
-        found = re.search(r"ray start --address='([^']+)'", output)
-        if done.returncode != 0 or found is None:
-            raise RuntimeError(f"ray start failed: {output.strip().splitlines()[-1:]}")
-        return found.group(1), f"http://127.0.0.1:{dash}"
-
     def down(self) -> None:
         """Stop the controller (checkpointing running jobs) and any Ray that `up` started."""
         cluster = self._read_cluster()
@@ -133,15 +104,13 @@ class Client:
 
         if self._reachable(cluster["address"]):
             self._attach(cluster)
-            # It may already be gone; killing it (and ray stop) ends it anyway.
+            # It may already be gone; killing it (and stopping Ray) ends it anyway.
             with contextlib.suppress(Exception):
                 ray.get(self.controller.shutdown.remote(), timeout=120)
             ray.kill(self.controller, no_restart=True)
             ray.shutdown()
         if cluster.get("started_ray"):
-            subprocess.run(
-                [_ray_cli(), "stop", "--force"], capture_output=True, env=dict(os.environ)
-            )
+            stop_cluster(cluster["address"])  # only ours: another Ray on this machine stays
         (self.state_dir / CLUSTER_FILE).unlink(missing_ok=True)
         self._controller = None
 

@@ -11,7 +11,6 @@ shows the two computations are the same math.
 
 from __future__ import annotations
 
-import socket
 from pathlib import Path
 
 import pytest
@@ -19,6 +18,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from orchestrator.local_ray import free_port
 from tests.peft_reference import max_relative_difference
 from workers.data_parallel import DataParallel
 from workers.engine import Engine
@@ -64,12 +64,6 @@ def _rank(rank: int, world: int, port: int, base: Path, datasets: dict, out: Pat
         )
     finally:
         dist.destroy_process_group()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_two_ranks_equal_one_and_reduce_only_adapter_gradients(

@@ -6,12 +6,12 @@ import json
 import os
 import re
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
+from orchestrator import local_ray
 from orchestrator.client import Client
 from tests.test_orchestrator_integration import (
     assert_same_adapter,
@@ -23,8 +23,6 @@ from tests.test_orchestrator_integration import (
 )
 
 pytestmark = pytest.mark.integration
-
-RAY = str(Path(sys.executable).with_name("ray"))
 
 
 def two_rank_jobs(tmp_path: Path, base: Path, datasets: dict[str, Path]) -> list[Path]:
@@ -80,7 +78,9 @@ def with_priority(spec: Path, priority: int) -> Path:
 
 
 def ray_cli(*args: str) -> str:
-    done = subprocess.run([RAY, *args], capture_output=True, text=True, env=dict(os.environ))
+    done = subprocess.run(
+        [local_ray.ray_cli(), *args], capture_output=True, text=True, env=dict(os.environ)
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     return done.stdout + done.stderr
 
@@ -120,7 +120,7 @@ def test_group_spanning_two_ray_nodes(
         finally:
             client.down()
     finally:
-        subprocess.run([RAY, "stop", "--force"], capture_output=True, env=dict(os.environ))
+        local_ray.stop_cluster(address)  # both nodes: each names this GCS address
 
 
 def test_zero3_group_through_the_control_plane(

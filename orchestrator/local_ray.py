@@ -1,0 +1,116 @@
+"""Start and stop a Ray head on this machine, touching no other Ray.
+
+`ray stop` ends every Ray process on the machine, another user's cluster
+included. carpool stops only the cluster it started: the processes whose
+command line names its GCS address or its session, and their descendants
+(worker processes rename themselves `ray::...`, but stay the raylet's children).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import psutil
+
+_SESSION = re.compile(r"session_\d{4}-\d{2}-\d{2}_[\d_-]+")
+
+
+def free_port() -> int:
+    """A TCP port that was free a moment ago (good enough for a local head)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def ray_cli() -> str:
+    """The `ray` script of this interpreter's environment."""
+    return str(Path(sys.executable).with_name("ray"))
+
+
+def start_head(num_cpus: int | None = None) -> tuple[str, str]:
+    """`ray start --head` on free ports; returns (GCS address, dashboard URL)."""
+    port, dash, metrics = free_port(), free_port(), free_port()
+    cmd = [
+        ray_cli(), "start", "--head", f"--port={port}",
+        "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
+        f"--metrics-export-port={metrics}", "--disable-usage-stats",
+    ]  # fmt: skip
+    if num_cpus is not None:
+        cmd.append(f"--num-cpus={num_cpus}")
+    done = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ))
+    output = done.stdout + done.stderr
+    # The head binds its node IP; `ray start` prints the address others join with.
+    found = re.search(r"ray start --address='([^']+)'", output)
+    if done.returncode != 0 or found is None:
+        raise RuntimeError(f"ray start failed: {output.strip().splitlines()[-1:]}")
+    return found.group(1), f"http://127.0.0.1:{dash}"
+
+
+def _cmdline(proc: psutil.Process) -> list[str]:
+    try:
+        return proc.cmdline()
+    except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+        return []
+
+
+def cluster_processes(gcs_address: str) -> list[psutil.Process]:
+    """This machine's processes of the Ray cluster whose GCS listens on `gcs_address`."""
+    port = gcs_address.rpartition(":")[2]
+    own = {f"--gcs-address={gcs_address}", f"--address={gcs_address}", f"--gcs_server_port={port}"}
+    procs = list(psutil.process_iter())
+    command_lines = {p.pid: _cmdline(p) for p in procs}
+    # The processes that name our GCS tell us the session; every other daemon
+    # of the cluster (log monitor, dashboard, ...) names that session.
+    sessions = {
+        match
+        for args in command_lines.values()
+        if own.intersection(args)
+        for match in _SESSION.findall(" ".join(args))
+    }
+    roots = [
+        p
+        for p in procs
+        if own.intersection(command_lines[p.pid])
+        or any(s in a for a in command_lines[p.pid] for s in sessions)
+    ]
+    keep = {os.getpid(), *(p.pid for p in psutil.Process().parents())}
+    found: dict[int, psutil.Process] = {}
+    for root in roots:
+        try:
+            family = [root, *root.children(recursive=True)]
+        except psutil.NoSuchProcess:
+            continue
+        found.update((p.pid, p) for p in family if p.pid not in keep)
+    return list(found.values())
+
+
+def stop_cluster(gcs_address: str, grace_s: float = 2.0) -> int:
+    """Terminate this machine's processes of that cluster; SIGKILL what outlives `grace_s`.
+
+    Raylets go first (their workers follow them), the GCS last, as `ray stop`
+    orders it. The GCS and the autoscaler monitor ignore SIGTERM for many seconds;
+    they hold nothing carpool needs (the controller has saved its jobs by then).
+    Returns how many processes were signalled.
+    """
+    procs = cluster_processes(gcs_address)
+
+    def order(proc: psutil.Process) -> int:
+        with contextlib.suppress(psutil.Error):
+            return {"raylet": 0, "gcs_server": 2}.get(proc.name(), 1)
+        return 1
+
+    for proc in sorted(procs, key=order):
+        with contextlib.suppress(psutil.NoSuchProcess):
+            proc.terminate()
+    _, alive = psutil.wait_procs(procs, timeout=grace_s)
+    for proc in alive:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            proc.kill()
+    psutil.wait_procs(alive, timeout=10)
+    return len(procs)

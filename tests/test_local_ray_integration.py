@@ -1,0 +1,47 @@
+"""`carpool down` stops its own Ray head and leaves any other Ray on the machine running."""
+
+from __future__ import annotations
+
+import socket
+
+import psutil
+import pytest
+
+from orchestrator.local_ray import cluster_processes, start_head, stop_cluster
+
+pytestmark = pytest.mark.integration
+
+
+def listening(address: str) -> bool:
+    host, _, port = address.rpartition(":")
+    try:
+        with socket.create_connection((host, int(port)), timeout=2):
+            return True
+    except OSError:
+        return False
+
+
+def test_stopping_one_head_leaves_another_running() -> None:
+    ours, dashboard = start_head(num_cpus=1)
+    try:
+        bystander, _ = start_head(num_cpus=1)
+    except BaseException:
+        stop_cluster(ours)
+        raise
+    try:
+        mine = cluster_processes(ours)
+        theirs = cluster_processes(bystander)
+        names = {p.name() for p in mine}
+        assert {"gcs_server", "raylet"} <= names, names
+        assert not {p.pid for p in mine} & {p.pid for p in theirs}
+
+        assert stop_cluster(ours) == len(mine)
+        assert not listening(ours)
+        assert not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in mine)
+        assert cluster_processes(ours) == []
+        # The other cluster is whole: its GCS answers and none of its processes died.
+        assert listening(bystander)
+        assert all(p.is_running() for p in theirs)
+    finally:
+        stop_cluster(bystander)
+    assert not listening(bystander)
