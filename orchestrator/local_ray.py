@@ -14,6 +14,7 @@ import re
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import psutil
@@ -108,9 +109,27 @@ def stop_cluster(gcs_address: str, grace_s: float = 2.0) -> int:
     for proc in sorted(procs, key=order):
         with contextlib.suppress(psutil.NoSuchProcess):
             proc.terminate()
-    _, alive = psutil.wait_procs(procs, timeout=grace_s)
+    alive = _wait_gone(procs, grace_s)
     for proc in alive:
         with contextlib.suppress(psutil.NoSuchProcess):
             proc.kill()
-    psutil.wait_procs(alive, timeout=10)
+    _wait_gone(alive, 10.0)
     return len(procs)
+
+
+def is_alive(proc: psutil.Process) -> bool:
+    """Running and not a zombie (whose parent, not us, has yet to reap it)."""
+    try:
+        return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def _wait_gone(procs: list[psutil.Process], timeout_s: float) -> list[psutil.Process]:
+    """Wait until none of `procs` is alive or `timeout_s` passes; returns those still alive."""
+    deadline = time.monotonic() + timeout_s
+    alive = [p for p in procs if is_alive(p)]
+    while alive and time.monotonic() < deadline:
+        time.sleep(0.05)
+        alive = [p for p in alive if is_alive(p)]
+    return alive

@@ -7,7 +7,7 @@ import socket
 import psutil
 import pytest
 
-from orchestrator.local_ray import cluster_processes, start_head, stop_cluster
+from orchestrator.local_ray import cluster_processes, is_alive, start_head, stop_cluster
 
 pytestmark = pytest.mark.integration
 
@@ -21,6 +21,13 @@ def listening(address: str) -> bool:
         return False
 
 
+def name(proc: psutil.Process) -> str:
+    try:
+        return proc.name()
+    except psutil.Error:  # it ended since it was listed
+        return ""
+
+
 def test_stopping_one_head_leaves_another_running() -> None:
     ours, dashboard = start_head(num_cpus=1)
     try:
@@ -31,17 +38,20 @@ def test_stopping_one_head_leaves_another_running() -> None:
     try:
         mine = cluster_processes(ours)
         theirs = cluster_processes(bystander)
-        names = {p.name() for p in mine}
+        names = {name(p) for p in mine}
         assert {"gcs_server", "raylet"} <= names, names
         assert not {p.pid for p in mine} & {p.pid for p in theirs}
+        daemons = [p for p in theirs if name(p) in ("gcs_server", "raylet")]
+        assert len(daemons) == 2
 
-        assert stop_cluster(ours) == len(mine)
+        assert stop_cluster(ours) >= len(names)
         assert not listening(ours)
-        assert not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in mine)
+        assert not any(is_alive(p) for p in mine)
         assert cluster_processes(ours) == []
-        # The other cluster is whole: its GCS answers and none of its processes died.
+        # The other cluster is whole: its GCS answers and its daemons live. (Not every
+        # process: a raylet may retire an idle worker of its own accord.)
         assert listening(bystander)
-        assert all(p.is_running() for p in theirs)
+        assert all(is_alive(p) for p in daemons)
     finally:
         stop_cluster(bystander)
     assert not listening(bystander)
