@@ -79,6 +79,10 @@ def _train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if present)"
     )
+    parser.add_argument(
+        "--gradient-checkpointing", action="store_true",
+        help="recompute the base's layers in the backward: less memory, same adapters",
+    )  # fmt: skip
 
 
 @subcommand("train", "train jobs fused in this process and write PEFT adapters", _train_arguments)
@@ -101,6 +105,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             checkpoint_dir=args.checkpoint_dir,
             micro_batch_tokens=args.micro_batch_tokens,
             device=args.device,
+            gradient_checkpointing=args.gradient_checkpointing,
         )
     for name, path in outputs.items():
         print(f"{name}: {path}")

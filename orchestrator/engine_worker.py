@@ -63,6 +63,7 @@ class EngineWorker:
         init_method: str | None = None,
         zero_stage: int | str = 0,
         offload_params: bool = False,
+        gradient_checkpointing: bool = False,
     ) -> None:
         """With `world_size` > 1 (or ZeRO-3), joins the group's torch.distributed
         process group at `init_method` (gloo on CPU, NCCL on GPU) before loading
@@ -96,6 +97,7 @@ class EngineWorker:
             data_parallel=data_parallel,
             zero_stage=zero_stage,
             offload_params=offload_params,
+            gradient_checkpointing=gradient_checkpointing,
         )
         log.info("group %s rank %d/%d: zero_stage=%s", group_id, rank, world_size, zero_stage)
 

@@ -34,6 +34,7 @@ def train_locally(
     checkpoint_dir: Path | None = None,
     micro_batch_tokens: int | None = None,
     device: str | None = None,
+    gradient_checkpointing: bool = False,
 ) -> dict[str, Path]:
     """Train every job to completion; returns each job's adapter directory.
 
@@ -49,6 +50,7 @@ def train_locally(
             device=device,
             micro_batch_tokens=micro_batch_tokens,
             checkpoint_root=checkpoint_dir,
+            gradient_checkpointing=gradient_checkpointing,
         )
         for config in configs:
             resume = checkpoint_dir / config.name if checkpoint_dir else None

@@ -55,6 +55,8 @@ class OperatorConfig(BaseModel):
     max_groups: StrictInt | None = Field(None, ge=1)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     micro_batch_tokens: StrictInt | None = Field(None, ge=1)
+    # Recompute decoder layers in the backward: activation memory for more jobs per group.
+    gradient_checkpointing: bool = False
     checkpoint_every_steps: StrictInt | None = Field(None, ge=1)
     keep_checkpoints: StrictInt = Field(2, ge=1)
     max_attempts: StrictInt = Field(3, ge=1)

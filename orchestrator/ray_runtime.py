@@ -124,6 +124,7 @@ class RayWorkerGroup:
                 init_method=init_method,
                 zero_stage=config.zero_stage,
                 offload_params=config.offload_params,
+                gradient_checkpointing=config.gradient_checkpointing,
             )
             for rank in range(n)
         ]

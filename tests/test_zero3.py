@@ -143,6 +143,7 @@ def _rank(rank: int, world: int, port: int, base: Path, datasets: dict, out: Pat
             data_parallel=DataParallel(),
             zero_stage=3,
             offload_params=True,
+            gradient_checkpointing=True,  # its reruns gather the partitions again
         )
         result["mixed"] = _train(offloaded, mixed_target_jobs(base, datasets))
         # Plain base forwards (no adapter routed) agree: replicated, partitioned, offloaded.

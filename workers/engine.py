@@ -25,6 +25,7 @@ from workers.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoi
 from workers.data_parallel import DataParallel
 from workers.dataset import IGNORE_INDEX, TokenizedDataset, load_dataset
 from workers.fused_batch import FusedBatch, collate, plan_micro_batches, step_rows
+from workers.gradient_checkpointing import enable_gradient_checkpointing
 from workers.job_config import JobConfig
 from workers.peft_format import adapter_from_loaded, export_adapter, read_adapter
 from workers.training_job import StepReport, TrainingJob
@@ -47,6 +48,7 @@ class Engine:
         zero_stage: int = 0,
         offload_params: bool = False,
         zero_options: dict | None = None,
+        gradient_checkpointing: bool = False,
     ) -> None:
         """`micro_batch_tokens` caps padded tokens per forward/backward (None: one per round).
 
@@ -59,6 +61,9 @@ class Engine:
         ZeRO-3, `offload_params` keeps the partitions on the host; `zero_options`
         go to DeepSpeed's `zero_optimization`); then every rank must call
         `step` and `logits` together.
+
+        `gradient_checkpointing` recomputes each decoder layer in the backward
+        instead of keeping its activations: less memory, the same result.
         """
         if zero_stage not in (0, 3):
             raise ValueError(f"zero_stage must be 0 or 3, got {zero_stage}")
@@ -89,6 +94,8 @@ class Engine:
                 dtype=self.dtype,
                 trust_remote_code=trust_remote_code,
             )
+        if gradient_checkpointing:
+            enable_gradient_checkpointing(self.base)
         self.tokenizer = load_tokenizer(base_model, trust_remote_code=trust_remote_code)
         self.bank = AdapterBank(self.base)
         self.jobs: dict[str, TrainingJob] = {}
@@ -176,8 +183,10 @@ class Engine:
             micro_batches = pad_micro_batches(micro_batches, dp, filler)
         for micro in micro_batches:
             batch = collate(micro, self.tokenizer.pad_token_id, self.device)
-            row_loss = self._forward_loss(batch)
-            row_loss.sum().backward()
+            # Routed through the backward too: checkpointed layers rerun forward there.
+            with self.bank.route(batch.segments):
+                row_loss = self._forward_loss(batch)
+                row_loss.sum().backward()
             # One host sync per micro-batch for the per-job loss figures.
             values = row_loss.detach().float().tolist()
             for seg in batch.segments:
@@ -208,11 +217,10 @@ class Engine:
         return reports
 
     def _forward_loss(self, batch: FusedBatch) -> torch.Tensor:
-        """Per-row loss, already divided by the row's job-step token count."""
+        """Per-row loss, already divided by the row's job-step token count (call routed)."""
         # Right padding under a causal mask: real tokens never attend to padding,
         # so no attention mask is needed and padded positions carry no target.
-        with self.bank.route(batch.segments):
-            logits = self.base(input_ids=batch.input_ids, use_cache=False).logits
+        logits = self.base(input_ids=batch.input_ids, use_cache=False).logits
         ce = F.cross_entropy(
             logits.float().flatten(0, 1),
             batch.targets.flatten(),

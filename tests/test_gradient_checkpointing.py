@@ -1,0 +1,84 @@
+"""Gradient checkpointing changes memory, never the result."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from tests.peft_reference import max_relative_difference
+from tests.test_engine_equivalence import job, three_jobs
+from workers.base_model import load_base
+from workers.engine import Engine
+from workers.gradient_checkpointing import decoder_layers, enable_gradient_checkpointing
+from workers.job_config import AdapterConfig
+
+
+def dropout_and_shuffle(configs: list) -> list:
+    """The three reference jobs with LoRA dropout and shuffling on: both must replay exactly."""
+    out = []
+    for config in configs:
+        adapter = replace(config.adapter, lora_dropout=0.2)
+        training = replace(config.training, shuffle=True)
+        out.append(replace(config, adapter=adapter, training=training))
+    return out
+
+
+def train(base: Path, configs: list, **engine_kwargs) -> tuple[dict, int]:
+    """Adapters after training, and the bytes autograd kept for the first round's backward."""
+    engine = Engine(str(base), device="cpu", micro_batch_tokens=256, **engine_kwargs)
+    for config in configs:
+        engine.add_job(config)
+    kept: dict[int, int] = {}
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        storage = tensor.untyped_storage()
+        kept[storage.data_ptr()] = storage.nbytes()  # a storage counts once, however viewed
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        engine.step()
+    engine.run()
+    adapters = {c.name: engine.jobs[c.name].adapter.named_tensors() for c in configs}
+    return adapters, sum(kept.values())
+
+
+def test_checkpointed_training_equals_plain_and_keeps_less(
+    tiny_base: Path, datasets: dict[str, Path]
+) -> None:
+    configs = dropout_and_shuffle(three_jobs(tiny_base, datasets))
+    plain, plain_bytes = train(tiny_base, configs)
+    checkpointed, checkpointed_bytes = train(tiny_base, configs, gradient_checkpointing=True)
+    for config in configs:
+        difference = max_relative_difference(plain[config.name], checkpointed[config.name])
+        assert difference <= 1e-6, (config.name, difference)
+    # Only each layer's input (and the head's) is kept, not every activation inside.
+    assert checkpointed_bytes < 0.5 * plain_bytes, (checkpointed_bytes, plain_bytes)
+
+
+def test_every_decoder_layer_is_wrapped_once(tiny_base: Path) -> None:
+    base = load_base(str(tiny_base), device=torch.device("cpu"))
+    layers = decoder_layers(base)
+    assert len(layers) == base.config.num_hidden_layers
+    assert enable_gradient_checkpointing(base) == len(layers)
+    wrapped = [layer.forward for layer in layers]
+    enable_gradient_checkpointing(base)  # again: no second wrapper
+    assert [layer.forward for layer in layers] == wrapped
+
+
+def test_a_model_without_named_layers_is_refused() -> None:
+    with pytest.raises(ValueError, match="_no_split_modules"):
+        enable_gradient_checkpointing(nn.Sequential(nn.Linear(2, 2)))
+
+
+def test_inference_is_not_checkpointed(tiny_base: Path, datasets: dict[str, Path]) -> None:
+    config = job("a", tiny_base, datasets["text"], AdapterConfig(r=2), max_steps=1)
+    plain = Engine(str(tiny_base), device="cpu")
+    checkpointed = Engine(str(tiny_base), device="cpu", gradient_checkpointing=True)
+    ids = torch.randint(3, 200, (2, 7))
+    for engine in (plain, checkpointed):
+        engine.add_job(config)
+    torch.testing.assert_close(checkpointed.logits("a", ids), plain.logits("a", ids))
