@@ -4,13 +4,16 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
 import yaml
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
+import workers.engine
 from orchestrator.cli import main
 from orchestrator.demo import prepare
 from orchestrator.validation import validate_files
+from workers.peft_format import read_adapter
 
 
 def write_spec(path: Path, **fields) -> Path:
@@ -72,3 +75,25 @@ def test_demo_specs_are_valid(tmp_path: Path) -> None:
     jobs = validate_files(specs)
     assert [j.name for j in jobs] == ["demo-shout", "demo-reverse", "demo-polite"]
     assert len({j.adapter.r for j in jobs}) == 3
+
+
+def test_gradient_checkpointing_flag_gives_the_same_adapter(
+    tiny_base: Path, datasets: dict[str, Path], tmp_path: Path, monkeypatch
+) -> None:
+    wrapped: list[int] = []
+    enable = workers.engine.enable_gradient_checkpointing
+    monkeypatch.setattr(
+        workers.engine, "enable_gradient_checkpointing", lambda m: wrapped.append(enable(m))
+    )
+    spec = write_spec(tmp_path / "a.yaml", **spec_fields("job-a", tiny_base, datasets["text"]))
+    plain, checkpointed = tmp_path / "plain", tmp_path / "checkpointed"
+    assert main(["train", str(spec), "--out", str(plain)]) == 0
+    assert wrapped == []
+    assert main(["train", str(spec), "--out", str(checkpointed), "--gradient-checkpointing"]) == 0
+    assert wrapped and wrapped[0] > 0  # the flag reached the engine, which wrapped its layers
+    first = read_adapter(plain / "job-a").weights
+    second = read_adapter(checkpointed / "job-a").weights
+    assert first.keys() == second.keys()
+    for module, (a, b) in first.items():
+        torch.testing.assert_close(second[module][0], a, rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(second[module][1], b, rtol=1e-6, atol=1e-7)
