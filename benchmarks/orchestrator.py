@@ -46,7 +46,7 @@ def write_specs(root: Path, base: Path, jobs: int, steps: int) -> list[Path]:
         spec = {
             "name": f"bench-{i}",
             "base_model": str(base),
-            "dataset": {"path": str(list(data.values())[i % len(data)])},
+            "dataset": {"path": str(list(data.values())[i % len(data)].train)},
             "adapter": {"r": 8, "lora_alpha": 16, "target_modules": "all-linear"},
             "training": {"max_steps": steps, "batch_size": 8, "learning_rate": 1e-3,
                          "seed": i, "save_steps": 100, "max_seq_length": 64},

@@ -28,6 +28,10 @@ def admission_problems(spec: JobSpec, config: OperatorConfig, source: str) -> li
     paths = {"base_model": spec.base_model, "dataset.path": spec.dataset.path}
     if spec.adapter.init_from is not None:
         paths["adapter.init_from"] = spec.adapter.init_from
+    datasets = {"dataset.path": spec.dataset.path}
+    if spec.eval_dataset is not None:
+        datasets["eval_dataset.path"] = spec.eval_dataset.path
+    paths.update(datasets)
     if roots is not None:
         allowed = ", ".join(str(r) for r in roots)
         for field, value in paths.items():
@@ -42,14 +46,12 @@ def admission_problems(spec: JobSpec, config: OperatorConfig, source: str) -> li
                     SpecProblem(source, field, f"{value} is outside the allowed roots ({allowed})")
                 )
     cap = config.max_dataset_bytes
-    dataset = Path(spec.dataset.path)
-    if cap is not None and dataset.is_file() and dataset.stat().st_size > cap:
-        size = dataset.stat().st_size
-        problems.append(
-            SpecProblem(
-                source, "dataset.path", f"{size} bytes is over the operator's cap of {cap} bytes"
-            )
-        )
+    for field, value in datasets.items():
+        dataset = Path(value)
+        if cap is not None and dataset.is_file() and dataset.stat().st_size > cap:
+            size = dataset.stat().st_size
+            message = f"{size} bytes is over the operator's cap of {cap} bytes"
+            problems.append(SpecProblem(source, field, message))
     return problems
 
 

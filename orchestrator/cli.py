@@ -170,12 +170,13 @@ def cmd_status(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(records, indent=2))
         return 0
-    print(f"{'JOB':<30} {'STATE':<10} {'STEP':>11} {'LOSS':>8} {'TOK/S':>9} GROUP")
+    print(f"{'JOB':<30} {'STATE':<10} {'STEP':>11} {'LOSS':>8} {'EVAL':>8} {'TOK/S':>9} GROUP")
     for r in records:
         step = f"{r['step']}/{_fmt(r['total_steps'])}"
+        evaluated = _fmt(r["metrics"].get("eval_loss"), ".4f")
         print(
             f"{r['id']:<30} {r['state']:<10} {step:>11} {_fmt(r['loss'], '.4f'):>8} "
-            f"{_fmt(r['tokens_per_second'], ',.0f'):>9} {_fmt(r['group'])}"
+            f"{evaluated:>8} {_fmt(r['tokens_per_second'], ',.0f'):>9} {_fmt(r['group'])}"
         )
         if r["error"]:
             print(f"  error: {r['error']}")
@@ -200,6 +201,7 @@ def _watch(client, job_id: str | None) -> int:
                         r["loss"],
                         r["tokens_per_second"],
                         r["state"],
+                        r["metrics"].get("eval_loss"),
                     )  # fmt: skip
                 )
             if all(r["state"] in final for r in records):

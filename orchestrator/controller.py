@@ -223,16 +223,22 @@ class Controller:
             self._finish(r.job_id, JobState.FAILED, error=r.error)
             self.queue.append_log(r.job_id, f"failed: {r.error}")
             return
+        evaluated = {} if r.eval_loss is None else {"eval_loss": r.eval_loss, "eval_step": r.step}
         self.queue.record_progress(
             r.job_id,
             step=r.step,
             total_steps=r.total_steps,
             loss=r.loss,
             tokens_per_second=r.tokens_per_second,
+            metrics=evaluated,
         )
         self.metrics.job_progress(r.job_id, group_id, r)
         if r.checkpoint is not None:
             self.queue.record_checkpoint(r.job_id, r.checkpoint, r.step)
+        if r.eval_loss is not None:
+            self.queue.append_log(
+                r.job_id, f"step {r.step}/{r.total_steps} eval_loss {r.eval_loss:.4f}"
+            )
         if r.step % _PROGRESS_LOG_EVERY == 0 or r.adapter is not None:
             self.queue.append_log(
                 r.job_id, f"step {r.step}/{r.total_steps} loss {r.loss:.4f} "

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import random
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
@@ -52,7 +53,13 @@ def phrases(count: int, seed: int) -> list[str]:
     return [" ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 6))) for _ in range(count)]
 
 
-def write_datasets(data_dir: Path) -> dict[str, Path]:
+@dataclass(frozen=True)
+class TaskData:
+    train: Path
+    eval: Path  # held-out phrases: the eval loss shows whether a job generalizes
+
+
+def write_datasets(data_dir: Path, eval_rows: int = 24) -> dict[str, TaskData]:
     """Three tasks on the same kind of input: shout it, reverse it, answer it politely."""
     data_dir.mkdir(parents=True, exist_ok=True)
     items = phrases(240, seed=0)
@@ -74,12 +81,14 @@ def write_datasets(data_dir: Path) -> dict[str, Path]:
     ]
     paths = {}
     for name, rows in [("shout", shout), ("reverse", reverse), ("polite", polite)]:
-        paths[name] = data_dir / f"{name}.jsonl"
-        paths[name].write_text("".join(json.dumps(r) + "\n" for r in rows))
+        task = TaskData(data_dir / f"{name}.jsonl", data_dir / f"{name}-eval.jsonl")
+        task.train.write_text("".join(json.dumps(r) + "\n" for r in rows[:-eval_rows]))
+        task.eval.write_text("".join(json.dumps(r) + "\n" for r in rows[-eval_rows:]))
+        paths[name] = task
     return paths
 
 
-def write_specs(root: Path, base: Path, data: dict[str, Path]) -> list[Path]:
+def write_specs(root: Path, base: Path, data: dict[str, TaskData]) -> list[Path]:
     """One YAML job spec per task; they differ in rank, targets and learning rate."""
     adapters = {
         "shout": {"r": 16, "lora_alpha": 32, "target_modules": "all-linear"},
@@ -91,7 +100,8 @@ def write_specs(root: Path, base: Path, data: dict[str, Path]) -> list[Path]:
         spec = {
             "name": f"demo-{name}",
             "base_model": str(base.resolve()),
-            "dataset": {"path": str(data[name].resolve()), "format": "auto"},
+            "dataset": {"path": str(data[name].train.resolve()), "format": "auto"},
+            "eval_dataset": {"path": str(data[name].eval.resolve()), "format": "auto"},
             "adapter": adapter,
             "training": {
                 "max_steps": 300,
@@ -102,6 +112,7 @@ def write_specs(root: Path, base: Path, data: dict[str, Path]) -> list[Path]:
                 "max_seq_length": 64,
                 "seed": 0,
                 "save_steps": 40,
+                "eval_steps": 100,
             },
         }
         path = root / "jobs" / f"{name}.yaml"
@@ -116,7 +127,7 @@ def prepare(root: Path) -> list[Path]:
     from workers.tiny_base import build_tiny_base
 
     data = write_datasets(root / "data")
-    corpus = [line for p in data.values() for line in p.read_text().splitlines()]
+    corpus = [line for task in data.values() for line in task.train.read_text().splitlines()]
     base = build_tiny_base(
         root / "models" / "tiny-llama",
         hidden_size=128,
@@ -186,6 +197,7 @@ def main() -> int:
         print("\n".join(job_ids))
         run("status", "--watch")
         run("wait", *job_ids)
+        run("status")  # final loss and eval loss per job
         out = root / "adapters"
         dirs = {}
         for spec, job_id in zip(specs, job_ids, strict=True):

@@ -45,6 +45,7 @@ class JobStepResult:
     checkpoint: str | None = None  # store URI of the checkpoint taken after this step
     adapter: str | None = None  # store URI of the exported adapter, once finished
     error: str | None = None  # the job failed of its own fault (e.g. a NaN loss)
+    eval_loss: float | None = None  # loss on the job's eval rows, when it was evaluated
 
 
 class EngineWorker:
@@ -155,7 +156,7 @@ class EngineWorker:
                 continue
             result = JobStepResult(
                 job_id, r.step, r.total_steps, r.loss, r.tokens / seconds, r.tokens,
-                checkpoint, adapter, r.error,
+                checkpoint, adapter, r.error, r.eval_loss,
             )  # fmt: skip
             results.append(result)
         return results

@@ -66,6 +66,7 @@ def train_locally(
         for config in configs:  # resumed jobs may already be complete
             if engine.jobs[config.name].done:
                 outputs[config.name] = engine.export(config.name, out_dir / config.name)
+        last_eval: dict[str, float] = {}
         while engine.active_jobs():
             reports = engine.step()
             seconds = max(engine.last_round_seconds, 1e-9)
@@ -74,7 +75,12 @@ def train_locally(
                 if done:
                     outputs[name] = engine.export(name, out_dir / name)
                 state = "done" if done else "running"
+                if r.eval_loss is not None:
+                    last_eval[name] = r.eval_loss
+                tps = r.tokens / seconds
                 report(
-                    JobProgressRow(name, r.step, r.total_steps, r.loss, r.tokens / seconds, state)
+                    JobProgressRow(
+                        name, r.step, r.total_steps, r.loss, tps, state, last_eval.get(name)
+                    )
                 )
     return outputs

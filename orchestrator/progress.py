@@ -16,6 +16,7 @@ class JobProgressRow:
     loss: float | None = None
     tokens_per_second: float | None = None
     state: str = "running"
+    eval_loss: float | None = None  # the latest, when the job has eval rows
 
 
 class JobProgress:
@@ -27,6 +28,7 @@ class JobProgress:
             BarColumn(),
             MofNCompleteColumn(),
             TextColumn("loss {task.fields[loss]:>7}"),
+            TextColumn("eval {task.fields[eval]:>7}"),
             TextColumn("{task.fields[tps]:>9} tok/s"),
             TextColumn("{task.fields[state]}"),
             TimeElapsedColumn(),
@@ -46,6 +48,7 @@ class JobProgress:
         fields = {
             "name": row.name,
             "loss": "-" if row.loss is None else f"{row.loss:.4f}",
+            "eval": "-" if row.eval_loss is None else f"{row.eval_loss:.4f}",
             "tps": "-" if row.tokens_per_second is None else f"{row.tokens_per_second:,.0f}",
             "state": row.state,
         }

@@ -180,11 +180,14 @@ class RayMetrics:
         self.loss = ray_metrics.Gauge("carpool_job_loss", "training loss of the last step", tags)
         self.tps = ray_metrics.Gauge("carpool_job_tokens_per_second", "tokens/s", tags)
         self.step = ray_metrics.Gauge("carpool_job_step", "optimizer steps done", tags)
+        self.eval_loss = ray_metrics.Gauge("carpool_job_eval_loss", "loss on the eval rows", tags)
         self.tokens = ray_metrics.Counter("carpool_job_tokens_total", "tokens trained", tags)
         self.states = ray_metrics.Gauge("carpool_jobs", "jobs by state", ("state",))
         self.depth = ray_metrics.Gauge("carpool_queue_depth", "queued jobs")
 
     def job_progress(self, job_id: str, group_id: str, result: JobStepResult) -> None:
+        if result.eval_loss is not None:  # rare: pushed at once, never throttled away
+            self.eval_loss.set(result.eval_loss, tags={"job": job_id, "group": group_id})
         tokens = self._unpushed_tokens.get(job_id, 0) + result.tokens
         now = time.monotonic()
         finished = result.step >= result.total_steps

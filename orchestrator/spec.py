@@ -30,6 +30,7 @@ DATASET_SUFFIXES = (".jsonl", ".parquet")
 # Error type of the max_steps/num_epochs rule; validation reports it per field
 # from the raw YAML instead, so it is not lost when another training field fails.
 STEPS_XOR_EPOCHS = "steps_xor_epochs"
+EVAL_NEEDS_DATASET = "eval_needs_dataset"
 
 
 class _SpecModel(BaseModel):
@@ -87,6 +88,8 @@ class TrainingSpec(_SpecModel):
     shuffle: bool = True
     seed: StrictInt = 0
     save_steps: StrictInt = Field(50, ge=1)
+    # With eval_dataset: evaluate every N steps and at the end (default: at the end).
+    eval_steps: StrictInt | None = Field(None, ge=1)
 
     @model_validator(mode="after")
     def _steps_xor_epochs(self) -> TrainingSpec:
@@ -103,6 +106,13 @@ class JobSpec(_SpecModel):
     # Required: its defaults alone set neither max_steps nor num_epochs.
     training: TrainingSpec
     priority: StrictInt = 0
+    eval_dataset: DatasetSpec | None = None  # held-out rows, for the eval loss only
+
+    @model_validator(mode="after")
+    def _eval_steps_need_data(self) -> JobSpec:
+        if self.training.eval_steps is not None and self.eval_dataset is None:
+            raise PydanticCustomError(EVAL_NEEDS_DATASET, "eval_steps needs an eval_dataset")
+        return self
 
     @field_validator("name")
     @classmethod
@@ -131,6 +141,11 @@ class JobSpec(_SpecModel):
             ),
             training=TrainingConfig(**t.model_dump()),
             priority=self.priority,
+            eval_dataset=(
+                DatasetConfig(path=Path(self.eval_dataset.path), format=self.eval_dataset.format)
+                if self.eval_dataset is not None
+                else None
+            ),
         )
 
 
@@ -154,7 +169,7 @@ def resolve_spec_paths(raw: Mapping[str, Any], base_dir: Path) -> dict[str, Any]
         candidate = base_dir / base
         if candidate.exists():
             out["base_model"] = str(candidate)
-    for section, key in (("dataset", "path"), ("adapter", "init_from")):
+    for section, key in (("dataset", "path"), ("eval_dataset", "path"), ("adapter", "init_from")):
         sub = out.get(section)
         if isinstance(sub, Mapping) and isinstance(sub.get(key), str) and sub[key]:
             path = Path(sub[key]).expanduser()

@@ -19,6 +19,7 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from orchestrator.spec import (
+    EVAL_NEEDS_DATASET,
     STEPS_XOR_EPOCHS,
     AdapterSpec,
     DatasetSpec,
@@ -39,6 +40,7 @@ TOP_LEVEL = "(top level)"
 _SECTIONS: dict[tuple[str, ...], type[BaseModel]] = {
     (): JobSpec,
     ("dataset",): DatasetSpec,
+    ("eval_dataset",): DatasetSpec,
     ("adapter",): AdapterSpec,
     ("training",): TrainingSpec,
 }
@@ -110,6 +112,8 @@ class _Facts:
     base_model: str | None
     dataset_path: str | None
     dataset_format: str | None
+    eval_dataset_path: str | None
+    eval_dataset_format: str | None
     max_seq_length: int | None
     target_modules: list[str] | str | None
     r: int | None
@@ -137,6 +141,8 @@ def _facts(raw: Mapping[str, Any], bad: set[str]) -> _Facts:
         base_model=get("", "base_model", str) or None,
         dataset_path=get("dataset", "path", str) or None,
         dataset_format=get("dataset", "format", str, default(DatasetSpec, "format")),
+        eval_dataset_path=get("eval_dataset", "path", str) or None,
+        eval_dataset_format=get("eval_dataset", "format", str, default(DatasetSpec, "format")),
         max_seq_length=get(
             "training", "max_seq_length", int, default(TrainingSpec, "max_seq_length")
         ),
@@ -173,7 +179,7 @@ def _schema_problems(err: ValidationError) -> _Found:
     problems = []
     for e in err.errors():
         kind = e["type"]
-        if kind == STEPS_XOR_EPOCHS:  # reported from the raw values by _steps_problems
+        if kind in (STEPS_XOR_EPOCHS, EVAL_NEEDS_DATASET):  # reported from the raw values
             continue
         if kind == "extra_forbidden":
             message = _unknown_field_message(e["loc"])
@@ -195,6 +201,15 @@ def _steps_problems(raw: Mapping[str, Any]) -> _Found:
     if (steps is None) != (epochs is None):
         return []
     return [("training.max_steps", steps_xor_epochs_message(steps))]
+
+
+def _eval_problems(raw: Mapping[str, Any]) -> _Found:
+    training = raw.get("training")
+    if not isinstance(training, Mapping) or training.get("eval_steps") is None:
+        return []
+    if raw.get("eval_dataset") is not None:
+        return []
+    return [("training.eval_steps", "eval_steps needs an eval_dataset")]
 
 
 def _target_problems(
@@ -221,20 +236,21 @@ def _target_problems(
     return problems
 
 
-def _dataset_problems(facts: _Facts, tokenizer: Any) -> _Found:
-    assert facts.dataset_path is not None
-    path = Path(facts.dataset_path)
+def _dataset_problems(
+    field: str, path_value: str, data_format: str | None, max_seq_length: int | None, tokenizer: Any
+) -> _Found:
+    path = Path(path_value)
     if not path.is_file():
         what = "is a directory, not a file" if path.is_dir() else "file not found"
-        return [("dataset.path", f"{what}: {path}")]
-    if tokenizer is None or facts.dataset_format is None or facts.max_seq_length is None:
+        return [(field, f"{what}: {path}")]
+    if tokenizer is None or data_format is None or max_seq_length is None:
         return []  # reading the rows needs the tokenizer and valid settings
     try:
-        load_dataset(path, facts.dataset_format, tokenizer, facts.max_seq_length)
+        load_dataset(path, data_format, tokenizer, max_seq_length)
     except DatasetError as e:
-        return [("dataset.path", str(e))]
+        return [(field, str(e))]
     except Exception as e:  # a tokenizer or reader failure is still the user's data problem
-        return [("dataset.path", f"{path}: cannot load: {e}")]
+        return [(field, f"{path}: cannot load: {e}")]
     return []
 
 
@@ -272,8 +288,12 @@ def _resource_problems(facts: _Facts, cache: BaseModelCache) -> _Found:
             problems.append(("base_model", f"cannot load {what}: {first_line}"))
     if shapes is not None and facts.target_modules is not None:
         problems += _target_problems(shapes, facts.target_modules, facts.r)
-    if facts.dataset_path is not None:
-        problems += _dataset_problems(facts, tokenizer)
+    for field, path, data_format in (
+        ("dataset.path", facts.dataset_path, facts.dataset_format),
+        ("eval_dataset.path", facts.eval_dataset_path, facts.eval_dataset_format),
+    ):
+        if path is not None:
+            problems += _dataset_problems(field, path, data_format, facts.max_seq_length, tokenizer)
     if facts.init_from is not None:
         problems += _init_from_problems(facts.init_from, facts.r)
     return problems
@@ -296,6 +316,7 @@ def _check(
     except ValidationError as err:
         found = _schema_problems(err)
     found += _steps_problems(raw)
+    found += _eval_problems(raw)
     # Even when the schema fails, check paths on the raw values it did not reject.
     found += _resource_problems(_facts(raw, {field for field, _ in found}), cache)
     return spec, [SpecProblem(source, field, message) for field, message in found]

@@ -61,4 +61,6 @@ def datasets(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         "text": write_jsonl(root / "text.jsonl", text),
         "prompt_completion": write_jsonl(root / "pc.jsonl", pc),
         "messages": write_jsonl(root / "msgs.jsonl", msgs),
+        # A one-row eval set: in a group of two ranks, one of them has no row of it.
+        "one_row": write_jsonl(root / "one.jsonl", [{"text": "the quick brown fox"}]),
     }

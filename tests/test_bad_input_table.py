@@ -36,12 +36,12 @@ def _set(path: str, value) -> Case:
     return apply
 
 
-def _dataset(content: bytes | str, fmt: str = "auto") -> Case:
+def _dataset(content: bytes | str, fmt: str = "auto", section: str = "dataset") -> Case:
     def apply(spec: dict, root: Path) -> None:
         path = root / "data" / "bad.jsonl"
         path.parent.mkdir(exist_ok=True)
         path.write_bytes(content if isinstance(content, bytes) else content.encode())
-        spec["dataset"] = {"path": str(path), "format": fmt}
+        spec[section] = {"path": str(path), "format": fmt}
 
     return apply
 
@@ -104,6 +104,11 @@ CASES: list[tuple[str, Case, str, str]] = [
     ("rows-lack-format-fields", _dataset(TEXT_ROW, fmt="prompt_completion"), "dataset.path", "prompt"),
     ("format-unknown", _set("dataset.format", "csv"), "dataset.format", "text"),
     ("init-from-missing", _set("adapter.init_from", "/nonexistent/adapter"), "adapter.init_from", "adapter"),
+    ("eval-steps-without-eval-data", _set("training.eval_steps", 5), "training.eval_steps", "eval_dataset"),
+    ("eval-steps-zero", _both(_dataset(TEXT_ROW, section="eval_dataset"), _set("training.eval_steps", 0)), "training.eval_steps", "greater than or equal to 1"),
+    ("eval-data-bad-json-line-2", _dataset(TEXT_ROW + "{oops\n", section="eval_dataset"), "eval_dataset.path", ":2:"),
+    ("eval-data-missing", _set("eval_dataset.path", "/nonexistent/eval.jsonl"), "eval_dataset.path", "not found"),
+    ("eval-data-unknown-field", _set("eval_dataset.split", "test"), "eval_dataset.split", "unknown field"),
 ]  # fmt: skip
 
 
@@ -164,10 +169,12 @@ def test_unparseable_yaml(text: str, where: str, tmp_path: Path) -> None:
 
 def test_dataset_over_the_operators_cap_is_refused(valid_spec: dict, tmp_path: Path) -> None:
     path = tmp_path / "job.yaml"
-    path.write_text(yaml.safe_dump(valid_spec))
+    path.write_text(yaml.safe_dump({**valid_spec, "eval_dataset": valid_spec["dataset"]}))
     specs = validate_files([path])
-    with pytest.raises(SpecValidationError, match="dataset.path: .* over the operator's cap"):
+    with pytest.raises(SpecValidationError) as caught:
         check_admission(specs, OperatorConfig(max_dataset_bytes=10), [str(path)])
+    fields = {p.field for p in caught.value.problems if "over the operator's cap" in p.message}
+    assert fields == {"dataset.path", "eval_dataset.path"}
 
 
 def test_tokenizer_without_pad_token_is_handled(datasets: dict[str, Path], tmp_path: Path) -> None:

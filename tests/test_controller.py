@@ -65,6 +65,12 @@ class FakeJob:
     step: int
     total: int
     save_steps: int
+    eval_steps: int | None = None  # evaluated every eval_steps and at the end
+    evaluates: bool = False  # has an eval dataset
+
+    def eval_loss(self) -> float | None:
+        due = self.step >= self.total or (self.eval_steps and self.step % self.eval_steps == 0)
+        return 2.0 / self.step if self.evaluates and due else None
 
 
 class FakeGroup:
@@ -112,7 +118,10 @@ class FakeGroup:
             raise ValueError(self.reject[config.name])
         step = int(resume_from.rsplit("step-", 1)[1]) if resume_from else 0
         assert config.training.max_steps is not None
-        self.jobs[job_id] = FakeJob(step, config.training.max_steps, config.training.save_steps)
+        t = config.training
+        self.jobs[job_id] = FakeJob(
+            step, t.max_steps, t.save_steps, t.eval_steps, config.eval_dataset is not None
+        )
         return step
 
     def remove_job(self, job_id: str, checkpoint: bool) -> str | None:
@@ -158,6 +167,7 @@ class FakeGroup:
                     if job.step % job.save_steps == 0
                     else None,
                     adapter=adapter_uri(job_id) if done else None,
+                    eval_loss=job.eval_loss(),
                 )
             )
         return results
@@ -218,21 +228,24 @@ def spec(tiny_base: Path, datasets: dict[str, Path]) -> Callable[..., JobSpec]:
         save_steps: int = 100,
         priority: int = 0,
         base: Path = tiny_base,
+        eval_steps: int | None = None,
     ) -> JobSpec:
-        return JobSpec.model_validate(
-            {
-                "name": name,
-                "base_model": str(base),
-                "dataset": {"path": str(datasets["text"])},
-                "training": {
-                    "max_steps": steps,
-                    "save_steps": save_steps,
-                    "batch_size": 2,
-                    "max_seq_length": 32,
-                },
-                "priority": priority,
-            }
-        )
+        raw = {
+            "name": name,
+            "base_model": str(base),
+            "dataset": {"path": str(datasets["text"])},
+            "training": {
+                "max_steps": steps,
+                "save_steps": save_steps,
+                "batch_size": 2,
+                "max_seq_length": 32,
+            },
+            "priority": priority,
+        }
+        if eval_steps is not None:
+            raw["training"]["eval_steps"] = eval_steps
+            raw["eval_dataset"] = {"path": str(datasets["prompt_completion"])}
+        return JobSpec.model_validate(raw)
 
     return make
 
@@ -654,3 +667,18 @@ def test_cancel_in_a_group_that_died_does_not_crash_the_tick(queue, factory, spe
     assert queue.get(b).state in (QUEUED, RUNNING)  # requeued, maybe already re-admitted
     run_to_end(controller)
     assert queue.get(b).state == SUCCEEDED
+
+
+def test_eval_losses_are_recorded_and_logged(queue, factory, spec) -> None:
+    controller = make_controller(queue, factory)
+    evaluated, plain = controller.submit([spec("ev", steps=5, eval_steps=2), spec("plain")])
+    run_to_end(controller)
+    record = queue.get(evaluated)
+    assert record.state == SUCCEEDED
+    assert (
+        record.metrics["eval_loss"] == pytest.approx(2.0 / 5) and record.metrics["eval_step"] == 5
+    )
+    lines = [line for line in queue.logs(evaluated) if "eval_loss" in line]
+    assert [line.split("step ")[1].split()[0] for line in lines] == ["2/5", "4/5", "5/5"]
+    assert "eval_loss" not in queue.get(plain).metrics
+    assert not any("eval_loss" in line for line in queue.logs(plain))

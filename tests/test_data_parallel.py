@@ -28,21 +28,37 @@ pytestmark = pytest.mark.integration
 
 
 def group_jobs(base: Path, datasets: dict[str, Path]) -> list[JobConfig]:
-    def job(name, data, adapter, **training) -> JobConfig:
+    def job(name, data, adapter, eval_data=None, **training) -> JobConfig:
         t = {"learning_rate": 1e-2, "shuffle": True, "seed": 5, **training}
-        return JobConfig(name, str(base), DatasetConfig(data), adapter, TrainingConfig(**t))
+        evaluate = DatasetConfig(eval_data) if eval_data else None
+        return JobConfig(
+            name, str(base), DatasetConfig(data), adapter, TrainingConfig(**t),
+            eval_dataset=evaluate,
+        )  # fmt: skip
 
     return [
         # An odd batch: the ranks get 3 and 2 rows.
+        # Evaluated every 2 steps on rows the ranks split between them.
         job("odd", datasets["text"], AdapterConfig(r=4, target_modules="all-linear"),
-            max_steps=6, batch_size=5, max_grad_norm=0.5),
-        # One row per step: rank 1 never has a row of this job.
+            datasets["prompt_completion"], max_steps=6, batch_size=5, max_grad_norm=0.5,
+            eval_steps=2),
+        # One row per step, one eval row: rank 1 never has a row of this job.
         job("single", datasets["messages"], AdapterConfig(r=2, lora_dropout=0.1),
-            max_steps=4, batch_size=1, lr_scheduler_type="cosine"),
+            datasets["one_row"], max_steps=4, batch_size=1, lr_scheduler_type="cosine"),
         job("lorafa", datasets["prompt_completion"],
             AdapterConfig(r=8, target_modules=("q_proj", "down_proj"), freeze_lora_A=True),
             max_steps=5, batch_size=4),
     ]  # fmt: skip
+
+
+def step_losses(engine: Engine) -> dict[str, float]:
+    """One round's training losses, and eval losses as "<job>:eval"."""
+    out = {}
+    for name, report in engine.step().items():
+        out[name] = report.loss
+        if report.eval_loss is not None:
+            out[f"{name}:eval"] = report.eval_loss
+    return out
 
 
 def _rank(rank: int, world: int, port: int, base: Path, datasets: dict, out: Path) -> None:
@@ -56,7 +72,7 @@ def _rank(rank: int, world: int, port: int, base: Path, datasets: dict, out: Pat
             engine.add_job(config)
         losses = []
         while engine.active_jobs():
-            losses.append({k: r.loss for k, r in engine.step().items()})
+            losses.append(step_losses(engine))
         adapters = {n: j.adapter.named_tensors() for n, j in engine.jobs.items()}
         torch.save(
             {"adapters": adapters, "bytes": dict(dp.collective_bytes), "losses": losses},
@@ -78,7 +94,9 @@ def test_two_ranks_equal_one_and_reduce_only_adapter_gradients(
         single.add_job(config)
     single_losses = []
     while single.active_jobs():
-        single_losses.append({k: r.loss for k, r in single.step().items()})
+        single_losses.append(step_losses(single))
+    assert sum("odd:eval" in s for s in single_losses) == 3  # steps 2, 4, 6
+    assert sum("single:eval" in s for s in single_losses) == 1  # at the end
 
     for config in configs:
         expected = single.jobs[config.name].adapter.named_tensors()

@@ -54,7 +54,14 @@ def second_base(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def write_job(
-    path: Path, name: str, base: Path, data: Path, steps: int, priority: int = 0, **training
+    path: Path,
+    name: str,
+    base: Path,
+    data: Path,
+    steps: int,
+    priority: int = 0,
+    eval_data: Path | None = None,
+    **training,
 ) -> Path:
     spec = {
         "name": name,
@@ -72,6 +79,8 @@ def write_job(
         },
         "priority": priority,
     }
+    if eval_data is not None:
+        spec["eval_dataset"] = {"path": str(eval_data)}
     path.write_text(yaml.safe_dump(spec))
     return path
 
@@ -143,7 +152,15 @@ def test_jobs_queue_group_cancel_and_metrics(
     monkeypatch.setenv("CARPOOL_STATE_DIR", str(tmp_path / "state"))  # for the CLI calls
     specs = {
         "a": write_job(tmp_path / "a.yaml", "a", tiny_base, datasets["text"], 12),
-        "b": write_job(tmp_path / "b.yaml", "b", tiny_base, datasets["messages"], 8),
+        "b": write_job(
+            tmp_path / "b.yaml",
+            "b",
+            tiny_base,
+            datasets["messages"],
+            8,
+            eval_data=datasets["prompt_completion"],
+            eval_steps=4,
+        ),  # fmt: skip
         "c": write_job(tmp_path / "c.yaml", "c", second_base, datasets["prompt_completion"], 10),
         "long": write_job(tmp_path / "long.yaml", "long", tiny_base, datasets["text"], 400),
         "joiner": write_job(tmp_path / "join.yaml", "joiner", tiny_base, datasets["text"], 6),
@@ -162,6 +179,10 @@ def test_jobs_queue_group_cancel_and_metrics(
             assert_same_adapter(out, engine_result(specs[key]))
         base = AutoModelForCausalLM.from_pretrained(tiny_base)
         assert PeftModel.from_pretrained(base, tmp_path / "fetched" / "a") is not None
+        # b's eval loss: in its status and its log, at steps 4 and 8.
+        evaluated = job(client, ids["b"])["metrics"]
+        assert evaluated["eval_step"] == 8 and evaluated["eval_loss"] > 0
+        assert sum("eval_loss" in line for line in client.logs(ids["b"])) == 2
 
         # A job submitted while its base's group runs joins that group, no restart.
         long_id, doomed_id = client.submit([specs["long"], specs["doomed"]])
@@ -208,6 +229,8 @@ def test_jobs_queue_group_cancel_and_metrics(
 
         lines = wait_for(carpool_lines, timeout=90, what="the long job's metrics on /metrics")
         assert any(line.startswith("ray_carpool_queue_depth") for line in lines), lines
+        b_eval = f'job="{ids["b"]}"'
+        assert any(x.startswith("ray_carpool_job_eval_loss") and b_eval in x for x in lines)
 
 
 def test_priority_preemption_and_durability(

@@ -17,7 +17,7 @@ from orchestrator.validation import (
     load_spec_file,
     validate_files,
 )
-from workers.job_config import JobConfig
+from workers.job_config import DatasetConfig, JobConfig
 from workers.tiny_base import build_tiny_base
 
 
@@ -83,7 +83,9 @@ def test_full_spec_loads_and_converts(base: Path, data: Path, tmp_path: Path) ->
         shuffle=False,
         seed=7,
         save_steps=5,
+        eval_steps=4,
     )
+    raw["eval_dataset"] = {"path": str(data), "format": "text"}
     spec = load_spec_file(write_spec(tmp_path / "job.yaml", raw))
     config = spec.to_config()
     assert isinstance(config, JobConfig)
@@ -95,6 +97,8 @@ def test_full_spec_loads_and_converts(base: Path, data: Path, tmp_path: Path) ->
     assert config.training.learning_rate == 1e-4
     assert config.training.lr_scheduler_type == "cosine"
     assert config.training.max_grad_norm == 1.0 and config.training.seed == 7
+    assert config.training.eval_steps == 4
+    assert config.eval_dataset == DatasetConfig(data, "text")
 
 
 def test_defaults(base: Path, data: Path) -> None:
@@ -113,6 +117,7 @@ def test_defaults(base: Path, data: Path) -> None:
         50,
     )
     assert config.priority == 0
+    assert config.eval_dataset is None and t.eval_steps is None
     assert check_spec(spec, "mem") == []
 
 
@@ -134,6 +139,7 @@ def test_paths_resolve_relative_to_yaml(base: Path, tmp_path: Path, monkeypatch)
         "name": "rel",
         "base_model": "models/tiny",
         "dataset": {"path": "data/d.jsonl"},
+        "eval_dataset": {"path": "data/d.jsonl"},
         "adapter": {"init_from": "init"},
         "training": {"num_epochs": 1},
     }
@@ -141,6 +147,7 @@ def test_paths_resolve_relative_to_yaml(base: Path, tmp_path: Path, monkeypatch)
     spec = load_spec_file(write_spec(jobs / "job.yaml", raw))
     assert Path(spec.base_model) == jobs.resolve() / "models" / "tiny"
     assert spec.dataset.path == (jobs / "data" / "d.jsonl").resolve()
+    assert spec.eval_dataset.path == (jobs / "data" / "d.jsonl").resolve()
     assert spec.adapter.init_from == (jobs / "init").resolve()
 
 

@@ -22,7 +22,7 @@ from transformers import AutoModelForCausalLM
 
 import workers.engine
 from tests.peft_reference import max_relative_difference
-from tests.test_data_parallel import free_port, group_jobs
+from tests.test_data_parallel import free_port, group_jobs, step_losses
 from workers.data_parallel import DataParallel
 from workers.engine import Engine
 from workers.job_config import AdapterConfig, DatasetConfig, JobConfig, TrainingConfig
@@ -91,7 +91,7 @@ def _train(engine: Engine, configs: list[JobConfig]) -> dict:
         engine.add_job(config)
     losses = []
     while engine.active_jobs():
-        losses.append({k: r.loss for k, r in engine.step().items()})
+        losses.append(step_losses(engine))
     return {
         "adapters": {n: j.adapter.named_tensors() for n, j in engine.jobs.items()},
         "losses": losses,

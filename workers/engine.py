@@ -26,7 +26,7 @@ from workers.data_parallel import DataParallel
 from workers.dataset import IGNORE_INDEX, TokenizedDataset, load_dataset
 from workers.fused_batch import FusedBatch, collate, plan_micro_batches, step_rows
 from workers.gradient_checkpointing import enable_gradient_checkpointing
-from workers.job_config import JobConfig
+from workers.job_config import DatasetConfig, JobConfig
 from workers.peft_format import adapter_from_loaded, export_adapter, read_adapter
 from workers.training_job import StepReport, TrainingJob
 from workers.zero3 import dummy_row, load_base_zero3, pad_micro_batches
@@ -113,13 +113,9 @@ class Engine:
         if config.name in self.jobs:
             raise ValueError(f"a job named {config.name!r} is already on this engine")
         if dataset is None:
-            dataset = load_dataset(
-                Path(config.dataset.path),
-                config.dataset.format,
-                self.tokenizer,
-                config.training.max_seq_length,
-            )
-        job = TrainingJob(config, dataset, self._initial_adapter(config))
+            dataset = self._load(config.dataset, config)
+        eval_dataset = self._load(config.eval_dataset, config) if config.eval_dataset else None
+        job = TrainingJob(config, dataset, self._initial_adapter(config), eval_dataset)
         if resume_from is not None:
             path = Path(resume_from)
             checkpoint = path if (path / "meta.json").exists() else latest_checkpoint(path)
@@ -128,6 +124,11 @@ class Engine:
         self.bank.add(job.adapter)
         self.jobs[config.name] = job
         return job
+
+    def _load(self, data: DatasetConfig, config: JobConfig) -> TokenizedDataset:
+        return load_dataset(
+            Path(data.path), data.format, self.tokenizer, config.training.max_seq_length
+        )
 
     def _initial_adapter(self, config: JobConfig) -> JobAdapter:
         a, seed = config.adapter, config.training.seed
@@ -206,6 +207,9 @@ class Engine:
                 )
                 continue
             reports[j.name] = j.finish_step(losses[j.name], rows_by_job[j.name][0])
+        # After the update, so an evaluation at step N sees the adapter of step N.
+        for name, loss in self.evaluate([j.name for j in jobs if j.eval_due]).items():
+            reports[name] = replace(reports[name], eval_loss=loss)
         self.last_round_seconds = time.perf_counter() - started
         if self.checkpoint_root is not None:
             for job in jobs:
@@ -215,6 +219,40 @@ class Engine:
                     path = save_checkpoint(job, self.checkpoint_root / job.name)
                     reports[job.name] = replace(reports[job.name], checkpoint=str(path))
         return reports
+
+    @torch.no_grad()
+    def evaluate(self, names: Sequence[str] | None = None) -> dict[str, float]:
+        """Each job's mean cross-entropy over its eval rows' trainable tokens.
+
+        Fused like a training round (every job's eval rows share micro-batches,
+        each through its own adapter), without dropout or gradients. Jobs without
+        an eval dataset are skipped; `None` means every job. In a group, every
+        rank must call this with the same jobs: the losses are summed across ranks.
+        """
+        chosen = sorted(self.jobs) if names is None else sorted(names)
+        jobs = [self.jobs[n] for n in chosen if self.jobs[n].eval_dataset is not None]
+        if not jobs:
+            return {}
+        rows = [
+            row
+            for j in jobs
+            for row in step_rows(j.name, j.eval_dataset.rows, range(len(j.eval_dataset.rows)))
+        ]
+        dp = self.data_parallel
+        micro_batches = plan_micro_batches(dp.shard(rows) if dp else rows, self.micro_batch_tokens)
+        if self.zero_stage == 3:
+            filler = dummy_row(jobs[0].name, self.tokenizer.pad_token_id)
+            micro_batches = pad_micro_batches(micro_batches, dp, filler)
+        losses: dict[str, float] = defaultdict(float)
+        for micro in micro_batches:
+            batch = collate(micro, self.tokenizer.pad_token_id, self.device)
+            with self.bank.route(batch.segments):
+                values = self._forward_loss(batch).float().tolist()
+            for seg in batch.segments:
+                losses[seg.job] += sum(values[seg.start : seg.end])
+        if dp:
+            losses = dp.reduce_losses([j.name for j in jobs], losses)
+        return {j.name: losses[j.name] for j in jobs}
 
     def _forward_loss(self, batch: FusedBatch) -> torch.Tensor:
         """Per-row loss, already divided by the row's job-step token count (call routed)."""

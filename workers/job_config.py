@@ -58,6 +58,7 @@ class TrainingConfig:
     shuffle: bool = True
     seed: int = 0
     save_steps: int = 50
+    eval_steps: int | None = None  # evaluate every N steps (and at the end); None: at the end
 
     def total_steps(self, num_rows: int) -> int:
         """Optimizer steps this job runs over a dataset of `num_rows` rows.
@@ -87,3 +88,4 @@ class JobConfig:
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
     priority: int = 0
+    eval_dataset: DatasetConfig | None = None  # held-out rows: loss only, never trained on

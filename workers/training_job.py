@@ -33,6 +33,7 @@ class StepReport:
     grad_norm: float | None
     checkpoint: str | None = None  # where the engine checkpointed the job after this step
     error: str | None = None  # the job failed in this step (e.g. its loss became NaN)
+    eval_loss: float | None = None  # mean cross-entropy over the eval rows, when evaluated
 
 
 def build_optimizer(adapter: JobAdapter, config: JobConfig) -> torch.optim.AdamW:
@@ -57,11 +58,19 @@ def build_optimizer(adapter: JobAdapter, config: JobConfig) -> torch.optim.AdamW
 
 
 class TrainingJob:
-    def __init__(self, config: JobConfig, dataset: TokenizedDataset, adapter: JobAdapter) -> None:
-        if not dataset.rows:
-            raise ValueError(f"job {config.name!r}: dataset {dataset.source} has no rows")
+    def __init__(
+        self,
+        config: JobConfig,
+        dataset: TokenizedDataset,
+        adapter: JobAdapter,
+        eval_dataset: TokenizedDataset | None = None,
+    ) -> None:
+        for data in (dataset, eval_dataset):
+            if data is not None and not data.rows:
+                raise ValueError(f"job {config.name!r}: dataset {data.source} has no rows")
         self.config = config
         self.dataset = dataset
+        self.eval_dataset = eval_dataset
         self.adapter = adapter
         self.name = config.name
         t = config.training
@@ -85,6 +94,14 @@ class TrainingJob:
     @property
     def active(self) -> bool:
         return not self.done and self.error is None
+
+    @property
+    def eval_due(self) -> bool:
+        """Whether the step just finished ends with an evaluation."""
+        every = self.config.training.eval_steps
+        if self.eval_dataset is None or self.error is not None or self.step == 0:
+            return False
+        return self.done or (every is not None and self.step % every == 0)
 
     def non_finite(self, loss: float) -> str | None:
         """Why this step must not be applied (a NaN/inf loss or gradient), or None."""
