@@ -10,8 +10,10 @@ fetch` of each adapter, one generation per adapter from the same prompt
 
 from __future__ import annotations
 
+import contextlib
 import json
 import random
+import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -178,9 +180,17 @@ def main() -> int:
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
     root = Path("demo_out").resolve()
-    os.environ.setdefault("CARPOOL_STATE_DIR", str(root / "state"))
+    from orchestrator.client import CLUSTER_FILE, Client
+
+    if "CARPOOL_STATE_DIR" not in os.environ:
+        # The demo's own queue: emptied first, so its status shows this run's jobs only.
+        state = root / "state"
+        os.environ["CARPOOL_STATE_DIR"] = str(state)
+        if (state / CLUSTER_FILE).exists():  # a demo cut short left its carpool up
+            with contextlib.suppress(Exception):
+                Client(state).down()
+        shutil.rmtree(state, ignore_errors=True)
     specs = prepare(root)
-    from orchestrator.client import Client
 
     def run(*argv: str) -> None:
         print(f"\n$ carpool {' '.join(argv)}", flush=True)
