@@ -234,10 +234,19 @@ def _job_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("job", metavar="JOB")
 
 
-@subcommand("logs", "a job's log lines", _job_argument)
+def _logs_arguments(parser: argparse.ArgumentParser) -> None:
+    _job_argument(parser)
+    parser.add_argument(
+        "-f", "--follow", action="store_true", help="print new lines until the job is final"
+    )
+
+
+@subcommand("logs", "a job's log lines", _logs_arguments)
 def cmd_logs(args: argparse.Namespace) -> int:
-    for line in _client().logs(args.job):
-        print(line)
+    client = _client()
+    lines = client.follow_logs(args.job) if args.follow else client.logs(args.job)
+    for line in lines:
+        print(line, flush=True)
     return 0
 
 

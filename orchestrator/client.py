@@ -15,7 +15,7 @@ import os
 import shutil
 import socket
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from orchestrator.artifact_store import ArtifactStore
@@ -200,8 +200,23 @@ class Client:
     def cancel(self, job_id: str) -> dict:
         return self._call("cancel", validate_job_id(job_id))
 
-    def logs(self, job_id: str) -> list[str]:
-        return self._call("logs", validate_job_id(job_id))
+    def logs(self, job_id: str, since: int = 0) -> list[str]:
+        """The job's log lines, skipping the first `since`."""
+        return self._call("logs", validate_job_id(job_id), since)
+
+    def follow_logs(self, job_id: str, poll_s: float = 0.5) -> Iterator[str]:
+        """Every log line of the job as it is written, until the job is final."""
+        seen = 0
+        while True:
+            # Read the state first: lines written before it turned final are then
+            # all in the read that follows, so none is missed at the end.
+            final = JobState(self.status(job_id)[0]["state"]) in FINAL_STATES
+            lines = self.logs(job_id, since=seen)
+            seen += len(lines)
+            yield from lines
+            if final:
+                return
+            time.sleep(poll_s)
 
     def wait(self, job_ids: Sequence[str], timeout: float | None = None) -> dict[str, str]:
         """Block until every job is final; returns {id: state}. TimeoutError past `timeout`."""

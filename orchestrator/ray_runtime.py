@@ -289,8 +289,8 @@ class ControllerActor:
     def cancel(self, job_id: str) -> dict:
         return record_to_dict(self.queue.request_cancel(job_id))
 
-    def logs(self, job_id: str) -> list[str]:
-        return self.queue.logs(job_id)
+    def logs(self, job_id: str, since: int = 0) -> list[str]:
+        return self.queue.logs(job_id, since)
 
     def shutdown(self) -> None:
         """Stop the loop, checkpoint running jobs back into the queue, stop the groups."""

@@ -148,6 +148,7 @@ def test_jobs_queue_group_cancel_and_metrics(
     datasets: dict[str, Path],
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     monkeypatch.setenv("CARPOOL_STATE_DIR", str(tmp_path / "state"))  # for the CLI calls
     specs = {
@@ -195,6 +196,11 @@ def test_jobs_queue_group_cancel_and_metrics(
         (joiner_id,) = client.submit([specs["joiner"]])
         assert client.wait([joiner_id], timeout=120) == {joiner_id: "succeeded"}
         assert group_of(client, joiner_id) == group
+        capsys.readouterr()
+        assert main(["logs", joiner_id, "--follow"]) == 0  # final already: prints, returns
+        followed = capsys.readouterr().out.splitlines()
+        assert followed == client.logs(joiner_id) and "succeeded" in followed[-1]
+        assert client.logs(joiner_id, since=len(followed) - 1) == followed[-1:]
         actors_after = {a["name"] for a in ray.util.list_named_actors(all_namespaces=True)}
         assert any(group in name for name in actors_before) and actors_before == actors_after
         assert job(client, long_id)["step"] > step_before  # it went on meanwhile
