@@ -140,6 +140,12 @@ def new_job_adapter(
     return adapter
 
 
+def _row_seed(adapter: JobAdapter, row_id: int, module_index: int) -> int:
+    """A 63-bit seed of (job seed, row id, module): the only inputs a row's mask has."""
+    key = f"{adapter.seed}:{row_id}:{module_index}".encode()
+    return int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "little") >> 1
+
+
 def dropout_mask(
     adapter: JobAdapter,
     module_index: int,
@@ -147,23 +153,50 @@ def dropout_mask(
     shape: torch.Size,
     like: torch.Tensor,
 ) -> torch.Tensor:
-    """Inverted-dropout mask for a segment, [rows, seq, in_features].
+    """Inverted-dropout mask for a segment, [rows, seq, in_features], in `like`'s dtype.
 
-    Each row's mask comes from its own CPU generator seeded by (job seed, row
-    id, module). The CPU stream fills in order, so a longer padded batch only
-    extends a row's mask: padding and batch composition never change it.
+    Each row's mask depends only on its seed (job seed, row id, module) and is
+    prefix-stable: a longer padded batch only extends it, so padding and batch
+    composition never change it. On CPU it comes from a per-row generator; on
+    an accelerator from a counter-based hash computed there, since generating
+    [rows, seq, features] numbers on the host and copying them over would cost
+    more than the LoRA matmuls it masks.
+    """
+    seeds = [_row_seed(adapter, row_id, module_index) for row_id in row_ids]
+    keep = 1.0 - adapter.dropout
+    if like.device.type == "cpu":
+        _, seq_len, features = shape
+        masks = []
+        for seed in seeds:
+            gen = torch.Generator(device="cpu").manual_seed(seed)
+            masks.append(torch.rand(seq_len, features, generator=gen) < keep)
+        kept = torch.stack(masks)
+    else:
+        kept = hashed_keep_mask(seeds, shape, keep, like.device)
+    return kept.to(dtype=like.dtype) / keep
+
+
+_U32 = 0xFFFFFFFF
+
+
+def hashed_keep_mask(
+    seeds: Sequence[int], shape: torch.Size, keep: float, device: torch.device
+) -> torch.Tensor:
+    """Bernoulli(keep) of [rows, seq, features] from a hash of (row seed, element index).
+
+    Each element is hashed on its own (a 32-bit integer mixer, in int64 so that
+    no product overflows), so the values of a position never depend on the
+    tensor's size: the mask is prefix-stable and identical on every device.
     """
     _, seq_len, features = shape
-    keep = 1.0 - adapter.dropout
-    masks = []
-    for row_id in row_ids:
-        digest = hashlib.blake2b(
-            f"{adapter.seed}:{row_id}:{module_index}".encode(), digest_size=8
-        ).digest()
-        gen = torch.Generator(device="cpu").manual_seed(int.from_bytes(digest, "little") >> 1)
-        masks.append(torch.rand(seq_len, features, generator=gen) < keep)
-    mask = torch.stack(masks).to(device=like.device, dtype=like.dtype)
-    return mask / keep
+    index = torch.arange(seq_len * features, dtype=torch.int64, device=device)
+    row_keys = torch.tensor([s & _U32 for s in seeds], dtype=torch.int64, device=device)
+    h = ((index.view(1, -1) * 0x9E3779B1) & _U32) ^ row_keys.view(-1, 1)
+    for multiplier in (0x7FEB352D, 0x68E31DA5):  # odd and below 2**31: products fit in int64
+        h ^= h >> 16
+        h = (h * multiplier) & _U32
+    h ^= h >> 15
+    return ((h >> 8) < int(keep * (1 << 24))).view(len(seeds), seq_len, features)
 
 
 class AdapterBank:
