@@ -8,11 +8,12 @@ Runs the same K jobs three ways in one process, one after another:
       no LoRA trainer can beat.
 Prints tokens/s of each, the ratios a/b and a/c, and peak memory.
 With --gradient-checkpointing, also (a) with each decoder layer recomputed in
-the backward: its cost in time and its saving in peak memory against (a).
+the backward; with --loss-chunk-tokens N, also (a) with the loss computed N
+tokens at a time: each one's cost in time and saving in peak memory against (a).
 
     python benchmarks/engine.py                 # CPU defaults
     python benchmarks/engine.py --device cuda   # bf16, 1B Llama-shaped model
-    python benchmarks/engine.py --gradient-checkpointing
+    python benchmarks/engine.py --gradient-checkpointing --loss-chunk-tokens 256
 """
 
 from __future__ import annotations
@@ -164,15 +165,10 @@ def job_configs(args: argparse.Namespace, base: Path) -> list[JobConfig]:
     ]
 
 
-def fused_round(
-    args, base: Path, datasets, device, gradient_checkpointing: bool = False
-) -> Callable[[], None]:
+def fused_round(args, base: Path, datasets, device, **engine_options) -> Callable[[], None]:
     """(a) One engine round: every job's step in fused micro-batches."""
     engine = Engine(
-        str(base),
-        device=device,
-        micro_batch_tokens=args.micro_batch_tokens,
-        gradient_checkpointing=gradient_checkpointing,
+        str(base), device=device, micro_batch_tokens=args.micro_batch_tokens, **engine_options
     )
     for config, data in zip(job_configs(args, base), datasets, strict=True):
         engine.add_job(config, dataset=data)
@@ -227,6 +223,8 @@ def floor_round(args, base: Path, datasets, device) -> Callable[[], None]:
 
 
 CHECKPOINTED = "fused + grad ckpt"
+CHUNKED = "fused + chunked loss"
+BOTH = "fused + both"
 
 
 def main() -> None:
@@ -246,6 +244,10 @@ def main() -> None:
     parser.add_argument(
         "--gradient-checkpointing", action="store_true",
         help="also time the fused engine with gradient checkpointing",
+    )  # fmt: skip
+    parser.add_argument(
+        "--loss-chunk-tokens", type=int, default=None, metavar="N",
+        help="also time the fused engine with the loss computed N tokens at a time",
     )  # fmt: skip
     args = parser.parse_args()
     device = torch.device(args.device)
@@ -268,8 +270,20 @@ def main() -> None:
             "PEFT sequential": peft_sequential_round(args, base, datasets, device),
             "floor (base fwd+bwd)": floor_round(args, base, datasets, device),
         }
-        if args.gradient_checkpointing:  # opt-in: a fourth engine crowds the others' caches
-            ways[CHECKPOINTED] = fused_round(args, base, datasets, device, True)
+        # Opt-in, and last: a fourth engine in memory slows the others' rounds.
+        if args.gradient_checkpointing:
+            ways[CHECKPOINTED] = fused_round(
+                args, base, datasets, device, gradient_checkpointing=True
+            )
+        if args.loss_chunk_tokens:
+            ways[CHUNKED] = fused_round(
+                args, base, datasets, device, loss_chunk_tokens=args.loss_chunk_tokens
+            )
+        if args.gradient_checkpointing and args.loss_chunk_tokens:
+            ways[BOTH] = fused_round(
+                args, base, datasets, device,
+                gradient_checkpointing=True, loss_chunk_tokens=args.loss_chunk_tokens,
+            )  # fmt: skip
         peaks = {}
         for label, step in ways.items():  # warm up, and measure memory on its own
             with PeakMemory(device) as mem:
@@ -296,13 +310,13 @@ def main() -> None:
     print(f"fused / PEFT sequential: {fused / results['PEFT sequential'][0]:.2f}x tokens/s")
     floor_time = 1 / results["floor (base fwd+bwd)"][0]
     print(f"fused time / floor time: {(1 / fused) / floor_time:.2f}x")
-    if not args.gradient_checkpointing:
-        return
-    checkpointed, checkpointed_peak = results[CHECKPOINTED]
-    print(
-        f"grad ckpt / fused: {fused / checkpointed:.2f}x time, "
-        f"{checkpointed_peak / max(results['carpool fused'][1], 1):.2f}x peak memory"
-    )
+    for label, short in ((CHECKPOINTED, "grad ckpt"), (CHUNKED, "chunked loss"), (BOTH, "both")):
+        if label in results:
+            tps, peak = results[label]
+            print(
+                f"{short} / fused: {fused / tps:.2f}x time, "
+                f"{peak / max(results['carpool fused'][1], 1):.2f}x peak memory"
+            )
 
 
 if __name__ == "__main__":

@@ -65,6 +65,17 @@ def cmd_validate(args: argparse.Namespace) -> int:
     return 0
 
 
+def positive_int(text: str) -> int:
+    """An argparse type: refused with the option's name before any work starts."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def _train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("specs", nargs="+", type=Path, metavar="JOB.yaml", help="job spec files")
     parser.add_argument("--out", type=Path, required=True, help="adapters go to OUT/<name>/")
@@ -73,7 +84,7 @@ def _train_arguments(parser: argparse.ArgumentParser) -> None:
         help="checkpoint each job here every save_steps; a rerun resumes from it",
     )  # fmt: skip
     parser.add_argument(
-        "--micro-batch-tokens", type=int, default=None,
+        "--micro-batch-tokens", type=positive_int, default=None,
         help="cap on padded tokens per fused forward/backward (default: a whole round)",
     )  # fmt: skip
     parser.add_argument(
@@ -82,6 +93,10 @@ def _train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--gradient-checkpointing", action="store_true",
         help="recompute the base's layers in the backward: less memory, same adapters",
+    )  # fmt: skip
+    parser.add_argument(
+        "--loss-chunk-tokens", type=positive_int, default=None, metavar="N",
+        help="compute the loss N tokens at a time, never the whole batch's logits",
     )  # fmt: skip
 
 
@@ -106,6 +121,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             micro_batch_tokens=args.micro_batch_tokens,
             device=args.device,
             gradient_checkpointing=args.gradient_checkpointing,
+            loss_chunk_tokens=args.loss_chunk_tokens,
         )
     for name, path in outputs.items():
         print(f"{name}: {path}")

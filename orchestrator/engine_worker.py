@@ -65,6 +65,7 @@ class EngineWorker:
         zero_stage: int | str = 0,
         offload_params: bool = False,
         gradient_checkpointing: bool = False,
+        loss_chunk_tokens: int | None = None,
     ) -> None:
         """With `world_size` > 1 (or ZeRO-3), joins the group's torch.distributed
         process group at `init_method` (gloo on CPU, NCCL on GPU) before loading
@@ -99,6 +100,7 @@ class EngineWorker:
             zero_stage=zero_stage,
             offload_params=offload_params,
             gradient_checkpointing=gradient_checkpointing,
+            loss_chunk_tokens=loss_chunk_tokens,
         )
         log.info("group %s rank %d/%d: zero_stage=%s", group_id, rank, world_size, zero_stage)
 

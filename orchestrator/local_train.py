@@ -35,6 +35,7 @@ def train_locally(
     micro_batch_tokens: int | None = None,
     device: str | None = None,
     gradient_checkpointing: bool = False,
+    loss_chunk_tokens: int | None = None,
 ) -> dict[str, Path]:
     """Train every job to completion; returns each job's adapter directory.
 
@@ -51,6 +52,7 @@ def train_locally(
             micro_batch_tokens=micro_batch_tokens,
             checkpoint_root=checkpoint_dir,
             gradient_checkpointing=gradient_checkpointing,
+            loss_chunk_tokens=loss_chunk_tokens,
         )
         for config in configs:
             resume = checkpoint_dir / config.name if checkpoint_dir else None

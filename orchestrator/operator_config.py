@@ -57,6 +57,8 @@ class OperatorConfig(BaseModel):
     micro_batch_tokens: StrictInt | None = Field(None, ge=1)
     # Recompute decoder layers in the backward: activation memory for more jobs per group.
     gradient_checkpointing: bool = False
+    # Loss through the output layer this many tokens at a time: no whole-batch logits.
+    loss_chunk_tokens: StrictInt | None = Field(None, ge=1)
     checkpoint_every_steps: StrictInt | None = Field(None, ge=1)
     keep_checkpoints: StrictInt = Field(2, ge=1)
     max_attempts: StrictInt = Field(3, ge=1)

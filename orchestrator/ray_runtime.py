@@ -125,6 +125,7 @@ class RayWorkerGroup:
                 zero_stage=config.zero_stage,
                 offload_params=config.offload_params,
                 gradient_checkpointing=config.gradient_checkpointing,
+                loss_chunk_tokens=config.loss_chunk_tokens,
             )
             for rank in range(n)
         ]

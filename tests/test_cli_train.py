@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import torch
 import yaml
 from peft import PeftModel
@@ -97,3 +98,27 @@ def test_gradient_checkpointing_flag_gives_the_same_adapter(
     for module, (a, b) in first.items():
         torch.testing.assert_close(second[module][0], a, rtol=1e-6, atol=1e-7)
         torch.testing.assert_close(second[module][1], b, rtol=1e-6, atol=1e-7)
+
+
+def test_loss_chunk_tokens_flag_gives_the_same_adapter(
+    tiny_base: Path, datasets: dict[str, Path], tmp_path: Path, monkeypatch, capsys
+) -> None:
+    chunks: list[int] = []
+    chunked = workers.engine.chunked_token_losses
+    monkeypatch.setattr(
+        workers.engine,
+        "chunked_token_losses",
+        lambda hidden, head, targets, n: chunks.append(n) or chunked(hidden, head, targets, n),
+    )
+    spec = write_spec(tmp_path / "a.yaml", **spec_fields("job-a", tiny_base, datasets["text"]))
+    plain, split = tmp_path / "plain", tmp_path / "split"
+    assert main(["train", str(spec), "--out", str(plain)]) == 0
+    assert main(["train", str(spec), "--out", str(split), "--loss-chunk-tokens", "7"]) == 0
+    assert chunks and set(chunks) == {7}  # the flag reached the loss
+    first, second = read_adapter(plain / "job-a").weights, read_adapter(split / "job-a").weights
+    for module, (a, b) in first.items():
+        torch.testing.assert_close(second[module][0], a, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(second[module][1], b, rtol=1e-4, atol=1e-6)
+    with pytest.raises(SystemExit):
+        main(["train", str(spec), "--out", str(split), "--loss-chunk-tokens", "0"])
+    assert "--loss-chunk-tokens: must be at least 1" in capsys.readouterr().err

@@ -10,6 +10,7 @@ routed through its own job's adapter, then steps each job's optimizer.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections import defaultdict
 from collections.abc import Sequence
@@ -22,6 +23,7 @@ import torch.nn.functional as F
 from workers.adapter_bank import AdapterBank, JobAdapter, Segment, new_job_adapter
 from workers.base_model import default_device, default_dtype, load_base, load_tokenizer
 from workers.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from workers.chunked_loss import chunked_token_losses, loss_precision, supports_chunked_loss
 from workers.data_parallel import DataParallel
 from workers.dataset import IGNORE_INDEX, TokenizedDataset, load_dataset
 from workers.fused_batch import FusedBatch, collate, plan_micro_batches, step_rows
@@ -30,6 +32,8 @@ from workers.job_config import DatasetConfig, JobConfig
 from workers.peft_format import adapter_from_loaded, export_adapter, read_adapter
 from workers.training_job import StepReport, TrainingJob
 from workers.zero3 import dummy_row, load_base_zero3, pad_micro_batches
+
+log = logging.getLogger("carpool.engine")
 
 
 class Engine:
@@ -49,6 +53,7 @@ class Engine:
         offload_params: bool = False,
         zero_options: dict | None = None,
         gradient_checkpointing: bool = False,
+        loss_chunk_tokens: int | None = None,
     ) -> None:
         """`micro_batch_tokens` caps padded tokens per forward/backward (None: one per round).
 
@@ -64,6 +69,10 @@ class Engine:
 
         `gradient_checkpointing` recomputes each decoder layer in the backward
         instead of keeping its activations: less memory, the same result.
+
+        `loss_chunk_tokens` computes the loss through the frozen output layer
+        that many tokens at a time, never holding the whole batch's logits
+        (ignored, with a warning, where the model or ZeRO-3 does not allow it).
         """
         if zero_stage not in (0, 3):
             raise ValueError(f"zero_stage must be 0 or 3, got {zero_stage}")
@@ -96,6 +105,7 @@ class Engine:
             )
         if gradient_checkpointing:
             enable_gradient_checkpointing(self.base)
+        self.loss_chunk_tokens = self._check_loss_chunking(loss_chunk_tokens)
         self.tokenizer = load_tokenizer(base_model, trust_remote_code=trust_remote_code)
         self.bank = AdapterBank(self.base)
         self.jobs: dict[str, TrainingJob] = {}
@@ -254,18 +264,43 @@ class Engine:
             losses = dp.reduce_losses([j.name for j in jobs], losses)
         return {j.name: losses[j.name] for j in jobs}
 
+    def _check_loss_chunking(self, chunk_tokens: int | None) -> int | None:
+        if chunk_tokens is None:
+            return None
+        if chunk_tokens < 1:
+            raise ValueError(f"loss_chunk_tokens must be at least 1, got {chunk_tokens}")
+        reason = (
+            "ZeRO-3 partitions the output layer" if self.zero_stage == 3 else None
+        ) or supports_chunked_loss(self.base)
+        if reason is not None:
+            log.warning("loss_chunk_tokens ignored for %s: %s", self.base_model, reason)
+            return None
+        return chunk_tokens
+
     def _forward_loss(self, batch: FusedBatch) -> torch.Tensor:
         """Per-row loss, already divided by the row's job-step token count (call routed)."""
         # Right padding under a causal mask: real tokens never attend to padding,
         # so no attention mask is needed and padded positions carry no target.
-        logits = self.base(input_ids=batch.input_ids, use_cache=False).logits
-        ce = F.cross_entropy(
-            logits.float().flatten(0, 1),
-            batch.targets.flatten(),
-            ignore_index=IGNORE_INDEX,
-            reduction="none",
-        ).view_as(batch.targets)
-        return ce.sum(dim=1) * batch.row_scale
+        targets = batch.targets.flatten()
+        # No job adapts the output layer (never a target), so it can be used as a frozen weight.
+        if self.loss_chunk_tokens:
+            decoder = self.base.get_decoder()
+            hidden = decoder(input_ids=batch.input_ids, use_cache=False).last_hidden_state
+            ce = chunked_token_losses(
+                hidden.flatten(0, 1),
+                self.base.get_output_embeddings(),
+                targets,
+                self.loss_chunk_tokens,
+            )
+        else:
+            logits = self.base(input_ids=batch.input_ids, use_cache=False).logits
+            ce = F.cross_entropy(
+                loss_precision(logits).flatten(0, 1),
+                targets,
+                ignore_index=IGNORE_INDEX,
+                reduction="none",
+            )
+        return ce.view_as(batch.targets).sum(dim=1) * batch.row_scale
 
     def run(self, max_rounds: int | None = None) -> None:
         """Step until every job is done (or `max_rounds` rounds)."""
