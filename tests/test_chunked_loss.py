@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tests.autograd_memory import kept_for_backward
 from tests.peft_reference import max_relative_difference
 from tests.test_engine_equivalence import three_jobs
 from tests.test_gradient_checkpointing import dropout_and_shuffle
@@ -45,18 +46,12 @@ def train(base: Path, configs: list, **engine_kwargs) -> tuple[dict, list, int]:
     )
     for config in configs:
         engine.add_job(config)
-    kept: dict[int, int] = {}
-
-    def pack(tensor: torch.Tensor) -> torch.Tensor:
-        kept[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
-        return tensor
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    with kept_for_backward() as kept:
         losses = [{k: r.loss for k, r in engine.step().items()}]
     while engine.active_jobs():
         losses.append({k: r.loss for k, r in engine.step().items()})
     adapters = {c.name: engine.jobs[c.name].adapter.named_tensors() for c in configs}
-    return adapters, losses, sum(kept.values())
+    return adapters, losses, kept.total
 
 
 def test_engine_with_chunked_loss_trains_the_same_adapters(
@@ -72,7 +67,7 @@ def test_engine_with_chunked_loss_trains_the_same_adapters(
         assert difference <= 1e-9, (config.name, difference)
     for got, want in zip(chunked_losses, plain_losses, strict=True):
         assert all(abs(got[k] - want[k]) <= 1e-12 * want[k] for k in want)
-    assert chunked_bytes < 0.85 * plain_bytes, (chunked_bytes, plain_bytes)  # 0.79 measured
+    assert chunked_bytes < 0.85 * plain_bytes, (chunked_bytes, plain_bytes)  # 0.81 measured
 
 
 def test_models_whose_logits_cannot_be_chunked_are_named(tiny_base: Path) -> None:

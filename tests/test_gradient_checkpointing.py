@@ -9,6 +9,7 @@ import pytest
 import torch
 from torch import nn
 
+from tests.autograd_memory import kept_for_backward
 from tests.peft_reference import max_relative_difference
 from tests.test_engine_equivalence import job, three_jobs
 from workers.base_model import load_base
@@ -32,18 +33,11 @@ def train(base: Path, configs: list, **engine_kwargs) -> tuple[dict, int]:
     engine = Engine(str(base), device="cpu", micro_batch_tokens=256, **engine_kwargs)
     for config in configs:
         engine.add_job(config)
-    kept: dict[int, int] = {}
-
-    def pack(tensor: torch.Tensor) -> torch.Tensor:
-        storage = tensor.untyped_storage()
-        kept[storage.data_ptr()] = storage.nbytes()  # a storage counts once, however viewed
-        return tensor
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    with kept_for_backward() as kept:
         engine.step()
     engine.run()
     adapters = {c.name: engine.jobs[c.name].adapter.named_tensors() for c in configs}
-    return adapters, sum(kept.values())
+    return adapters, kept.total
 
 
 def test_checkpointed_training_equals_plain_and_keeps_less(
@@ -56,7 +50,7 @@ def test_checkpointed_training_equals_plain_and_keeps_less(
         difference = max_relative_difference(plain[config.name], checkpointed[config.name])
         assert difference <= 1e-6, (config.name, difference)
     # Only each layer's input (and the head's) is kept, not every activation inside.
-    assert checkpointed_bytes < 0.5 * plain_bytes, (checkpointed_bytes, plain_bytes)
+    assert checkpointed_bytes < 0.5 * plain_bytes, (checkpointed_bytes, plain_bytes)  # 0.27
 
 
 def test_every_decoder_layer_is_wrapped_once(tiny_base: Path) -> None:
