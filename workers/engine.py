@@ -26,7 +26,7 @@ from workers.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoi
 from workers.chunked_loss import chunked_token_losses, loss_precision, supports_chunked_loss
 from workers.data_parallel import DataParallel
 from workers.dataset import IGNORE_INDEX, TokenizedDataset, load_dataset
-from workers.fused_batch import FusedBatch, collate, plan_micro_batches, step_rows
+from workers.fused_batch import FusedBatch, StepRow, collate, plan_micro_batches, step_rows
 from workers.gradient_checkpointing import enable_gradient_checkpointing
 from workers.job_config import DatasetConfig, JobConfig
 from workers.peft_format import adapter_from_loaded, export_adapter, read_adapter
@@ -184,24 +184,15 @@ class Engine:
         all_rows = [
             r for name, (rows, ids) in rows_by_job.items() for r in step_rows(name, rows, ids)
         ]
-        dp = self.data_parallel
-        my_rows = dp.shard(all_rows) if dp else all_rows
         losses: dict[str, float] = defaultdict(float)
-        micro_batches = plan_micro_batches(my_rows, self.micro_batch_tokens)
-        if self.zero_stage == 3:
-            # ZeRO-3 gathers are collectives: every rank runs as many passes as the busiest.
-            filler = dummy_row(min(j.name for j in jobs), self.tokenizer.pad_token_id)
-            micro_batches = pad_micro_batches(micro_batches, dp, filler)
-        for micro in micro_batches:
+        for micro in self._micro_batches(all_rows, filler_job=min(j.name for j in jobs)):
             batch = collate(micro, self.tokenizer.pad_token_id, self.device)
             # Routed through the backward too: checkpointed layers rerun forward there.
             with self.bank.route(batch.segments):
                 row_loss = self._forward_loss(batch)
                 row_loss.sum().backward()
-            # One host sync per micro-batch for the per-job loss figures.
-            values = row_loss.detach().float().tolist()
-            for seg in batch.segments:
-                losses[seg.job] += sum(values[seg.start : seg.end])
+            _add_row_losses(losses, batch, row_loss)
+        dp = self.data_parallel
         if dp:
             jobs = sorted(jobs, key=lambda j: j.name)  # the same order on every rank
             dp.reduce_gradients([j.adapter for j in jobs])
@@ -248,21 +239,25 @@ class Engine:
             for j in jobs
             for row in step_rows(j.name, j.eval_dataset.rows, range(len(j.eval_dataset.rows)))
         ]
+        losses: dict[str, float] = defaultdict(float)
+        for micro in self._micro_batches(rows, filler_job=jobs[0].name):
+            batch = collate(micro, self.tokenizer.pad_token_id, self.device)
+            with self.bank.route(batch.segments):
+                _add_row_losses(losses, batch, self._forward_loss(batch))
+        if self.data_parallel:
+            losses = self.data_parallel.reduce_losses([j.name for j in jobs], losses)
+        return {j.name: losses[j.name] for j in jobs}
+
+    def _micro_batches(self, rows: list[StepRow], filler_job: str) -> list[list[StepRow]]:
+        """This rank's share of `rows`, packed into micro-batches."""
         dp = self.data_parallel
         micro_batches = plan_micro_batches(dp.shard(rows) if dp else rows, self.micro_batch_tokens)
         if self.zero_stage == 3:
-            filler = dummy_row(jobs[0].name, self.tokenizer.pad_token_id)
+            # ZeRO-3 gathers are collectives: every rank runs as many passes as the busiest,
+            # the extra ones over a zero-weight row of `filler_job`.
+            filler = dummy_row(filler_job, self.tokenizer.pad_token_id)
             micro_batches = pad_micro_batches(micro_batches, dp, filler)
-        losses: dict[str, float] = defaultdict(float)
-        for micro in micro_batches:
-            batch = collate(micro, self.tokenizer.pad_token_id, self.device)
-            with self.bank.route(batch.segments):
-                values = self._forward_loss(batch).float().tolist()
-            for seg in batch.segments:
-                losses[seg.job] += sum(values[seg.start : seg.end])
-        if dp:
-            losses = dp.reduce_losses([j.name for j in jobs], losses)
-        return {j.name: losses[j.name] for j in jobs}
+        return micro_batches
 
     def _check_loss_chunking(self, chunk_tokens: int | None) -> int | None:
         if chunk_tokens is None:
@@ -340,3 +335,10 @@ def train_jobs(
         engine.add_job(config)
     engine.run()
     return {c.name: engine.export(c.name, Path(out_dir) / c.name) for c in configs}
+
+
+def _add_row_losses(losses: dict[str, float], batch: FusedBatch, row_loss: torch.Tensor) -> None:
+    """Sum a micro-batch's row losses into each job's total (one host sync)."""
+    values = row_loss.detach().double().tolist()  # float64 figures, whatever the dtype
+    for seg in batch.segments:
+        losses[seg.job] += sum(values[seg.start : seg.end])
