@@ -20,7 +20,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Protocol
 
-from orchestrator.engine_worker import JobStepResult
+from orchestrator.engine_worker import JobAdmitted, JobStepResult
 from orchestrator.job_queue import JobQueue, JobRecord, JobState
 from orchestrator.operator_config import OperatorConfig
 from orchestrator.scheduler import (
@@ -54,7 +54,7 @@ class WorkerGroup(Protocol):
     group_id: str
     base_model: str
 
-    def add_job(self, job_id: str, config: JobConfig, resume_from: str | None) -> int: ...
+    def add_job(self, job_id: str, config: JobConfig, resume_from: str | None) -> JobAdmitted: ...
     def remove_job(self, job_id: str, checkpoint: bool) -> str | None: ...
     def start_step(self) -> None: ...
     def finish_step(self) -> list[JobStepResult]: ...
@@ -178,7 +178,7 @@ class Controller:
         group = self.groups[decision.group_id]
         self.queue.mark_running(record.id, decision.group_id)
         try:
-            step = group.handle.add_job(record.id, self.job_config(record), record.checkpoint)
+            admitted = group.handle.add_job(record.id, self.job_config(record), record.checkpoint)
         except GroupFailedError:
             group.jobs[record.id] = self._demand(record)  # so the failure requeues it too
             self._group_failed(decision.group_id)
@@ -188,8 +188,10 @@ class Controller:
             self.queue.append_log(record.id, f"failed to start: {e}")
             return
         group.jobs[record.id] = self._demand(record)
-        how = f"resumed from step {step}" if record.checkpoint else "started"
+        how = f"resumed from step {admitted.step}" if record.checkpoint else "started"
         self.queue.append_log(record.id, f"{how} in group {decision.group_id}")
+        for notice in admitted.notices:
+            self.queue.append_log(record.id, notice)
 
     def _preempt(self, decision: PreemptJob) -> None:
         group = self.groups[decision.group_id]

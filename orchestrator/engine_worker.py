@@ -33,6 +33,14 @@ log = logging.getLogger("carpool.worker")
 
 
 @dataclass(frozen=True)
+class JobAdmitted:
+    """What admitting a job reports back: the step it starts at, and notes for its log."""
+
+    step: int
+    notices: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
 class JobStepResult:
     """One job's outcome of one round, sent back to the controller."""
 
@@ -105,8 +113,10 @@ class EngineWorker:
         log.info("group %s rank %d/%d: zero_stage=%s", group_id, rank, world_size, zero_stage)
 
     # -- membership, applied between rounds -------------------------------------------
-    def add_job(self, job_id: str, config: JobConfig, resume_from: str | None = None) -> int:
-        """Admit a job (resuming from a checkpoint URI if given); returns its step."""
+    def add_job(
+        self, job_id: str, config: JobConfig, resume_from: str | None = None
+    ) -> JobAdmitted:
+        """Admit a job (resuming from a checkpoint URI if given)."""
         local_resume = None
         if resume_from is not None:
             local_resume = self.store.local_path(resume_from)
@@ -117,7 +127,7 @@ class EngineWorker:
         job = self.engine.add_job(replace(config, name=job_id), resume_from=local_resume)
         verb = f"resumed at step {job.step}" if local_resume else "admitted"
         log.info("[job %s] %s to group %s (%d steps)", job_id, verb, self.group_id, job.total_steps)
-        return job.step
+        return JobAdmitted(job.step, job.truncation_notices())
 
     def remove_job(self, job_id: str, checkpoint: bool) -> str | None:
         """Take a job off the engine, checkpointing it first if asked; returns the checkpoint URI."""

@@ -57,11 +57,8 @@ def train_locally(
         for config in configs:
             resume = checkpoint_dir / config.name if checkpoint_dir else None
             job = engine.add_job(config, resume_from=resume)
-            if job.dataset.truncated_rows:
-                notice(
-                    f"{job.name}: {job.dataset.truncated_rows} of {len(job.dataset.rows)} rows "
-                    f"truncated to max_seq_length={config.training.max_seq_length}"
-                )
+            for line in job.truncation_notices():
+                notice(f"{job.name}: {line}")
             report(
                 JobProgressRow(job.name, job.step, job.total_steps, job.last_loss, None, "queued")
             )

@@ -24,7 +24,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from orchestrator.admission import check_admission
 from orchestrator.controller import Controller, GroupFailedError
-from orchestrator.engine_worker import EngineWorker, JobStepResult
+from orchestrator.engine_worker import EngineWorker, JobAdmitted, JobStepResult
 from orchestrator.job_queue import JobQueue, JobRecord, JobState
 from orchestrator.operator_config import OperatorConfig
 from orchestrator.spec import JobSpec
@@ -146,7 +146,7 @@ class RayWorkerGroup:
         except _ACTOR_LOST as e:
             raise GroupFailedError(f"group {self.group_id}: {e}") from e
 
-    def add_job(self, job_id: str, config: JobConfig, resume_from: str | None) -> int:
+    def add_job(self, job_id: str, config: JobConfig, resume_from: str | None) -> JobAdmitted:
         return self._all("add_job", job_id, config, resume_from)
 
     def remove_job(self, job_id: str, checkpoint: bool) -> str | None:

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from orchestrator.controller import Controller, GroupFailedError
-from orchestrator.engine_worker import JobStepResult
+from orchestrator.engine_worker import JobAdmitted, JobStepResult
 from orchestrator.job_queue import JobQueue, JobState
 from orchestrator.operator_config import OperatorConfig
 from orchestrator.spec import JobSpec
@@ -84,12 +84,14 @@ class FakeGroup:
         *,
         fail_at_round: int | None,
         reject: dict[str, str],
+        notices: dict[str, tuple[str, ...]],
     ) -> None:
         self.group_id = group_id
         self.base_model = base_model
         self.events = events
         self.fail_at_round = fail_at_round
         self.reject = reject
+        self.notices = notices
         self.jobs: dict[str, FakeJob] = {}
         self.configs: dict[str, JobConfig] = {}  # the config of every add_job, by job id
         self.rounds = 0
@@ -108,7 +110,7 @@ class FakeGroup:
         if self.dead:
             raise GroupFailedError(f"group {self.group_id} lost a rank")
 
-    def add_job(self, job_id: str, config: JobConfig, resume_from: str | None) -> int:
+    def add_job(self, job_id: str, config: JobConfig, resume_from: str | None) -> JobAdmitted:
         self._enter("add_job", job_id, resume_from)
         self._alive()
         if job_id in self.jobs:
@@ -122,7 +124,7 @@ class FakeGroup:
         self.jobs[job_id] = FakeJob(
             step, t.max_steps, t.save_steps, t.eval_steps, config.eval_dataset is not None
         )
-        return step
+        return JobAdmitted(step, self.notices.get(config.name, ()))
 
     def remove_job(self, job_id: str, checkpoint: bool) -> str | None:
         self._enter("remove_job", job_id, checkpoint)
@@ -184,6 +186,7 @@ class FakeGroupFactory:
         self.events: list[Event] = []
         self.groups: list[FakeGroup] = []
         self.reject: dict[str, str] = {}  # job name -> message of the ValueError add_job raises
+        self.notices: dict[str, tuple[str, ...]] = {}  # job name -> what add_job reports
         self._fail_at: dict[int, int] = {}
 
     def fail_group(self, index: int, at_round: int) -> None:
@@ -197,6 +200,7 @@ class FakeGroupFactory:
             self.events,
             fail_at_round=self._fail_at.get(len(self.groups)),
             reject=self.reject,
+            notices=self.notices,
         )
         self.groups.append(group)
         return group
@@ -682,3 +686,14 @@ def test_eval_losses_are_recorded_and_logged(queue, factory, spec) -> None:
     assert [line.split("step ")[1].split()[0] for line in lines] == ["2/5", "4/5", "5/5"]
     assert "eval_loss" not in queue.get(plain).metrics
     assert not any("eval_loss" in line for line in queue.logs(plain))
+
+
+def test_what_admission_reports_goes_into_the_jobs_log(queue, factory, spec) -> None:
+    factory.notices["long-rows"] = ("dataset: 3 of 40 rows truncated to max_seq_length=32",)
+    controller = make_controller(queue, factory)
+    noted, plain = controller.submit([spec("long-rows"), spec("short-rows")])
+    run_to_end(controller)
+    lines = queue.logs(noted)
+    started = next(i for i, line in enumerate(lines) if "started in group" in line)
+    assert "3 of 40 rows truncated" in lines[started + 1]
+    assert not any("truncated" in line for line in queue.logs(plain))

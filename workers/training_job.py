@@ -103,6 +103,16 @@ class TrainingJob:
             return False
         return self.done or (every is not None and self.step % every == 0)
 
+    def truncation_notices(self) -> tuple[str, ...]:
+        """One line per dataset whose rows were cut to max_seq_length, for the job's log."""
+        limit = self.config.training.max_seq_length
+        return tuple(
+            f"{what}: {data.truncated_rows} of {len(data.rows)} rows truncated "
+            f"to max_seq_length={limit}"
+            for what, data in (("dataset", self.dataset), ("eval_dataset", self.eval_dataset))
+            if data is not None and data.truncated_rows
+        )
+
     def non_finite(self, loss: float) -> str | None:
         """Why this step must not be applied (a NaN/inf loss or gradient), or None."""
         if not math.isfinite(loss):
