@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,7 @@ from workers.base_model import load_base
 from workers.chunked_loss import chunked_token_losses, supports_chunked_loss
 from workers.dataset import IGNORE_INDEX
 from workers.engine import Engine
+from workers.job_config import DatasetConfig
 
 
 @pytest.mark.parametrize("chunk", [1, 3, 7, 64])
@@ -37,6 +39,8 @@ def test_losses_and_input_gradients_match_full_cross_entropy(chunk: int) -> None
     torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(got_grad, hidden.grad, rtol=1e-12, atol=1e-12)
     assert got[1] == 0 and got[4] == 0
+    with torch.no_grad():  # evaluation: the same losses, no gradient work
+        torch.testing.assert_close(chunked_token_losses(hidden, head, targets, chunk), got)
 
 
 def train(base: Path, configs: list, **engine_kwargs) -> tuple[dict, list, int]:
@@ -91,3 +95,21 @@ def test_an_unsupported_model_falls_back_with_a_warning(
     assert "loss_chunk_tokens ignored" in caplog.text and "special" in caplog.text
     with pytest.raises(ValueError, match="at least 1"):
         Engine(str(tiny_base), device="cpu", loss_chunk_tokens=0)
+
+
+def test_evaluation_with_chunked_loss_gives_the_same_eval_loss(
+    tiny_base: Path, datasets: dict[str, Path]
+) -> None:
+    configs = [
+        replace(c, eval_dataset=DatasetConfig(datasets["prompt_completion"]))
+        for c in three_jobs(tiny_base, datasets)
+    ]
+    results = []
+    for options in ({}, {"loss_chunk_tokens": 29}):
+        engine = Engine(str(tiny_base), device="cpu", dtype=torch.float64, **options)
+        for config in configs:
+            engine.add_job(config)
+        results.append(engine.evaluate())
+    assert results[0].keys() == {c.name for c in configs}
+    for name, loss in results[0].items():
+        assert abs(results[1][name] - loss) <= 1e-12 * loss, name
