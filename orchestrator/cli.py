@@ -59,9 +59,12 @@ def _validate_arguments(parser: argparse.ArgumentParser) -> None:
 def cmd_validate(args: argparse.Namespace) -> int:
     from orchestrator.validation import validate_files
 
-    specs = validate_files(args.specs)  # SpecValidationError is handled in main
+    notes: list = []
+    specs = validate_files(args.specs, notes)  # SpecValidationError is handled in main
     for path, spec in zip(args.specs, specs, strict=True):
         print(f"ok: {spec.name} ({path})")
+    for note in notes:
+        print(f"note: {note}")
     return 0
 
 
@@ -162,7 +165,11 @@ def cmd_down(args: argparse.Namespace) -> int:
 
 @subcommand("submit", "queue job specs; prints one job id per line", _validate_arguments)
 def cmd_submit(args: argparse.Namespace) -> int:
-    for job_id in _client().submit(args.specs):
+    notes: list = []
+    job_ids = _client().submit(args.specs, notes)
+    for note in notes:  # stderr: stdout stays one job id per line
+        print(f"note: {note}", file=sys.stderr)
+    for job_id in job_ids:
         print(job_id)
     return 0
 

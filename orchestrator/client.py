@@ -182,13 +182,16 @@ class Client:
         return cluster.get("dashboard_url") if cluster else None
 
     # -- jobs --------------------------------------------------------------------------------
-    def submit(self, spec_paths: Sequence[str | Path]) -> list[str]:
-        """Validate every file (all problems at once, nothing queued on any), then queue them."""
+    def submit(self, spec_paths: Sequence[str | Path], notes: list | None = None) -> list[str]:
+        """Validate every file (all problems at once, nothing queued on any), then queue them.
+
+        Findings that are no error (rows that will be truncated) are appended to `notes`.
+        """
         from orchestrator.admission import check_admission
         from orchestrator.validation import validate_files
 
         paths = [Path(p) for p in spec_paths]
-        specs = validate_files(paths)
+        specs = validate_files(paths, notes)
         check_admission(specs, self.config, [str(p) for p in paths])
         return self._call("submit", [s.model_dump(mode="json") for s in specs])
 

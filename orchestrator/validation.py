@@ -237,7 +237,12 @@ def _target_problems(
 
 
 def _dataset_problems(
-    field: str, path_value: str, data_format: str | None, max_seq_length: int | None, tokenizer: Any
+    field: str,
+    path_value: str,
+    data_format: str | None,
+    max_seq_length: int | None,
+    tokenizer: Any,
+    notes: _Found,
 ) -> _Found:
     path = Path(path_value)
     if not path.is_file():
@@ -246,11 +251,17 @@ def _dataset_problems(
     if tokenizer is None or data_format is None or max_seq_length is None:
         return []  # reading the rows needs the tokenizer and valid settings
     try:
-        load_dataset(path, data_format, tokenizer, max_seq_length)
+        data = load_dataset(path, data_format, tokenizer, max_seq_length)
     except DatasetError as e:
         return [(field, str(e))]
     except Exception as e:  # a tokenizer or reader failure is still the user's data problem
         return [(field, f"{path}: cannot load: {e}")]
+    if data.truncated_rows:
+        message = (
+            f"{data.truncated_rows} of {len(data.rows)} rows are longer than "
+            f"max_seq_length={max_seq_length} and will be truncated"
+        )
+        notes.append((field, message))
     return []
 
 
@@ -275,7 +286,7 @@ def _init_from_problems(init_from: str, r: int | None) -> _Found:
     return []
 
 
-def _resource_problems(facts: _Facts, cache: BaseModelCache) -> _Found:
+def _resource_problems(facts: _Facts, cache: BaseModelCache, notes: _Found) -> _Found:
     problems: _Found = []
     shapes = tokenizer = None
     if facts.base_model is not None:
@@ -293,15 +304,18 @@ def _resource_problems(facts: _Facts, cache: BaseModelCache) -> _Found:
         ("eval_dataset.path", facts.eval_dataset_path, facts.eval_dataset_format),
     ):
         if path is not None:
-            problems += _dataset_problems(field, path, data_format, facts.max_seq_length, tokenizer)
+            problems += _dataset_problems(
+                field, path, data_format, facts.max_seq_length, tokenizer, notes
+            )
     if facts.init_from is not None:
         problems += _init_from_problems(facts.init_from, facts.r)
     return problems
 
 
 def _check(
-    raw: Any, source: str, cache: BaseModelCache
+    raw: Any, source: str, cache: BaseModelCache, notes: list[SpecProblem] | None = None
 ) -> tuple[JobSpec | None, list[SpecProblem]]:
+    """(spec or None, problems); what is worth knowing but no problem goes to `notes`."""
     if isinstance(raw, JobSpec):  # re-checked through the same path as YAML
         raw = raw.model_dump(mode="json")
     if raw is None:
@@ -318,7 +332,10 @@ def _check(
     found += _steps_problems(raw)
     found += _eval_problems(raw)
     # Even when the schema fails, check paths on the raw values it did not reject.
-    found += _resource_problems(_facts(raw, {field for field, _ in found}), cache)
+    noted: _Found = []
+    found += _resource_problems(_facts(raw, {field for field, _ in found}), cache, noted)
+    if notes is not None:
+        notes += [SpecProblem(source, field, message) for field, message in noted]
     return spec, [SpecProblem(source, field, message) for field, message in found]
 
 
@@ -332,7 +349,9 @@ def check_spec(
     return _check(spec_or_raw, source, cache or BaseModelCache())[1]
 
 
-def _load_file(path: Path, cache: BaseModelCache) -> tuple[JobSpec | None, Any, list[SpecProblem]]:
+def _load_file(
+    path: Path, cache: BaseModelCache, notes: list[SpecProblem] | None = None
+) -> tuple[JobSpec | None, Any, list[SpecProblem]]:
     """(spec or None, raw value, problems) of one YAML file."""
     try:
         text = Path(path).read_text(encoding="utf-8")
@@ -348,7 +367,7 @@ def _load_file(path: Path, cache: BaseModelCache) -> tuple[JobSpec | None, Any, 
         return None, None, [SpecProblem(str(path), where, f"invalid YAML: {reason}")]
     if isinstance(raw, Mapping):
         raw = resolve_spec_paths(raw, Path(path).resolve().parent)
-    spec, problems = _check(raw, str(path), cache)
+    spec, problems = _check(raw, str(path), cache, notes)
     return spec, raw, problems
 
 
@@ -360,14 +379,17 @@ def load_spec_file(path: Path, *, cache: BaseModelCache | None = None) -> JobSpe
     return spec
 
 
-def validate_files(paths: Sequence[Path]) -> list[JobSpec]:
-    """Check several job files together; also rejects one job name used twice."""
+def validate_files(paths: Sequence[Path], notes: list[SpecProblem] | None = None) -> list[JobSpec]:
+    """Check several job files together; also rejects one job name used twice.
+
+    Findings that are no error (rows that will be truncated) are appended to `notes`.
+    """
     cache = BaseModelCache()
     specs: list[JobSpec] = []
     problems: list[SpecProblem] = []
     first_source: dict[str, str] = {}
     for path in paths:
-        spec, raw, file_problems = _load_file(Path(path), cache)
+        spec, raw, file_problems = _load_file(Path(path), cache, notes)
         problems += file_problems
         if spec is not None:
             specs.append(spec)

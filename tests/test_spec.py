@@ -284,6 +284,25 @@ def test_cli_validate_ok(base: Path, data: Path, tmp_path: Path, capsys) -> None
     assert out == [f"ok: job-1 ({a})", f"ok: job-2 ({b})"]
 
 
+def test_rows_that_will_be_truncated_are_noted_not_refused(
+    base: Path, tmp_path: Path, capsys
+) -> None:
+    long = write_jsonl(tmp_path / "long.jsonl", [{"text": "word " * 40}, {"text": "short"}])
+    raw = minimal(base, long, eval_dataset={"path": str(long)})
+    raw["training"]["max_seq_length"] = 16
+    path = write_spec(tmp_path / "job.yaml", raw)
+    notes: list[SpecProblem] = []
+    assert [s.name for s in validate_files([path], notes)] == ["job-1"]
+    message = "1 of 2 rows are longer than max_seq_length=16 and will be truncated"
+    assert [(n.field, n.message) for n in notes] == [
+        ("dataset.path", message),
+        ("eval_dataset.path", message),
+    ]
+    assert main(["validate", str(path)]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out == [f"ok: job-1 ({path})", f"note: {notes[0]}", f"note: {notes[1]}"]
+
+
 def test_cli_validate_reports_problems(base: Path, data: Path, tmp_path: Path, capsys) -> None:
     bad = write_spec(tmp_path / "bad.yaml", minimal(base, data, adapter={"r": 0, "x": 1}))
     assert main(["validate", str(bad), str(tmp_path / "absent.yaml")]) == 1
