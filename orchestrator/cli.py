@@ -273,10 +273,18 @@ def cmd_logs(args: argparse.Namespace) -> int:
     return 0
 
 
-@subcommand("cancel", "cancel a job (a running one stops at its next step)", _job_argument)
+def _jobs_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("jobs", nargs="+", metavar="JOB")
+
+
+@subcommand("cancel", "cancel jobs (a running one stops at its next step)", _jobs_argument)
 def cmd_cancel(args: argparse.Namespace) -> int:
-    record = _client().cancel(args.job)
-    print(f"{record['id']} {'cancelling' if record['cancel_requested'] else record['state']}")
+    client = _client()
+    for job_id in args.jobs:  # an unknown id stops the command before any job is touched
+        client.status(job_id)
+    for job_id in args.jobs:
+        record = client.cancel(job_id)
+        print(f"{record['id']} {'cancelling' if record['cancel_requested'] else record['state']}")
     return 0
 
 

@@ -208,6 +208,9 @@ def test_jobs_queue_group_cancel_and_metrics(
         assert main(["wait", long_id, "--timeout", "0.1"]) == 2  # still running
 
         # Cancel stops a running job at the next step boundary; the others go on.
+        # Several ids: one unknown id stops the command before any job is touched.
+        assert main(["cancel", doomed_id, "no-such-job-0"]) == 1
+        assert not job(client, doomed_id)["cancel_requested"]
         at_request = job(client, doomed_id)["step"]
         assert main(["cancel", doomed_id]) == 0
         wait_for(lambda: job(client, doomed_id)["state"] == "cancelled", what="cancel")
