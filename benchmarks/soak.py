@@ -29,7 +29,7 @@ sys.path = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).pa
 import yaml  # noqa: E402
 
 from orchestrator.client import Client  # noqa: E402
-from orchestrator.demo import write_datasets  # noqa: E402
+from orchestrator.demo import TaskData, write_datasets  # noqa: E402
 from workers.tiny_base import build_tiny_base  # noqa: E402
 
 FINAL = {"succeeded", "failed", "cancelled"}
@@ -51,7 +51,11 @@ def worker_pids() -> list[int]:
     return pids
 
 
-def write_spec(root: Path, base: Path, data: Path, i: int, rng: random.Random) -> Path:
+def write_spec(
+    root: Path, base: Path, tasks: dict[str, TaskData], i: int, rng: random.Random
+) -> Path:
+    """The i-th job of the stream: the tasks' training sets in turn, random sizes."""
+    data = list(tasks.values())[i % len(tasks)].train
     spec = {
         "name": f"soak-{i}",
         "base_model": str(base),
@@ -91,7 +95,7 @@ def main() -> int:
             next_kill = time.monotonic() + args.kill_every
             i = 0
             while time.monotonic() < end:
-                spec = write_spec(root, base, list(data.values())[i % len(data)], i, rng)
+                spec = write_spec(root, base, data, i, rng)
                 submitted += client.submit([spec])
                 i += 1
                 if time.monotonic() >= next_kill:
