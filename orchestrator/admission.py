@@ -25,13 +25,12 @@ def _under(path: Path, roots: Sequence[Path]) -> bool:
 def admission_problems(spec: JobSpec, config: OperatorConfig, source: str) -> list[SpecProblem]:
     problems = []
     roots = config.allowed_roots
-    paths = {"base_model": spec.base_model, "dataset.path": spec.dataset.path}
-    if spec.adapter.init_from is not None:
-        paths["adapter.init_from"] = spec.adapter.init_from
     datasets = {"dataset.path": spec.dataset.path}
     if spec.eval_dataset is not None:
         datasets["eval_dataset.path"] = spec.eval_dataset.path
-    paths.update(datasets)
+    paths = {"base_model": spec.base_model, **datasets}
+    if spec.adapter.init_from is not None:
+        paths["adapter.init_from"] = spec.adapter.init_from
     if roots is not None:
         allowed = ", ".join(str(r) for r in roots)
         for field, value in paths.items():
@@ -48,8 +47,8 @@ def admission_problems(spec: JobSpec, config: OperatorConfig, source: str) -> li
     cap = config.max_dataset_bytes
     for field, value in datasets.items():
         dataset = Path(value)
-        if cap is not None and dataset.is_file() and dataset.stat().st_size > cap:
-            size = dataset.stat().st_size
+        size = dataset.stat().st_size if cap is not None and dataset.is_file() else 0
+        if cap is not None and size > cap:
             message = f"{size} bytes is over the operator's cap of {cap} bytes"
             problems.append(SpecProblem(source, field, message))
     return problems

@@ -17,8 +17,10 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import torch.distributed as dist
 
@@ -65,20 +67,18 @@ class EngineWorker:
         storage_root: str,
         scratch_dir: str | Path,
         device: str | None = None,
-        micro_batch_tokens: int | None = None,
         trust_remote_code: bool = False,
         rank: int = 0,
         world_size: int = 1,
         init_method: str | None = None,
         zero_stage: int | str = 0,
-        offload_params: bool = False,
-        gradient_checkpointing: bool = False,
-        loss_chunk_tokens: int | None = None,
+        engine_options: Mapping[str, Any] | None = None,
     ) -> None:
         """With `world_size` > 1 (or ZeRO-3), joins the group's torch.distributed
         process group at `init_method` (gloo on CPU, NCCL on GPU) before loading
         the base. `zero_stage` is 0, 3 or "auto" (3 when the base would not fit
-        comfortably on one device)."""
+        comfortably on one device). `engine_options` go to `Engine` as they are
+        (`OperatorConfig.engine_options`: micro-batch size, memory settings)."""
         self.group_id = group_id
         self.rank = rank
         self.is_leader = rank == 0
@@ -101,14 +101,11 @@ class EngineWorker:
         self.engine = Engine(
             base_model,
             device=device,
-            micro_batch_tokens=micro_batch_tokens,
             checkpoint_root=checkpoint_root if self.is_leader else None,
             trust_remote_code=trust_remote_code,
             data_parallel=data_parallel,
             zero_stage=zero_stage,
-            offload_params=offload_params,
-            gradient_checkpointing=gradient_checkpointing,
-            loss_chunk_tokens=loss_chunk_tokens,
+            **(engine_options or {}),
         )
         log.info("group %s rank %d/%d: zero_stage=%s", group_id, rank, world_size, zero_stage)
 

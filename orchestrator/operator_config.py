@@ -93,6 +93,15 @@ class OperatorConfig(BaseModel):
     def queue_path(self) -> Path:
         return self.state_dir / "queue.sqlite"
 
+    def engine_options(self) -> dict[str, Any]:
+        """The `Engine` arguments a worker passes on as they are: how rounds run."""
+        return {
+            "micro_batch_tokens": self.micro_batch_tokens,
+            "offload_params": self.offload_params,
+            "gradient_checkpointing": self.gradient_checkpointing,
+            "loss_chunk_tokens": self.loss_chunk_tokens,
+        }
+
 
 def _dotted(loc: tuple[int | str, ...]) -> str:
     return ".".join(str(part) for part in loc) or "(top level)"

@@ -116,16 +116,13 @@ class RayWorkerGroup:
                 storage_root=config.storage_root(),
                 scratch_dir=str(config.state_dir / "scratch"),
                 device="cuda" if gpu else "cpu",
-                micro_batch_tokens=config.micro_batch_tokens,
                 trust_remote_code=config.trust_remote_code,
                 threads=config.cpus_per_rank,
                 rank=rank,
                 world_size=n,
                 init_method=init_method,
                 zero_stage=config.zero_stage,
-                offload_params=config.offload_params,
-                gradient_checkpointing=config.gradient_checkpointing,
-                loss_chunk_tokens=config.loss_chunk_tokens,
+                engine_options=config.engine_options(),
             )
             for rank in range(n)
         ]

@@ -50,6 +50,9 @@ class DatasetSpec(_SpecModel):
             raise ValueError(f"must end in {' or '.join(DATASET_SUFFIXES)}, got {str(path)!r}")
         return path
 
+    def to_config(self) -> DatasetConfig:
+        return DatasetConfig(path=Path(self.path), format=self.format)
+
 
 class AdapterSpec(_SpecModel):
     r: StrictInt = Field(8, ge=1)
@@ -128,7 +131,7 @@ class JobSpec(_SpecModel):
         return JobConfig(
             name=self.name,
             base_model=self.base_model,
-            dataset=DatasetConfig(path=Path(self.dataset.path), format=self.dataset.format),
+            dataset=self.dataset.to_config(),
             adapter=AdapterConfig(
                 r=a.r,
                 lora_alpha=a.lora_alpha,
@@ -141,11 +144,7 @@ class JobSpec(_SpecModel):
             ),
             training=TrainingConfig(**t.model_dump()),
             priority=self.priority,
-            eval_dataset=(
-                DatasetConfig(path=Path(self.eval_dataset.path), format=self.eval_dataset.format)
-                if self.eval_dataset is not None
-                else None
-            ),
+            eval_dataset=self.eval_dataset.to_config() if self.eval_dataset else None,
         )
 
 

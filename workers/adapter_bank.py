@@ -39,6 +39,24 @@ class LoraWeights:
     lora_B: nn.Parameter  # [out_features, r]
     module_index: int  # position among the base's linears, to seed dropout masks
 
+    @classmethod
+    def beside(
+        cls,
+        linear: nn.Linear,
+        a: torch.Tensor,
+        b: torch.Tensor,
+        module_index: int,
+        freeze_lora_A: bool = False,
+    ) -> LoraWeights:
+        """Parameters from A and B, on the linear's device and in the adapters' dtype."""
+        w = linear.weight
+        dtype = adapter_dtype(w.dtype)
+        return cls(
+            nn.Parameter(a.to(device=w.device, dtype=dtype), requires_grad=not freeze_lora_A),
+            nn.Parameter(b.to(device=w.device, dtype=dtype)),
+            module_index,
+        )
+
 
 @dataclass
 class JobAdapter:
@@ -132,11 +150,7 @@ def new_job_adapter(
         bound = 1.0 / math.sqrt(linear.in_features)
         a.uniform_(-bound, bound, generator=gen)
         b = torch.zeros(linear.out_features, r, dtype=torch.float32)
-        w = linear.weight
-        dtype = adapter_dtype(w.dtype)
-        lora_a = nn.Parameter(a.to(device=w.device, dtype=dtype), requires_grad=not freeze_lora_A)
-        lora_b = nn.Parameter(b.to(device=w.device, dtype=dtype))
-        adapter.modules[mod_name] = LoraWeights(lora_a, lora_b, index[mod_name])
+        adapter.modules[mod_name] = LoraWeights.beside(linear, a, b, index[mod_name], freeze_lora_A)
     return adapter
 
 

@@ -18,7 +18,7 @@ from peft import LoraConfig
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from workers.adapter_bank import JobAdapter, LoraWeights, adapter_dtype
+from workers.adapter_bank import JobAdapter, LoraWeights
 from workers.base_model import linear_modules
 
 CONFIG_FILE = "adapter_config.json"
@@ -154,9 +154,5 @@ def adapter_from_loaded(
                 f"adapter weights for {module} have shapes {tuple(a.shape)}, {tuple(b.shape)}; "
                 f"expected ({loaded.r}, {linear.in_features}), ({linear.out_features}, {loaded.r})"
             )
-        w = linear.weight
-        dtype = adapter_dtype(w.dtype)
-        lora_a = nn.Parameter(a.to(w.device, dtype), requires_grad=not freeze_lora_A)
-        lora_b = nn.Parameter(b.to(w.device, dtype))
-        adapter.modules[module] = LoraWeights(lora_a, lora_b, index[module])
+        adapter.modules[module] = LoraWeights.beside(linear, a, b, index[module], freeze_lora_A)
     return adapter
