@@ -32,20 +32,21 @@ class Subcommand:
     help: str
     add_arguments: ArgumentsFn
     run: CommandFn
+    uses_queue: bool  # talks to a carpool's state directory: takes --state-dir
 
 
 SUBCOMMANDS: dict[str, Subcommand] = {}
 
 
 def subcommand(
-    name: str, help: str, add_arguments: ArgumentsFn
+    name: str, help: str, add_arguments: ArgumentsFn, *, uses_queue: bool = False
 ) -> Callable[[CommandFn], CommandFn]:
     """Register `cmd_<name>` as `carpool <name>`."""
 
     def register(fn: CommandFn) -> CommandFn:
         if name in SUBCOMMANDS:
             raise ValueError(f"subcommand {name!r} registered twice")
-        SUBCOMMANDS[name] = Subcommand(name, help, add_arguments, fn)
+        SUBCOMMANDS[name] = Subcommand(name, help, add_arguments, fn, uses_queue)
         return fn
 
     return register
@@ -132,10 +133,10 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 # -- the queue and the controller ---------------------------------------------------------
-def _client():
+def _client(args: argparse.Namespace):
     from orchestrator.client import Client
 
-    return Client()
+    return Client(args.state_dir)
 
 
 def _up_arguments(parser: argparse.ArgumentParser) -> None:
@@ -144,29 +145,42 @@ def _up_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num-cpus", type=int, default=None, help="CPUs of a local Ray head")
 
 
-@subcommand("up", "start Ray (or attach to it) and the carpool controller", _up_arguments)
+@subcommand(
+    "up", "start Ray (or attach to it) and the carpool controller", _up_arguments, uses_queue=True
+)
 def cmd_up(args: argparse.Namespace) -> int:
     from orchestrator.client import Client
+    from orchestrator.ray_auth import token_mode_on, where_token_is
 
-    client = Client.up(args.config, address=args.address, num_cpus=args.num_cpus)
+    client = Client.up(
+        args.config, address=args.address, num_cpus=args.num_cpus, state_dir=args.state_dir
+    )
+    if client.created_token is not None:
+        print(f"created a Ray auth token in {client.created_token} (readable by you only)")
     print(f"carpool is up; state in {client.state_dir}")
-    print(f"Ray dashboard: {client.dashboard_url}")
+    sign_in = f" (sign in with Ray's auth token: {where_token_is()})" if token_mode_on() else ""
+    print(f"Ray dashboard: {client.dashboard_url}{sign_in}")
     return 0
 
 
 @subcommand(
-    "down", "stop the controller and any Ray it started (queue and artifacts stay)", lambda p: None
+    "down",
+    "stop the controller and any Ray it started (queue and artifacts stay)",
+    lambda p: None,
+    uses_queue=True,
 )
 def cmd_down(args: argparse.Namespace) -> int:
-    _client().down()
+    _client(args).down()
     print("carpool is down")
     return 0
 
 
-@subcommand("submit", "queue job specs; prints one job id per line", _validate_arguments)
+@subcommand(
+    "submit", "queue job specs; prints one job id per line", _validate_arguments, uses_queue=True
+)
 def cmd_submit(args: argparse.Namespace) -> int:
     notes: list = []
-    job_ids = _client().submit(args.specs, notes)
+    job_ids = _client(args).submit(args.specs, notes)
     for note in notes:  # stderr: stdout stays one job id per line
         print(f"note: {note}", file=sys.stderr)
     for job_id in job_ids:
@@ -184,9 +198,14 @@ def _fmt(value, spec: str = "") -> str:
     return "-" if value is None else format(value, spec)
 
 
-@subcommand("status", "jobs' state, step/total, loss, tokens/s and group", _status_arguments)
+@subcommand(
+    "status",
+    "jobs' state, step/total, loss, tokens/s and group",
+    _status_arguments,
+    uses_queue=True,
+)
 def cmd_status(args: argparse.Namespace) -> int:
-    client = _client()
+    client = _client(args)
     if args.watch:
         return _watch(client, args.job)
     records = client.status(args.job)
@@ -241,10 +260,11 @@ def _wait_arguments(parser: argparse.ArgumentParser) -> None:
     "wait",
     "wait for jobs: exit 0 all succeeded, 1 any failed/cancelled, 2 timeout",
     _wait_arguments,
+    uses_queue=True,
 )
 def cmd_wait(args: argparse.Namespace) -> int:
     try:
-        states = _client().wait(args.jobs, timeout=args.timeout)
+        states = _client(args).wait(args.jobs, timeout=args.timeout)
     except TimeoutError as e:
         print(f"timeout: {e}", file=sys.stderr)
         return 2
@@ -264,9 +284,9 @@ def _logs_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-@subcommand("logs", "a job's log lines", _logs_arguments)
+@subcommand("logs", "a job's log lines", _logs_arguments, uses_queue=True)
 def cmd_logs(args: argparse.Namespace) -> int:
-    client = _client()
+    client = _client(args)
     lines = client.follow_logs(args.job) if args.follow else client.logs(args.job)
     for line in lines:
         print(line, flush=True)
@@ -277,9 +297,11 @@ def _jobs_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("jobs", nargs="+", metavar="JOB")
 
 
-@subcommand("cancel", "cancel jobs (a running one stops at its next step)", _jobs_argument)
+@subcommand(
+    "cancel", "cancel jobs (a running one stops at its next step)", _jobs_argument, uses_queue=True
+)
 def cmd_cancel(args: argparse.Namespace) -> int:
-    client = _client()
+    client = _client(args)
     for job_id in args.jobs:  # an unknown id stops the command before any job is touched
         client.status(job_id)
     for job_id in args.jobs:
@@ -293,9 +315,11 @@ def _fetch_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, required=True, help="directory for the PEFT adapter")
 
 
-@subcommand("fetch", "write a finished job's PEFT adapter directory", _fetch_arguments)
+@subcommand(
+    "fetch", "write a finished job's PEFT adapter directory", _fetch_arguments, uses_queue=True
+)
 def cmd_fetch(args: argparse.Namespace) -> int:
-    print(_client().fetch(args.job, args.out))
+    print(_client(args).fetch(args.job, args.out))
     return 0
 
 
@@ -307,6 +331,12 @@ def build_parser() -> argparse.ArgumentParser:
     for command in SUBCOMMANDS.values():
         sub = commands.add_parser(command.name, help=command.help, description=command.help)
         command.add_arguments(sub)
+        if command.uses_queue:
+            sub.add_argument(
+                "--state-dir", type=Path, default=None, metavar="DIR",
+                help="the carpool's state directory (default: $CARPOOL_STATE_DIR, else the "
+                "last `carpool up`'s, else ~/.carpool)",
+            )  # fmt: skip
         sub.set_defaults(run=command.run)
     return parser
 
@@ -333,12 +363,16 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _describe(error: Exception) -> str:
-    """Spec problems one per line (each names file and field); anything else one line."""
+    """Spec problems one per line (each names file and field), a failed `ray start` with
+    the last lines it printed; anything else one line."""
+    from orchestrator.local_ray import RayStartError
     from orchestrator.operator_config import OperatorConfigError
     from orchestrator.validation import SpecValidationError
 
     if isinstance(error, (SpecValidationError, OperatorConfigError)):
         return str(error)
+    if isinstance(error, RayStartError):
+        return f"error: {error}"
     text = str(error).strip()
     return f"error: {text.splitlines()[0] if text else type(error).__name__}"
 
@@ -351,14 +385,16 @@ def _user_error(error: Exception) -> Exception | None:
     from orchestrator.client import ControllerNotRunningError, JobNotFinishedError
     from orchestrator.job_ids import InvalidJobIdError
     from orchestrator.job_queue import InvalidTransitionError, UnknownJobError
+    from orchestrator.local_ray import RayStartError
     from orchestrator.operator_config import OperatorConfigError
+    from orchestrator.ray_auth import MissingRayTokenError
     from orchestrator.validation import SpecValidationError
     from workers.dataset import DatasetError
 
     user_errors = (
         SpecValidationError, DatasetError, ControllerNotRunningError, JobNotFinishedError,
         UnknownJobError, InvalidTransitionError, InvalidJobIdError, OperatorConfigError,
-        FileNotFoundError,
+        FileNotFoundError, MissingRayTokenError, RayStartError,
     )  # fmt: skip
     # Errors raised inside the controller actor arrive wrapped, the original as `cause`.
     for candidate in (getattr(error, "cause", None), error):

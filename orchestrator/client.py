@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import os
 import shutil
 import socket
 import time
@@ -23,6 +22,8 @@ from orchestrator.job_ids import validate_job_id
 from orchestrator.job_queue import FINAL_STATES, JobState
 from orchestrator.local_ray import start_head, stop_cluster
 from orchestrator.operator_config import OperatorConfig, load_operator_config
+from orchestrator.ray_auth import require_token
+from orchestrator.state_dir import find_state_dir, record_last_up, state_dir_for_up
 
 CLUSTER_FILE = "cluster.json"
 
@@ -35,16 +36,14 @@ class JobNotFinishedError(RuntimeError):
     pass
 
 
-def default_state_dir() -> Path:
-    return Path(os.environ.get("CARPOOL_STATE_DIR", "~/.carpool")).expanduser()
-
-
 class Client:
     def __init__(self, state_dir: str | Path | None = None) -> None:
-        self.state_dir = Path(state_dir).expanduser() if state_dir else default_state_dir()
+        """Talk to the carpool of `state_dir` (default: see `orchestrator.state_dir`)."""
+        self.state_dir = find_state_dir(state_dir)
         self._controller = None
         self._cluster: dict | None = None
         self._dashboard_url: str | None = None
+        self.created_token: Path | None = None  # set by `up` when it wrote Ray's auth token
 
     # -- lifecycle -------------------------------------------------------------------------
     @classmethod
@@ -53,36 +52,53 @@ class Client:
         config_path: str | Path | None = None,
         address: str | None = None,
         num_cpus: int | None = None,
+        state_dir: str | Path | None = None,
     ) -> Client:
-        """Start a local Ray head (or attach to `address`) and the controller. Idempotent."""
+        """Start a local Ray head (or attach to `address`) and the controller. Idempotent.
+
+        A `up` that fails leaves nothing behind: a head it started is stopped and
+        no `cluster.json` is written.
+        """
         config = load_operator_config(config_path)
-        if "state_dir" not in config.model_fields_set:  # CARPOOL_STATE_DIR or ~/.carpool
-            config = config.model_copy(update={"state_dir": default_state_dir()})
+        configured = config.state_dir if "state_dir" in config.model_fields_set else None
+        config = config.model_copy(update={"state_dir": state_dir_for_up(state_dir, configured)})
         client = cls(config.state_dir)
         config.state_dir.mkdir(parents=True, exist_ok=True)
         cluster = client._read_cluster()
+        started = None
         if cluster is None or not client._reachable(cluster["address"]):
-            started = False
             if address is None:
-                address, dashboard = start_head(num_cpus)
-                started = True
+                started = start_head(num_cpus)
+                client.created_token = started.created_token
+                address = started.address
             else:
-                dashboard = None
+                require_token(address)
             cluster = {
                 "address": address,
-                "started_ray": started,
-                "dashboard_url": dashboard,
+                "started_ray": started is not None,
+                "dashboard_url": started.dashboard_url if started else None,
                 "config": config.model_dump(mode="json"),
             }
-        # Ray is up: (re)create the controller if it is gone; if it runs, this changes nothing.
-        client._attach(cluster)
+        try:
+            client._start_controller(cluster)
+        except BaseException:
+            if started is not None:  # nothing half-up: our head goes, cluster.json stays unwritten
+                client._disconnect()
+                stop_cluster(started.address)
+            raise
+        record_last_up(config.state_dir)
+        return client
+
+    def _start_controller(self, cluster: dict) -> None:
+        """(Re)create the controller if it is gone (a no-op if it runs); record the cluster."""
+        self._attach(cluster)
         import ray
 
-        from orchestrator.ray_runtime import CONTROLLER_NAME, NAMESPACE, ControllerActor
+        from orchestrator.ray_runtime import CONTROLLER_NAME, NAMESPACE, CarpoolController
 
         if not cluster["dashboard_url"]:
-            cluster["dashboard_url"] = client._dashboard_url
-        ray.remote(ControllerActor).options(
+            cluster["dashboard_url"] = self._dashboard_url
+        ray.remote(CarpoolController).options(
             name=CONTROLLER_NAME,
             namespace=NAMESPACE,
             lifetime="detached",
@@ -91,9 +107,8 @@ class Client:
             max_restarts=-1,
             num_cpus=0,
         ).remote(cluster["config"])
-        client._write_cluster(cluster)
-        ray.get(client.controller.ping.remote())  # returns once the controller answers
-        return client
+        ray.get(self.controller_handle().ping.remote())  # returns once the controller answers
+        self._write_cluster(cluster)
 
     def down(self) -> None:
         """Stop the controller (checkpointing running jobs) and any Ray that `up` started."""
@@ -108,7 +123,7 @@ class Client:
             with contextlib.suppress(Exception):
                 ray.get(self.controller.shutdown.remote(), timeout=120)
             ray.kill(self.controller, no_restart=True)
-            ray.shutdown()
+            self._disconnect()
         if cluster.get("started_ray"):
             stop_cluster(cluster["address"])  # only ours: another Ray on this machine stays
         (self.state_dir / CLUSTER_FILE).unlink(missing_ok=True)
@@ -120,7 +135,10 @@ class Client:
         return json.loads(path.read_text()) if path.exists() else None
 
     def _write_cluster(self, cluster: dict) -> None:
-        (self.state_dir / CLUSTER_FILE).write_text(json.dumps(cluster, indent=2))
+        path = self.state_dir / CLUSTER_FILE
+        staged = path.with_suffix(".tmp")
+        staged.write_text(json.dumps(cluster, indent=2))
+        staged.replace(path)  # atomic: never a half-written cluster.json
 
     @staticmethod
     def _reachable(address: str) -> bool:
@@ -145,13 +163,27 @@ class Client:
             self._dashboard_url = f"http://{url}" if url and "://" not in url else url
         self._cluster = cluster
 
+    def _disconnect(self) -> None:
+        import ray
+
+        ray.shutdown()
+        self._controller = None
+
     @property
     def controller(self):
         if self._controller is None:
             cluster = self._read_cluster()
             if cluster is None or not self._reachable(cluster["address"]):
-                raise ControllerNotRunningError("no carpool controller is up (run `carpool up`)")
+                raise ControllerNotRunningError(
+                    f"no carpool controller is up for {self.state_dir} (run `carpool up`)"
+                )
             self._attach(cluster)
+            self.controller_handle()
+        return self._controller
+
+    def controller_handle(self):
+        """The controller actor of the Ray this client is attached to."""
+        if self._controller is None:
             import ray
 
             from orchestrator.ray_runtime import CONTROLLER_NAME, NAMESPACE
@@ -160,7 +192,7 @@ class Client:
                 self._controller = ray.get_actor(CONTROLLER_NAME, namespace=NAMESPACE)
             except ValueError as e:
                 raise ControllerNotRunningError(
-                    "no carpool controller is up (run `carpool up`)"
+                    f"no carpool controller is up for {self.state_dir} (run `carpool up`)"
                 ) from e
         return self._controller
 

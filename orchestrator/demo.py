@@ -11,6 +11,7 @@ fetch` of each adapter, one generation per adapter from the same prompt
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import random
 import shutil
@@ -170,6 +171,17 @@ def generate(base: str, adapter_dirs: dict[str, Path], prompt: str) -> dict[str,
     return out
 
 
+class DemoStepFailed(Exception):
+    def __init__(self, argv: tuple[str, ...], status: int) -> None:
+        super().__init__(argv, status)
+        self.argv, self.status = argv, status
+
+    def __str__(self) -> str:
+        return (
+            f"`carpool {' '.join(self.argv)}` exited with status {self.status} (its error is above)"
+        )
+
+
 def main() -> int:
     import os
     import warnings
@@ -180,6 +192,7 @@ def main() -> int:
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
     root = Path("demo_out").resolve()
+    from orchestrator.cli import main as carpool
     from orchestrator.client import CLUSTER_FILE, Client
 
     if "CARPOOL_STATE_DIR" not in os.environ:
@@ -192,19 +205,26 @@ def main() -> int:
         shutil.rmtree(state, ignore_errors=True)
     specs = prepare(root)
 
-    def run(*argv: str) -> None:
+    def run(*argv: str, capture: bool = False) -> str:
+        """One `carpool` command, echoed; its stdout is returned when `capture`."""
         print(f"\n$ carpool {' '.join(argv)}", flush=True)
-        status = carpool(list(argv))
-        if status != 0:
-            raise SystemExit(status)
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out) if capture else contextlib.nullcontext():
+            status = carpool(list(argv))
+        print(out.getvalue(), end="")
+        if status != 0:  # the command has printed its own error to stderr
+            raise DemoStepFailed(argv, status)
+        return out.getvalue()
 
-    from orchestrator.cli import main as carpool
-
+    up = False
     try:
         run("up")
-        print(f"\n$ carpool submit {' '.join(str(p.relative_to(root.parent)) for p in specs)}")
-        job_ids = Client().submit(specs)
-        print("\n".join(job_ids))
+        up = True
+        paths = [
+            str(p.relative_to(Path.cwd())) if p.is_relative_to(Path.cwd()) else str(p)
+            for p in specs
+        ]
+        job_ids = run("submit", *paths, capture=True).split()
         run("status", "--watch")
         run("wait", *job_ids)
         run("status")  # final loss and eval loss per job
@@ -218,8 +238,15 @@ def main() -> int:
         print(f"\nprompt: {prompt.strip()!r}")
         for name, text in generate(base, dirs, prompt).items():
             print(f"  {name:<8} -> {text}")
-    finally:
+        up = False
         run("down")
+    except DemoStepFailed as failed:
+        print(f"\ndemo stopped: {failed}", file=sys.stderr)
+        return 1
+    finally:
+        if up:  # stopped early: take down what the demo started, quietly
+            with contextlib.suppress(Exception):
+                Client().down()
     return 0
 
 

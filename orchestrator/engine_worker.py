@@ -81,6 +81,7 @@ class EngineWorker:
         (`OperatorConfig.engine_options`: micro-batch size, memory settings)."""
         self.group_id = group_id
         self.rank = rank
+        self.world_size = world_size
         self.is_leader = rank == 0
         self.store = ArtifactStore(storage_root)
         self.scratch = Path(scratch_dir) / group_id

@@ -15,9 +15,12 @@ import socket
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import psutil
+
+from orchestrator.ray_auth import ensure_local_token
 
 _SESSION = re.compile(r"session_\d{4}-\d{2}-\d{2}_[\d_-]+")
 
@@ -34,8 +37,23 @@ def ray_cli() -> str:
     return str(Path(sys.executable).with_name("ray"))
 
 
-def start_head(num_cpus: int | None = None) -> tuple[str, str]:
-    """`ray start --head` on free ports; returns (GCS address, dashboard URL)."""
+class RayStartError(RuntimeError):
+    """`ray start` failed; the message ends with the last lines it printed."""
+
+
+@dataclass(frozen=True)
+class LocalHead:
+    address: str  # GCS address, as other nodes and clients join it
+    dashboard_url: str
+    created_token: Path | None  # the auth token file written for it, if one was needed
+
+
+def start_head(num_cpus: int | None = None) -> LocalHead:
+    """`ray start --head` on free ports, with an auth token in token mode.
+
+    On failure nothing of the head is left running.
+    """
+    created_token = ensure_local_token()
     port, dash, metrics = free_port(), free_port(), free_port()
     cmd = [
         ray_cli(), "start", "--head", f"--port={port}",
@@ -45,12 +63,19 @@ def start_head(num_cpus: int | None = None) -> tuple[str, str]:
     if num_cpus is not None:
         cmd.append(f"--num-cpus={num_cpus}")
     done = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ))
-    output = done.stdout + done.stderr
     # The head binds its node IP; `ray start` prints the address others join with.
-    found = re.search(r"ray start --address='([^']+)'", output)
+    found = re.search(r"ray start --address='([^']+)'", done.stdout + done.stderr)
     if done.returncode != 0 or found is None:
-        raise RuntimeError(f"ray start failed: {output.strip().splitlines()[-1:]}")
-    return found.group(1), f"http://127.0.0.1:{dash}"
+        # It may have got as far as starting the GCS: stop whatever names our port.
+        stop_cluster(f"127.0.0.1:{port}")
+        raise RayStartError(f"ray start failed (exit {done.returncode}):\n{_tail(done)}")
+    return LocalHead(found.group(1), f"http://127.0.0.1:{dash}", created_token)
+
+
+def _tail(done: subprocess.CompletedProcess, lines: int = 8) -> str:
+    """The last lines `ray start` printed, stderr first (where its errors go)."""
+    text = (done.stderr.strip() or done.stdout.strip()).splitlines()
+    return "\n".join(f"  {line}" for line in text[-lines:])
 
 
 def _cmdline(proc: psutil.Process) -> list[str]:

@@ -47,8 +47,14 @@ def _use_gpu(config: OperatorConfig) -> bool:
     return config.device == "auto" and ray.cluster_resources().get("GPU", 0) > 0
 
 
-class _EngineWorkerActor(EngineWorker):
-    """EngineWorker in its own process: log lines (prefixed with their job) reach Ray's logs."""
+class CarpoolWorker(EngineWorker):
+    """One rank of a group, in its own process: log lines (prefixed with their job) reach Ray's logs.
+
+    The dashboard shows this class's name and, in its Repr column, `repr()` taken
+    when the actor starts: so the repr holds what never changes (group, base, rank).
+    The jobs riding in the group change every few rounds: they are in the per-job
+    metrics and the log lines.
+    """
 
     def __init__(self, *args, threads: int, **kwargs) -> None:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
@@ -56,6 +62,12 @@ class _EngineWorkerActor(EngineWorker):
 
         torch.set_num_threads(threads)  # the CPUs Ray reserved for this rank
         super().__init__(*args, **kwargs)
+
+    def __repr__(self) -> str:
+        return (
+            f"CarpoolWorker(group={self.group_id}, base={self.engine.base_model}, "
+            f"rank={self.rank}/{self.world_size}, device={self.engine.device})"
+        )
 
 
 @ray.remote(num_cpus=0)
@@ -101,7 +113,7 @@ class RayWorkerGroup:
             init_method = ray.get(
                 _rendezvous_address.options(scheduling_strategy=self._on(0)).remote()
             )
-        actor_cls = ray.remote(_EngineWorkerActor)
+        actor_cls = ray.remote(CarpoolWorker)
         self.actors = [
             actor_cls.options(
                 name=f"carpool-group-{group_id}-base-{_slug(base_model)}-rank-{rank}",
@@ -234,7 +246,7 @@ def record_to_dict(record: JobRecord) -> dict:
     return out
 
 
-class ControllerActor:
+class CarpoolController:
     """The detached controller: a loop thread ticking the Controller, plus request methods."""
 
     def __init__(self, config: dict) -> None:
@@ -265,6 +277,13 @@ class ControllerActor:
                     log.exception("controller tick failed")
             if not ran:  # idle: wait for work; busy: the next round starts at once
                 time.sleep(self.config.poll_interval_s)
+
+    def __repr__(self) -> str:  # the dashboard's Repr column, taken once at start
+        c = self.config
+        return (
+            f"CarpoolController(state_dir={c.state_dir}, groups of {c.group_size} "
+            f"rank(s), device={c.device})"
+        )
 
     # -- requests (run on other actor threads; the queue is thread-safe) ---------------
     def ping(self) -> dict:

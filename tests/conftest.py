@@ -3,11 +3,25 @@
 from __future__ import annotations
 
 import json
+import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from workers.tiny_base import build_tiny_base
+
+
+@pytest.fixture(scope="session", autouse=True)
+def own_last_up_record(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """`carpool up` records its state directory per user: the tests' go to a folder of their own."""
+    before = os.environ.get("XDG_STATE_HOME")
+    os.environ["XDG_STATE_HOME"] = str(tmp_path_factory.mktemp("xdg-state"))
+    yield
+    if before is None:
+        os.environ.pop("XDG_STATE_HOME", None)
+    else:
+        os.environ["XDG_STATE_HOME"] = before
 
 
 @pytest.fixture(scope="session")

@@ -192,6 +192,16 @@ def test_jobs_queue_group_cancel_and_metrics(
         import ray
 
         actors_before = {a["name"] for a in ray.util.list_named_actors(all_namespaces=True)}
+        # The dashboard's Actors page: classes a user understands, a repr saying what each is.
+        from ray.util.state import list_actors
+
+        shown = {
+            a.class_name: a.repr_name
+            for a in list_actors(filters=[("state", "=", "ALIVE")], detail=True)
+        }
+        assert shown["CarpoolController"].startswith("CarpoolController(state_dir=")
+        assert shown["CarpoolWorker"].startswith(f"CarpoolWorker(group={group}, base=")
+        assert "rank=0/1" in shown["CarpoolWorker"]
         step_before = job(client, long_id)["step"]
         (joiner_id,) = client.submit([specs["joiner"]])
         assert client.wait([joiner_id], timeout=120) == {joiner_id: "succeeded"}
