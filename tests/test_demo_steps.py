@@ -1,0 +1,32 @@
+"""`make demo` stops at the first failing command, with that command's error, exit non-zero."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+import orchestrator.cli
+from orchestrator import demo
+
+
+def test_a_failing_up_stops_the_demo_before_anything_else(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("CARPOOL_STATE_DIR", raising=False)
+    monkeypatch.setattr(demo, "prepare", lambda root: [tmp_path / "jobs" / "shout.yaml"])
+    calls: list[list[str]] = []
+
+    def carpool(argv: list[str]) -> int:
+        calls.append(argv)
+        print("error: ray start failed (exit 1):\n  AuthenticationError: no token", file=sys.stderr)
+        return 1
+
+    monkeypatch.setattr(orchestrator.cli, "main", carpool)
+    assert demo.main() == 1
+    assert calls == [["up"]]  # no submit, no `down` with a misleading message
+    err = capsys.readouterr().err
+    assert "AuthenticationError: no token" in err
+    assert err.strip().endswith("`carpool up` exited with status 1 (its error is above)")
