@@ -28,6 +28,7 @@ from orchestrator.spec import (
     resolve_spec_paths,
     steps_xor_epochs_message,
 )
+from orchestrator.yaml_loader import load_yaml
 from workers.base_model import (
     linear_module_shapes,
     load_tokenizer,
@@ -359,16 +360,18 @@ def _load_file(
         reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
         return None, None, [SpecProblem(str(path), TOP_LEVEL, f"cannot read file: {reason}")]
     try:
-        raw = yaml.safe_load(text)
+        raw, duplicates = load_yaml(text)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f"line {mark.line + 1}" if mark is not None else TOP_LEVEL
         reason = getattr(e, "problem", None) or str(e)
         return None, None, [SpecProblem(str(path), where, f"invalid YAML: {reason}")]
+    # A repeated key is refused, but the rest of the file is still checked.
+    repeats = [SpecProblem(str(path), f"line {d.line}", d.message) for d in duplicates]
     if isinstance(raw, Mapping):
         raw = resolve_spec_paths(raw, Path(path).resolve().parent)
     spec, problems = _check(raw, str(path), cache, notes)
-    return spec, raw, problems
+    return spec, raw, repeats + problems
 
 
 def load_spec_file(path: Path, *, cache: BaseModelCache | None = None) -> JobSpec:
