@@ -9,7 +9,6 @@ checks that need only a path still run on the raw values.
 from __future__ import annotations
 
 import difflib
-import json
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +17,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ValidationError
 
+from orchestrator.init_from import InitFromCheck, check_init_from
 from orchestrator.spec import (
     EVAL_NEEDS_DATASET,
     STEPS_XOR_EPOCHS,
@@ -118,7 +118,6 @@ class _Facts:
     max_seq_length: int | None
     target_modules: list[str] | str | None
     r: int | None
-    init_from: str | None
 
 
 def _facts(raw: Mapping[str, Any], bad: set[str]) -> _Facts:
@@ -149,7 +148,6 @@ def _facts(raw: Mapping[str, Any], bad: set[str]) -> _Facts:
         ),
         target_modules=targets,
         r=get("adapter", "r", int, default(AdapterSpec, "r")),
-        init_from=get("adapter", "init_from", str),
     )
 
 
@@ -266,27 +264,6 @@ def _dataset_problems(
     return []
 
 
-def _init_from_problems(init_from: str, r: int | None) -> _Found:
-    path = Path(init_from)
-    field = "adapter.init_from"
-    if not path.is_dir():
-        return [(field, f"not a directory: {path}")]
-    config_file = path / "adapter_config.json"
-    if not config_file.is_file():
-        return [(field, f"no adapter_config.json in {path} (not a PEFT adapter)")]
-    try:
-        config = json.loads(config_file.read_text())
-    except (OSError, ValueError) as e:
-        return [(field, f"cannot read {config_file}: {e}")]
-    if not isinstance(config, dict):
-        return [(field, f"{config_file} is not a JSON object")]
-    if config.get("peft_type", "LORA") != "LORA":
-        return [(field, f"not a LoRA adapter (peft_type={config['peft_type']})")]
-    if r is not None and config.get("r", r) != r:
-        return [(field, f"adapter has r={config['r']} but the spec sets r={r}")]
-    return []
-
-
 def _resource_problems(facts: _Facts, cache: BaseModelCache, notes: _Found) -> _Found:
     problems: _Found = []
     shapes = tokenizer = None
@@ -308,9 +285,19 @@ def _resource_problems(facts: _Facts, cache: BaseModelCache, notes: _Found) -> _
             problems += _dataset_problems(
                 field, path, data_format, facts.max_seq_length, tokenizer, notes
             )
-    if facts.init_from is not None:
-        problems += _init_from_problems(facts.init_from, facts.r)
     return problems
+
+
+def _check_init_from(raw: Mapping[str, Any], cache: BaseModelCache) -> InitFromCheck | None:
+    adapter = raw.get("adapter")
+    if not isinstance(adapter, Mapping) or not isinstance(adapter.get("init_from"), str):
+        return None  # no init_from, or one the schema reports
+    base = raw.get("base_model")
+    try:
+        shapes = cache.shapes(base) if isinstance(base, str) and base else None
+    except Exception:  # reported as a base_model problem
+        shapes = None
+    return check_init_from(adapter, shapes)
 
 
 def _check(
@@ -324,6 +311,9 @@ def _check(
     if not isinstance(raw, Mapping):
         got = type(raw).__name__
         return None, [SpecProblem(source, TOP_LEVEL, f"expected a mapping of fields, got {got}")]
+    init = _check_init_from(raw, cache)
+    if init is not None:  # the adapter's values fill what the spec leaves out
+        raw = {**raw, "adapter": init.adapter}
     spec: JobSpec | None = None
     found: _Found = []
     try:
@@ -335,6 +325,9 @@ def _check(
     # Even when the schema fails, check paths on the raw values it did not reject.
     noted: _Found = []
     found += _resource_problems(_facts(raw, {field for field, _ in found}), cache, noted)
+    if init is not None:
+        found += init.problems
+        noted += init.notes
     if notes is not None:
         notes += [SpecProblem(source, field, message) for field, message in noted]
     return spec, [SpecProblem(source, field, message) for field, message in found]

@@ -17,6 +17,7 @@ from orchestrator.validation import (
     load_spec_file,
     validate_files,
 )
+from tests.peft_reference import save_peft_adapter
 from workers.job_config import DatasetConfig, JobConfig
 from workers.tiny_base import build_tiny_base
 
@@ -57,9 +58,10 @@ def fields(problems: list[SpecProblem]) -> list[str]:
 
 
 def test_full_spec_loads_and_converts(base: Path, data: Path, tmp_path: Path) -> None:
-    init = tmp_path / "init"
-    init.mkdir()
-    (init / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 4}))
+    targets = ["q_proj", "k_proj", "v_proj"]
+    init = save_peft_adapter(
+        base, tmp_path / "init", r=4, lora_alpha=8, target_modules=targets, use_rslora=True
+    )
     raw = minimal(base, data, priority=3)
     raw["dataset"]["format"] = "text"
     raw["adapter"] = {
@@ -131,8 +133,7 @@ def test_paths_resolve_relative_to_yaml(base: Path, tmp_path: Path, monkeypatch)
     jobs = tmp_path / "jobs"
     (jobs / "data").mkdir(parents=True)
     write_jsonl(jobs / "data" / "d.jsonl", [{"text": "hi"}])
-    (jobs / "init").mkdir()
-    (jobs / "init" / "adapter_config.json").write_text(json.dumps({"r": 8}))
+    save_peft_adapter(base, jobs / "init", r=8, target_modules=["q_proj", "v_proj"])
     (jobs / "models").mkdir()
     (jobs / "models" / "tiny").symlink_to(base, target_is_directory=True)
     raw = {
