@@ -378,7 +378,7 @@ def load_spec_file(path: Path, *, cache: BaseModelCache | None = None) -> JobSpe
 def validate_files(paths: Sequence[Path], notes: list[SpecProblem] | None = None) -> list[JobSpec]:
     """Check several job files together; also rejects one job name used twice.
 
-    Findings that are no error (rows that will be truncated) are appended to `notes`.
+    Findings that are no error (rows to be truncated, values taken from init_from) go to `notes`.
     """
     cache = BaseModelCache()
     specs: list[JobSpec] = []
