@@ -217,7 +217,7 @@ class Client:
     def submit(self, spec_paths: Sequence[str | Path], notes: list | None = None) -> list[str]:
         """Validate every file (all problems at once, nothing queued on any), then queue them.
 
-        Findings that are no error (rows that will be truncated) are appended to `notes`.
+        Findings that are no error (rows to be truncated, values taken from init_from) go to `notes`.
         """
         from orchestrator.admission import check_admission
         from orchestrator.validation import validate_files

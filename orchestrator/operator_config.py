@@ -22,6 +22,8 @@ from pydantic import (
     model_validator,
 )
 
+from orchestrator.yaml_loader import load_yaml
+
 
 class OperatorConfigError(ValueError):
     """A config file that cannot be read or does not validate; lists every problem."""
@@ -122,7 +124,7 @@ def load_operator_config(path: str | Path | None) -> OperatorConfig:
     except OSError as exc:
         raise OperatorConfigError(f"{name}: cannot read: {exc.strerror or exc}") from exc
     try:
-        raw = yaml.safe_load(text)
+        raw, duplicates = load_yaml(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
@@ -130,12 +132,16 @@ def load_operator_config(path: str | Path | None) -> OperatorConfig:
         raise OperatorConfigError(f"{name}: {where}invalid YAML: {problem}") from exc
     if raw is None:
         return OperatorConfig()
+    # A repeated key is refused together with the file's other problems.
+    problems = [f"{name}: {d}" for d in duplicates]
     if not isinstance(raw, dict):
-        raise OperatorConfigError(
-            f"{name}: (top level): must be a mapping of settings, got {type(raw).__name__}"
-        )
-    try:
-        return OperatorConfig.model_validate(raw)
-    except ValidationError as exc:
-        lines = [f"{name}: {_dotted(err['loc'])}: {_message(err)}" for err in exc.errors()]
-        raise OperatorConfigError("\n".join(lines)) from None
+        got = type(raw).__name__
+        problems.append(f"{name}: (top level): must be a mapping of settings, got {got}")
+    else:
+        try:
+            config = OperatorConfig.model_validate(raw)
+        except ValidationError as exc:
+            problems += [f"{name}: {_dotted(err['loc'])}: {_message(err)}" for err in exc.errors()]
+    if problems:
+        raise OperatorConfigError("\n".join(problems))
+    return config

@@ -9,7 +9,6 @@ checks that need only a path still run on the raw values.
 from __future__ import annotations
 
 import difflib
-import json
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +17,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ValidationError
 
+from orchestrator.init_from import InitFromCheck, check_init_from
 from orchestrator.spec import (
     EVAL_NEEDS_DATASET,
     STEPS_XOR_EPOCHS,
@@ -28,6 +28,7 @@ from orchestrator.spec import (
     resolve_spec_paths,
     steps_xor_epochs_message,
 )
+from orchestrator.yaml_loader import load_yaml
 from workers.base_model import (
     linear_module_shapes,
     load_tokenizer,
@@ -117,7 +118,6 @@ class _Facts:
     max_seq_length: int | None
     target_modules: list[str] | str | None
     r: int | None
-    init_from: str | None
 
 
 def _facts(raw: Mapping[str, Any], bad: set[str]) -> _Facts:
@@ -148,7 +148,6 @@ def _facts(raw: Mapping[str, Any], bad: set[str]) -> _Facts:
         ),
         target_modules=targets,
         r=get("adapter", "r", int, default(AdapterSpec, "r")),
-        init_from=get("adapter", "init_from", str),
     )
 
 
@@ -265,27 +264,6 @@ def _dataset_problems(
     return []
 
 
-def _init_from_problems(init_from: str, r: int | None) -> _Found:
-    path = Path(init_from)
-    field = "adapter.init_from"
-    if not path.is_dir():
-        return [(field, f"not a directory: {path}")]
-    config_file = path / "adapter_config.json"
-    if not config_file.is_file():
-        return [(field, f"no adapter_config.json in {path} (not a PEFT adapter)")]
-    try:
-        config = json.loads(config_file.read_text())
-    except (OSError, ValueError) as e:
-        return [(field, f"cannot read {config_file}: {e}")]
-    if not isinstance(config, dict):
-        return [(field, f"{config_file} is not a JSON object")]
-    if config.get("peft_type", "LORA") != "LORA":
-        return [(field, f"not a LoRA adapter (peft_type={config['peft_type']})")]
-    if r is not None and config.get("r", r) != r:
-        return [(field, f"adapter has r={config['r']} but the spec sets r={r}")]
-    return []
-
-
 def _resource_problems(facts: _Facts, cache: BaseModelCache, notes: _Found) -> _Found:
     problems: _Found = []
     shapes = tokenizer = None
@@ -307,9 +285,19 @@ def _resource_problems(facts: _Facts, cache: BaseModelCache, notes: _Found) -> _
             problems += _dataset_problems(
                 field, path, data_format, facts.max_seq_length, tokenizer, notes
             )
-    if facts.init_from is not None:
-        problems += _init_from_problems(facts.init_from, facts.r)
     return problems
+
+
+def _check_init_from(raw: Mapping[str, Any], cache: BaseModelCache) -> InitFromCheck | None:
+    adapter = raw.get("adapter")
+    if not isinstance(adapter, Mapping) or not isinstance(adapter.get("init_from"), str):
+        return None  # no init_from, or one the schema reports
+    base = raw.get("base_model")
+    try:
+        shapes = cache.shapes(base) if isinstance(base, str) and base else None
+    except Exception:  # reported as a base_model problem
+        shapes = None
+    return check_init_from(adapter, shapes)
 
 
 def _check(
@@ -323,6 +311,9 @@ def _check(
     if not isinstance(raw, Mapping):
         got = type(raw).__name__
         return None, [SpecProblem(source, TOP_LEVEL, f"expected a mapping of fields, got {got}")]
+    init = _check_init_from(raw, cache)
+    if init is not None:  # the adapter's values fill what the spec leaves out
+        raw = {**raw, "adapter": init.adapter}
     spec: JobSpec | None = None
     found: _Found = []
     try:
@@ -334,6 +325,9 @@ def _check(
     # Even when the schema fails, check paths on the raw values it did not reject.
     noted: _Found = []
     found += _resource_problems(_facts(raw, {field for field, _ in found}), cache, noted)
+    if init is not None:
+        found += init.problems
+        noted += init.notes
     if notes is not None:
         notes += [SpecProblem(source, field, message) for field, message in noted]
     return spec, [SpecProblem(source, field, message) for field, message in found]
@@ -359,16 +353,18 @@ def _load_file(
         reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
         return None, None, [SpecProblem(str(path), TOP_LEVEL, f"cannot read file: {reason}")]
     try:
-        raw = yaml.safe_load(text)
+        raw, duplicates = load_yaml(text)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f"line {mark.line + 1}" if mark is not None else TOP_LEVEL
         reason = getattr(e, "problem", None) or str(e)
         return None, None, [SpecProblem(str(path), where, f"invalid YAML: {reason}")]
+    # A repeated key is refused, but the rest of the file is still checked.
+    repeats = [SpecProblem(str(path), f"line {d.line}", d.message) for d in duplicates]
     if isinstance(raw, Mapping):
         raw = resolve_spec_paths(raw, Path(path).resolve().parent)
     spec, problems = _check(raw, str(path), cache, notes)
-    return spec, raw, problems
+    return spec, raw, repeats + problems
 
 
 def load_spec_file(path: Path, *, cache: BaseModelCache | None = None) -> JobSpec:
@@ -382,7 +378,7 @@ def load_spec_file(path: Path, *, cache: BaseModelCache | None = None) -> JobSpe
 def validate_files(paths: Sequence[Path], notes: list[SpecProblem] | None = None) -> list[JobSpec]:
     """Check several job files together; also rejects one job name used twice.
 
-    Findings that are no error (rows that will be truncated) are appended to `notes`.
+    Findings that are no error (rows to be truncated, values taken from init_from) go to `notes`.
     """
     cache = BaseModelCache()
     specs: list[JobSpec] = []

@@ -113,3 +113,13 @@ def max_relative_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tenso
         scale = a[k].abs().max().clamp_min(1e-12)
         worst = max(worst, float((a[k] - b[k]).abs().max() / scale))
     return worst
+
+
+def save_peft_adapter(base_path: Path, out_dir: Path, **lora: object) -> Path:
+    """A PEFT LoRA adapter for the base at `base_path`, saved the way PEFT saves it.
+
+    `lora` are LoraConfig's arguments (r, lora_alpha, target_modules, use_dora, ...).
+    """
+    base = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32)
+    get_peft_model(base, LoraConfig(**lora)).save_pretrained(str(out_dir))
+    return out_dir

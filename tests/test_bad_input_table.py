@@ -20,6 +20,7 @@ from orchestrator.admission import check_admission
 from orchestrator.cli import main
 from orchestrator.operator_config import OperatorConfig
 from orchestrator.validation import SpecValidationError, validate_files
+from tests.peft_reference import save_peft_adapter
 from workers.tiny_base import build_tiny_base
 
 Case = Callable[[dict, Path], None]
@@ -70,6 +71,19 @@ def _drop(path: str) -> Case:
     return apply
 
 
+def _init_from(hidden_size: int = 64, **lora: object) -> Case:
+    """An init_from adapter made by PEFT, for a tiny base of `hidden_size` (the spec's is 64)."""
+
+    def apply(spec: dict, root: Path) -> None:
+        base = Path(spec["base_model"])
+        if hidden_size != 64:
+            base = build_tiny_base(root / "other-base", hidden_size=hidden_size)
+        adapter = {"r": 4, "lora_alpha": 16, "target_modules": ["q_proj", "v_proj"], **lora}
+        spec["adapter"]["init_from"] = str(save_peft_adapter(base, root / "init", **adapter))
+
+    return apply
+
+
 USER_ONLY = json.dumps({"messages": [{"role": "user", "content": "hi"}]}) + "\n"
 TEXT_ROW = json.dumps({"text": "hello"}) + "\n"
 
@@ -104,6 +118,9 @@ CASES: list[tuple[str, Case, str, str]] = [
     ("rows-lack-format-fields", _dataset(TEXT_ROW, fmt="prompt_completion"), "dataset.path", "prompt"),
     ("format-unknown", _set("dataset.format", "csv"), "dataset.format", "text"),
     ("init-from-missing", _set("adapter.init_from", "/nonexistent/adapter"), "adapter.init_from", "adapter"),
+    ("init-from-dora", _init_from(use_dora=True), "adapter.init_from", "DoRA"),
+    ("init-from-other-base", _init_from(hidden_size=128), "adapter.init_from", "lora_A is 4x128 but the base's module takes 64 inputs"),
+    ("init-from-alpha-conflict", _both(_init_from(), _set("adapter.lora_alpha", 4)), "adapter.lora_alpha", "conflicts with init_from's lora_alpha 16"),
     ("eval-steps-without-eval-data", _set("training.eval_steps", 5), "training.eval_steps", "eval_dataset"),
     ("eval-steps-zero", _both(_dataset(TEXT_ROW, section="eval_dataset"), _set("training.eval_steps", 0)), "training.eval_steps", "greater than or equal to 1"),
     ("eval-data-bad-json-line-2", _dataset(TEXT_ROW + "{oops\n", section="eval_dataset"), "eval_dataset.path", ":2:"),

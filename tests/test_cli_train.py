@@ -122,3 +122,28 @@ def test_loss_chunk_tokens_flag_gives_the_same_adapter(
     with pytest.raises(SystemExit):
         main(["train", str(spec), "--out", str(split), "--loss-chunk-tokens", "0"])
     assert "--loss-chunk-tokens: must be at least 1" in capsys.readouterr().err
+
+
+def test_train_continues_from_an_adapter_and_refuses_a_conflicting_spec(
+    tiny_base: Path, datasets: dict[str, Path], tmp_path: Path, capsys
+) -> None:
+    fields = spec_fields("job-a", tiny_base, datasets["text"])
+    fields["adapter"]["lora_alpha"] = 32
+    first = tmp_path / "first"
+    assert main(["train", str(write_spec(tmp_path / "a.yaml", **fields)), "--out", str(first)]) == 0
+
+    # Only a training choice beside init_from: the rest comes from the adapter.
+    fields = spec_fields("job-c", tiny_base, datasets["text"])
+    fields["adapter"] = {"init_from": str(first / "job-a"), "lora_dropout": 0.1}
+    out = tmp_path / "out"
+    assert main(["train", str(write_spec(tmp_path / "c.yaml", **fields)), "--out", str(out)]) == 0
+    continued = read_adapter(out / "job-c")
+    assert (continued.r, continued.lora_alpha) == (4, 32)
+    assert set(continued.target_modules) == {"q_proj", "v_proj"}  # PEFT saves a set
+
+    fields["adapter"]["lora_alpha"] = 16
+    conflicting = write_spec(tmp_path / "d.yaml", **fields)
+    assert main(["train", str(conflicting), "--out", str(tmp_path / "never")]) == 1
+    err = capsys.readouterr().err
+    assert f"{conflicting}: adapter.lora_alpha: 16 conflicts with init_from's lora_alpha 32" in err
+    assert not (tmp_path / "never").exists()

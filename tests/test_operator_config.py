@@ -127,3 +127,13 @@ def test_tilde_expands(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     assert config.queue_path() == tmp_path / "state" / "queue.sqlite"
     # The Python constructor expands too, not only the loader.
     assert OperatorConfig(state_dir=Path("~/x")).state_dir == tmp_path / "x"
+
+
+def test_repeated_key_is_refused_with_other_problems(tmp_path: Path) -> None:
+    path = write(tmp_path, "group_size: 2\nmax_groups: 1\ngroup_size: 4\ncolour: red\n")
+    with pytest.raises(OperatorConfigError) as info:
+        load_operator_config(path)
+    assert str(info.value).splitlines() == [
+        f"{path}: line 3: duplicate key 'group_size' (first on line 1)",
+        f"{path}: colour: unknown field",
+    ]

@@ -17,6 +17,7 @@ from orchestrator.validation import (
     load_spec_file,
     validate_files,
 )
+from tests.peft_reference import save_peft_adapter
 from workers.job_config import DatasetConfig, JobConfig
 from workers.tiny_base import build_tiny_base
 
@@ -57,9 +58,10 @@ def fields(problems: list[SpecProblem]) -> list[str]:
 
 
 def test_full_spec_loads_and_converts(base: Path, data: Path, tmp_path: Path) -> None:
-    init = tmp_path / "init"
-    init.mkdir()
-    (init / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 4}))
+    targets = ["q_proj", "k_proj", "v_proj"]
+    init = save_peft_adapter(
+        base, tmp_path / "init", r=4, lora_alpha=8, target_modules=targets, use_rslora=True
+    )
     raw = minimal(base, data, priority=3)
     raw["dataset"]["format"] = "text"
     raw["adapter"] = {
@@ -131,8 +133,7 @@ def test_paths_resolve_relative_to_yaml(base: Path, tmp_path: Path, monkeypatch)
     jobs = tmp_path / "jobs"
     (jobs / "data").mkdir(parents=True)
     write_jsonl(jobs / "data" / "d.jsonl", [{"text": "hi"}])
-    (jobs / "init").mkdir()
-    (jobs / "init" / "adapter_config.json").write_text(json.dumps({"r": 8}))
+    save_peft_adapter(base, jobs / "init", r=8, target_modules=["q_proj", "v_proj"])
     (jobs / "models").mkdir()
     (jobs / "models" / "tiny").symlink_to(base, target_is_directory=True)
     raw = {
@@ -329,3 +330,34 @@ def test_validation_error_pickles() -> None:
     error = SpecValidationError([SpecProblem("a.yaml", "adapter.r", "too small")])
     copy = pickle.loads(pickle.dumps(error))
     assert copy.problems == error.problems and str(copy) == "a.yaml: adapter.r: too small"
+
+
+def test_repeated_keys_are_refused_with_their_lines(
+    base: Path, data: Path, tmp_path: Path, capsys
+) -> None:
+    path = tmp_path / "a.yaml"
+    path.write_text(
+        f"name: job-1\nbase_model: {base}\ndataset:\n  path: {data}\n"
+        "adapter:\n  r: 4\n  r: 0\ntraining:\n  max_steps: 3\nname: job-2\n"
+    )
+    assert main(["validate", str(path)]) == 1
+    lines = capsys.readouterr().err.strip().splitlines()
+    # Both repeats, in file order, and the rest of the file is still checked.
+    assert lines == [
+        f"{path}: line 7: duplicate key 'r' (first on line 6)",
+        f"{path}: line 10: duplicate key 'name' (first on line 1)",
+        f"{path}: adapter.r: Input should be greater than or equal to 1 (got 0)",
+    ]
+
+
+def test_a_repeat_alone_refuses_an_otherwise_valid_file(
+    base: Path, data: Path, tmp_path: Path
+) -> None:
+    path = write_spec(tmp_path / "a.yaml", minimal(base, data))
+    first = len(path.read_text().splitlines()) + 1
+    path.write_text(path.read_text() + "priority: 1\npriority: 2\n")
+    with pytest.raises(SpecValidationError) as info:
+        validate_files([path])
+    assert [str(p) for p in info.value.problems] == [
+        f"{path}: line {first + 1}: duplicate key 'priority' (first on line {first})"
+    ]

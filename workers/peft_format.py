@@ -10,11 +10,14 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 from peft import LoraConfig
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -25,6 +28,7 @@ CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 _PREFIX = "base_model.model."
 _KEY = re.compile(r"^base_model\.model\.(?P<module>.+)\.lora_(?P<ab>[AB])(?:\.[^.]+)?\.weight$")
+T = TypeVar("T")
 
 
 class AdapterFormatError(ValueError):
@@ -69,6 +73,20 @@ def export_adapter(
     return out
 
 
+Shape = tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class AdapterHeader:
+    """What a PEFT LoRA adapter declares, and its tensors' shapes, read without its weights."""
+
+    r: int
+    lora_alpha: float
+    use_rslora: bool
+    target_modules: tuple[str, ...] | str
+    shapes: dict[str, tuple[Shape, Shape]]  # module -> (lora_A's shape, lora_B's shape)
+
+
 @dataclass(frozen=True)
 class LoadedAdapter:
     """A PEFT LoRA adapter read from disk: what it declares and its weights."""
@@ -80,44 +98,140 @@ class LoadedAdapter:
     weights: dict[str, tuple[torch.Tensor, torch.Tensor]]  # module -> (A, B)
 
 
-def read_adapter(path: str | Path) -> LoadedAdapter:
-    """Read a PEFT LoRA adapter directory (safetensors only: no pickles)."""
-    root = Path(path)
-    config_path, weights_path = root / CONFIG_FILE, root / WEIGHTS_FILE
-    if not config_path.is_file():
-        raise AdapterFormatError(f"{root}: no {CONFIG_FILE}")
-    if not weights_path.is_file():
-        raise AdapterFormatError(f"{root}: no {WEIGHTS_FILE} (only safetensors adapters are read)")
+def unsupported_kind(config: dict) -> str | None:
+    """Why carpool cannot start from the adapter `config` describes, or None if it can.
+
+    The bank trains plain LoRA; as it learns more kinds (DoRA, ...) they pass here.
+    """
+    peft_type = config.get("peft_type", "LORA")
+    if peft_type != "LORA":
+        return f"peft_type is {peft_type!r}, not LORA"
+    if config.get("use_dora"):
+        return "a DoRA adapter (use_dora: true); only plain LoRA adapters are supported yet"
+    if config.get("lora_bias"):
+        return "a LoRA adapter with biases (lora_bias: true); only plain LoRA is supported yet"
+    for key in ("rank_pattern", "alpha_pattern"):
+        if config.get(key):
+            return f"{key} (a rank or alpha per module) is not supported yet"
+    return None
+
+
+def _read_config(config_path: Path) -> dict:
     try:
         cfg = json.loads(config_path.read_text())
-    except json.JSONDecodeError as e:
-        raise AdapterFormatError(f"{config_path}: invalid JSON: {e}") from e
-    if cfg.get("peft_type", "LORA") != "LORA":
-        raise AdapterFormatError(f"{config_path}: peft_type is {cfg.get('peft_type')!r}, not LORA")
-    for unsupported in ("rank_pattern", "alpha_pattern"):
-        if cfg.get(unsupported):
-            raise AdapterFormatError(f"{config_path}: {unsupported} is not supported")
-    if cfg.get("use_dora") or cfg.get("lora_bias"):
-        raise AdapterFormatError(f"{config_path}: DoRA and LoRA biases are not supported")
-    pairs: dict[str, dict[str, torch.Tensor]] = {}
-    for key, tensor in load_file(str(weights_path)).items():
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise AdapterFormatError(f"{config_path}: cannot read: {e}") from e
+    if not isinstance(cfg, dict):
+        raise AdapterFormatError(f"{config_path}: not a JSON object")
+    if why := unsupported_kind(cfg):
+        raise AdapterFormatError(f"{config_path}: {why}")
+    r, alpha = cfg.get("r"), cfg.get("lora_alpha")
+    if not isinstance(r, int) or isinstance(r, bool) or r < 1:
+        raise AdapterFormatError(f"{config_path}: r must be a whole number >= 1, got {r!r}")
+    if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or alpha <= 0:
+        raise AdapterFormatError(f"{config_path}: lora_alpha must be a number > 0, got {alpha!r}")
+    return cfg
+
+
+def _by_module(items: Iterable[tuple[str, T]], weights_path: Path) -> dict[str, tuple[T, T]]:
+    """PEFT's `...<module>.lora_A.weight` / `lora_B.weight` entries as module -> (A, B)."""
+    pairs: dict[str, dict[str, T]] = {}
+    for key, value in items:
         match = _KEY.match(key)
         if match is None:
             raise AdapterFormatError(f"{weights_path}: unexpected tensor {key!r}")
-        pairs.setdefault(match["module"], {})[match["ab"]] = tensor
-    weights = {}
+        pairs.setdefault(match["module"], {})[match["ab"]] = value
+    out = {}
     for module, ab in pairs.items():
         if set(ab) != {"A", "B"}:
             raise AdapterFormatError(f"{weights_path}: {module} lacks lora_A or lora_B")
-        weights[module] = (ab["A"], ab["B"])
-    targets = cfg.get("target_modules") or sorted({m.rsplit(".", 1)[-1] for m in weights})
-    return LoadedAdapter(
-        r=int(cfg["r"]),
+        out[module] = (ab["A"], ab["B"])
+    if not out:
+        raise AdapterFormatError(f"{weights_path}: holds no LoRA weights")
+    return out
+
+
+def read_adapter_header(path: str | Path) -> AdapterHeader:
+    """Check a PEFT LoRA adapter directory and read its config and tensor shapes.
+
+    Only the safetensors header is read, so checking a large adapter is cheap.
+    The engine's `read_adapter` applies the same checks.
+    """
+    root = Path(path)
+    if not root.is_dir():
+        raise AdapterFormatError(f"not a directory: {root}")
+    config_path, weights_path = root / CONFIG_FILE, root / WEIGHTS_FILE
+    if not config_path.is_file():
+        raise AdapterFormatError(f"no {CONFIG_FILE} in {root} (not a PEFT adapter)")
+    if not weights_path.is_file():
+        raise AdapterFormatError(f"{root}: no {WEIGHTS_FILE} (only safetensors adapters are read)")
+    cfg = _read_config(config_path)
+    try:
+        with safe_open(str(weights_path), framework="pt") as f:
+            keys = f.keys()  # safe_open is not iterable itself
+            shapes = [(key, tuple(f.get_slice(key).get_shape())) for key in keys]
+    except Exception as e:  # safetensors raises its own error types for a damaged file
+        raise AdapterFormatError(f"{weights_path}: cannot read: {e}") from e
+    by_module = _by_module(shapes, weights_path)
+    targets = cfg.get("target_modules") or sorted({m.rsplit(".", 1)[-1] for m in by_module})
+    return AdapterHeader(
+        r=cfg["r"],
         lora_alpha=float(cfg["lora_alpha"]),
         use_rslora=bool(cfg.get("use_rslora", False)),
         target_modules=targets if isinstance(targets, str) else tuple(targets),
-        weights=weights,
+        shapes=by_module,
     )
+
+
+def read_adapter(path: str | Path) -> LoadedAdapter:
+    """Read a PEFT LoRA adapter directory (safetensors only: no pickles)."""
+    header = read_adapter_header(path)
+    weights_path = Path(path) / WEIGHTS_FILE
+    return LoadedAdapter(
+        r=header.r,
+        lora_alpha=header.lora_alpha,
+        use_rslora=header.use_rslora,
+        target_modules=header.target_modules,
+        weights=_by_module(load_file(str(weights_path)).items(), weights_path),
+    )
+
+
+def _dims(shape: Shape) -> str:
+    return "x".join(map(str, shape))
+
+
+def _module_misfit(r: int, a: Shape, b: Shape, base: tuple[int, int]) -> str | None:
+    in_features, out_features = base
+    if len(a) != 2 or len(b) != 2:
+        return f"lora_A is {_dims(a)} and lora_B is {_dims(b)}, not matrices"
+    if a[0] != r or b[1] != r:
+        return f"lora_A is {_dims(a)} and lora_B is {_dims(b)} but the adapter's r is {r}"
+    if a[1] != in_features:
+        return f"lora_A is {_dims(a)} but the base's module takes {in_features} inputs"
+    if b[0] != out_features:
+        return f"lora_B is {_dims(b)} but the base's module gives {out_features} outputs"
+    return None
+
+
+def base_misfit(
+    r: int, shapes: dict[str, tuple[Shape, Shape]], base_shapes: dict[str, tuple[int, int]]
+) -> str | None:
+    """Why an adapter's tensors do not fit a base's linear modules, or None when they do.
+
+    `base_shapes` maps each linear module to (in_features, out_features). One
+    line: the first module that does not fit, in model order, and how many more.
+    """
+    order = {name: i for i, name in enumerate(base_shapes)}
+    misfits = []
+    for module in sorted(shapes, key=lambda m: (order.get(m, len(order)), m)):
+        if module not in base_shapes:
+            misfits.append(f"{module}: the base has no such linear module")
+        elif why := _module_misfit(r, *shapes[module], base_shapes[module]):
+            misfits.append(f"{module}: {why}")
+    if not misfits:
+        return None
+    more = len(misfits) - 1
+    return misfits[0] + (f" (and {more} more modules do not fit)" if more else "")
 
 
 def adapter_from_loaded(
@@ -141,18 +255,13 @@ def adapter_from_loaded(
         dropout=dropout,
         seed=seed,
     )
-    for module in sorted(loaded.weights, key=lambda m: index.get(m, -1)):
+    base_shapes = {n: (m.in_features, m.out_features) for n, m in linears.items()}
+    shapes = {m: (tuple(a.shape), tuple(b.shape)) for m, (a, b) in loaded.weights.items()}
+    if why := base_misfit(loaded.r, shapes, base_shapes):
+        raise AdapterFormatError(f"adapter does not fit the base: {why}")
+    for module in sorted(loaded.weights, key=index.__getitem__):
         a, b = loaded.weights[module]
-        linear = linears.get(module)
-        if linear is None:
-            raise AdapterFormatError(f"adapter targets {module!r}, which the base does not have")
-        if tuple(a.shape) != (loaded.r, linear.in_features) or tuple(b.shape) != (
-            linear.out_features,
-            loaded.r,
-        ):
-            raise AdapterFormatError(
-                f"adapter weights for {module} have shapes {tuple(a.shape)}, {tuple(b.shape)}; "
-                f"expected ({loaded.r}, {linear.in_features}), ({linear.out_features}, {loaded.r})"
-            )
-        adapter.modules[module] = LoraWeights.beside(linear, a, b, index[module], freeze_lora_A)
+        adapter.modules[module] = LoraWeights.beside(
+            linears[module], a, b, index[module], freeze_lora_A
+        )
     return adapter
