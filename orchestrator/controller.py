@@ -187,11 +187,15 @@ class Controller:
             self._finish(record.id, JobState.FAILED, error=f"{type(e).__name__}: {e}")
             self.queue.append_log(record.id, f"failed to start: {e}")
             return
-        group.jobs[record.id] = self._demand(record)
         how = f"resumed from step {admitted.step}" if record.checkpoint else "started"
         self.queue.append_log(record.id, f"{how} in group {decision.group_id}")
         for notice in admitted.notices:
             self.queue.append_log(record.id, notice)
+        if admitted.adapter is not None:  # resumed from its final checkpoint: nothing to train
+            self._finish(record.id, JobState.SUCCEEDED)
+            self.queue.append_log(record.id, f"succeeded: adapter at {admitted.adapter}")
+            return
+        group.jobs[record.id] = self._demand(record)
 
     def _preempt(self, decision: PreemptJob) -> None:
         group = self.groups[decision.group_id]
@@ -225,18 +229,6 @@ class Controller:
             self._finish(r.job_id, JobState.FAILED, error=r.error)
             self.queue.append_log(r.job_id, f"failed: {r.error}")
             return
-        evaluated = {} if r.eval_loss is None else {"eval_loss": r.eval_loss, "eval_step": r.step}
-        self.queue.record_progress(
-            r.job_id,
-            step=r.step,
-            total_steps=r.total_steps,
-            loss=r.loss,
-            tokens_per_second=r.tokens_per_second,
-            metrics=evaluated,
-        )
-        self.metrics.job_progress(r.job_id, group_id, r)
-        if r.checkpoint is not None:
-            self.queue.record_checkpoint(r.job_id, r.checkpoint, r.step)
         if r.eval_loss is not None:
             self.queue.append_log(
                 r.job_id, f"step {r.step}/{r.total_steps} eval_loss {r.eval_loss:.4f}"
@@ -246,10 +238,22 @@ class Controller:
                 r.job_id, f"step {r.step}/{r.total_steps} loss {r.loss:.4f} "
                 f"{r.tokens_per_second:,.0f} tokens/s"
             )  # fmt: skip
+        evaluated = {} if r.eval_loss is None else {"eval_loss": r.eval_loss, "eval_step": r.step}
+        # Progress, checkpoint and success in one transaction (see JobQueue.record_progress).
+        self.queue.record_progress(
+            r.job_id,
+            step=r.step,
+            total_steps=r.total_steps,
+            loss=r.loss,
+            tokens_per_second=r.tokens_per_second,
+            metrics=evaluated,
+            checkpoint=r.checkpoint,
+            adapter=r.adapter,
+        )
+        self.metrics.job_progress(r.job_id, group_id, r)
         if r.adapter is not None:
             group.jobs.pop(r.job_id, None)
-            self._finish(r.job_id, JobState.SUCCEEDED)
-            self.queue.append_log(r.job_id, f"succeeded: adapter at {r.adapter}")
+            self._demands.pop(r.job_id, None)
 
     def _group_failed(self, group_id: str) -> None:
         """Requeue the group's jobs to resume from their checkpoints, up to max_attempts."""

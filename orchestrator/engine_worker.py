@@ -40,6 +40,9 @@ class JobAdmitted:
 
     step: int
     notices: tuple[str, ...] = ()
+    # Resumed from its final checkpoint: no round would ever report it, so it
+    # was exported and removed at once (the store URI of its adapter, from the leader).
+    adapter: str | None = None
 
 
 @dataclass(frozen=True)
@@ -124,7 +127,8 @@ class EngineWorker:
         job = self.engine.add_job(replace(config, name=job_id), resume_from=local_resume)
         verb = f"resumed at step {job.step}" if local_resume else "admitted"
         log.info("[job %s] %s to group %s (%d steps)", job_id, verb, self.group_id, job.total_steps)
-        return JobAdmitted(job.step, job.truncation_notices())
+        adapter = self._finish(job_id) if job.done else None
+        return JobAdmitted(job.step, job.truncation_notices(), adapter)
 
     def remove_job(self, job_id: str, checkpoint: bool) -> str | None:
         """Take a job off the engine, checkpointing it first if asked; returns the checkpoint URI."""
@@ -158,9 +162,7 @@ class EngineWorker:
                 self.engine.remove_job(job_id)
                 log.error("[job %s] failed: %s", job_id, r.error)
             elif self.engine.jobs[job_id].done:
-                adapter = self._export(job_id) if self.is_leader else None
-                self.engine.remove_job(job_id)
-                log.info("[job %s] finished at step %d, loss %.4f", job_id, r.step, r.loss)
+                adapter = self._finish(job_id)
             if not self.is_leader:
                 continue
             result = JobStepResult(
@@ -169,6 +171,14 @@ class EngineWorker:
             )  # fmt: skip
             results.append(result)
         return results
+
+    def _finish(self, job_id: str) -> str | None:
+        """Export a done job (the leader; its store URI) and take it off the engine."""
+        job = self.engine.jobs[job_id]
+        adapter = self._export(job_id) if self.is_leader else None
+        self.engine.remove_job(job_id)
+        log.info("[job %s] finished at step %d, loss %s", job_id, job.step, job.last_loss)
+        return adapter
 
     def _publish_checkpoint(self, job_id: str, path: Path) -> str:
         uri = self.store.checkpoint_uri(job_id)

@@ -10,6 +10,7 @@ both what the controller did and in which order.
 
 from __future__ import annotations
 
+import sqlite3
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -121,10 +122,13 @@ class FakeGroup:
         step = int(resume_from.rsplit("step-", 1)[1]) if resume_from else 0
         assert config.training.max_steps is not None
         t = config.training
+        notices = self.notices.get(config.name, ())
+        if step >= t.max_steps:  # as EngineWorker: a job resumed already done is exported now
+            return JobAdmitted(step, notices, adapter_uri(job_id))
         self.jobs[job_id] = FakeJob(
             step, t.max_steps, t.save_steps, t.eval_steps, config.eval_dataset is not None
         )
-        return JobAdmitted(step, self.notices.get(config.name, ()))
+        return JobAdmitted(step, notices)
 
     def remove_job(self, job_id: str, checkpoint: bool) -> str | None:
         self._enter("remove_job", job_id, checkpoint)
@@ -565,6 +569,69 @@ def test_restart_after_a_crash_resumes_from_the_last_periodic_checkpoint(tmp_pat
         assert reopened.get(a).step == 3
         run_to_end(restarted)
         assert reopened.get(a).state == SUCCEEDED
+
+
+def crash_when_a_job_succeeds(path: Path) -> None:
+    """Fault injection in the queue file: any write marking a job succeeded aborts,
+    as if the controller died right there."""
+    with sqlite3.connect(path) as db:
+        db.execute(
+            "CREATE TRIGGER crash BEFORE UPDATE OF state ON jobs WHEN NEW.state = 'succeeded'"
+            " BEGIN SELECT RAISE(ABORT, 'controller crashed'); END"
+        )
+
+
+def test_controller_stopped_while_recording_the_final_step_records_none_of_it(
+    tmp_path, spec
+) -> None:
+    path = tmp_path / "queue.sqlite"
+    queue = JobQueue(path)
+    crashed = make_controller(queue, FakeGroupFactory())
+    (a,) = crashed.submit([spec("a", steps=3, save_steps=1)])
+    crashed.tick()
+    crashed.tick()
+    crash_when_a_job_succeeds(path)
+    with pytest.raises(sqlite3.IntegrityError, match="controller crashed"):
+        crashed.tick()  # the final round: step 3, its checkpoint and the adapter
+    queue.close()
+    with sqlite3.connect(path) as db:
+        db.execute("DROP TRIGGER crash")
+
+    with JobQueue(path) as reopened:
+        record = reopened.get(a)
+        # Neither the final step nor its checkpoint was recorded without the success.
+        assert (record.state, record.step, record.checkpoint) == (RUNNING, 2, ckpt_uri(a, 2))
+        factory = FakeGroupFactory()
+        run_to_end(make_controller(reopened, factory))
+        assert [e.detail for e in factory.calls("add_job")] == [ckpt_uri(a, 2)]
+        assert (reopened.get(a).state, reopened.get(a).step) == (SUCCEEDED, 3)
+
+
+def test_job_resumed_from_its_final_checkpoint_succeeds_at_admission(tmp_path, spec) -> None:
+    path = tmp_path / "queue.sqlite"
+    queue = JobQueue(path)
+    crashed = make_controller(queue, FakeGroupFactory())
+    (a,) = crashed.submit([spec("a", steps=3, save_steps=1)])
+    crashed.tick()
+    crashed.tick()
+    # What a controller that recorded the final checkpoint and the success in two
+    # transactions left when it died between them.
+    queue.record_progress(
+        a, step=3, total_steps=3, loss=0.3, tokens_per_second=1.0, checkpoint=ckpt_uri(a, 3)
+    )
+    queue.close()
+
+    with JobQueue(path) as reopened:
+        factory = FakeGroupFactory()
+        restarted = make_controller(reopened, factory)
+        restarted.tick()
+        (group,) = factory.groups
+        assert factory.calls("add_job") == [Event(group.group_id, "add_job", a, ckpt_uri(a, 3))]
+        record = reopened.get(a)
+        assert (record.state, record.step) == (SUCCEEDED, 3)
+        assert f"succeeded: adapter at {adapter_uri(a)}" in log_text(reopened, a)
+        assert factory.calls("start_step") == []  # no round was needed
+        assert restarted.tick() is False
 
 
 def test_idle_group_is_stopped_once_no_job_of_its_base_remains(
