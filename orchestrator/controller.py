@@ -219,9 +219,24 @@ class Controller:
             except GroupFailedError:
                 self._group_failed(gid)
                 continue
+            in_round = set(group.jobs)
             for result in results:
                 self._record(gid, group, result)
+            self._requeue_unreported(gid, group, in_round - {r.job_id for r in results})
         return bool(started)
+
+    def _requeue_unreported(self, group_id: str, group: _Group, job_ids: set[str]) -> None:
+        """Jobs a round gave no result for: their state on the group is unknown,
+        so they leave it and resume from their last recorded checkpoint."""
+        for job_id in sorted(job_ids):
+            log.warning("[job %s] no result from group %s in a round", job_id, group_id)
+            try:
+                group.handle.remove_job(job_id, checkpoint=False)
+            except GroupFailedError:
+                self._group_failed(group_id)  # requeues these jobs with the group's others
+                return
+            group.jobs.pop(job_id)
+            self._retry(job_id, f"group {group_id} reported no result for it in a round")
 
     def _record(self, group_id: str, group: _Group, r: JobStepResult) -> None:
         if r.error is not None:  # its own fault: fails alone, never retried
@@ -259,15 +274,18 @@ class Controller:
         """Requeue the group's jobs to resume from their checkpoints, up to max_attempts."""
         group = self.groups.pop(group_id)
         for job_id in group.jobs:
-            record = self.queue.get(job_id)
-            if record.attempts >= self.config.max_attempts:
-                self._finish(
-                    job_id, JobState.FAILED, error=f"group {group_id} failed; out of attempts"
-                )
-            else:
-                self.queue.requeue(job_id, f"group {group_id} failed; retrying from checkpoint")
+            self._retry(job_id, f"group {group_id} failed", "retrying from checkpoint")
         with contextlib.suppress(Exception):  # already dead
             group.handle.shutdown()
+
+    def _retry(self, job_id: str, reason: str, retrying: str = "retrying") -> None:
+        """Requeue a running job to resume from its checkpoint; fail it once out of attempts."""
+        if self.queue.get(job_id).attempts >= self.config.max_attempts:
+            error = f"{reason}; out of attempts"
+            self._finish(job_id, JobState.FAILED, error=error)
+            self.queue.append_log(job_id, f"failed: {error}")
+        else:
+            self.queue.requeue(job_id, f"{reason}; {retrying}")
 
     def shutdown(self) -> None:
         """Checkpoint every running job back into the queue and stop the groups."""

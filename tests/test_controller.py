@@ -86,6 +86,7 @@ class FakeGroup:
         fail_at_round: int | None,
         reject: dict[str, str],
         notices: dict[str, tuple[str, ...]],
+        drop: set[str],
     ) -> None:
         self.group_id = group_id
         self.base_model = base_model
@@ -93,6 +94,7 @@ class FakeGroup:
         self.fail_at_round = fail_at_round
         self.reject = reject
         self.notices = notices
+        self.drop = drop
         self.jobs: dict[str, FakeJob] = {}
         self.configs: dict[str, JobConfig] = {}  # the config of every add_job, by job id
         self.rounds = 0
@@ -161,6 +163,8 @@ class FakeGroup:
             done = job.step >= job.total
             if done:
                 del self.jobs[job_id]
+            if self.configs[job_id].name in self.drop:
+                continue
             results.append(
                 JobStepResult(
                     job_id,
@@ -191,6 +195,7 @@ class FakeGroupFactory:
         self.groups: list[FakeGroup] = []
         self.reject: dict[str, str] = {}  # job name -> message of the ValueError add_job raises
         self.notices: dict[str, tuple[str, ...]] = {}  # job name -> what add_job reports
+        self.drop: set[str] = set()  # job names whose results finish_step leaves out
         self._fail_at: dict[int, int] = {}
 
     def fail_group(self, index: int, at_round: int) -> None:
@@ -205,6 +210,7 @@ class FakeGroupFactory:
             fail_at_round=self._fail_at.get(len(self.groups)),
             reject=self.reject,
             notices=self.notices,
+            drop=self.drop,
         )
         self.groups.append(group)
         return group
@@ -504,6 +510,43 @@ def test_add_job_error_fails_only_that_job(queue, factory, spec) -> None:
     assert queue.get(bad).state == FAILED
     assert len(factory.calls("add_job", bad)) == 1  # its own fault: never retried
     assert len(factory.groups) == 1
+
+
+def test_job_a_round_does_not_report_leaves_its_group_and_is_requeued(queue, factory, spec) -> None:
+    factory.drop.add("lost")
+    controller = make_controller(queue, factory)
+    lost, kept = controller.submit([spec("lost", steps=3, save_steps=1), spec("kept", steps=3)])
+
+    controller.tick()
+
+    (group,) = factory.groups
+    gid = group.group_id
+    assert factory.calls("remove_job") == [Event(gid, "remove_job", lost, False)]
+    record = queue.get(lost)
+    assert (record.state, record.step, record.checkpoint) == (QUEUED, 0, None)
+    assert f"requeued: group {gid} reported no result for it in a round" in log_text(queue, lost)
+    assert (queue.get(kept).state, queue.get(kept).step) == (RUNNING, 1)
+
+    factory.drop.clear()
+    run_to_end(controller)
+    assert (queue.get(lost).state, queue.get(lost).attempts) == (SUCCEEDED, 2)
+    assert queue.get(kept).state == SUCCEEDED
+
+
+def test_job_never_reported_fails_once_out_of_attempts(queue, factory, spec) -> None:
+    factory.drop.add("lost")
+    controller = make_controller(queue, factory, max_attempts=2)
+    (lost,) = controller.submit([spec("lost", steps=3)])
+
+    controller.tick()
+    controller.tick()
+
+    gid = factory.groups[0].group_id
+    record = queue.get(lost)
+    assert (record.state, record.attempts) == (FAILED, 2)
+    assert record.error == f"group {gid} reported no result for it in a round; out of attempts"
+    assert f"failed: {record.error}" in log_text(queue, lost)
+    assert controller.tick() is False
 
 
 # -- shutdown, restart, idle groups -----------------------------------------------------
