@@ -17,10 +17,10 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch.distributed as dist
 
@@ -32,6 +32,7 @@ from workers.job_config import JobConfig
 from workers.zero3 import base_parameter_bytes, choose_zero_stage
 
 log = logging.getLogger("carpool.worker")
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -197,6 +198,27 @@ class EngineWorker:
             self.store.upload_dir(staged, uri)
             shutil.rmtree(staged, ignore_errors=True)
         return uri
+
+
+def admit_on_all_ranks(add: Callable[[], T], removes: Sequence[Callable[[], object]]) -> T:
+    """Admit a job on every rank of a group or on none.
+
+    `add` admits it on every rank. If it raises, each of `removes` takes the
+    job off one rank before the error propagates, so no rank keeps a job that
+    the controller requeues or fails. Best effort: a rank that never got the
+    job ignores the call (`EngineWorker.remove_job`), a dead one is skipped.
+    """
+    try:
+        return add()
+    except BaseException:
+        for rank, remove in enumerate(removes):
+            try:
+                remove()
+            except Exception:
+                log.warning(
+                    "rank %d: cannot remove a job that failed to start", rank, exc_info=True
+                )
+        raise
 
 
 def _auto_zero_stage(base_model: str, device: str, trust_remote_code: bool) -> int:

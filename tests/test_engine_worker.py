@@ -5,7 +5,9 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from orchestrator.engine_worker import EngineWorker
+import pytest
+
+from orchestrator.engine_worker import EngineWorker, JobAdmitted, admit_on_all_ranks
 from workers.job_config import AdapterConfig, DatasetConfig, JobConfig, TrainingConfig
 
 
@@ -41,3 +43,50 @@ def test_job_resumed_from_its_final_checkpoint_is_exported_at_admission(
     assert restarted.job_ids() == []  # nothing left that a round would have to report
     assert (Path(admitted.adapter) / "adapter_model.safetensors").is_file()
     assert restarted.step() == []
+
+
+class Rank:
+    """One rank's view of membership, as EngineWorker keeps it."""
+
+    def __init__(self, add_error: Exception | None = None, remove_error: bool = False) -> None:
+        self.jobs: set[str] = set()
+        self.add_error, self.remove_error = add_error, remove_error
+
+    def add_job(self, job_id: str) -> JobAdmitted:
+        if self.add_error:
+            raise self.add_error
+        self.jobs.add(job_id)
+        return JobAdmitted(0)
+
+    def remove_job(self, job_id: str) -> None:
+        if self.remove_error:
+            raise RuntimeError("rank lost")
+        self.jobs.discard(job_id)  # absent: nothing to do, like EngineWorker.remove_job
+
+
+def admit(ranks: list[Rank], job_id: str) -> JobAdmitted:
+    return admit_on_all_ranks(
+        lambda: [rank.add_job(job_id) for rank in ranks][0],
+        [lambda rank=rank: rank.remove_job(job_id) for rank in ranks],
+    )
+
+
+def test_job_that_fails_to_start_on_one_rank_is_removed_from_every_rank() -> None:
+    ranks = [Rank(), Rank(), Rank(add_error=ValueError("bad rows")), Rank()]
+    ranks[0].jobs.add("other")
+    with pytest.raises(ValueError, match="bad rows"):  # the rank's own error, unchanged
+        admit(ranks, "job-a")
+    assert [rank.jobs for rank in ranks] == [{"other"}, set(), set(), set()]
+
+
+def test_a_rank_that_cannot_remove_the_job_does_not_keep_it_on_the_others() -> None:
+    ranks = [Rank(remove_error=True), Rank(), Rank(add_error=ValueError("bad rows"))]
+    with pytest.raises(ValueError, match="bad rows"):  # not the failed removal's error
+        admit(ranks, "job-a")
+    assert ranks[1].jobs == set()
+
+
+def test_job_admitted_on_every_rank_stays() -> None:
+    ranks = [Rank(), Rank()]
+    assert admit(ranks, "job-a") == JobAdmitted(0)
+    assert [rank.jobs for rank in ranks] == [{"job-a"}, {"job-a"}]
