@@ -2,13 +2,21 @@
 
 from __future__ import annotations
 
+import pickle
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
 from orchestrator.engine_worker import EngineWorker, JobAdmitted, admit_on_all_ranks
-from workers.job_config import AdapterConfig, DatasetConfig, JobConfig, TrainingConfig
+from workers.job_config import (
+    AdapterConfig,
+    DatasetConfig,
+    JobConfig,
+    JobInputError,
+    TrainingConfig,
+)
 
 
 def worker(tiny_base: Path, tmp_path: Path) -> EngineWorker:
@@ -43,6 +51,55 @@ def test_job_resumed_from_its_final_checkpoint_is_exported_at_admission(
     assert restarted.job_ids() == []  # nothing left that a round would have to report
     assert (Path(admitted.adapter) / "adapter_model.safetensors").is_file()
     assert restarted.step() == []
+
+
+def test_a_jobs_own_bad_input_raises_a_job_input_error_that_names_it(
+    tiny_base: Path, datasets: dict[str, Path], tmp_path: Path
+) -> None:
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text('{"text": "fine"}\n{"text": \n')
+    no_adapter = tmp_path / "empty-adapter"
+    no_adapter.mkdir()
+    good = config(datasets)
+    bad_inputs = {
+        "dataset": replace(good, dataset=DatasetConfig(rows)),
+        "eval_dataset": replace(good, eval_dataset=DatasetConfig(rows)),
+        "init_from": replace(good, adapter=AdapterConfig(init_from=no_adapter)),
+        "training": replace(good, training=replace(good.training, lr_scheduler_type="bogus")),
+    }
+    w = worker(tiny_base, tmp_path)
+    errors = {}
+    for source, bad in bad_inputs.items():
+        with pytest.raises(JobInputError) as caught:
+            w.add_job("job-a", bad)
+        errors[source] = caught.value
+        assert caught.value.source == source
+        assert str(caught.value).startswith(f"{source}: ")
+        assert w.job_ids() == []
+    assert f"{rows}:2: invalid JSON" in str(errors["dataset"])
+    assert "adapter_config.json" in str(errors["init_from"])
+    assert "lr_scheduler_type 'bogus'" in str(errors["training"])
+
+
+def test_job_input_error_pickles_with_its_fields() -> None:
+    error = JobInputError("job-a", "dataset", "rows.jsonl:2: invalid JSON")
+    back = pickle.loads(pickle.dumps(error))
+    assert (back.job, back.source, back.reason) == (
+        "job-a",
+        "dataset",
+        "rows.jsonl:2: invalid JSON",
+    )
+    assert str(back) == str(error) == "dataset: rows.jsonl:2: invalid JSON"
+
+
+def test_carpools_own_errors_are_not_the_jobs(
+    tiny_base: Path, datasets: dict[str, Path], tmp_path: Path
+) -> None:
+    w = worker(tiny_base, tmp_path)
+    w.add_job("job-a", config(datasets))
+    with pytest.raises(ValueError, match="already on this engine") as caught:
+        w.add_job("job-a", config(datasets))  # the controller's bug, not the job's input
+    assert not isinstance(caught.value, JobInputError)
 
 
 class Rank:

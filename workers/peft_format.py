@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 from peft import LoraConfig
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -99,8 +100,15 @@ def read_adapter(path: str | Path) -> LoadedAdapter:
             raise AdapterFormatError(f"{config_path}: {unsupported} is not supported")
     if cfg.get("use_dora") or cfg.get("lora_bias"):
         raise AdapterFormatError(f"{config_path}: DoRA and LoRA biases are not supported")
+    missing = [key for key in ("r", "lora_alpha") if key not in cfg]
+    if missing:
+        raise AdapterFormatError(f"{config_path}: no {' or '.join(missing)}")
+    try:
+        tensors = load_file(str(weights_path))
+    except SafetensorError as e:
+        raise AdapterFormatError(f"{weights_path}: not a safetensors file: {e}") from e
     pairs: dict[str, dict[str, torch.Tensor]] = {}
-    for key, tensor in load_file(str(weights_path)).items():
+    for key, tensor in tensors.items():
         match = _KEY.match(key)
         if match is None:
             raise AdapterFormatError(f"{weights_path}: unexpected tensor {key!r}")
