@@ -37,7 +37,7 @@ from orchestrator.scheduler import (
 from orchestrator.spec import JobSpec
 from workers.base_model import linear_module_shapes, match_target_modules
 from workers.checkpoint import checkpoint_step
-from workers.job_config import JobConfig
+from workers.job_config import JobConfig, JobInputError
 
 log = logging.getLogger("carpool.controller")
 
@@ -174,18 +174,30 @@ class Controller:
                 self._admit(decision)
 
     def _admit(self, decision: AdmitJob) -> None:
-        record = self.queue.get(decision.job_id)
         group = self.groups[decision.group_id]
-        self.queue.mark_running(record.id, decision.group_id)
+        record = self.queue.mark_running(decision.job_id, decision.group_id)
         try:
             admitted = group.handle.add_job(record.id, self.job_config(record), record.checkpoint)
         except GroupFailedError:
             group.jobs[record.id] = self._demand(record)  # so the failure requeues it too
             self._group_failed(decision.group_id)
             return
-        except Exception as e:  # the job's own fault: its data or adapter cannot load
-            self._finish(record.id, JobState.FAILED, error=f"{type(e).__name__}: {e}")
-            self.queue.append_log(record.id, f"failed to start: {e}")
+        except Exception as e:
+            # Ray wraps an actor's exception; the original is its `cause`.
+            cause = getattr(e, "cause", None)
+            error = cause if isinstance(cause, Exception) else e
+            if isinstance(error, JobInputError):  # the job's own fault: never retried
+                self._finish(record.id, JobState.FAILED, error=str(error))
+                self.queue.append_log(record.id, f"failed to start: {error}")
+                return
+            # Carpool's fault, not the job's: retried like a lost group.
+            log.exception("[job %s] internal error while starting", record.id)
+            what = f"{type(error).__name__}: {error}"
+            self._retry(
+                record.id,
+                f"internal error while starting: {what}",
+                failure=f"internal error after {record.attempts} attempts: {what}",
+            )
             return
         how = f"resumed from step {admitted.step}" if record.checkpoint else "started"
         self.queue.append_log(record.id, f"{how} in group {decision.group_id}")
@@ -274,18 +286,19 @@ class Controller:
         """Requeue the group's jobs to resume from their checkpoints, up to max_attempts."""
         group = self.groups.pop(group_id)
         for job_id in group.jobs:
-            self._retry(job_id, f"group {group_id} failed", "retrying from checkpoint")
+            self._retry(job_id, f"group {group_id} failed")
         with contextlib.suppress(Exception):  # already dead
             group.handle.shutdown()
 
-    def _retry(self, job_id: str, reason: str, retrying: str = "retrying") -> None:
-        """Requeue a running job to resume from its checkpoint; fail it once out of attempts."""
+    def _retry(self, job_id: str, reason: str, failure: str | None = None) -> None:
+        """Requeue a running job to resume from its checkpoint; once out of attempts,
+        fail it with `failure` (by default: the reason, out of attempts)."""
         if self.queue.get(job_id).attempts >= self.config.max_attempts:
-            error = f"{reason}; out of attempts"
+            error = failure or f"{reason}; out of attempts"
             self._finish(job_id, JobState.FAILED, error=error)
             self.queue.append_log(job_id, f"failed: {error}")
         else:
-            self.queue.requeue(job_id, f"{reason}; {retrying}")
+            self.queue.requeue(job_id, f"{reason}; retrying from checkpoint")
 
     def shutdown(self) -> None:
         """Checkpoint every running job back into the queue and stop the groups."""

@@ -22,7 +22,7 @@ from orchestrator.engine_worker import JobAdmitted, JobStepResult
 from orchestrator.job_queue import JobQueue, JobState
 from orchestrator.operator_config import OperatorConfig
 from orchestrator.spec import JobSpec
-from workers.job_config import JobConfig
+from workers.job_config import JobConfig, JobInputError
 from workers.tiny_base import build_tiny_base
 
 QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED = (
@@ -48,8 +48,8 @@ def adapter_uri(job_id: str) -> str:
 class ProtocolViolation(BaseException):
     """A call the real worker group would not accept.
 
-    A BaseException so that the controller's `except Exception` (which treats
-    an add_job error as the job's own fault) cannot swallow it.
+    A BaseException so that the controller's `except Exception` (which fails or
+    retries the job whose add_job raised) cannot swallow it.
     """
 
 
@@ -84,7 +84,7 @@ class FakeGroup:
         events: list[Event],
         *,
         fail_at_round: int | None,
-        reject: dict[str, str],
+        reject: dict[str, Exception],
         notices: dict[str, tuple[str, ...]],
         drop: set[str],
     ) -> None:
@@ -120,7 +120,7 @@ class FakeGroup:
             raise ProtocolViolation(f"{job_id} added twice to {self.group_id}")
         self.configs[job_id] = config
         if config.name in self.reject:
-            raise ValueError(self.reject[config.name])
+            raise self.reject[config.name]
         step = int(resume_from.rsplit("step-", 1)[1]) if resume_from else 0
         assert config.training.max_steps is not None
         t = config.training
@@ -193,7 +193,7 @@ class FakeGroupFactory:
     def __init__(self) -> None:
         self.events: list[Event] = []
         self.groups: list[FakeGroup] = []
-        self.reject: dict[str, str] = {}  # job name -> message of the ValueError add_job raises
+        self.reject: dict[str, Exception] = {}  # job name -> what add_job raises
         self.notices: dict[str, tuple[str, ...]] = {}  # job name -> what add_job reports
         self.drop: set[str] = set()  # job names whose results finish_step leaves out
         self._fail_at: dict[int, int] = {}
@@ -493,7 +493,7 @@ def test_group_failure_with_attempts_exhausted_fails_the_job(queue, factory, spe
 
 
 def test_add_job_error_fails_only_that_job(queue, factory, spec) -> None:
-    factory.reject["bad"] = "dataset row 3 is not valid JSON"
+    factory.reject["bad"] = JobInputError("bad", "dataset", "data.jsonl:3: invalid JSON")
     controller = make_controller(queue, factory)
     good, bad = controller.submit([spec("good", steps=3), spec("bad", steps=3)])
 
@@ -501,8 +501,8 @@ def test_add_job_error_fails_only_that_job(queue, factory, spec) -> None:
 
     record = queue.get(bad)
     assert record.state == FAILED
-    assert record.error == "ValueError: dataset row 3 is not valid JSON"
-    assert "failed to start: dataset row 3 is not valid JSON" in log_text(queue, bad)
+    assert record.error == "dataset: data.jsonl:3: invalid JSON"
+    assert "failed to start: dataset: data.jsonl:3: invalid JSON" in log_text(queue, bad)
     assert (queue.get(good).state, queue.get(good).step) == (RUNNING, 1)
 
     run_to_end(controller)
@@ -547,6 +547,52 @@ def test_job_never_reported_fails_once_out_of_attempts(queue, factory, spec) -> 
     assert record.error == f"group {gid} reported no result for it in a round; out of attempts"
     assert f"failed: {record.error}" in log_text(queue, lost)
     assert controller.tick() is False
+
+
+@pytest.mark.parametrize(
+    "error", [RuntimeError("CUDA out of memory"), ValueError("a bug in carpool")], ids=repr
+)
+def test_internal_error_while_starting_a_job_is_retried_then_failed_as_internal(
+    queue, factory, spec, caplog, error
+) -> None:
+    factory.reject["a"] = error
+    controller = make_controller(queue, factory, max_attempts=2)
+    a, b = controller.submit([spec("a"), spec("b")])
+    what = f"{type(error).__name__}: {error}"
+
+    controller.tick()
+
+    assert (queue.get(a).state, queue.get(a).attempts) == (QUEUED, 1)
+    assert f"requeued: internal error while starting: {what}" in log_text(queue, a)
+    (logged,) = [r for r in caplog.records if "internal error while starting" in r.getMessage()]
+    assert logged.exc_info[1] is error  # with its traceback
+
+    controller.tick()
+
+    record = queue.get(a)
+    assert (record.state, record.attempts) == (FAILED, 2)
+    assert record.error == f"internal error after 2 attempts: {what}"
+    assert len(factory.calls("add_job", a)) == 2
+    run_to_end(controller)
+    assert queue.get(b).state == SUCCEEDED
+
+
+def test_errors_that_ray_wraps_are_told_apart_by_their_cause(queue, factory, spec) -> None:
+    from ray.exceptions import RayTaskError
+
+    def raised_in_an_actor(error: Exception) -> Exception:
+        return RayTaskError("add_job", "Traceback (most recent call last): ...", error)
+
+    factory.reject["bad"] = raised_in_an_actor(JobInputError("bad", "init_from", "no r"))
+    factory.reject["bug"] = raised_in_an_actor(RuntimeError("boom")).as_instanceof_cause()
+    controller = make_controller(queue, factory)
+    bad, bug = controller.submit([spec("bad"), spec("bug")])
+
+    controller.tick()
+
+    assert (queue.get(bad).state, queue.get(bad).error) == (FAILED, "init_from: no r")
+    assert queue.get(bug).state == QUEUED
+    assert "internal error while starting: RuntimeError: boom" in log_text(queue, bug)
 
 
 # -- shutdown, restart, idle groups -----------------------------------------------------
