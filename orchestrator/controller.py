@@ -234,10 +234,10 @@ class Controller:
             in_round = set(group.jobs)
             for result in results:
                 self._record(gid, group, result)
-            self._requeue_unreported(gid, group, in_round - {r.job_id for r in results})
+            self._retry_unreported(gid, group, in_round - {r.job_id for r in results})
         return bool(started)
 
-    def _requeue_unreported(self, group_id: str, group: _Group, job_ids: set[str]) -> None:
+    def _retry_unreported(self, group_id: str, group: _Group, job_ids: set[str]) -> None:
         """Jobs a round gave no result for: their state on the group is unknown,
         so they leave it and resume from their last recorded checkpoint."""
         for job_id in sorted(job_ids):
