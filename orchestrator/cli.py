@@ -390,11 +390,12 @@ def _user_error(error: Exception) -> Exception | None:
     from orchestrator.ray_auth import MissingRayTokenError
     from orchestrator.validation import SpecValidationError
     from workers.dataset import DatasetError
+    from workers.job_config import JobInputError
 
     user_errors = (
-        SpecValidationError, DatasetError, ControllerNotRunningError, JobNotFinishedError,
-        UnknownJobError, InvalidTransitionError, InvalidJobIdError, OperatorConfigError,
-        FileNotFoundError, MissingRayTokenError, RayStartError,
+        SpecValidationError, DatasetError, JobInputError, ControllerNotRunningError,
+        JobNotFinishedError, UnknownJobError, InvalidTransitionError, InvalidJobIdError,
+        OperatorConfigError, FileNotFoundError, MissingRayTokenError, RayStartError,
     )  # fmt: skip
     # Errors raised inside the controller actor arrive wrapped, the original as `cause`.
     for candidate in (getattr(error, "cause", None), error):

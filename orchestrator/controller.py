@@ -37,7 +37,7 @@ from orchestrator.scheduler import (
 from orchestrator.spec import JobSpec
 from workers.base_model import linear_module_shapes, match_target_modules
 from workers.checkpoint import checkpoint_step
-from workers.job_config import JobConfig
+from workers.job_config import JobConfig, JobInputError
 
 log = logging.getLogger("carpool.controller")
 
@@ -174,24 +174,40 @@ class Controller:
                 self._admit(decision)
 
     def _admit(self, decision: AdmitJob) -> None:
-        record = self.queue.get(decision.job_id)
         group = self.groups[decision.group_id]
-        self.queue.mark_running(record.id, decision.group_id)
+        record = self.queue.mark_running(decision.job_id, decision.group_id)
         try:
             admitted = group.handle.add_job(record.id, self.job_config(record), record.checkpoint)
         except GroupFailedError:
             group.jobs[record.id] = self._demand(record)  # so the failure requeues it too
             self._group_failed(decision.group_id)
             return
-        except Exception as e:  # the job's own fault: its data or adapter cannot load
-            self._finish(record.id, JobState.FAILED, error=f"{type(e).__name__}: {e}")
-            self.queue.append_log(record.id, f"failed to start: {e}")
+        except Exception as e:
+            # Ray wraps an actor's exception; the original is its `cause`.
+            cause = getattr(e, "cause", None)
+            error = cause if isinstance(cause, Exception) else e
+            if isinstance(error, JobInputError):  # the job's own fault: never retried
+                self._finish(record.id, JobState.FAILED, error=str(error))
+                self.queue.append_log(record.id, f"failed to start: {error}")
+                return
+            # Carpool's fault, not the job's: retried like a lost group.
+            log.exception("[job %s] internal error while starting", record.id)
+            what = f"{type(error).__name__}: {error}"
+            self._retry(
+                record.id,
+                f"internal error while starting: {what}",
+                failure=f"internal error after {record.attempts} attempts: {what}",
+            )
             return
-        group.jobs[record.id] = self._demand(record)
         how = f"resumed from step {admitted.step}" if record.checkpoint else "started"
         self.queue.append_log(record.id, f"{how} in group {decision.group_id}")
         for notice in admitted.notices:
             self.queue.append_log(record.id, notice)
+        if admitted.adapter is not None:  # resumed from its final checkpoint: nothing to train
+            self._finish(record.id, JobState.SUCCEEDED)
+            self.queue.append_log(record.id, f"succeeded: adapter at {admitted.adapter}")
+            return
+        group.jobs[record.id] = self._demand(record)
 
     def _preempt(self, decision: PreemptJob) -> None:
         group = self.groups[decision.group_id]
@@ -215,9 +231,24 @@ class Controller:
             except GroupFailedError:
                 self._group_failed(gid)
                 continue
+            in_round = set(group.jobs)
             for result in results:
                 self._record(gid, group, result)
+            self._retry_unreported(gid, group, in_round - {r.job_id for r in results})
         return bool(started)
+
+    def _retry_unreported(self, group_id: str, group: _Group, job_ids: set[str]) -> None:
+        """Jobs a round gave no result for: their state on the group is unknown,
+        so they leave it and resume from their last recorded checkpoint."""
+        for job_id in sorted(job_ids):
+            log.warning("[job %s] no result from group %s in a round", job_id, group_id)
+            try:
+                group.handle.remove_job(job_id, checkpoint=False)
+            except GroupFailedError:
+                self._group_failed(group_id)  # requeues these jobs with the group's others
+                return
+            group.jobs.pop(job_id)
+            self._retry(job_id, f"group {group_id} reported no result for it in a round")
 
     def _record(self, group_id: str, group: _Group, r: JobStepResult) -> None:
         if r.error is not None:  # its own fault: fails alone, never retried
@@ -225,18 +256,6 @@ class Controller:
             self._finish(r.job_id, JobState.FAILED, error=r.error)
             self.queue.append_log(r.job_id, f"failed: {r.error}")
             return
-        evaluated = {} if r.eval_loss is None else {"eval_loss": r.eval_loss, "eval_step": r.step}
-        self.queue.record_progress(
-            r.job_id,
-            step=r.step,
-            total_steps=r.total_steps,
-            loss=r.loss,
-            tokens_per_second=r.tokens_per_second,
-            metrics=evaluated,
-        )
-        self.metrics.job_progress(r.job_id, group_id, r)
-        if r.checkpoint is not None:
-            self.queue.record_checkpoint(r.job_id, r.checkpoint, r.step)
         if r.eval_loss is not None:
             self.queue.append_log(
                 r.job_id, f"step {r.step}/{r.total_steps} eval_loss {r.eval_loss:.4f}"
@@ -246,24 +265,40 @@ class Controller:
                 r.job_id, f"step {r.step}/{r.total_steps} loss {r.loss:.4f} "
                 f"{r.tokens_per_second:,.0f} tokens/s"
             )  # fmt: skip
+        evaluated = {} if r.eval_loss is None else {"eval_loss": r.eval_loss, "eval_step": r.step}
+        # Progress, checkpoint and success in one transaction (see JobQueue.record_progress).
+        self.queue.record_progress(
+            r.job_id,
+            step=r.step,
+            total_steps=r.total_steps,
+            loss=r.loss,
+            tokens_per_second=r.tokens_per_second,
+            metrics=evaluated,
+            checkpoint=r.checkpoint,
+            adapter=r.adapter,
+        )
+        self.metrics.job_progress(r.job_id, group_id, r)
         if r.adapter is not None:
             group.jobs.pop(r.job_id, None)
-            self._finish(r.job_id, JobState.SUCCEEDED)
-            self.queue.append_log(r.job_id, f"succeeded: adapter at {r.adapter}")
+            self._demands.pop(r.job_id, None)
 
     def _group_failed(self, group_id: str) -> None:
         """Requeue the group's jobs to resume from their checkpoints, up to max_attempts."""
         group = self.groups.pop(group_id)
         for job_id in group.jobs:
-            record = self.queue.get(job_id)
-            if record.attempts >= self.config.max_attempts:
-                self._finish(
-                    job_id, JobState.FAILED, error=f"group {group_id} failed; out of attempts"
-                )
-            else:
-                self.queue.requeue(job_id, f"group {group_id} failed; retrying from checkpoint")
+            self._retry(job_id, f"group {group_id} failed")
         with contextlib.suppress(Exception):  # already dead
             group.handle.shutdown()
+
+    def _retry(self, job_id: str, reason: str, failure: str | None = None) -> None:
+        """Requeue a running job to resume from its checkpoint; once out of attempts,
+        fail it with `failure` (by default: the reason, out of attempts)."""
+        if self.queue.get(job_id).attempts >= self.config.max_attempts:
+            error = failure or f"{reason}; out of attempts"
+            self._finish(job_id, JobState.FAILED, error=error)
+            self.queue.append_log(job_id, f"failed: {error}")
+        else:
+            self.queue.requeue(job_id, f"{reason}; retrying from checkpoint")
 
     def shutdown(self) -> None:
         """Checkpoint every running job back into the queue and stop the groups."""

@@ -17,10 +17,10 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch.distributed as dist
 
@@ -32,6 +32,7 @@ from workers.job_config import JobConfig
 from workers.zero3 import base_parameter_bytes, choose_zero_stage
 
 log = logging.getLogger("carpool.worker")
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -40,6 +41,9 @@ class JobAdmitted:
 
     step: int
     notices: tuple[str, ...] = ()
+    # Resumed from its final checkpoint: no round would ever report it, so it
+    # was exported and removed at once (the store URI of its adapter, from the leader).
+    adapter: str | None = None
 
 
 @dataclass(frozen=True)
@@ -125,7 +129,8 @@ class EngineWorker:
         job = self.engine.add_job(replace(config, name=job_id), resume_from=local_resume)
         verb = f"resumed at step {job.step}" if local_resume else "admitted"
         log.info("[job %s] %s to group %s (%d steps)", job_id, verb, self.group_id, job.total_steps)
-        return JobAdmitted(job.step, job.truncation_notices())
+        adapter = self._finish(job_id) if job.done else None
+        return JobAdmitted(job.step, job.truncation_notices(), adapter)
 
     def remove_job(self, job_id: str, checkpoint: bool) -> str | None:
         """Take a job off the engine, checkpointing it first if asked; returns the checkpoint URI."""
@@ -159,9 +164,7 @@ class EngineWorker:
                 self.engine.remove_job(job_id)
                 log.error("[job %s] failed: %s", job_id, r.error)
             elif self.engine.jobs[job_id].done:
-                adapter = self._export(job_id) if self.is_leader else None
-                self.engine.remove_job(job_id)
-                log.info("[job %s] finished at step %d, loss %.4f", job_id, r.step, r.loss)
+                adapter = self._finish(job_id)
             if not self.is_leader:
                 continue
             result = JobStepResult(
@@ -170,6 +173,14 @@ class EngineWorker:
             )  # fmt: skip
             results.append(result)
         return results
+
+    def _finish(self, job_id: str) -> str | None:
+        """Export a done job (the leader; its store URI) and take it off the engine."""
+        job = self.engine.jobs[job_id]
+        adapter = self._export(job_id) if self.is_leader else None
+        self.engine.remove_job(job_id)
+        log.info("[job %s] finished at step %d, loss %s", job_id, job.step, job.last_loss)
+        return adapter
 
     def _publish_checkpoint(self, job_id: str, path: Path) -> str:
         uri = self.store.checkpoint_uri(job_id)
@@ -188,6 +199,27 @@ class EngineWorker:
             self.store.upload_dir(staged, uri)
             shutil.rmtree(staged, ignore_errors=True)
         return uri
+
+
+def admit_on_all_ranks(add: Callable[[], T], removes: Sequence[Callable[[], object]]) -> T:
+    """Admit a job on every rank of a group or on none.
+
+    `add` admits it on every rank. If it raises, each of `removes` takes the
+    job off one rank before the error propagates, so no rank keeps a job that
+    the controller requeues or fails. Best effort: a rank that never got the
+    job ignores the call (`EngineWorker.remove_job`), a dead one is skipped.
+    """
+    try:
+        return add()
+    except BaseException:
+        for rank, remove in enumerate(removes):
+            try:
+                remove()
+            except Exception:
+                log.warning(
+                    "rank %d: cannot remove a job that failed to start", rank, exc_info=True
+                )
+        raise
 
 
 def _auto_zero_stage(base_model: str, device: str, trust_remote_code: bool) -> int:

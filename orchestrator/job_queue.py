@@ -114,6 +114,10 @@ def _spec_json(spec: dict) -> str:
     return json.dumps(spec, allow_nan=False)  # NaN is not JSON; other readers would choke
 
 
+def _real(value: float | None) -> float | None:
+    return None if value is None else float(value)
+
+
 class JobQueue:
     """Jobs and their logs in one SQLite file; safe across threads and processes."""
 
@@ -282,18 +286,30 @@ class JobQueue:
         loss: float | None,
         tokens_per_second: float | None,
         metrics: dict | None = None,
+        checkpoint: str | None = None,
+        adapter: str | None = None,
     ) -> None:
+        """A running job's step: its progress, the checkpoint taken after it and, with
+        `adapter` (its exported adapter), its success.
+
+        One transaction: a crash never leaves a job whose final checkpoint is
+        recorded still running, to be resumed from a checkpoint with nothing to do.
+        """
         with self._guard(job_id, "record progress", [JobState.RUNNING]) as (db, job):
-            self._set(
-                db,
-                job_id,
-                None,
-                step=int(step),
-                total_steps=int(total_steps),
-                loss=None if loss is None else float(loss),  # SQLite turns NaN into NULL
-                tokens_per_second=None if tokens_per_second is None else float(tokens_per_second),
-                metrics=json.dumps({**job.metrics, **(metrics or {})}),  # a NaN must not crash
-            )
+            columns: dict[str, Any] = {
+                "step": int(step),
+                "total_steps": int(total_steps),
+                "loss": _real(loss),  # SQLite turns NaN into NULL
+                "tokens_per_second": _real(tokens_per_second),
+                "metrics": json.dumps({**job.metrics, **(metrics or {})}),  # a NaN must not crash
+            }
+            if checkpoint is not None:
+                columns.update(checkpoint=str(checkpoint), checkpoint_step=int(step))
+            line = None
+            if adapter is not None:
+                columns.update(state=JobState.SUCCEEDED.value, group_id=None, error=None)
+                line = f"succeeded: adapter at {adapter}"
+            self._set(db, job_id, line, **columns)
 
     def record_checkpoint(self, job_id: str, checkpoint: str, step: int) -> None:
         # Queued is allowed too: a preempted job's last save may land after its requeue.

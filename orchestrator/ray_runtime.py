@@ -24,7 +24,12 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from orchestrator.admission import check_admission
 from orchestrator.controller import Controller, GroupFailedError
-from orchestrator.engine_worker import EngineWorker, JobAdmitted, JobStepResult
+from orchestrator.engine_worker import (
+    EngineWorker,
+    JobAdmitted,
+    JobStepResult,
+    admit_on_all_ranks,
+)
 from orchestrator.job_queue import JobQueue, JobRecord, JobState
 from orchestrator.operator_config import OperatorConfig
 from orchestrator.spec import JobSpec
@@ -156,7 +161,14 @@ class RayWorkerGroup:
             raise GroupFailedError(f"group {self.group_id}: {e}") from e
 
     def add_job(self, job_id: str, config: JobConfig, resume_from: str | None) -> JobAdmitted:
-        return self._all("add_job", job_id, config, resume_from)
+        # An actor runs our calls in order: a rank's remove never overtakes its add.
+        removes = [
+            lambda actor=actor: ray.get(actor.remove_job.remote(job_id, False))
+            for actor in self.actors
+        ]
+        return admit_on_all_ranks(
+            lambda: self._all("add_job", job_id, config, resume_from), removes
+        )
 
     def remove_job(self, job_id: str, checkpoint: bool) -> str | None:
         return self._all("remove_job", job_id, checkpoint)

@@ -10,6 +10,7 @@ both what the controller did and in which order.
 
 from __future__ import annotations
 
+import sqlite3
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +22,7 @@ from orchestrator.engine_worker import JobAdmitted, JobStepResult
 from orchestrator.job_queue import JobQueue, JobState
 from orchestrator.operator_config import OperatorConfig
 from orchestrator.spec import JobSpec
-from workers.job_config import JobConfig
+from workers.job_config import JobConfig, JobInputError
 from workers.tiny_base import build_tiny_base
 
 QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED = (
@@ -47,8 +48,8 @@ def adapter_uri(job_id: str) -> str:
 class ProtocolViolation(BaseException):
     """A call the real worker group would not accept.
 
-    A BaseException so that the controller's `except Exception` (which treats
-    an add_job error as the job's own fault) cannot swallow it.
+    A BaseException so that the controller's `except Exception` (which fails or
+    retries the job whose add_job raised) cannot swallow it.
     """
 
 
@@ -83,8 +84,9 @@ class FakeGroup:
         events: list[Event],
         *,
         fail_at_round: int | None,
-        reject: dict[str, str],
+        reject: dict[str, Exception],
         notices: dict[str, tuple[str, ...]],
+        drop: set[str],
     ) -> None:
         self.group_id = group_id
         self.base_model = base_model
@@ -92,6 +94,7 @@ class FakeGroup:
         self.fail_at_round = fail_at_round
         self.reject = reject
         self.notices = notices
+        self.drop = drop
         self.jobs: dict[str, FakeJob] = {}
         self.configs: dict[str, JobConfig] = {}  # the config of every add_job, by job id
         self.rounds = 0
@@ -117,14 +120,17 @@ class FakeGroup:
             raise ProtocolViolation(f"{job_id} added twice to {self.group_id}")
         self.configs[job_id] = config
         if config.name in self.reject:
-            raise ValueError(self.reject[config.name])
+            raise self.reject[config.name]
         step = int(resume_from.rsplit("step-", 1)[1]) if resume_from else 0
         assert config.training.max_steps is not None
         t = config.training
+        notices = self.notices.get(config.name, ())
+        if step >= t.max_steps:  # as EngineWorker: a job resumed already done is exported now
+            return JobAdmitted(step, notices, adapter_uri(job_id))
         self.jobs[job_id] = FakeJob(
             step, t.max_steps, t.save_steps, t.eval_steps, config.eval_dataset is not None
         )
-        return JobAdmitted(step, self.notices.get(config.name, ()))
+        return JobAdmitted(step, notices)
 
     def remove_job(self, job_id: str, checkpoint: bool) -> str | None:
         self._enter("remove_job", job_id, checkpoint)
@@ -157,6 +163,8 @@ class FakeGroup:
             done = job.step >= job.total
             if done:
                 del self.jobs[job_id]
+            if self.configs[job_id].name in self.drop:
+                continue
             results.append(
                 JobStepResult(
                     job_id,
@@ -185,8 +193,9 @@ class FakeGroupFactory:
     def __init__(self) -> None:
         self.events: list[Event] = []
         self.groups: list[FakeGroup] = []
-        self.reject: dict[str, str] = {}  # job name -> message of the ValueError add_job raises
+        self.reject: dict[str, Exception] = {}  # job name -> what add_job raises
         self.notices: dict[str, tuple[str, ...]] = {}  # job name -> what add_job reports
+        self.drop: set[str] = set()  # job names whose results finish_step leaves out
         self._fail_at: dict[int, int] = {}
 
     def fail_group(self, index: int, at_round: int) -> None:
@@ -201,6 +210,7 @@ class FakeGroupFactory:
             fail_at_round=self._fail_at.get(len(self.groups)),
             reject=self.reject,
             notices=self.notices,
+            drop=self.drop,
         )
         self.groups.append(group)
         return group
@@ -483,7 +493,7 @@ def test_group_failure_with_attempts_exhausted_fails_the_job(queue, factory, spe
 
 
 def test_add_job_error_fails_only_that_job(queue, factory, spec) -> None:
-    factory.reject["bad"] = "dataset row 3 is not valid JSON"
+    factory.reject["bad"] = JobInputError("bad", "dataset", "data.jsonl:3: invalid JSON")
     controller = make_controller(queue, factory)
     good, bad = controller.submit([spec("good", steps=3), spec("bad", steps=3)])
 
@@ -491,8 +501,8 @@ def test_add_job_error_fails_only_that_job(queue, factory, spec) -> None:
 
     record = queue.get(bad)
     assert record.state == FAILED
-    assert record.error == "ValueError: dataset row 3 is not valid JSON"
-    assert "failed to start: dataset row 3 is not valid JSON" in log_text(queue, bad)
+    assert record.error == "dataset: data.jsonl:3: invalid JSON"
+    assert "failed to start: dataset: data.jsonl:3: invalid JSON" in log_text(queue, bad)
     assert (queue.get(good).state, queue.get(good).step) == (RUNNING, 1)
 
     run_to_end(controller)
@@ -500,6 +510,89 @@ def test_add_job_error_fails_only_that_job(queue, factory, spec) -> None:
     assert queue.get(bad).state == FAILED
     assert len(factory.calls("add_job", bad)) == 1  # its own fault: never retried
     assert len(factory.groups) == 1
+
+
+def test_job_a_round_does_not_report_leaves_its_group_and_is_requeued(queue, factory, spec) -> None:
+    factory.drop.add("lost")
+    controller = make_controller(queue, factory)
+    lost, kept = controller.submit([spec("lost", steps=3, save_steps=1), spec("kept", steps=3)])
+
+    controller.tick()
+
+    (group,) = factory.groups
+    gid = group.group_id
+    assert factory.calls("remove_job") == [Event(gid, "remove_job", lost, False)]
+    record = queue.get(lost)
+    assert (record.state, record.step, record.checkpoint) == (QUEUED, 0, None)
+    assert f"requeued: group {gid} reported no result for it in a round" in log_text(queue, lost)
+    assert (queue.get(kept).state, queue.get(kept).step) == (RUNNING, 1)
+
+    factory.drop.clear()
+    run_to_end(controller)
+    assert (queue.get(lost).state, queue.get(lost).attempts) == (SUCCEEDED, 2)
+    assert queue.get(kept).state == SUCCEEDED
+
+
+def test_job_never_reported_fails_once_out_of_attempts(queue, factory, spec) -> None:
+    factory.drop.add("lost")
+    controller = make_controller(queue, factory, max_attempts=2)
+    (lost,) = controller.submit([spec("lost", steps=3)])
+
+    controller.tick()
+    controller.tick()
+
+    gid = factory.groups[0].group_id
+    record = queue.get(lost)
+    assert (record.state, record.attempts) == (FAILED, 2)
+    assert record.error == f"group {gid} reported no result for it in a round; out of attempts"
+    assert f"failed: {record.error}" in log_text(queue, lost)
+    assert controller.tick() is False
+
+
+@pytest.mark.parametrize(
+    "error", [RuntimeError("CUDA out of memory"), ValueError("a bug in carpool")], ids=repr
+)
+def test_internal_error_while_starting_a_job_is_retried_then_failed_as_internal(
+    queue, factory, spec, caplog, error
+) -> None:
+    factory.reject["a"] = error
+    controller = make_controller(queue, factory, max_attempts=2)
+    a, b = controller.submit([spec("a"), spec("b")])
+    what = f"{type(error).__name__}: {error}"
+
+    controller.tick()
+
+    assert (queue.get(a).state, queue.get(a).attempts) == (QUEUED, 1)
+    assert f"requeued: internal error while starting: {what}" in log_text(queue, a)
+    (logged,) = [r for r in caplog.records if "internal error while starting" in r.getMessage()]
+    assert logged.exc_info[1] is error  # with its traceback
+
+    controller.tick()
+
+    record = queue.get(a)
+    assert (record.state, record.attempts) == (FAILED, 2)
+    assert record.error == f"internal error after 2 attempts: {what}"
+    assert len(factory.calls("add_job", a)) == 2
+    run_to_end(controller)
+    assert queue.get(b).state == SUCCEEDED
+
+
+def test_errors_that_ray_wraps_are_told_apart_by_their_cause(queue, factory, spec) -> None:
+    from ray.exceptions import RayTaskError
+
+    def raised_in_an_actor(error: Exception) -> Exception:
+        return RayTaskError("add_job", "Traceback (most recent call last): ...", error)
+
+    factory.reject["bad"] = raised_in_an_actor(JobInputError("bad", "init_from", "no r"))
+    factory.reject["bug"] = raised_in_an_actor(RuntimeError("boom")).as_instanceof_cause()
+    controller = make_controller(queue, factory)
+    bad, bug = controller.submit([spec("bad"), spec("bug")])
+
+    controller.tick()
+
+    assert (queue.get(bad).state, queue.get(bad).error) == (FAILED, "init_from: no r")
+    assert queue.get(bug).state == QUEUED
+    assert "internal error while starting: RuntimeError: boom" in log_text(queue, bug)
 
 
 # -- shutdown, restart, idle groups -----------------------------------------------------
@@ -565,6 +658,69 @@ def test_restart_after_a_crash_resumes_from_the_last_periodic_checkpoint(tmp_pat
         assert reopened.get(a).step == 3
         run_to_end(restarted)
         assert reopened.get(a).state == SUCCEEDED
+
+
+def crash_when_a_job_succeeds(path: Path) -> None:
+    """Fault injection in the queue file: any write marking a job succeeded aborts,
+    as if the controller died right there."""
+    with sqlite3.connect(path) as db:
+        db.execute(
+            "CREATE TRIGGER crash BEFORE UPDATE OF state ON jobs WHEN NEW.state = 'succeeded'"
+            " BEGIN SELECT RAISE(ABORT, 'controller crashed'); END"
+        )
+
+
+def test_controller_stopped_while_recording_the_final_step_records_none_of_it(
+    tmp_path, spec
+) -> None:
+    path = tmp_path / "queue.sqlite"
+    queue = JobQueue(path)
+    crashed = make_controller(queue, FakeGroupFactory())
+    (a,) = crashed.submit([spec("a", steps=3, save_steps=1)])
+    crashed.tick()
+    crashed.tick()
+    crash_when_a_job_succeeds(path)
+    with pytest.raises(sqlite3.IntegrityError, match="controller crashed"):
+        crashed.tick()  # the final round: step 3, its checkpoint and the adapter
+    queue.close()
+    with sqlite3.connect(path) as db:
+        db.execute("DROP TRIGGER crash")
+
+    with JobQueue(path) as reopened:
+        record = reopened.get(a)
+        # Neither the final step nor its checkpoint was recorded without the success.
+        assert (record.state, record.step, record.checkpoint) == (RUNNING, 2, ckpt_uri(a, 2))
+        factory = FakeGroupFactory()
+        run_to_end(make_controller(reopened, factory))
+        assert [e.detail for e in factory.calls("add_job")] == [ckpt_uri(a, 2)]
+        assert (reopened.get(a).state, reopened.get(a).step) == (SUCCEEDED, 3)
+
+
+def test_job_resumed_from_its_final_checkpoint_succeeds_at_admission(tmp_path, spec) -> None:
+    path = tmp_path / "queue.sqlite"
+    queue = JobQueue(path)
+    crashed = make_controller(queue, FakeGroupFactory())
+    (a,) = crashed.submit([spec("a", steps=3, save_steps=1)])
+    crashed.tick()
+    crashed.tick()
+    # What a controller that recorded the final checkpoint and the success in two
+    # transactions left when it died between them.
+    queue.record_progress(
+        a, step=3, total_steps=3, loss=0.3, tokens_per_second=1.0, checkpoint=ckpt_uri(a, 3)
+    )
+    queue.close()
+
+    with JobQueue(path) as reopened:
+        factory = FakeGroupFactory()
+        restarted = make_controller(reopened, factory)
+        restarted.tick()
+        (group,) = factory.groups
+        assert factory.calls("add_job") == [Event(group.group_id, "add_job", a, ckpt_uri(a, 3))]
+        record = reopened.get(a)
+        assert (record.state, record.step) == (SUCCEEDED, 3)
+        assert f"succeeded: adapter at {adapter_uri(a)}" in log_text(reopened, a)
+        assert factory.calls("start_step") == []  # no round was needed
+        assert restarted.tick() is False
 
 
 def test_idle_group_is_stopped_once_no_job_of_its_base_remains(

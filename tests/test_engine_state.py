@@ -133,6 +133,16 @@ def test_init_from_rejects_non_lora_adapter(tmp_path: Path) -> None:
         read_adapter(tmp_path)
 
 
+def test_init_from_rejects_corrupt_weights_and_missing_rank(tmp_path: Path) -> None:
+    (tmp_path / "adapter_config.json").write_text(json.dumps({"r": 4, "lora_alpha": 8}))
+    (tmp_path / "adapter_model.safetensors").write_bytes(b"not safetensors")
+    with pytest.raises(AdapterFormatError, match="adapter_model.safetensors: cannot read"):
+        read_adapter(tmp_path)
+    (tmp_path / "adapter_config.json").write_text(json.dumps({"lora_alpha": 8}))
+    with pytest.raises(AdapterFormatError, match="r must be a whole number >= 1, got None"):
+        read_adapter(tmp_path)
+
+
 def test_resume_from_checkpoint_equals_straight_run(
     tiny_base: Path, datasets: dict[str, Path], tmp_path: Path
 ) -> None:

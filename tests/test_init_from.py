@@ -272,6 +272,7 @@ def test_the_engine_refuses_what_validation_refuses(
     adapters: dict, tiny_base: Path, datasets: dict
 ) -> None:
     from orchestrator.spec import JobSpec
+    from workers.job_config import JobInputError
 
     with pytest.raises(AdapterFormatError, match="DoRA"):
         read_adapter(adapters["dora"])
@@ -279,6 +280,6 @@ def test_the_engine_refuses_what_validation_refuses(
     for name in ("other-base", "foreign"):
         raw = _spec(tiny_base, datasets["text"], {"init_from": str(adapters[name])})
         [(_, message)] = _problems(raw)
-        with pytest.raises(AdapterFormatError) as caught:
+        with pytest.raises(JobInputError) as caught:  # the job's own input, named as such
             engine.add_job(JobSpec.model_validate(raw).to_config())
         assert message in str(caught.value)

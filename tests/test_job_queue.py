@@ -241,6 +241,29 @@ def test_progress_checkpoint_and_requeue(queue: JobQueue) -> None:
     assert queue.requeue(job_id, "preempted by priority").metrics["preemptions"] == 2
 
 
+def test_final_step_checkpoint_and_success_are_one_transaction(queue: JobQueue) -> None:
+    job_id = job_in(queue, R)
+    queue.record_checkpoint(job_id, "/ck/step-2", 2)
+    with queue._tx() as db:  # fault injection: marking the job succeeded aborts
+        db.execute(
+            "CREATE TRIGGER crash BEFORE UPDATE OF state ON jobs WHEN NEW.state = 'succeeded'"
+            " BEGIN SELECT RAISE(ABORT, 'crash'); END"
+        )
+    before = queue.get(job_id)
+    final = dict(step=4, total_steps=4, loss=1.0, tokens_per_second=1.0, checkpoint="/ck/step-4")
+    with pytest.raises(sqlite3.IntegrityError, match="crash"):
+        queue.record_progress(job_id, **final, adapter="/adapters/job")
+    assert queue.get(job_id) == before  # not even the progress or the checkpoint
+
+    with queue._tx() as db:
+        db.execute("DROP TRIGGER crash")
+    queue.record_progress(job_id, **final, adapter="/adapters/job")
+    job = queue.get(job_id)
+    assert (job.state, job.group, job.step) == (S, None, 4)
+    assert (job.checkpoint, job.checkpoint_step) == ("/ck/step-4", 4)
+    assert queue.logs(job_id)[-1].endswith("succeeded: adapter at /adapters/job")
+
+
 def test_diverged_progress_is_recorded(queue: JobQueue) -> None:
     job_id = job_in(queue, R)
     nan = float("nan")

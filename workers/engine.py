@@ -13,7 +13,8 @@ from __future__ import annotations
 import logging
 import time
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 
@@ -28,7 +29,7 @@ from workers.data_parallel import DataParallel
 from workers.dataset import IGNORE_INDEX, TokenizedDataset, load_dataset
 from workers.fused_batch import FusedBatch, StepRow, collate, plan_micro_batches, step_rows
 from workers.gradient_checkpointing import enable_gradient_checkpointing
-from workers.job_config import DatasetConfig, JobConfig
+from workers.job_config import DatasetConfig, JobConfig, JobInputError
 from workers.peft_format import adapter_from_loaded, export_adapter, read_adapter
 from workers.training_job import StepReport, TrainingJob
 from workers.zero3 import dummy_row, load_base_zero3, pad_micro_batches
@@ -119,13 +120,23 @@ class Engine:
         dataset: TokenizedDataset | None = None,
         resume_from: str | Path | None = None,
     ) -> TrainingJob:
-        """Admit a job between rounds. `resume_from` is a checkpoint dir or a root of them."""
+        """Admit a job between rounds. `resume_from` is a checkpoint dir or a root of them.
+
+        Raises JobInputError when the job's own data, adapter or settings cannot be used.
+        """
         if config.name in self.jobs:
             raise ValueError(f"a job named {config.name!r} is already on this engine")
         if dataset is None:
-            dataset = self._load(config.dataset, config)
-        eval_dataset = self._load(config.eval_dataset, config) if config.eval_dataset else None
-        job = TrainingJob(config, dataset, self._initial_adapter(config), eval_dataset)
+            with _job_input(config.name, "dataset"):
+                dataset = self._load(config.dataset, config)
+        eval_dataset = None
+        if config.eval_dataset is not None:
+            with _job_input(config.name, "eval_dataset"):
+                eval_dataset = self._load(config.eval_dataset, config)
+        with _job_input(config.name, "init_from" if config.adapter.init_from else "adapter"):
+            adapter = self._initial_adapter(config)
+        with _job_input(config.name, "training"):
+            job = TrainingJob(config, dataset, adapter, eval_dataset)
         if resume_from is not None:
             path = Path(resume_from)
             checkpoint = path if (path / "meta.json").exists() else latest_checkpoint(path)
@@ -335,6 +346,19 @@ def train_jobs(
         engine.add_job(config)
     engine.run()
     return {c.name: engine.export(c.name, Path(out_dir) / c.name) for c in configs}
+
+
+@contextmanager
+def _job_input(job: str, source: str) -> Iterator[None]:
+    """A ValueError while reading one of the job's own inputs is the job's fault.
+
+    DatasetError and AdapterFormatError are ValueErrors too. Errors of carpool's
+    own making (its checkpoints, a job added twice) stay outside these blocks.
+    """
+    try:
+        yield
+    except ValueError as e:
+        raise JobInputError(job, source, str(e)) from e
 
 
 def _add_row_losses(losses: dict[str, float], batch: FusedBatch, row_loss: torch.Tensor) -> None:

@@ -16,6 +16,22 @@ DatasetFormat = Literal["text", "prompt_completion", "messages", "auto"]
 SchedulerType = Literal["constant", "linear", "cosine"]
 
 
+class JobInputError(ValueError):
+    """A job's own input (its data, its adapter, its settings) cannot be used.
+
+    The job fails with this message and is not retried: the engine and the
+    other jobs on it are fine. `source` names the input: "dataset",
+    "eval_dataset", "init_from", "adapter" or "training".
+    """
+
+    def __init__(self, job: str, source: str, reason: str) -> None:
+        super().__init__(job, source, reason)  # the fields, so it pickles across Ray actors
+        self.job, self.source, self.reason = job, source, reason
+
+    def __str__(self) -> str:
+        return f"{self.source}: {self.reason}"
+
+
 @dataclass(frozen=True)
 class DatasetConfig:
     path: Path
