@@ -151,6 +151,7 @@ def _up_arguments(parser: argparse.ArgumentParser) -> None:
 def cmd_up(args: argparse.Namespace) -> int:
     from orchestrator.client import Client
     from orchestrator.ray_auth import token_mode_on, where_token_is
+    from orchestrator.state_dir import shadowing_variable
 
     client = Client.up(
         args.config, address=args.address, num_cpus=args.num_cpus, state_dir=args.state_dir
@@ -158,6 +159,13 @@ def cmd_up(args: argparse.Namespace) -> int:
     if client.created_token is not None:
         print(f"created a Ray auth token in {client.created_token} (readable by you only)")
     print(f"carpool is up; state in {client.state_dir}")
+    shadow = shadowing_variable(client.state_dir)
+    if shadow is not None:
+        print(
+            f"note: $CARPOOL_STATE_DIR is {shadow}: other commands will look there, not in "
+            f"{client.state_dir}, unless given --state-dir {client.state_dir}",
+            file=sys.stderr,
+        )
     sign_in = f" (sign in with Ray's auth token: {where_token_is()})" if token_mode_on() else ""
     print(f"Ray dashboard: {client.dashboard_url}{sign_in}")
     return 0

@@ -2,10 +2,11 @@
 
 Precedence, highest first: an explicit `--state-dir`, `$CARPOOL_STATE_DIR`,
 the directory the last successful `carpool up` on this machine recorded for
-this user, `~/.carpool`. `carpool up` itself takes the operator config's
-`state_dir` before the last two, and records what it used, so a directory
-chosen in a config file is found by `submit`, `status`, `down` and the rest
-without a flag or a variable.
+this user, `~/.carpool`. `carpool up` itself takes an explicit flag, then the
+operator config's `state_dir` (the file named on its command line), then the
+variable, then the default, and records what it used: so a directory chosen in
+a config file is found by `submit`, `status`, `down` and the rest without a
+flag or a variable.
 """
 
 from __future__ import annotations
@@ -52,5 +53,16 @@ def find_state_dir(explicit: str | Path | None = None) -> Path:
 
 
 def state_dir_for_up(explicit: str | Path | None, configured: Path | None) -> Path:
-    """The state directory `carpool up` starts in: flag, variable, the config's, then the default."""
-    return _explicit_or_env(explicit) or configured or Path(DEFAULT_STATE_DIR).expanduser()
+    """The state directory `carpool up` starts in: flag, the config's, variable, then the default."""
+    if explicit:
+        return Path(explicit).expanduser()
+    return configured or _explicit_or_env(None) or Path(DEFAULT_STATE_DIR).expanduser()
+
+
+def shadowing_variable(state_dir: Path) -> Path | None:
+    """$CARPOOL_STATE_DIR when it names another directory than `state_dir`: other
+    commands would look there, not where `carpool up` just started."""
+    from_env = _explicit_or_env(None)
+    if from_env is None or from_env.resolve() == Path(state_dir).resolve():
+        return None
+    return from_env

@@ -15,7 +15,9 @@ def test_a_failing_up_stops_the_demo_before_anything_else(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     monkeypatch.chdir(tmp_path)
-    monkeypatch.delenv("CARPOOL_STATE_DIR", raising=False)
+    # The demo points CARPOOL_STATE_DIR at its own queue when unset: restored after the test.
+    monkeypatch.setenv("CARPOOL_STATE_DIR", "")
+    monkeypatch.delenv("CARPOOL_STATE_DIR")
     monkeypatch.setattr(demo, "prepare", lambda root: [tmp_path / "jobs" / "shout.yaml"])
     calls: list[list[str]] = []
 

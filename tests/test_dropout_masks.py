@@ -78,6 +78,8 @@ def test_training_with_hashed_masks_does_not_depend_on_neighbours(
 
     alone = train([target])
     beside = train([other, target], micro_batch_tokens=120)
-    assert max_relative_difference(alone, beside) <= 1e-5
+    # The bar of the other invariant tests (float32 sums in another order); masks that differ
+    # must land above it (below).
+    assert max_relative_difference(alone, beside) <= 1e-4
     monkeypatch.setattr(adapter_bank, "dropout_mask", host_mask)
     assert max_relative_difference(alone, train([target])) > 1e-4  # the masks really differ
