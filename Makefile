@@ -25,7 +25,7 @@ $(STAMP): pyproject.toml Makefile
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(PY) -m orchestrator.demo
+	$(PY) -m carpool.orchestrator.demo
 
 test: $(STAMP)
 	$(PY) -m pytest -q -p no:cacheprovider tests
@@ -34,12 +34,12 @@ test-unit: $(STAMP)
 	$(PY) -m pytest -q -m "not integration" tests
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check orchestrator workers tests benchmarks
-	$(VENV)/bin/ruff format --check orchestrator workers tests benchmarks
+	$(VENV)/bin/ruff check carpool orchestrator workers tests benchmarks
+	$(VENV)/bin/ruff format --check carpool orchestrator workers tests benchmarks
 
 format: $(STAMP)
-	$(VENV)/bin/ruff format orchestrator workers tests benchmarks
-	$(VENV)/bin/ruff check --fix orchestrator workers tests benchmarks
+	$(VENV)/bin/ruff format carpool orchestrator workers tests benchmarks
+	$(VENV)/bin/ruff check --fix carpool orchestrator workers tests benchmarks
 
 bench: $(STAMP)
 	$(PY) benchmarks/engine.py

@@ -28,14 +28,13 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from carpool.workers.base_model import default_dtype
+from carpool.workers.dataset import TokenizedDataset, TokenizedRow
+from carpool.workers.engine import Engine
+from carpool.workers.job_config import AdapterConfig, DatasetConfig, JobConfig, TrainingConfig
+from carpool.workers.tiny_base import train_tokenizer
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
-
-from workers.base_model import default_dtype
-from workers.dataset import TokenizedDataset, TokenizedRow
-from workers.engine import Engine
-from workers.job_config import AdapterConfig, DatasetConfig, JobConfig, TrainingConfig
-from workers.tiny_base import train_tokenizer
 
 # Shapes: a small Llama for a 2-core CPU; Llama-3.2-1B's shape on CUDA.
 MODEL_SHAPES = {

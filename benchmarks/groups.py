@@ -11,25 +11,19 @@ on a 2-core machine this is a plumbing check, not a scaling claim.
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-# Run as a script, this folder comes first on sys.path, and benchmarks/orchestrator.py
-# would shadow the `orchestrator` package.
-sys.path = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).parent.resolve()]
-
-import torch  # noqa: E402
-import torch.distributed as dist  # noqa: E402
-import torch.multiprocessing as mp  # noqa: E402
-
-from orchestrator.local_ray import free_port  # noqa: E402
-from workers.data_parallel import DataParallel  # noqa: E402
-from workers.dataset import TokenizedDataset, TokenizedRow  # noqa: E402
-from workers.engine import Engine  # noqa: E402
-from workers.job_config import AdapterConfig, DatasetConfig, JobConfig, TrainingConfig  # noqa: E402
-from workers.tiny_base import build_tiny_base  # noqa: E402
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from carpool.orchestrator.local_ray import free_port
+from carpool.workers.data_parallel import DataParallel
+from carpool.workers.dataset import TokenizedDataset, TokenizedRow
+from carpool.workers.engine import Engine
+from carpool.workers.job_config import AdapterConfig, DatasetConfig, JobConfig, TrainingConfig
+from carpool.workers.tiny_base import build_tiny_base
 
 SEQ, ROWS_PER_JOB = 128, 8
 

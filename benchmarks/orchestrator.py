@@ -19,24 +19,18 @@ for Ray's own processes; with 2, they compete with the training threads.
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-# Run as a script, this file's folder comes first on sys.path, and this file's
-# name would shadow the `orchestrator` package it measures.
-sys.path = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).parent.resolve()]
-
-import torch  # noqa: E402
-import yaml  # noqa: E402
-
-from orchestrator.client import Client  # noqa: E402
-from orchestrator.demo import write_datasets  # noqa: E402
-from orchestrator.local_train import train_locally  # noqa: E402
-from orchestrator.progress import JobProgressRow  # noqa: E402
-from orchestrator.validation import validate_files  # noqa: E402
-from workers.tiny_base import build_tiny_base  # noqa: E402
+import torch
+import yaml
+from carpool.orchestrator.client import Client
+from carpool.orchestrator.demo import write_datasets
+from carpool.orchestrator.local_train import train_locally
+from carpool.orchestrator.progress import JobProgressRow
+from carpool.orchestrator.validation import validate_files
+from carpool.workers.tiny_base import build_tiny_base
 
 
 def write_specs(root: Path, base: Path, jobs: int, steps: int) -> list[Path]:

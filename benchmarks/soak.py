@@ -22,23 +22,17 @@ import tempfile
 import time
 from pathlib import Path
 
-# Run as a script, this folder comes first on sys.path; keep it from shadowing
-# nothing here, but be consistent with the other benchmarks.
-sys.path = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).parent.resolve()]
-
-import yaml  # noqa: E402
-
-from orchestrator.client import Client  # noqa: E402
-from orchestrator.demo import TaskData, write_datasets  # noqa: E402
-from workers.tiny_base import build_tiny_base  # noqa: E402
+import yaml
+from carpool.orchestrator.client import Client
+from carpool.orchestrator.demo import TaskData, write_datasets
+from carpool.workers.tiny_base import build_tiny_base
 
 FINAL = {"succeeded", "failed", "cancelled"}
 
 
 def worker_pids() -> list[int]:
     import ray
-
-    from orchestrator.ray_runtime import NAMESPACE
+    from carpool.orchestrator.ray_runtime import NAMESPACE
 
     pids = []
     for info in ray.util.list_named_actors(all_namespaces=True):

@@ -11,9 +11,9 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-from orchestrator.operator_config import OperatorConfig
-from orchestrator.spec import JobSpec
-from orchestrator.validation import SpecProblem, SpecValidationError
+from carpool.orchestrator.operator_config import OperatorConfig
+from carpool.orchestrator.spec import JobSpec
+from carpool.orchestrator.validation import SpecProblem, SpecValidationError
 
 
 def _under(path: Path, roots: Sequence[Path]) -> bool:

@@ -16,9 +16,8 @@ import os
 import uuid
 from pathlib import Path
 
+from carpool.orchestrator.job_ids import validate_job_id
 from pyarrow import fs
-
-from orchestrator.job_ids import validate_job_id
 
 _LOCAL = fs.LocalFileSystem()
 

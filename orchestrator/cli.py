@@ -58,7 +58,7 @@ def _validate_arguments(parser: argparse.ArgumentParser) -> None:
 
 @subcommand("validate", "check job spec files and report every problem", _validate_arguments)
 def cmd_validate(args: argparse.Namespace) -> int:
-    from orchestrator.validation import validate_files
+    from carpool.orchestrator.validation import validate_files
 
     notes: list = []
     specs = validate_files(args.specs, notes)  # SpecValidationError is handled in main
@@ -106,11 +106,10 @@ def _train_arguments(parser: argparse.ArgumentParser) -> None:
 
 @subcommand("train", "train jobs fused in this process and write PEFT adapters", _train_arguments)
 def cmd_train(args: argparse.Namespace) -> int:
+    from carpool.orchestrator.local_train import train_locally
+    from carpool.orchestrator.progress import JobProgress
+    from carpool.orchestrator.validation import validate_files
     from transformers.utils import logging as hf_logging
-
-    from orchestrator.local_train import train_locally
-    from orchestrator.progress import JobProgress
-    from orchestrator.validation import validate_files
 
     hf_logging.disable_progress_bar()  # our own bars are the ones to watch
 
@@ -134,7 +133,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 # -- the queue and the controller ---------------------------------------------------------
 def _client(args: argparse.Namespace):
-    from orchestrator.client import Client
+    from carpool.orchestrator.client import Client
 
     return Client(args.state_dir)
 
@@ -149,9 +148,9 @@ def _up_arguments(parser: argparse.ArgumentParser) -> None:
     "up", "start Ray (or attach to it) and the carpool controller", _up_arguments, uses_queue=True
 )
 def cmd_up(args: argparse.Namespace) -> int:
-    from orchestrator.client import Client
-    from orchestrator.ray_auth import token_mode_on, where_token_is
-    from orchestrator.state_dir import shadowing_variable
+    from carpool.orchestrator.client import Client
+    from carpool.orchestrator.ray_auth import token_mode_on, where_token_is
+    from carpool.orchestrator.state_dir import shadowing_variable
 
     client = Client.up(
         args.config, address=args.address, num_cpus=args.num_cpus, state_dir=args.state_dir
@@ -236,7 +235,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 def _watch(client, job_id: str | None) -> int:
     import time
 
-    from orchestrator.progress import JobProgress, JobProgressRow
+    from carpool.orchestrator.progress import JobProgress, JobProgressRow
 
     final = {"succeeded", "failed", "cancelled"}
     with JobProgress() as progress:
@@ -373,9 +372,9 @@ def main(argv: list[str] | None = None) -> int:
 def _describe(error: Exception) -> str:
     """Spec problems one per line (each names file and field), a failed `ray start` with
     the last lines it printed; anything else one line."""
-    from orchestrator.local_ray import RayStartError
-    from orchestrator.operator_config import OperatorConfigError
-    from orchestrator.validation import SpecValidationError
+    from carpool.orchestrator.local_ray import RayStartError
+    from carpool.orchestrator.operator_config import OperatorConfigError
+    from carpool.orchestrator.validation import SpecValidationError
 
     if isinstance(error, (SpecValidationError, OperatorConfigError)):
         return str(error)
@@ -390,15 +389,15 @@ def _user_error(error: Exception) -> Exception | None:
 
     Imported late: these modules pull in torch.
     """
-    from orchestrator.client import ControllerNotRunningError, JobNotFinishedError
-    from orchestrator.job_ids import InvalidJobIdError
-    from orchestrator.job_queue import InvalidTransitionError, UnknownJobError
-    from orchestrator.local_ray import RayStartError
-    from orchestrator.operator_config import OperatorConfigError
-    from orchestrator.ray_auth import MissingRayTokenError
-    from orchestrator.validation import SpecValidationError
-    from workers.dataset import DatasetError
-    from workers.job_config import JobInputError
+    from carpool.orchestrator.client import ControllerNotRunningError, JobNotFinishedError
+    from carpool.orchestrator.job_ids import InvalidJobIdError
+    from carpool.orchestrator.job_queue import InvalidTransitionError, UnknownJobError
+    from carpool.orchestrator.local_ray import RayStartError
+    from carpool.orchestrator.operator_config import OperatorConfigError
+    from carpool.orchestrator.ray_auth import MissingRayTokenError
+    from carpool.orchestrator.validation import SpecValidationError
+    from carpool.workers.dataset import DatasetError
+    from carpool.workers.job_config import JobInputError
 
     user_errors = (
         SpecValidationError, DatasetError, JobInputError, ControllerNotRunningError,

@@ -17,13 +17,13 @@ import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-from orchestrator.artifact_store import ArtifactStore
-from orchestrator.job_ids import validate_job_id
-from orchestrator.job_queue import FINAL_STATES, JobState
-from orchestrator.local_ray import start_head, stop_cluster
-from orchestrator.operator_config import OperatorConfig, load_operator_config
-from orchestrator.ray_auth import require_token
-from orchestrator.state_dir import find_state_dir, record_last_up, state_dir_for_up
+from carpool.orchestrator.artifact_store import ArtifactStore
+from carpool.orchestrator.job_ids import validate_job_id
+from carpool.orchestrator.job_queue import FINAL_STATES, JobState
+from carpool.orchestrator.local_ray import start_head, stop_cluster
+from carpool.orchestrator.operator_config import OperatorConfig, load_operator_config
+from carpool.orchestrator.ray_auth import require_token
+from carpool.orchestrator.state_dir import find_state_dir, record_last_up, state_dir_for_up
 
 CLUSTER_FILE = "cluster.json"
 
@@ -93,8 +93,7 @@ class Client:
         """(Re)create the controller if it is gone (a no-op if it runs); record the cluster."""
         self._attach(cluster)
         import ray
-
-        from orchestrator.ray_runtime import CONTROLLER_NAME, NAMESPACE, CarpoolController
+        from carpool.orchestrator.ray_runtime import CONTROLLER_NAME, NAMESPACE, CarpoolController
 
         if not cluster["dashboard_url"]:
             cluster["dashboard_url"] = self._dashboard_url
@@ -185,8 +184,7 @@ class Client:
         """The controller actor of the Ray this client is attached to."""
         if self._controller is None:
             import ray
-
-            from orchestrator.ray_runtime import CONTROLLER_NAME, NAMESPACE
+            from carpool.orchestrator.ray_runtime import CONTROLLER_NAME, NAMESPACE
 
             try:
                 self._controller = ray.get_actor(CONTROLLER_NAME, namespace=NAMESPACE)
@@ -219,8 +217,8 @@ class Client:
 
         Findings that are no error (rows to be truncated, values taken from init_from) go to `notes`.
         """
-        from orchestrator.admission import check_admission
-        from orchestrator.validation import validate_files
+        from carpool.orchestrator.admission import check_admission
+        from carpool.orchestrator.validation import validate_files
 
         paths = [Path(p) for p in spec_paths]
         specs = validate_files(paths, notes)

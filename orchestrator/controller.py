@@ -20,10 +20,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Protocol
 
-from orchestrator.engine_worker import JobAdmitted, JobStepResult
-from orchestrator.job_queue import JobQueue, JobRecord, JobState
-from orchestrator.operator_config import OperatorConfig
-from orchestrator.scheduler import (
+from carpool.orchestrator.engine_worker import JobAdmitted, JobStepResult
+from carpool.orchestrator.job_queue import JobQueue, JobRecord, JobState
+from carpool.orchestrator.operator_config import OperatorConfig
+from carpool.orchestrator.scheduler import (
     AdmitJob,
     Capacity,
     ClusterView,
@@ -34,10 +34,10 @@ from orchestrator.scheduler import (
     StopGroup,
     schedule,
 )
-from orchestrator.spec import JobSpec
-from workers.base_model import linear_module_shapes, match_target_modules
-from workers.checkpoint import checkpoint_step
-from workers.job_config import JobConfig, JobInputError
+from carpool.orchestrator.spec import JobSpec
+from carpool.workers.base_model import linear_module_shapes, match_target_modules
+from carpool.workers.checkpoint import checkpoint_step
+from carpool.workers.job_config import JobConfig, JobInputError
 
 log = logging.getLogger("carpool.controller")
 

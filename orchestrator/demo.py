@@ -127,7 +127,7 @@ def write_specs(root: Path, base: Path, data: dict[str, TaskData]) -> list[Path]
 
 def prepare(root: Path) -> list[Path]:
     """Base, datasets and specs under `root`; returns the spec files."""
-    from workers.tiny_base import build_tiny_base
+    from carpool.workers.tiny_base import build_tiny_base
 
     data = write_datasets(root / "data")
     corpus = [line for task in data.values() for line in task.train.read_text().splitlines()]
@@ -192,8 +192,8 @@ def main() -> int:
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
     root = Path("demo_out").resolve()
-    from orchestrator.cli import main as carpool
-    from orchestrator.client import CLUSTER_FILE, Client
+    from carpool.orchestrator.cli import main as carpool
+    from carpool.orchestrator.client import CLUSTER_FILE, Client
 
     if "CARPOOL_STATE_DIR" not in os.environ:
         # The demo's own queue: emptied first, so its status shows this run's jobs only.

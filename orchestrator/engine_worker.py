@@ -23,13 +23,12 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import torch.distributed as dist
-
-from orchestrator.artifact_store import ArtifactStore
-from workers.base_model import default_dtype
-from workers.data_parallel import DataParallel
-from workers.engine import Engine
-from workers.job_config import JobConfig
-from workers.zero3 import base_parameter_bytes, choose_zero_stage
+from carpool.orchestrator.artifact_store import ArtifactStore
+from carpool.workers.base_model import default_dtype
+from carpool.workers.data_parallel import DataParallel
+from carpool.workers.engine import Engine
+from carpool.workers.job_config import JobConfig
+from carpool.workers.zero3 import base_parameter_bytes, choose_zero_stage
 
 log = logging.getLogger("carpool.worker")
 T = TypeVar("T")

@@ -23,11 +23,15 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from carpool.orchestrator.spec import AdapterSpec
+from carpool.workers.base_model import match_target_modules, unmatched_targets
+from carpool.workers.peft_format import (
+    AdapterFormatError,
+    AdapterHeader,
+    base_misfit,
+    read_adapter_header,
+)
 from pydantic import ValidationError
-
-from orchestrator.spec import AdapterSpec
-from workers.base_model import match_target_modules, unmatched_targets
-from workers.peft_format import AdapterFormatError, AdapterHeader, base_misfit, read_adapter_header
 
 DEFINING_FIELDS = ("r", "lora_alpha", "target_modules", "use_rslora")
 _FIELD = "adapter.init_from"

@@ -19,7 +19,7 @@ from enum import Enum
 from pathlib import Path
 from typing import Any
 
-from orchestrator.job_ids import new_job_id
+from carpool.orchestrator.job_ids import new_job_id
 
 
 class JobState(str, Enum):

@@ -19,8 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import psutil
-
-from orchestrator.ray_auth import ensure_local_token
+from carpool.orchestrator.ray_auth import ensure_local_token
 
 _SESSION = re.compile(r"session_\d{4}-\d{2}-\d{2}_[\d_-]+")
 

@@ -10,10 +10,10 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from orchestrator.progress import JobProgressRow
-from orchestrator.spec import JobSpec
-from workers.engine import Engine
-from workers.job_config import JobConfig
+from carpool.orchestrator.progress import JobProgressRow
+from carpool.orchestrator.spec import JobSpec
+from carpool.workers.engine import Engine
+from carpool.workers.job_config import JobConfig
 
 ProgressFn = Callable[[JobProgressRow], None]
 

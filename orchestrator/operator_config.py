@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
+from carpool.orchestrator.yaml_loader import load_yaml
 from pydantic import (
     BaseModel,
     ConfigDict,
@@ -21,8 +22,6 @@ from pydantic import (
     field_validator,
     model_validator,
 )
-
-from orchestrator.yaml_loader import load_yaml
 
 
 class OperatorConfigError(ValueError):

@@ -17,23 +17,22 @@ from dataclasses import asdict
 from pathlib import Path
 
 import ray
-from ray.exceptions import ActorDiedError, ActorUnavailableError, GetTimeoutError, RayActorError
-from ray.util import metrics as ray_metrics
-from ray.util.placement_group import placement_group, remove_placement_group
-from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
-
-from orchestrator.admission import check_admission
-from orchestrator.controller import Controller, GroupFailedError
-from orchestrator.engine_worker import (
+from carpool.orchestrator.admission import check_admission
+from carpool.orchestrator.controller import Controller, GroupFailedError
+from carpool.orchestrator.engine_worker import (
     EngineWorker,
     JobAdmitted,
     JobStepResult,
     admit_on_all_ranks,
 )
-from orchestrator.job_queue import JobQueue, JobRecord, JobState
-from orchestrator.operator_config import OperatorConfig
-from orchestrator.spec import JobSpec
-from workers.job_config import JobConfig
+from carpool.orchestrator.job_queue import JobQueue, JobRecord, JobState
+from carpool.orchestrator.operator_config import OperatorConfig
+from carpool.orchestrator.spec import JobSpec
+from carpool.workers.job_config import JobConfig
+from ray.exceptions import ActorDiedError, ActorUnavailableError, GetTimeoutError, RayActorError
+from ray.util import metrics as ray_metrics
+from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 NAMESPACE = "carpool"
 CONTROLLER_NAME = "carpool-controller"

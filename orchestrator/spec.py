@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
+from carpool.workers.job_config import AdapterConfig, DatasetConfig, JobConfig, TrainingConfig
 from pydantic import (
     BaseModel,
     ConfigDict,
@@ -22,8 +23,6 @@ from pydantic import (
     model_validator,
 )
 from pydantic_core import PydanticCustomError
-
-from workers.job_config import AdapterConfig, DatasetConfig, JobConfig, TrainingConfig
 
 NAME_PATTERN = re.compile(r"[a-z0-9_-]{1,64}")
 DATASET_SUFFIXES = (".jsonl", ".parquet")

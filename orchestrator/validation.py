@@ -15,10 +15,8 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ValidationError
-
-from orchestrator.init_from import InitFromCheck, check_init_from
-from orchestrator.spec import (
+from carpool.orchestrator.init_from import InitFromCheck, check_init_from
+from carpool.orchestrator.spec import (
     EVAL_NEEDS_DATASET,
     STEPS_XOR_EPOCHS,
     AdapterSpec,
@@ -28,14 +26,15 @@ from orchestrator.spec import (
     resolve_spec_paths,
     steps_xor_epochs_message,
 )
-from orchestrator.yaml_loader import load_yaml
-from workers.base_model import (
+from carpool.orchestrator.yaml_loader import load_yaml
+from carpool.workers.base_model import (
     linear_module_shapes,
     load_tokenizer,
     match_target_modules,
     unmatched_targets,
 )
-from workers.dataset import DatasetError, load_dataset
+from carpool.workers.dataset import DatasetError, load_dataset
+from pydantic import BaseModel, ValidationError
 
 TOP_LEVEL = "(top level)"
 _SECTIONS: dict[tuple[str, ...], type[BaseModel]] = {

@@ -8,8 +8,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-
-from workers.tiny_base import build_tiny_base
+from carpool.workers.tiny_base import build_tiny_base
 
 
 @pytest.fixture(scope="session", autouse=True)

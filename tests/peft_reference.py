@@ -11,11 +11,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from carpool.workers.dataset import IGNORE_INDEX, TokenizedRow
+from carpool.workers.job_config import JobConfig
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM, get_scheduler
-
-from workers.dataset import IGNORE_INDEX, TokenizedRow
-from workers.job_config import JobConfig
 
 _HF_SCHEDULER = {"constant": "constant_with_warmup", "linear": "linear", "cosine": "cosine"}
 

@@ -5,13 +5,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from carpool.workers.adapter_bank import adapter_dtype
+from carpool.workers.engine import Engine
+from carpool.workers.job_config import AdapterConfig
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
 from tests.test_engine_equivalence import job
-from workers.adapter_bank import adapter_dtype
-from workers.engine import Engine
-from workers.job_config import AdapterConfig
 
 
 def test_adapter_dtype_upcasts_only_half_precision() -> None:

@@ -5,11 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-
-from orchestrator.admission import admission_problems, check_admission
-from orchestrator.operator_config import OperatorConfig
-from orchestrator.spec import JobSpec
-from orchestrator.validation import SpecValidationError
+from carpool.orchestrator.admission import admission_problems, check_admission
+from carpool.orchestrator.operator_config import OperatorConfig
+from carpool.orchestrator.spec import JobSpec
+from carpool.orchestrator.validation import SpecValidationError
 
 
 def spec(base: str, data: Path, **adapter) -> JobSpec:

@@ -5,8 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-
-from orchestrator.artifact_store import ArtifactStore
+from carpool.orchestrator.artifact_store import ArtifactStore
 
 
 def tree(root: Path) -> dict[str, str]:

@@ -15,13 +15,13 @@ from pathlib import Path
 
 import pytest
 import yaml
+from carpool.orchestrator.admission import check_admission
+from carpool.orchestrator.cli import main
+from carpool.orchestrator.operator_config import OperatorConfig
+from carpool.orchestrator.validation import SpecValidationError, validate_files
+from carpool.workers.tiny_base import build_tiny_base
 
-from orchestrator.admission import check_admission
-from orchestrator.cli import main
-from orchestrator.operator_config import OperatorConfig
-from orchestrator.validation import SpecValidationError, validate_files
 from tests.peft_reference import save_peft_adapter
-from workers.tiny_base import build_tiny_base
 
 Case = Callable[[dict, Path], None]
 
@@ -195,10 +195,9 @@ def test_dataset_over_the_operators_cap_is_refused(valid_spec: dict, tmp_path: P
 
 
 def test_tokenizer_without_pad_token_is_handled(datasets: dict[str, Path], tmp_path: Path) -> None:
+    from carpool.workers.engine import Engine
+    from carpool.workers.job_config import AdapterConfig, DatasetConfig, JobConfig, TrainingConfig
     from transformers import AutoTokenizer
-
-    from workers.engine import Engine
-    from workers.job_config import AdapterConfig, DatasetConfig, JobConfig, TrainingConfig
 
     base = build_tiny_base(tmp_path / "base")
     tokenizer = AutoTokenizer.from_pretrained(base)

@@ -8,17 +8,17 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from carpool.workers.base_model import load_base
+from carpool.workers.chunked_loss import chunked_token_losses, supports_chunked_loss
+from carpool.workers.dataset import IGNORE_INDEX
+from carpool.workers.engine import Engine
+from carpool.workers.job_config import DatasetConfig
 from torch import nn
 
 from tests.autograd_memory import kept_for_backward
 from tests.peft_reference import max_relative_difference
 from tests.test_engine_equivalence import three_jobs
 from tests.test_gradient_checkpointing import dropout_and_shuffle
-from workers.base_model import load_base
-from workers.chunked_loss import chunked_token_losses, supports_chunked_loss
-from workers.dataset import IGNORE_INDEX
-from workers.engine import Engine
-from workers.job_config import DatasetConfig
 
 
 @pytest.mark.parametrize("chunk", [1, 3, 7, 64])
@@ -88,7 +88,7 @@ def test_an_unsupported_model_falls_back_with_a_warning(
     tiny_base: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     monkeypatch.setattr(
-        "workers.engine.supports_chunked_loss", lambda model: "its output layer is special"
+        "carpool.workers.engine.supports_chunked_loss", lambda model: "its output layer is special"
     )
     engine = Engine(str(tiny_base), device="cpu", loss_chunk_tokens=8)
     assert engine.loss_chunk_tokens is None

@@ -6,8 +6,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-
-from orchestrator.cli import main
+from carpool.orchestrator.cli import main
 
 
 @pytest.fixture(autouse=True)

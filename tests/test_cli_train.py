@@ -4,17 +4,16 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import carpool.workers.engine as engine_module
 import pytest
 import torch
 import yaml
+from carpool.orchestrator.cli import main
+from carpool.orchestrator.demo import prepare
+from carpool.orchestrator.validation import validate_files
+from carpool.workers.peft_format import read_adapter
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
-
-import workers.engine
-from orchestrator.cli import main
-from orchestrator.demo import prepare
-from orchestrator.validation import validate_files
-from workers.peft_format import read_adapter
 
 
 def write_spec(path: Path, **fields) -> Path:
@@ -82,9 +81,9 @@ def test_gradient_checkpointing_flag_gives_the_same_adapter(
     tiny_base: Path, datasets: dict[str, Path], tmp_path: Path, monkeypatch
 ) -> None:
     wrapped: list[int] = []
-    enable = workers.engine.enable_gradient_checkpointing
+    enable = engine_module.enable_gradient_checkpointing
     monkeypatch.setattr(
-        workers.engine, "enable_gradient_checkpointing", lambda m: wrapped.append(enable(m))
+        engine_module, "enable_gradient_checkpointing", lambda m: wrapped.append(enable(m))
     )
     spec = write_spec(tmp_path / "a.yaml", **spec_fields("job-a", tiny_base, datasets["text"]))
     plain, checkpointed = tmp_path / "plain", tmp_path / "checkpointed"
@@ -104,9 +103,9 @@ def test_loss_chunk_tokens_flag_gives_the_same_adapter(
     tiny_base: Path, datasets: dict[str, Path], tmp_path: Path, monkeypatch, capsys
 ) -> None:
     chunks: list[int] = []
-    chunked = workers.engine.chunked_token_losses
+    chunked = engine_module.chunked_token_losses
     monkeypatch.setattr(
-        workers.engine,
+        engine_module,
         "chunked_token_losses",
         lambda hidden, head, targets, n: chunks.append(n) or chunked(hidden, head, targets, n),
     )

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from orchestrator.client import Client
+from carpool.orchestrator.client import Client
 
 
 class ScriptedClient(Client):

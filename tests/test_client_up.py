@@ -5,11 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-
-from orchestrator import client as client_module
-from orchestrator.client import CLUSTER_FILE, Client
-from orchestrator.local_ray import LocalHead
-from orchestrator.state_dir import last_up_record
+from carpool.orchestrator import client as client_module
+from carpool.orchestrator.client import CLUSTER_FILE, Client
+from carpool.orchestrator.local_ray import LocalHead
+from carpool.orchestrator.state_dir import last_up_record
 
 
 def test_a_controller_that_cannot_start_takes_the_new_head_down(

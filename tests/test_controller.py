@@ -16,14 +16,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-
-from orchestrator.controller import Controller, GroupFailedError
-from orchestrator.engine_worker import JobAdmitted, JobStepResult
-from orchestrator.job_queue import JobQueue, JobState
-from orchestrator.operator_config import OperatorConfig
-from orchestrator.spec import JobSpec
-from workers.job_config import JobConfig, JobInputError
-from workers.tiny_base import build_tiny_base
+from carpool.orchestrator.controller import Controller, GroupFailedError
+from carpool.orchestrator.engine_worker import JobAdmitted, JobStepResult
+from carpool.orchestrator.job_queue import JobQueue, JobState
+from carpool.orchestrator.operator_config import OperatorConfig
+from carpool.orchestrator.spec import JobSpec
+from carpool.workers.job_config import JobConfig, JobInputError
+from carpool.workers.tiny_base import build_tiny_base
 
 QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED = (
     JobState.QUEUED,

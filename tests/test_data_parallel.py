@@ -17,12 +17,12 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from carpool.orchestrator.local_ray import free_port
+from carpool.workers.data_parallel import DataParallel
+from carpool.workers.engine import Engine
+from carpool.workers.job_config import AdapterConfig, DatasetConfig, JobConfig, TrainingConfig
 
-from orchestrator.local_ray import free_port
 from tests.peft_reference import max_relative_difference
-from workers.data_parallel import DataParallel
-from workers.engine import Engine
-from workers.job_config import AdapterConfig, DatasetConfig, JobConfig, TrainingConfig
 
 pytestmark = pytest.mark.integration
 

@@ -10,9 +10,8 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-
-from workers.base_model import load_tokenizer
-from workers.dataset import (
+from carpool.workers.base_model import load_tokenizer
+from carpool.workers.dataset import (
     IGNORE_INDEX,
     DatasetError,
     load_dataset,
@@ -20,7 +19,7 @@ from workers.dataset import (
     resolve_format,
     tokenize_record,
 )
-from workers.tiny_base import build_tiny_base
+from carpool.workers.tiny_base import build_tiny_base
 
 CHAT = [
     {"role": "system", "content": "Be brief."},

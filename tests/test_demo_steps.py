@@ -5,10 +5,9 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import carpool.orchestrator.cli as cli_module
 import pytest
-
-import orchestrator.cli
-from orchestrator import demo
+from carpool.orchestrator import demo
 
 
 def test_a_failing_up_stops_the_demo_before_anything_else(
@@ -26,7 +25,7 @@ def test_a_failing_up_stops_the_demo_before_anything_else(
         print("error: ray start failed (exit 1):\n  AuthenticationError: no token", file=sys.stderr)
         return 1
 
-    monkeypatch.setattr(orchestrator.cli, "main", carpool)
+    monkeypatch.setattr(cli_module, "main", carpool)
     assert demo.main() == 1
     assert calls == [["up"]]  # no submit, no `down` with a misleading message
     err = capsys.readouterr().err

@@ -4,15 +4,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import carpool.workers.adapter_bank as adapter_bank
 import pytest
 import torch
+from carpool.workers.adapter_bank import JobAdapter, hashed_keep_mask
+from carpool.workers.engine import Engine
+from carpool.workers.job_config import AdapterConfig
 
-import workers.adapter_bank as adapter_bank
 from tests.peft_reference import max_relative_difference
 from tests.test_engine_equivalence import job
-from workers.adapter_bank import JobAdapter, hashed_keep_mask
-from workers.engine import Engine
-from workers.job_config import AdapterConfig
 
 CPU = torch.device("cpu")
 

@@ -10,11 +10,11 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
+from carpool.workers.engine import Engine
+from carpool.workers.fused_batch import plan_micro_batches, step_rows
+from carpool.workers.job_config import AdapterConfig, DatasetConfig, JobConfig, TrainingConfig
 
 from tests.peft_reference import max_relative_difference, train_reference
-from workers.engine import Engine
-from workers.fused_batch import plan_micro_batches, step_rows
-from workers.job_config import AdapterConfig, DatasetConfig, JobConfig, TrainingConfig
 
 STEPS = 10
 

@@ -7,12 +7,12 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from carpool.workers.dataset import IGNORE_INDEX
+from carpool.workers.engine import Engine
+from carpool.workers.job_config import AdapterConfig, DatasetConfig, JobConfig
 
 from tests.conftest import write_jsonl
 from tests.test_engine_equivalence import job, three_jobs
-from workers.dataset import IGNORE_INDEX
-from workers.engine import Engine
-from workers.job_config import AdapterConfig, DatasetConfig, JobConfig
 
 
 def with_eval(config: JobConfig, data: Path, eval_steps: int | None) -> JobConfig:

@@ -8,16 +8,16 @@ from pathlib import Path
 
 import pytest
 import torch
+from carpool.workers.adapter_bank import AdapterBank, Segment, dropout_mask, new_job_adapter
+from carpool.workers.base_model import load_base
+from carpool.workers.engine import Engine
+from carpool.workers.job_config import AdapterConfig
+from carpool.workers.peft_format import AdapterFormatError, read_adapter
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
 from tests.peft_reference import max_relative_difference
 from tests.test_engine_equivalence import job, randomize_b
-from workers.adapter_bank import AdapterBank, Segment, dropout_mask, new_job_adapter
-from workers.base_model import load_base
-from workers.engine import Engine
-from workers.job_config import AdapterConfig
-from workers.peft_format import AdapterFormatError, read_adapter
 
 
 def test_dropout_gradients_match_plain_per_row_reference(tiny_base: Path) -> None:

@@ -8,9 +8,8 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
-
-from orchestrator.engine_worker import EngineWorker, JobAdmitted, admit_on_all_ranks
-from workers.job_config import (
+from carpool.orchestrator.engine_worker import EngineWorker, JobAdmitted, admit_on_all_ranks
+from carpool.workers.job_config import (
     AdapterConfig,
     DatasetConfig,
     JobConfig,

@@ -17,8 +17,7 @@ from pathlib import Path
 import psutil
 import pytest
 import yaml
-
-from orchestrator.local_ray import stop_cluster
+from carpool.orchestrator.local_ray import stop_cluster
 
 pytestmark = pytest.mark.integration
 
@@ -99,7 +98,7 @@ def test_up_submit_fetch_down_with_an_empty_home_and_a_configured_state_dir(
 
 
 def _cluster_processes(address: str) -> list[psutil.Process]:
-    from orchestrator.local_ray import cluster_processes
+    from carpool.orchestrator.local_ray import cluster_processes
 
     return cluster_processes(address)
 

@@ -7,15 +7,15 @@ from pathlib import Path
 
 import pytest
 import torch
+from carpool.workers.base_model import load_base
+from carpool.workers.engine import Engine
+from carpool.workers.gradient_checkpointing import decoder_layers, enable_gradient_checkpointing
+from carpool.workers.job_config import AdapterConfig
 from torch import nn
 
 from tests.autograd_memory import kept_for_backward
 from tests.peft_reference import max_relative_difference
 from tests.test_engine_equivalence import job, three_jobs
-from workers.base_model import load_base
-from workers.engine import Engine
-from workers.gradient_checkpointing import decoder_layers, enable_gradient_checkpointing
-from workers.job_config import AdapterConfig
 
 
 def dropout_and_shuffle(configs: list) -> list:

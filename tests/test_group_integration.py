@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 import yaml
+from carpool.orchestrator import local_ray
+from carpool.orchestrator.client import Client
 
-from orchestrator import local_ray
-from orchestrator.client import Client
 from tests.test_orchestrator_integration import (
     assert_same_adapter,
     carpool_cluster,

@@ -7,14 +7,19 @@ from pathlib import Path
 
 import pytest
 import yaml
+from carpool.orchestrator.cli import main
+from carpool.orchestrator.validation import (
+    SpecProblem,
+    SpecValidationError,
+    check_spec,
+    validate_files,
+)
+from carpool.workers.engine import Engine
+from carpool.workers.peft_format import WEIGHTS_FILE, AdapterFormatError, read_adapter
+from carpool.workers.tiny_base import build_tiny_base
 from safetensors.torch import load_file, save_file
 
-from orchestrator.cli import main
-from orchestrator.validation import SpecProblem, SpecValidationError, check_spec, validate_files
 from tests.peft_reference import save_peft_adapter
-from workers.engine import Engine
-from workers.peft_format import WEIGHTS_FILE, AdapterFormatError, read_adapter
-from workers.tiny_base import build_tiny_base
 
 ALL_LINEAR = ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]
 
@@ -271,8 +276,8 @@ def test_refused_at_submit(adapters: dict, tiny_base: Path, datasets: dict, tmp_
 def test_the_engine_refuses_what_validation_refuses(
     adapters: dict, tiny_base: Path, datasets: dict
 ) -> None:
-    from orchestrator.spec import JobSpec
-    from workers.job_config import JobInputError
+    from carpool.orchestrator.spec import JobSpec
+    from carpool.workers.job_config import JobInputError
 
     with pytest.raises(AdapterFormatError, match="DoRA"):
         read_adapter(adapters["dora"])

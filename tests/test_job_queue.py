@@ -10,9 +10,8 @@ import threading
 from pathlib import Path
 
 import pytest
-
-from orchestrator.job_ids import validate_job_id
-from orchestrator.job_queue import (
+from carpool.orchestrator.job_ids import validate_job_id
+from carpool.orchestrator.job_queue import (
     FINAL_STATES,
     InvalidTransitionError,
     JobQueue,

@@ -17,7 +17,7 @@ CLIENTS, JOBS_PER_CLIENT = 8, 25
 
 def _submit_many(state_dir: str, spec: str, count: int, out) -> None:
     os.environ["CARPOOL_STATE_DIR"] = state_dir
-    from orchestrator.client import Client
+    from carpool.orchestrator.client import Client
 
     client = Client()
     out.put([client.submit([spec])[0] for _ in range(count)])

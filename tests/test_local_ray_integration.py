@@ -6,8 +6,7 @@ import socket
 
 import psutil
 import pytest
-
-from orchestrator.local_ray import cluster_processes, is_alive, start_head, stop_cluster
+from carpool.orchestrator.local_ray import cluster_processes, is_alive, start_head, stop_cluster
 
 pytestmark = pytest.mark.integration
 

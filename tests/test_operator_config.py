@@ -6,8 +6,11 @@ from pathlib import Path
 
 import pytest
 import yaml
-
-from orchestrator.operator_config import OperatorConfig, OperatorConfigError, load_operator_config
+from carpool.orchestrator.operator_config import (
+    OperatorConfig,
+    OperatorConfigError,
+    load_operator_config,
+)
 
 FULL = """\
 state_dir: /srv/carpool

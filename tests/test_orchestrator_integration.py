@@ -17,16 +17,15 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from carpool.orchestrator.cli import main
+from carpool.orchestrator.client import Client
+from carpool.orchestrator.job_queue import JobQueue, JobState
+from carpool.orchestrator.validation import load_spec_file
+from carpool.workers.engine import Engine
+from carpool.workers.peft_format import read_adapter
+from carpool.workers.tiny_base import build_tiny_base
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
-
-from orchestrator.cli import main
-from orchestrator.client import Client
-from orchestrator.job_queue import JobQueue, JobState
-from orchestrator.validation import load_spec_file
-from workers.engine import Engine
-from workers.peft_format import read_adapter
-from workers.tiny_base import build_tiny_base
 
 pytestmark = pytest.mark.integration
 

@@ -6,9 +6,8 @@ import stat
 from pathlib import Path
 
 import pytest
-
-from orchestrator import ray_auth
-from orchestrator.cli import main
+from carpool.orchestrator import ray_auth
+from carpool.orchestrator.cli import main
 
 
 @pytest.fixture

@@ -25,8 +25,7 @@ pytestmark = pytest.mark.integration
 
 def worker_pids() -> dict[str, int]:
     import ray
-
-    from orchestrator.ray_runtime import NAMESPACE
+    from carpool.orchestrator.ray_runtime import NAMESPACE
 
     pids = {}
     for info in ray.util.list_named_actors(all_namespaces=True):

@@ -7,8 +7,7 @@ import random
 from collections.abc import Sequence
 
 import pytest
-
-from orchestrator.scheduler import (
+from carpool.orchestrator.scheduler import (
     AdmitJob,
     Capacity,
     ClusterView,

@@ -7,19 +7,19 @@ from pathlib import Path
 
 import pytest
 import yaml
-
-from orchestrator.cli import main
-from orchestrator.spec import JobSpec
-from orchestrator.validation import (
+from carpool.orchestrator.cli import main
+from carpool.orchestrator.spec import JobSpec
+from carpool.orchestrator.validation import (
     SpecProblem,
     SpecValidationError,
     check_spec,
     load_spec_file,
     validate_files,
 )
+from carpool.workers.job_config import DatasetConfig, JobConfig
+from carpool.workers.tiny_base import build_tiny_base
+
 from tests.peft_reference import save_peft_adapter
-from workers.job_config import DatasetConfig, JobConfig
-from workers.tiny_base import build_tiny_base
 
 
 @pytest.fixture(scope="module")
@@ -153,7 +153,7 @@ def test_paths_resolve_relative_to_yaml(base: Path, tmp_path: Path, monkeypatch)
 
 
 def test_base_model_kept_when_not_relative_to_yaml(base: Path, data: Path, tmp_path: Path) -> None:
-    from orchestrator.spec import resolve_spec_paths
+    from carpool.orchestrator.spec import resolve_spec_paths
 
     raw = resolve_spec_paths({"base_model": "org/some-model"}, tmp_path)
     assert raw["base_model"] == "org/some-model"  # a hub id passes through

@@ -5,8 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-
-from orchestrator.state_dir import (
+from carpool.orchestrator.state_dir import (
     find_state_dir,
     record_last_up,
     shadowing_variable,

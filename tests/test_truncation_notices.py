@@ -5,9 +5,10 @@ from __future__ import annotations
 from dataclasses import replace
 from pathlib import Path
 
+from carpool.workers.engine import Engine
+from carpool.workers.job_config import AdapterConfig, DatasetConfig
+
 from tests.test_engine_equivalence import job
-from workers.engine import Engine
-from workers.job_config import AdapterConfig, DatasetConfig
 
 
 def test_truncated_rows_are_reported_per_dataset(

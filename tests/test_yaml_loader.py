@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import pytest
 import yaml
-
-from orchestrator.yaml_loader import DuplicateKey, load_yaml
+from carpool.orchestrator.yaml_loader import DuplicateKey, load_yaml
 
 
 def test_repeated_keys_are_found_at_every_level() -> None:

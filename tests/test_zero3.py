@@ -13,25 +13,25 @@ from dataclasses import replace
 from datetime import timedelta
 from pathlib import Path
 
+import carpool.workers.engine as engine_module
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM
-
-import workers.engine
-from tests.peft_reference import max_relative_difference
-from tests.test_data_parallel import free_port, group_jobs, step_losses
-from workers.data_parallel import DataParallel
-from workers.engine import Engine
-from workers.job_config import AdapterConfig, DatasetConfig, JobConfig, TrainingConfig
-from workers.zero3 import (
+from carpool.workers.data_parallel import DataParallel
+from carpool.workers.engine import Engine
+from carpool.workers.job_config import AdapterConfig, DatasetConfig, JobConfig, TrainingConfig
+from carpool.workers.zero3 import (
     base_parameter_bytes,
     choose_zero_stage,
     deepspeed_zero3_config,
     parameter_bytes_on_this_rank,
 )
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+from tests.peft_reference import max_relative_difference
+from tests.test_data_parallel import free_port, group_jobs, step_losses
 
 # Small enough that the ranks' shares split into different numbers of micro-batches.
 MICRO_BATCH_TOKENS = 48
@@ -109,14 +109,14 @@ def _rank(rank: int, world: int, port: int, base: Path, datasets: dict, out: Pat
     )
     # Record each round's micro-batch counts before and after the ZeRO-3 padding.
     padding: list[tuple[int, int]] = []
-    pad = workers.engine.pad_micro_batches
+    pad = engine_module.pad_micro_batches
 
     def spy(micro_batches, dp, filler):
         padded = pad(micro_batches, dp, filler)
         padding.append((len(micro_batches), len(padded)))
         return padded
 
-    workers.engine.pad_micro_batches = spy
+    engine_module.pad_micro_batches = spy
     try:
         configs = zero3_jobs(base, datasets)
         kwargs = {"device": "cpu", "dtype": torch.float32, "micro_batch_tokens": MICRO_BATCH_TOKENS}
@@ -163,7 +163,7 @@ def _rank(rank: int, world: int, port: int, base: Path, datasets: dict, out: Pat
             }
         torch.save(result, out / f"rank{rank}.pt")
     finally:
-        workers.engine.pad_micro_batches = pad
+        engine_module.pad_micro_batches = pad
         dist.destroy_process_group()
 
 

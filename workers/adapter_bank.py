@@ -16,9 +16,8 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+from carpool.workers.base_model import linear_modules, match_target_modules
 from torch import nn
-
-from workers.base_model import linear_modules, match_target_modules
 
 
 def adapter_dtype(base_dtype: torch.dtype) -> torch.dtype:

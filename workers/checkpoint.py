@@ -15,9 +15,8 @@ import shutil
 from pathlib import Path
 
 import torch
+from carpool.workers.training_job import TrainingJob
 from safetensors.torch import load_file, save_file
-
-from workers.training_job import TrainingJob
 
 ADAPTER_FILE = "adapter.safetensors"
 STATE_FILE = "trainer_state.pt"

@@ -13,9 +13,8 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from carpool.workers.dataset import IGNORE_INDEX
 from torch import nn
-
-from workers.dataset import IGNORE_INDEX
 
 
 def loss_precision(logits: torch.Tensor) -> torch.Tensor:

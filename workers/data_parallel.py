@@ -17,9 +17,8 @@ from collections.abc import Sequence
 
 import torch
 import torch.distributed as dist
-
-from workers.adapter_bank import JobAdapter
-from workers.fused_batch import StepRow
+from carpool.workers.adapter_bank import JobAdapter
+from carpool.workers.fused_batch import StepRow
 
 
 class DataParallel:

@@ -20,19 +20,18 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-
-from workers.adapter_bank import AdapterBank, JobAdapter, Segment, new_job_adapter
-from workers.base_model import default_device, default_dtype, load_base, load_tokenizer
-from workers.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from workers.chunked_loss import chunked_token_losses, loss_precision, supports_chunked_loss
-from workers.data_parallel import DataParallel
-from workers.dataset import IGNORE_INDEX, TokenizedDataset, load_dataset
-from workers.fused_batch import FusedBatch, StepRow, collate, plan_micro_batches, step_rows
-from workers.gradient_checkpointing import enable_gradient_checkpointing
-from workers.job_config import DatasetConfig, JobConfig, JobInputError
-from workers.peft_format import adapter_from_loaded, export_adapter, read_adapter
-from workers.training_job import StepReport, TrainingJob
-from workers.zero3 import dummy_row, load_base_zero3, pad_micro_batches
+from carpool.workers.adapter_bank import AdapterBank, JobAdapter, Segment, new_job_adapter
+from carpool.workers.base_model import default_device, default_dtype, load_base, load_tokenizer
+from carpool.workers.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from carpool.workers.chunked_loss import chunked_token_losses, loss_precision, supports_chunked_loss
+from carpool.workers.data_parallel import DataParallel
+from carpool.workers.dataset import IGNORE_INDEX, TokenizedDataset, load_dataset
+from carpool.workers.fused_batch import FusedBatch, StepRow, collate, plan_micro_batches, step_rows
+from carpool.workers.gradient_checkpointing import enable_gradient_checkpointing
+from carpool.workers.job_config import DatasetConfig, JobConfig, JobInputError
+from carpool.workers.peft_format import adapter_from_loaded, export_adapter, read_adapter
+from carpool.workers.training_job import StepReport, TrainingJob
+from carpool.workers.zero3 import dummy_row, load_base_zero3, pad_micro_batches
 
 log = logging.getLogger("carpool.engine")
 

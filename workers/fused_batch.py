@@ -13,9 +13,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-
-from workers.adapter_bank import Segment
-from workers.dataset import IGNORE_INDEX, TokenizedRow
+from carpool.workers.adapter_bank import Segment
+from carpool.workers.dataset import IGNORE_INDEX, TokenizedRow
 
 
 @dataclass(frozen=True)

@@ -16,13 +16,12 @@ from pathlib import Path
 from typing import TypeVar
 
 import torch
+from carpool.workers.adapter_bank import JobAdapter, LoraWeights
+from carpool.workers.base_model import linear_modules
 from peft import LoraConfig
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
-
-from workers.adapter_bank import JobAdapter, LoraWeights
-from workers.base_model import linear_modules
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"

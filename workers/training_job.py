@@ -12,12 +12,11 @@ import math
 from dataclasses import dataclass
 
 import torch
+from carpool.workers.adapter_bank import JobAdapter
+from carpool.workers.dataset import TokenizedDataset, TokenizedRow
+from carpool.workers.job_config import JobConfig
+from carpool.workers.lr_schedule import lr_multiplier
 from torch.optim.lr_scheduler import LambdaLR
-
-from workers.adapter_bank import JobAdapter
-from workers.dataset import TokenizedDataset, TokenizedRow
-from workers.job_config import JobConfig
-from workers.lr_schedule import lr_multiplier
 
 
 @dataclass

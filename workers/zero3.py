@@ -27,12 +27,11 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from carpool.workers.data_parallel import DataParallel
+from carpool.workers.dataset import IGNORE_INDEX, TokenizedRow
+from carpool.workers.fused_batch import StepRow
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM
-
-from workers.data_parallel import DataParallel
-from workers.dataset import IGNORE_INDEX, TokenizedRow
-from workers.fused_batch import StepRow
 
 _DTYPES = {torch.float32: "fp32", torch.bfloat16: "bf16"}
 
