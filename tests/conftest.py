@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from carpool.workers.tiny_base import build_tiny_base
+
+from tests.helpers.data import write_jsonl
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -27,12 +28,6 @@ def own_last_up_record(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Non
 def tiny_base(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A 2-layer Llama-shaped model (hidden 64) and its tokenizer, saved to disk."""
     return build_tiny_base(tmp_path_factory.mktemp("tiny-base"))
-
-
-def write_jsonl(path: Path, records: list[dict]) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(json.dumps(r) + "\n" for r in records))
-    return path
 
 
 @pytest.fixture(scope="session")

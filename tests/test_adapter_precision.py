@@ -11,7 +11,7 @@ from carpool.workers.job_config import AdapterConfig
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
-from tests.test_engine_equivalence import job
+from tests.helpers.jobs import job
 
 
 def test_adapter_dtype_upcasts_only_half_precision() -> None:

@@ -21,7 +21,7 @@ from carpool.orchestrator.operator_config import OperatorConfig
 from carpool.orchestrator.validation import SpecValidationError, validate_files
 from carpool.workers.tiny_base import build_tiny_base
 
-from tests.peft_reference import save_peft_adapter
+from tests.helpers.peft_reference import save_peft_adapter
 
 Case = Callable[[dict, Path], None]
 

@@ -15,10 +15,9 @@ from carpool.workers.engine import Engine
 from carpool.workers.job_config import DatasetConfig
 from torch import nn
 
-from tests.autograd_memory import kept_for_backward
-from tests.peft_reference import max_relative_difference
-from tests.test_engine_equivalence import three_jobs
-from tests.test_gradient_checkpointing import dropout_and_shuffle
+from tests.helpers.autograd_memory import kept_for_backward
+from tests.helpers.jobs import dropout_and_shuffle, three_jobs
+from tests.helpers.peft_reference import max_relative_difference
 
 
 @pytest.mark.parametrize("chunk", [1, 3, 7, 64])

@@ -20,45 +20,11 @@ import torch.multiprocessing as mp
 from carpool.orchestrator.local_ray import free_port
 from carpool.workers.data_parallel import DataParallel
 from carpool.workers.engine import Engine
-from carpool.workers.job_config import AdapterConfig, DatasetConfig, JobConfig, TrainingConfig
 
-from tests.peft_reference import max_relative_difference
+from tests.helpers.jobs import group_jobs, step_losses
+from tests.helpers.peft_reference import max_relative_difference
 
 pytestmark = pytest.mark.integration
-
-
-def group_jobs(base: Path, datasets: dict[str, Path]) -> list[JobConfig]:
-    def job(name, data, adapter, eval_data=None, **training) -> JobConfig:
-        t = {"learning_rate": 1e-2, "shuffle": True, "seed": 5, **training}
-        evaluate = DatasetConfig(eval_data) if eval_data else None
-        return JobConfig(
-            name, str(base), DatasetConfig(data), adapter, TrainingConfig(**t),
-            eval_dataset=evaluate,
-        )  # fmt: skip
-
-    return [
-        # An odd batch: the ranks get 3 and 2 rows.
-        # Evaluated every 2 steps on rows the ranks split between them.
-        job("odd", datasets["text"], AdapterConfig(r=4, target_modules="all-linear"),
-            datasets["prompt_completion"], max_steps=6, batch_size=5, max_grad_norm=0.5,
-            eval_steps=2),
-        # One row per step, one eval row: rank 1 never has a row of this job.
-        job("single", datasets["messages"], AdapterConfig(r=2, lora_dropout=0.1),
-            datasets["one_row"], max_steps=4, batch_size=1, lr_scheduler_type="cosine"),
-        job("lorafa", datasets["prompt_completion"],
-            AdapterConfig(r=8, target_modules=("q_proj", "down_proj"), freeze_lora_A=True),
-            max_steps=5, batch_size=4),
-    ]  # fmt: skip
-
-
-def step_losses(engine: Engine) -> dict[str, float]:
-    """One round's training losses, and eval losses as "<job>:eval"."""
-    out = {}
-    for name, report in engine.step().items():
-        out[name] = report.loss
-        if report.eval_loss is not None:
-            out[f"{name}:eval"] = report.eval_loss
-    return out
 
 
 def _rank(rank: int, world: int, port: int, base: Path, datasets: dict, out: Path) -> None:

@@ -11,8 +11,8 @@ from carpool.workers.adapter_bank import JobAdapter, hashed_keep_mask
 from carpool.workers.engine import Engine
 from carpool.workers.job_config import AdapterConfig
 
-from tests.peft_reference import max_relative_difference
-from tests.test_engine_equivalence import job
+from tests.helpers.jobs import job
+from tests.helpers.peft_reference import max_relative_difference
 
 CPU = torch.device("cpu")
 

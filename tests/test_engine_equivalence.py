@@ -12,69 +12,10 @@ from pathlib import Path
 import torch
 from carpool.workers.engine import Engine
 from carpool.workers.fused_batch import plan_micro_batches, step_rows
-from carpool.workers.job_config import AdapterConfig, DatasetConfig, JobConfig, TrainingConfig
+from carpool.workers.job_config import AdapterConfig, JobConfig
 
-from tests.peft_reference import max_relative_difference, train_reference
-
-STEPS = 10
-
-
-def job(name: str, base: Path, data: Path, adapter: AdapterConfig, **training) -> JobConfig:
-    defaults = dict(max_steps=STEPS, batch_size=4, learning_rate=5e-3, shuffle=False)
-    return JobConfig(
-        name, str(base), DatasetConfig(data), adapter, TrainingConfig(**{**defaults, **training})
-    )
-
-
-def three_jobs(base: Path, datasets: dict[str, Path]) -> list[JobConfig]:
-    """Jobs that differ in r, lora_alpha, targets, LR, schedule, batch_size and max_seq_length."""
-    return [
-        job(
-            "text",
-            base,
-            datasets["text"],
-            AdapterConfig(r=4, lora_alpha=8, target_modules=("q_proj", "v_proj")),
-            batch_size=4,
-            learning_rate=1e-2,
-            max_seq_length=12,
-        ),
-        job(
-            "qa",
-            base,
-            datasets["prompt_completion"],
-            AdapterConfig(r=8, lora_alpha=32, target_modules="all-linear", use_rslora=True),
-            batch_size=3,
-            learning_rate=5e-3,
-            lr_scheduler_type="linear",
-            warmup_steps=2,
-            weight_decay=0.01,
-            max_grad_norm=0.5,
-            max_seq_length=64,
-        ),
-        job(
-            "chat",
-            base,
-            datasets["messages"],
-            AdapterConfig(r=2, lora_alpha=4, target_modules=("o_proj", "down_proj")),
-            batch_size=5,
-            learning_rate=2e-2,
-            lr_scheduler_type="cosine",
-            max_seq_length=40,
-        ),
-    ]
-
-
-def randomize_b(engine: Engine, name: str, seed: int) -> dict[str, torch.Tensor]:
-    """Give B non-zero values so step 1 already exercises every path; returns the start."""
-    adapter = engine.jobs[name].adapter
-    gen = torch.Generator().manual_seed(seed)
-    start = {}
-    for key, tensor in adapter.named_tensors().items():
-        start[key] = (
-            torch.randn(tensor.shape, generator=gen) * 0.05 if key.endswith("lora_B") else tensor
-        ).clone()
-    adapter.load_tensors(start)
-    return start
+from tests.helpers.jobs import STEPS, job, randomize_b, three_jobs
+from tests.helpers.peft_reference import max_relative_difference, train_reference
 
 
 def test_fused_jobs_match_single_job_peft(tiny_base: Path, datasets: dict[str, Path]) -> None:

@@ -11,8 +11,8 @@ from carpool.workers.dataset import IGNORE_INDEX
 from carpool.workers.engine import Engine
 from carpool.workers.job_config import AdapterConfig, DatasetConfig, JobConfig
 
-from tests.conftest import write_jsonl
-from tests.test_engine_equivalence import job, three_jobs
+from tests.helpers.data import write_jsonl
+from tests.helpers.jobs import job, three_jobs
 
 
 def with_eval(config: JobConfig, data: Path, eval_steps: int | None) -> JobConfig:

@@ -16,8 +16,8 @@ from carpool.workers.peft_format import AdapterFormatError, read_adapter
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
-from tests.peft_reference import max_relative_difference
-from tests.test_engine_equivalence import job, randomize_b
+from tests.helpers.jobs import job, randomize_b
+from tests.helpers.peft_reference import max_relative_difference
 
 
 def test_dropout_gradients_match_plain_per_row_reference(tiny_base: Path) -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -13,19 +12,9 @@ from carpool.workers.gradient_checkpointing import decoder_layers, enable_gradie
 from carpool.workers.job_config import AdapterConfig
 from torch import nn
 
-from tests.autograd_memory import kept_for_backward
-from tests.peft_reference import max_relative_difference
-from tests.test_engine_equivalence import job, three_jobs
-
-
-def dropout_and_shuffle(configs: list) -> list:
-    """The three reference jobs with LoRA dropout and shuffling on: both must replay exactly."""
-    out = []
-    for config in configs:
-        adapter = replace(config.adapter, lora_dropout=0.2)
-        training = replace(config.training, shuffle=True)
-        out.append(replace(config, adapter=adapter, training=training))
-    return out
+from tests.helpers.autograd_memory import kept_for_backward
+from tests.helpers.jobs import dropout_and_shuffle, job, three_jobs
+from tests.helpers.peft_reference import max_relative_difference
 
 
 def train(base: Path, configs: list, **engine_kwargs) -> tuple[dict, int]:

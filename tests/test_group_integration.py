@@ -13,7 +13,7 @@ import yaml
 from carpool.orchestrator import local_ray
 from carpool.orchestrator.client import Client
 
-from tests.test_orchestrator_integration import (
+from tests.helpers.cluster import (
     assert_same_adapter,
     carpool_cluster,
     engine_result,

@@ -19,7 +19,7 @@ from carpool.workers.peft_format import WEIGHTS_FILE, AdapterFormatError, read_a
 from carpool.workers.tiny_base import build_tiny_base
 from safetensors.torch import load_file, save_file
 
-from tests.peft_reference import save_peft_adapter
+from tests.helpers.peft_reference import save_peft_adapter
 
 ALL_LINEAR = ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]
 

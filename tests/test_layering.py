@@ -60,6 +60,14 @@ def test_project_code_is_imported_through_the_carpool_namespace(path: Path) -> N
     assert not bare
 
 
+@pytest.mark.parametrize("path", modules("tests"), ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_tests_share_helpers_not_test_files(path: Path) -> None:
+    """Shared builders live in tests/helpers/ and fixtures in conftest.py: importing a test
+    file runs its module-level code (marks, fixtures) in another test's module."""
+    shared = {m for m in imported_modules(path) if m.startswith(("tests.test_", "tests.conftest"))}
+    assert not shared
+
+
 def test_the_check_sees_imports_at_any_depth(tmp_path: Path) -> None:
     module = tmp_path / "m.py"
     module.write_text(

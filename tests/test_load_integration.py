@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_orchestrator_integration import carpool_cluster, write_job
+from tests.helpers.cluster import carpool_cluster, write_job
 
 pytestmark = pytest.mark.integration
 

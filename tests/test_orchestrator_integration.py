@@ -8,38 +8,27 @@ authentication, the detached controller, worker actors) and stopped with
 from __future__ import annotations
 
 import re
-import time
 import urllib.request
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-import torch
-import yaml
 from carpool.orchestrator.cli import main
 from carpool.orchestrator.client import Client
 from carpool.orchestrator.job_queue import JobQueue, JobState
-from carpool.orchestrator.validation import load_spec_file
-from carpool.workers.engine import Engine
-from carpool.workers.peft_format import read_adapter
 from carpool.workers.tiny_base import build_tiny_base
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
+from tests.helpers.cluster import (
+    assert_same_adapter,
+    carpool_cluster,
+    engine_result,
+    job,
+    wait_for,
+    write_job,
+)
+
 pytestmark = pytest.mark.integration
-
-
-@contextmanager
-def carpool_cluster(root: Path, **operator) -> Iterator[Client]:
-    config = {"state_dir": str(root / "state"), "poll_interval_s": 0.05, **operator}
-    config_path = root / "operator.yaml"
-    config_path.write_text(yaml.safe_dump(config))
-    client = Client.up(config_path, num_cpus=2)
-    try:
-        yield client
-    finally:
-        client.down()
 
 
 def restart(client: Client, root: Path) -> Client:
@@ -50,90 +39,6 @@ def restart(client: Client, root: Path) -> Client:
 @pytest.fixture(scope="module")
 def second_base(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_tiny_base(tmp_path_factory.mktemp("second-base"), seed=1)
-
-
-def write_job(
-    path: Path,
-    name: str,
-    base: Path,
-    data: Path,
-    steps: int,
-    priority: int = 0,
-    eval_data: Path | None = None,
-    **training,
-) -> Path:
-    spec = {
-        "name": name,
-        "base_model": str(base),
-        "dataset": {"path": str(data)},
-        "adapter": {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"]},
-        "training": {
-            "max_steps": steps,
-            "batch_size": 2,
-            "learning_rate": 1e-2,
-            "shuffle": True,
-            "seed": 1,
-            "save_steps": 25,
-            **training,
-        },
-        "priority": priority,
-    }
-    if eval_data is not None:
-        spec["eval_dataset"] = {"path": str(eval_data)}
-    path.write_text(yaml.safe_dump(spec))
-    return path
-
-
-def engine_result(spec_path: Path) -> dict[str, torch.Tensor]:
-    """The same spec trained by the engine alone, in this process: the reference."""
-    return engine_results([spec_path])[0]
-
-
-def engine_results(
-    spec_paths: list[Path], threads: int | None = None
-) -> list[dict[str, torch.Tensor]]:
-    """The specs trained together, uninterrupted, by one engine in this process.
-
-    `threads` matches a worker's torch threads, so matmuls sum in the same order.
-    """
-    configs = [load_spec_file(p).to_config() for p in spec_paths]
-    previous = torch.get_num_threads()
-    torch.set_num_threads(threads or previous)
-    try:
-        engine = Engine(configs[0].base_model, device="cpu")
-        for config in configs:
-            engine.add_job(config)
-        engine.run()
-    finally:
-        torch.set_num_threads(previous)
-    return [engine.jobs[c.name].adapter.named_tensors() for c in configs]
-
-
-def assert_same_adapter(
-    fetched: Path, expected: dict[str, torch.Tensor], tolerance: float = 1e-4
-) -> None:
-    loaded = read_adapter(fetched)
-    got = {}
-    for module, (a, b) in loaded.weights.items():
-        got[f"{module}.lora_A"], got[f"{module}.lora_B"] = a, b
-    assert set(got) == set(expected)
-    for key, tensor in expected.items():
-        scale = tensor.abs().max().clamp_min(1e-12)
-        assert float((got[key] - tensor).abs().max() / scale) <= tolerance, key
-
-
-def wait_for(predicate, timeout: float = 120, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
-def job(client: Client, job_id: str) -> dict:
-    return client.status(job_id)[0]
 
 
 def group_of(client: Client, job_id: str) -> str:

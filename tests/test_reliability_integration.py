@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.test_orchestrator_integration import (
+from tests.helpers.cluster import (
     assert_same_adapter,
     carpool_cluster,
     engine_result,

@@ -19,7 +19,7 @@ from carpool.orchestrator.validation import (
 from carpool.workers.job_config import DatasetConfig, JobConfig
 from carpool.workers.tiny_base import build_tiny_base
 
-from tests.peft_reference import save_peft_adapter
+from tests.helpers.peft_reference import save_peft_adapter
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,7 @@ from pathlib import Path
 from carpool.workers.engine import Engine
 from carpool.workers.job_config import AdapterConfig, DatasetConfig
 
-from tests.test_engine_equivalence import job
+from tests.helpers.jobs import job
 
 
 def test_truncated_rows_are_reported_per_dataset(

@@ -18,6 +18,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from carpool.orchestrator.local_ray import free_port
 from carpool.workers.data_parallel import DataParallel
 from carpool.workers.engine import Engine
 from carpool.workers.job_config import AdapterConfig, DatasetConfig, JobConfig, TrainingConfig
@@ -30,8 +31,8 @@ from carpool.workers.zero3 import (
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from tests.peft_reference import max_relative_difference
-from tests.test_data_parallel import free_port, group_jobs, step_losses
+from tests.helpers.jobs import group_jobs, step_losses
+from tests.helpers.peft_reference import max_relative_difference
 
 # Small enough that the ranks' shares split into different numbers of micro-batches.
 MICRO_BATCH_TOKENS = 48

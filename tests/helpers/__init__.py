@@ -1,0 +1,1 @@
+"""Builders shared by several test files: job configs, clusters, references, measures."""

@@ -1,0 +1,116 @@
+"""Jobs the engine tests share: the three reference jobs, a data-parallel group's jobs."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+from carpool.workers.engine import Engine
+from carpool.workers.job_config import AdapterConfig, DatasetConfig, JobConfig, TrainingConfig
+
+STEPS = 10
+
+
+def job(name: str, base: Path, data: Path, adapter: AdapterConfig, **training) -> JobConfig:
+    defaults = dict(max_steps=STEPS, batch_size=4, learning_rate=5e-3, shuffle=False)
+    return JobConfig(
+        name, str(base), DatasetConfig(data), adapter, TrainingConfig(**{**defaults, **training})
+    )
+
+
+def three_jobs(base: Path, datasets: dict[str, Path]) -> list[JobConfig]:
+    """Jobs that differ in r, lora_alpha, targets, LR, schedule, batch_size and max_seq_length."""
+    return [
+        job(
+            "text",
+            base,
+            datasets["text"],
+            AdapterConfig(r=4, lora_alpha=8, target_modules=("q_proj", "v_proj")),
+            batch_size=4,
+            learning_rate=1e-2,
+            max_seq_length=12,
+        ),
+        job(
+            "qa",
+            base,
+            datasets["prompt_completion"],
+            AdapterConfig(r=8, lora_alpha=32, target_modules="all-linear", use_rslora=True),
+            batch_size=3,
+            learning_rate=5e-3,
+            lr_scheduler_type="linear",
+            warmup_steps=2,
+            weight_decay=0.01,
+            max_grad_norm=0.5,
+            max_seq_length=64,
+        ),
+        job(
+            "chat",
+            base,
+            datasets["messages"],
+            AdapterConfig(r=2, lora_alpha=4, target_modules=("o_proj", "down_proj")),
+            batch_size=5,
+            learning_rate=2e-2,
+            lr_scheduler_type="cosine",
+            max_seq_length=40,
+        ),
+    ]
+
+
+def randomize_b(engine: Engine, name: str, seed: int) -> dict[str, torch.Tensor]:
+    """Give B non-zero values so step 1 already exercises every path; returns the start."""
+    adapter = engine.jobs[name].adapter
+    gen = torch.Generator().manual_seed(seed)
+    start = {}
+    for key, tensor in adapter.named_tensors().items():
+        start[key] = (
+            torch.randn(tensor.shape, generator=gen) * 0.05 if key.endswith("lora_B") else tensor
+        ).clone()
+    adapter.load_tensors(start)
+    return start
+
+
+def dropout_and_shuffle(configs: list[JobConfig]) -> list[JobConfig]:
+    """The three reference jobs with LoRA dropout and shuffling on: both must replay exactly."""
+    out = []
+    for config in configs:
+        adapter = replace(config.adapter, lora_dropout=0.2)
+        training = replace(config.training, shuffle=True)
+        out.append(replace(config, adapter=adapter, training=training))
+    return out
+
+
+def group_jobs(base: Path, datasets: dict[str, Path]) -> list[JobConfig]:
+    """The jobs a group of two ranks trains: odd batches, a job rank 1 never sees, LoRA-FA."""
+
+    def job(name, data, adapter, eval_data=None, **training) -> JobConfig:
+        t = {"learning_rate": 1e-2, "shuffle": True, "seed": 5, **training}
+        evaluate = DatasetConfig(eval_data) if eval_data else None
+        return JobConfig(
+            name, str(base), DatasetConfig(data), adapter, TrainingConfig(**t),
+            eval_dataset=evaluate,
+        )  # fmt: skip
+
+    return [
+        # An odd batch: the ranks get 3 and 2 rows.
+        # Evaluated every 2 steps on rows the ranks split between them.
+        job("odd", datasets["text"], AdapterConfig(r=4, target_modules="all-linear"),
+            datasets["prompt_completion"], max_steps=6, batch_size=5, max_grad_norm=0.5,
+            eval_steps=2),
+        # One row per step, one eval row: rank 1 never has a row of this job.
+        job("single", datasets["messages"], AdapterConfig(r=2, lora_dropout=0.1),
+            datasets["one_row"], max_steps=4, batch_size=1, lr_scheduler_type="cosine"),
+        job("lorafa", datasets["prompt_completion"],
+            AdapterConfig(r=8, target_modules=("q_proj", "down_proj"), freeze_lora_A=True),
+            max_steps=5, batch_size=4),
+    ]  # fmt: skip
+
+
+def step_losses(engine: Engine) -> dict[str, float]:
+    """One round's training losses, and eval losses as "<job>:eval"."""
+    out = {}
+    for name, report in engine.step().items():
+        out[name] = report.loss
+        if report.eval_loss is not None:
+            out[f"{name}:eval"] = report.eval_loss
+    return out
