@@ -31,7 +31,7 @@ import torch
 from carpool.workers.base_model import default_dtype
 from carpool.workers.dataset import TokenizedDataset, TokenizedRow
 from carpool.workers.engine import Engine
-from carpool.workers.job_config import AdapterConfig, DatasetConfig, JobConfig, TrainingConfig
+from carpool.workers.job_spec import AdapterSpec, DatasetSpec, JobSpec, TrainingSpec
 from carpool.workers.tiny_base import train_tokenizer
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
@@ -142,16 +142,15 @@ def timed_steps(step: Callable[[], None], steps: int, warmup: int, device: torch
     return time.perf_counter() - start
 
 
-def job_configs(args: argparse.Namespace, base: Path) -> list[JobConfig]:
+def job_configs(args: argparse.Namespace, base: Path) -> list[JobSpec]:
+    # The engine is handed each job's rows: the dataset path is only a name.
     return [
-        JobConfig(
+        JobSpec(
             name=f"job{i}",
             base_model=str(base),
-            dataset=DatasetConfig(Path(f"synthetic-{i}")),
-            adapter=AdapterConfig(
-                r=args.rank, lora_alpha=2 * args.rank, target_modules="all-linear"
-            ),
-            training=TrainingConfig(
+            dataset=DatasetSpec(path=Path(f"synthetic-{i}.jsonl")),
+            adapter=AdapterSpec(r=args.rank, lora_alpha=2 * args.rank, target_modules="all-linear"),
+            training=TrainingSpec(
                 max_steps=10_000,
                 batch_size=args.rows,
                 learning_rate=1e-4,

@@ -22,20 +22,21 @@ from carpool.orchestrator.local_ray import free_port
 from carpool.workers.data_parallel import DataParallel
 from carpool.workers.dataset import TokenizedDataset, TokenizedRow
 from carpool.workers.engine import Engine
-from carpool.workers.job_config import AdapterConfig, DatasetConfig, JobConfig, TrainingConfig
+from carpool.workers.job_spec import AdapterSpec, DatasetSpec, JobSpec, TrainingSpec
 from carpool.workers.tiny_base import build_tiny_base
 
 SEQ, ROWS_PER_JOB = 128, 8
 
 
-def jobs(base: Path, k: int) -> list[JobConfig]:
+def jobs(base: Path, k: int) -> list[JobSpec]:
+    # The engine is handed each job's rows: the dataset path is only a name.
     return [
-        JobConfig(
-            f"job{i}",
-            str(base),
-            DatasetConfig(Path(f"synthetic-{i}")),
-            AdapterConfig(r=16, lora_alpha=32, target_modules="all-linear"),
-            TrainingConfig(max_steps=10_000, batch_size=ROWS_PER_JOB, shuffle=False, seed=i),
+        JobSpec(
+            name=f"job{i}",
+            base_model=str(base),
+            dataset=DatasetSpec(path=Path(f"synthetic-{i}.jsonl")),
+            adapter=AdapterSpec(r=16, lora_alpha=32, target_modules="all-linear"),
+            training=TrainingSpec(max_steps=10_000, batch_size=ROWS_PER_JOB, shuffle=False, seed=i),
         )  # fmt: skip
         for i in range(k)
     ]

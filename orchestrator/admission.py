@@ -12,8 +12,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from carpool.orchestrator.operator_config import OperatorConfig
-from carpool.orchestrator.spec import JobSpec
 from carpool.orchestrator.validation import SpecProblem, SpecValidationError
+from carpool.workers.job_spec import JobSpec
 
 
 def _under(path: Path, roots: Sequence[Path]) -> bool:

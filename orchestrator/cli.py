@@ -397,7 +397,7 @@ def _user_error(error: Exception) -> Exception | None:
     from carpool.orchestrator.ray_auth import MissingRayTokenError
     from carpool.orchestrator.validation import SpecValidationError
     from carpool.workers.dataset import DatasetError
-    from carpool.workers.job_config import JobInputError
+    from carpool.workers.job_spec import JobInputError
 
     user_errors = (
         SpecValidationError, DatasetError, JobInputError, ControllerNotRunningError,

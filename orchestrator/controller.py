@@ -17,7 +17,7 @@ import contextlib
 import logging
 import uuid
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Protocol
 
 from carpool.orchestrator.engine_worker import JobAdmitted, JobStepResult
@@ -34,10 +34,9 @@ from carpool.orchestrator.scheduler import (
     StopGroup,
     schedule,
 )
-from carpool.orchestrator.spec import JobSpec
 from carpool.workers.base_model import linear_module_shapes, match_target_modules
 from carpool.workers.checkpoint import checkpoint_step
-from carpool.workers.job_config import JobConfig, JobInputError
+from carpool.workers.job_spec import JobInputError, JobSpec
 
 log = logging.getLogger("carpool.controller")
 
@@ -54,7 +53,7 @@ class WorkerGroup(Protocol):
     group_id: str
     base_model: str
 
-    def add_job(self, job_id: str, config: JobConfig, resume_from: str | None) -> JobAdmitted: ...
+    def add_job(self, job_id: str, config: JobSpec, resume_from: str | None) -> JobAdmitted: ...
     def remove_job(self, job_id: str, checkpoint: bool) -> str | None: ...
     def start_step(self) -> None: ...
     def finish_step(self) -> list[JobStepResult]: ...
@@ -323,11 +322,12 @@ class Controller:
         self._demands.pop(job_id, None)
         self.queue.finish(job_id, state, error=error)
 
-    def job_config(self, record: JobRecord) -> JobConfig:
-        config = JobSpec.model_validate(record.spec).to_config()
+    def job_config(self, record: JobRecord) -> JobSpec:
+        config = JobSpec.model_validate(record.spec)
         every = self.config.checkpoint_every_steps
         if every is not None:
-            config = replace(config, training=replace(config.training, save_steps=every))
+            training = config.training.model_copy(update={"save_steps": every})
+            config = config.model_copy(update={"training": training})
         return config
 
     def _demand(self, record: JobRecord) -> JobDemand:
@@ -336,7 +336,7 @@ class Controller:
         return self._demands[record.id]
 
     def _compute_demand(self, record: JobRecord) -> JobDemand:
-        config = JobSpec.model_validate(record.spec).to_config()
+        config = JobSpec.model_validate(record.spec)
         if config.base_model not in self._shapes:
             self._shapes[config.base_model] = linear_module_shapes(
                 config.base_model, trust_remote_code=self.config.trust_remote_code

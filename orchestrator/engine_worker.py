@@ -18,7 +18,7 @@ import logging
 import os
 import shutil
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -27,7 +27,7 @@ from carpool.orchestrator.artifact_store import ArtifactStore
 from carpool.workers.base_model import default_dtype
 from carpool.workers.data_parallel import DataParallel
 from carpool.workers.engine import Engine
-from carpool.workers.job_config import JobConfig
+from carpool.workers.job_spec import JobSpec
 from carpool.workers.zero3 import base_parameter_bytes, choose_zero_stage
 
 log = logging.getLogger("carpool.worker")
@@ -114,9 +114,7 @@ class EngineWorker:
         log.info("group %s rank %d/%d: zero_stage=%s", group_id, rank, world_size, zero_stage)
 
     # -- membership, applied between rounds -------------------------------------------
-    def add_job(
-        self, job_id: str, config: JobConfig, resume_from: str | None = None
-    ) -> JobAdmitted:
+    def add_job(self, job_id: str, config: JobSpec, resume_from: str | None = None) -> JobAdmitted:
         """Admit a job (resuming from a checkpoint URI if given)."""
         local_resume = None
         if resume_from is not None:
@@ -125,7 +123,9 @@ class EngineWorker:
                 local_resume = self.store.download_dir(
                     resume_from, self.scratch / "resume" / job_id
                 )
-        job = self.engine.add_job(replace(config, name=job_id), resume_from=local_resume)
+        job = self.engine.add_job(
+            config.model_copy(update={"name": job_id}), resume_from=local_resume
+        )
         verb = f"resumed at step {job.step}" if local_resume else "admitted"
         log.info("[job %s] %s to group %s (%d steps)", job_id, verb, self.group_id, job.total_steps)
         adapter = self._finish(job_id) if job.done else None

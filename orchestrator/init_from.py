@@ -23,8 +23,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from carpool.orchestrator.spec import AdapterSpec
 from carpool.workers.base_model import match_target_modules, unmatched_targets
+from carpool.workers.job_spec import AdapterSpec
 from carpool.workers.peft_format import (
     AdapterFormatError,
     AdapterHeader,

@@ -11,15 +11,14 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from carpool.orchestrator.progress import JobProgressRow
-from carpool.orchestrator.spec import JobSpec
 from carpool.workers.engine import Engine
-from carpool.workers.job_config import JobConfig
+from carpool.workers.job_spec import JobSpec
 
 ProgressFn = Callable[[JobProgressRow], None]
 
 
-def group_by_base(configs: Sequence[JobConfig]) -> dict[str, list[JobConfig]]:
-    groups: dict[str, list[JobConfig]] = {}
+def group_by_base(configs: Sequence[JobSpec]) -> dict[str, list[JobSpec]]:
+    groups: dict[str, list[JobSpec]] = {}
     for config in configs:
         groups.setdefault(config.base_model, []).append(config)
     return groups
@@ -45,7 +44,7 @@ def train_locally(
     report = on_progress or (lambda row: None)
     notice = on_notice or (lambda text: None)
     outputs: dict[str, Path] = {}
-    for base, configs in group_by_base([s.to_config() for s in specs]).items():
+    for base, configs in group_by_base(specs).items():
         engine = Engine(
             base,
             device=device,

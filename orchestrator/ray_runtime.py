@@ -27,8 +27,7 @@ from carpool.orchestrator.engine_worker import (
 )
 from carpool.orchestrator.job_queue import JobQueue, JobRecord, JobState
 from carpool.orchestrator.operator_config import OperatorConfig
-from carpool.orchestrator.spec import JobSpec
-from carpool.workers.job_config import JobConfig
+from carpool.workers.job_spec import JobSpec
 from ray.exceptions import ActorDiedError, ActorUnavailableError, GetTimeoutError, RayActorError
 from ray.util import metrics as ray_metrics
 from ray.util.placement_group import placement_group, remove_placement_group
@@ -159,7 +158,7 @@ class RayWorkerGroup:
         except _ACTOR_LOST as e:
             raise GroupFailedError(f"group {self.group_id}: {e}") from e
 
-    def add_job(self, job_id: str, config: JobConfig, resume_from: str | None) -> JobAdmitted:
+    def add_job(self, job_id: str, config: JobSpec, resume_from: str | None) -> JobAdmitted:
         # An actor runs our calls in order: a rank's remove never overtakes its add.
         removes = [
             lambda actor=actor: ray.get(actor.remove_job.remote(job_id, False))

@@ -16,16 +16,7 @@ from typing import Any
 
 import yaml
 from carpool.orchestrator.init_from import InitFromCheck, check_init_from
-from carpool.orchestrator.spec import (
-    EVAL_NEEDS_DATASET,
-    STEPS_XOR_EPOCHS,
-    AdapterSpec,
-    DatasetSpec,
-    JobSpec,
-    TrainingSpec,
-    resolve_spec_paths,
-    steps_xor_epochs_message,
-)
+from carpool.orchestrator.spec_paths import resolve_spec_paths
 from carpool.orchestrator.yaml_loader import load_yaml
 from carpool.workers.base_model import (
     linear_module_shapes,
@@ -34,6 +25,15 @@ from carpool.workers.base_model import (
     unmatched_targets,
 )
 from carpool.workers.dataset import DatasetError, load_dataset
+from carpool.workers.job_spec import (
+    CROSS_FIELD,
+    AdapterSpec,
+    DatasetSpec,
+    JobSpec,
+    TrainingSpec,
+    eval_needs_dataset,
+    steps_xor_epochs,
+)
 from pydantic import BaseModel, ValidationError
 
 TOP_LEVEL = "(top level)"
@@ -177,7 +177,7 @@ def _schema_problems(err: ValidationError) -> _Found:
     problems = []
     for e in err.errors():
         kind = e["type"]
-        if kind in (STEPS_XOR_EPOCHS, EVAL_NEEDS_DATASET):  # reported from the raw values
+        if kind == CROSS_FIELD:  # reported from the raw values
             continue
         if kind == "extra_forbidden":
             message = _unknown_field_message(e["loc"])
@@ -195,19 +195,16 @@ def _steps_problems(raw: Mapping[str, Any]) -> _Found:
     training = raw.get("training")
     if not isinstance(training, Mapping):
         return []  # a missing or malformed section is reported by the schema
-    steps, epochs = training.get("max_steps"), training.get("num_epochs")
-    if (steps is None) != (epochs is None):
-        return []
-    return [("training.max_steps", steps_xor_epochs_message(steps))]
+    problem = steps_xor_epochs(training.get("max_steps"), training.get("num_epochs"))
+    return [] if problem is None else [("training.max_steps", problem)]
 
 
 def _eval_problems(raw: Mapping[str, Any]) -> _Found:
     training = raw.get("training")
-    if not isinstance(training, Mapping) or training.get("eval_steps") is None:
+    if not isinstance(training, Mapping):
         return []
-    if raw.get("eval_dataset") is not None:
-        return []
-    return [("training.eval_steps", "eval_steps needs an eval_dataset")]
+    problem = eval_needs_dataset(training.get("eval_steps"), raw.get("eval_dataset"))
+    return [] if problem is None else [("training.eval_steps", problem)]
 
 
 def _target_problems(

@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 from carpool.workers.adapter_bank import adapter_dtype
 from carpool.workers.engine import Engine
-from carpool.workers.job_config import AdapterConfig
+from carpool.workers.job_spec import AdapterSpec
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
@@ -31,7 +31,7 @@ def test_bf16_base_trains_float32_adapters_that_peft_loads(
         "small-lr",
         tiny_base,
         datasets["prompt_completion"],
-        AdapterConfig(r=4, lora_alpha=8, target_modules=("q_proj", "v_proj")),
+        AdapterSpec(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]),
         max_steps=3,
         learning_rate=1e-5,
     )

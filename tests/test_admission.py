@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 from carpool.orchestrator.admission import admission_problems, check_admission
 from carpool.orchestrator.operator_config import OperatorConfig
-from carpool.orchestrator.spec import JobSpec
 from carpool.orchestrator.validation import SpecValidationError
+from carpool.workers.job_spec import JobSpec
 
 
 def spec(base: str, data: Path, **adapter) -> JobSpec:

@@ -196,7 +196,7 @@ def test_dataset_over_the_operators_cap_is_refused(valid_spec: dict, tmp_path: P
 
 def test_tokenizer_without_pad_token_is_handled(datasets: dict[str, Path], tmp_path: Path) -> None:
     from carpool.workers.engine import Engine
-    from carpool.workers.job_config import AdapterConfig, DatasetConfig, JobConfig, TrainingConfig
+    from carpool.workers.job_spec import DatasetSpec, JobSpec, TrainingSpec
     from transformers import AutoTokenizer
 
     base = build_tiny_base(tmp_path / "base")
@@ -213,12 +213,11 @@ def test_tokenizer_without_pad_token_is_handled(datasets: dict[str, Path], tmp_p
     (tmp_path / "job.yaml").write_text(yaml.safe_dump(spec))
     assert validate_files([tmp_path / "job.yaml"])
     engine = Engine(str(base), device="cpu")
-    config = JobConfig(
-        "nopad",
-        str(base),
-        DatasetConfig(datasets["text"]),
-        AdapterConfig(),
-        TrainingConfig(max_steps=2, batch_size=3),
+    config = JobSpec(
+        name="nopad",
+        base_model=str(base),
+        dataset=DatasetSpec(path=datasets["text"]),
+        training=TrainingSpec(max_steps=2, batch_size=3),
     )
     engine.add_job(config)
     engine.run()

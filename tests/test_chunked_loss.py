@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -12,11 +11,11 @@ from carpool.workers.base_model import load_base
 from carpool.workers.chunked_loss import chunked_token_losses, supports_chunked_loss
 from carpool.workers.dataset import IGNORE_INDEX
 from carpool.workers.engine import Engine
-from carpool.workers.job_config import DatasetConfig
+from carpool.workers.job_spec import DatasetSpec
 from torch import nn
 
 from tests.helpers.autograd_memory import kept_for_backward
-from tests.helpers.jobs import dropout_and_shuffle, three_jobs
+from tests.helpers.jobs import changed, dropout_and_shuffle, three_jobs
 from tests.helpers.peft_reference import max_relative_difference
 
 
@@ -100,7 +99,7 @@ def test_evaluation_with_chunked_loss_gives_the_same_eval_loss(
     tiny_base: Path, datasets: dict[str, Path]
 ) -> None:
     configs = [
-        replace(c, eval_dataset=DatasetConfig(datasets["prompt_completion"]))
+        changed(c, eval_dataset=DatasetSpec(path=datasets["prompt_completion"]))
         for c in three_jobs(tiny_base, datasets)
     ]
     results = []

@@ -20,8 +20,7 @@ from carpool.orchestrator.controller import Controller, GroupFailedError
 from carpool.orchestrator.engine_worker import JobAdmitted, JobStepResult
 from carpool.orchestrator.job_queue import JobQueue, JobState
 from carpool.orchestrator.operator_config import OperatorConfig
-from carpool.orchestrator.spec import JobSpec
-from carpool.workers.job_config import JobConfig, JobInputError
+from carpool.workers.job_spec import JobInputError, JobSpec
 from carpool.workers.tiny_base import build_tiny_base
 
 QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED = (
@@ -95,7 +94,7 @@ class FakeGroup:
         self.notices = notices
         self.drop = drop
         self.jobs: dict[str, FakeJob] = {}
-        self.configs: dict[str, JobConfig] = {}  # the config of every add_job, by job id
+        self.configs: dict[str, JobSpec] = {}  # the config of every add_job, by job id
         self.rounds = 0
         self.in_round = False
         self.dead = fail_at_round == 0  # a test may also kill it between rounds
@@ -112,7 +111,7 @@ class FakeGroup:
         if self.dead:
             raise GroupFailedError(f"group {self.group_id} lost a rank")
 
-    def add_job(self, job_id: str, config: JobConfig, resume_from: str | None) -> JobAdmitted:
+    def add_job(self, job_id: str, config: JobSpec, resume_from: str | None) -> JobAdmitted:
         self._enter("add_job", job_id, resume_from)
         self._alive()
         if job_id in self.jobs:

@@ -9,7 +9,7 @@ import pytest
 import torch
 from carpool.workers.adapter_bank import JobAdapter, hashed_keep_mask
 from carpool.workers.engine import Engine
-from carpool.workers.job_config import AdapterConfig
+from carpool.workers.job_spec import AdapterSpec
 
 from tests.helpers.jobs import job
 from tests.helpers.peft_reference import max_relative_difference
@@ -64,10 +64,10 @@ def test_training_with_hashed_masks_does_not_depend_on_neighbours(
     monkeypatch.setattr(adapter_bank, "dropout_mask", hashed)
     target = job(
         "target", tiny_base, datasets["prompt_completion"],
-        AdapterConfig(r=4, target_modules="all-linear", lora_dropout=0.2),
+        AdapterSpec(r=4, target_modules="all-linear", lora_dropout=0.2),
         batch_size=6, shuffle=True, max_steps=4,
     )  # fmt: skip
-    other = job("other", tiny_base, datasets["text"], AdapterConfig(r=2), max_steps=3)
+    other = job("other", tiny_base, datasets["text"], AdapterSpec(r=2), max_steps=3)
 
     def train(configs, micro_batch_tokens=None) -> dict[str, torch.Tensor]:
         engine = Engine(str(tiny_base), device="cpu", micro_batch_tokens=micro_batch_tokens)

@@ -6,15 +6,14 @@ change with the job's neighbours or with how its step is split.
 
 from __future__ import annotations
 
-from dataclasses import replace
 from pathlib import Path
 
 import torch
 from carpool.workers.engine import Engine
 from carpool.workers.fused_batch import plan_micro_batches, step_rows
-from carpool.workers.job_config import AdapterConfig, JobConfig
+from carpool.workers.job_spec import AdapterSpec, JobSpec
 
-from tests.helpers.jobs import STEPS, job, randomize_b, three_jobs
+from tests.helpers.jobs import STEPS, changed, job, randomize_b, three_jobs
 from tests.helpers.peft_reference import max_relative_difference, train_reference
 
 
@@ -39,7 +38,7 @@ def test_fused_jobs_match_single_job_peft(tiny_base: Path, datasets: dict[str, P
 
 
 def train_alone_and_with(
-    base: Path, target: JobConfig, neighbours: list[JobConfig], **engine_kwargs
+    base: Path, target: JobSpec, neighbours: list[JobSpec], **engine_kwargs
 ) -> dict[str, torch.Tensor]:
     engine = Engine(str(base), device="cpu", **engine_kwargs)
     for config in [*neighbours[:2], target, *neighbours[2:]]:
@@ -55,7 +54,7 @@ def test_adapter_does_not_depend_on_neighbours_or_micro_batches(
         "target",
         tiny_base,
         datasets["prompt_completion"],
-        AdapterConfig(r=4, lora_alpha=8, target_modules="all-linear", lora_dropout=0.1),
+        AdapterSpec(r=4, lora_alpha=8, target_modules="all-linear", lora_dropout=0.1),
         batch_size=8,
         shuffle=True,
         seed=7,
@@ -66,7 +65,7 @@ def test_adapter_does_not_depend_on_neighbours_or_micro_batches(
             f"other{i}",
             tiny_base,
             datasets[fmt],
-            AdapterConfig(r=2 + i, target_modules=("q_proj", "k_proj", "up_proj")[: 1 + i % 3]),
+            AdapterSpec(r=2 + i, target_modules=["q_proj", "k_proj", "up_proj"][: 1 + i % 3]),
             batch_size=1 + i,
             learning_rate=1e-2 * (i + 1),
             max_seq_length=20 + 9 * i,
@@ -86,7 +85,7 @@ def test_adapter_does_not_depend_on_neighbours_or_micro_batches(
     assert max_relative_difference(alone, split) <= 1e-4
 
 
-def two_row_budget(base: Path, config: JobConfig) -> int:
+def two_row_budget(base: Path, config: JobSpec) -> int:
     engine = Engine(str(base), device="cpu")
     training_job = engine.add_job(config)
     longest = max(
@@ -98,7 +97,7 @@ def two_row_budget(base: Path, config: JobConfig) -> int:
 def test_micro_batch_budget_really_splits_the_step(
     tiny_base: Path, datasets: dict[str, Path]
 ) -> None:
-    config = job("t", tiny_base, datasets["prompt_completion"], AdapterConfig(), batch_size=8)
+    config = job("t", tiny_base, datasets["prompt_completion"], AdapterSpec(), batch_size=8)
     engine = Engine(
         str(tiny_base), device="cpu", micro_batch_tokens=two_row_budget(tiny_base, config)
     )
@@ -112,7 +111,7 @@ def test_base_weights_are_bitwise_unchanged(tiny_base: Path, datasets: dict[str,
     engine = Engine(str(tiny_base), device="cpu")
     before = {k: v.clone() for k, v in engine.base.state_dict().items()}
     for config in three_jobs(tiny_base, datasets):
-        engine.add_job(replace(config, training=replace(config.training, max_steps=3)))
+        engine.add_job(changed(config, training={"max_steps": 3}))
     engine.run()
     after = engine.base.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)

@@ -2,22 +2,20 @@
 
 from __future__ import annotations
 
-from dataclasses import replace
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from carpool.workers.dataset import IGNORE_INDEX
 from carpool.workers.engine import Engine
-from carpool.workers.job_config import AdapterConfig, DatasetConfig, JobConfig
+from carpool.workers.job_spec import AdapterSpec, DatasetSpec, JobSpec
 
 from tests.helpers.data import write_jsonl
-from tests.helpers.jobs import job, three_jobs
+from tests.helpers.jobs import changed, job, three_jobs
 
 
-def with_eval(config: JobConfig, data: Path, eval_steps: int | None) -> JobConfig:
-    training = replace(config.training, eval_steps=eval_steps)
-    return replace(config, eval_dataset=DatasetConfig(data), training=training)
+def with_eval(config: JobSpec, data: Path, eval_steps: int | None) -> JobSpec:
+    return changed(config, eval_dataset=DatasetSpec(path=data), training={"eval_steps": eval_steps})
 
 
 def reference_eval_loss(engine: Engine, name: str) -> float:
@@ -67,16 +65,16 @@ def test_eval_loss_does_not_depend_on_neighbours(
     tiny_base: Path, datasets: dict[str, Path]
 ) -> None:
     target = with_eval(
-        job("target", tiny_base, datasets["text"], AdapterConfig(r=4, lora_dropout=0.2),
+        job("target", tiny_base, datasets["text"], AdapterSpec(r=4, lora_dropout=0.2),
             max_steps=4),
         datasets["prompt_completion"], eval_steps=2,
     )  # fmt: skip
     neighbour = with_eval(
-        job("other", tiny_base, datasets["messages"], AdapterConfig(r=8), max_steps=6),
+        job("other", tiny_base, datasets["messages"], AdapterSpec(r=8), max_steps=6),
         datasets["text"], eval_steps=1,
     )  # fmt: skip
 
-    def eval_losses(configs: list[JobConfig]) -> list[float]:
+    def eval_losses(configs: list[JobSpec]) -> list[float]:
         engine = Engine(str(tiny_base), device="cpu", micro_batch_tokens=150)
         for config in configs:
             engine.add_job(config)
@@ -99,7 +97,7 @@ def test_eval_dataset_is_never_trained_on(
 ) -> None:
     """Training data is all the adapter sees: swapping eval rows leaves the weights bitwise equal."""
     other_eval = write_jsonl(tmp_path / "eval.jsonl", [{"text": "zebra " * n} for n in (3, 9)])
-    config = job("a", tiny_base, datasets["text"], AdapterConfig(r=4), max_steps=3)
+    config = job("a", tiny_base, datasets["text"], AdapterSpec(r=4), max_steps=3)
     weights = []
     for data in (datasets["prompt_completion"], other_eval):
         engine = Engine(str(tiny_base), device="cpu")

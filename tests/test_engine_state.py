@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -11,12 +10,12 @@ import torch
 from carpool.workers.adapter_bank import AdapterBank, Segment, dropout_mask, new_job_adapter
 from carpool.workers.base_model import load_base
 from carpool.workers.engine import Engine
-from carpool.workers.job_config import AdapterConfig
+from carpool.workers.job_spec import AdapterSpec
 from carpool.workers.peft_format import AdapterFormatError, read_adapter
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
-from tests.helpers.jobs import job, randomize_b
+from tests.helpers.jobs import changed, job, randomize_b
 from tests.helpers.peft_reference import max_relative_difference
 
 
@@ -73,7 +72,7 @@ def trained_engine(tiny_base: Path, datasets: dict[str, Path], steps: int = 4) -
         "exp",
         tiny_base,
         datasets["prompt_completion"],
-        AdapterConfig(r=4, lora_alpha=16, target_modules=("q_proj", "v_proj", "down_proj")),
+        AdapterSpec(r=4, lora_alpha=16, target_modules=["q_proj", "v_proj", "down_proj"]),
         max_steps=steps,
     )
     engine.add_job(config)
@@ -110,7 +109,7 @@ def test_init_from_exported_adapter_continues_from_its_weights(
         "cont",
         tiny_base,
         datasets["text"],
-        AdapterConfig(r=16, target_modules=("k_proj",), init_from=exported),
+        AdapterSpec(r=16, target_modules=["k_proj"], init_from=exported),
         max_steps=2,
     )
     second.add_job(config)
@@ -151,7 +150,7 @@ def test_resume_from_checkpoint_equals_straight_run(
         "res",
         tiny_base,
         datasets["messages"],
-        AdapterConfig(r=4, target_modules="all-linear", lora_dropout=0.2, loraplus_lr_ratio=4.0),
+        AdapterSpec(r=4, target_modules="all-linear", lora_dropout=0.2, loraplus_lr_ratio=4.0),
         max_steps=10,
         batch_size=3,
         shuffle=True,
@@ -182,8 +181,8 @@ def test_resume_from_checkpoint_equals_straight_run(
 
 def test_epochs_define_the_number_of_steps(tiny_base: Path, datasets: dict[str, Path]) -> None:
     engine = Engine(str(tiny_base), device="cpu")
-    config = job("ep", tiny_base, datasets["text"], AdapterConfig(), batch_size=16)
-    config = replace(config, training=replace(config.training, max_steps=None, num_epochs=1.5))
+    config = job("ep", tiny_base, datasets["text"], AdapterSpec(), batch_size=16)
+    config = changed(config, training={"max_steps": None, "num_epochs": 1.5})
     training_job = engine.add_job(config)
     assert training_job.total_steps == 4  # 60 rows of a 40-row set, 16 per step
     rows_per_step = []
@@ -194,10 +193,10 @@ def test_epochs_define_the_number_of_steps(tiny_base: Path, datasets: dict[str, 
 
 
 def test_a_diverging_job_fails_alone(tiny_base: Path, datasets: dict[str, Path]) -> None:
-    good = job("good", tiny_base, datasets["text"], AdapterConfig(r=4), max_steps=6)
+    good = job("good", tiny_base, datasets["text"], AdapterSpec(r=4), max_steps=6)
     # A learning rate this large makes the adapter blow up within a few steps.
     bad = job(
-        "bad", tiny_base, datasets["messages"], AdapterConfig(r=4, target_modules="all-linear"),
+        "bad", tiny_base, datasets["messages"], AdapterSpec(r=4, target_modules="all-linear"),
         max_steps=6, learning_rate=1e30,
     )  # fmt: skip
     alone = Engine(str(tiny_base), device="cpu")

@@ -4,18 +4,13 @@ from __future__ import annotations
 
 import pickle
 import shutil
-from dataclasses import replace
 from pathlib import Path
 
 import pytest
 from carpool.orchestrator.engine_worker import EngineWorker, JobAdmitted, admit_on_all_ranks
-from carpool.workers.job_config import (
-    AdapterConfig,
-    DatasetConfig,
-    JobConfig,
-    JobInputError,
-    TrainingConfig,
-)
+from carpool.workers.job_spec import AdapterSpec, DatasetSpec, JobInputError, JobSpec, TrainingSpec
+
+from tests.helpers.jobs import changed
 
 
 def worker(tiny_base: Path, tmp_path: Path) -> EngineWorker:
@@ -28,9 +23,17 @@ def worker(tiny_base: Path, tmp_path: Path) -> EngineWorker:
     )
 
 
-def config(datasets: dict[str, Path], steps: int = 2) -> JobConfig:
-    training = TrainingConfig(max_steps=steps, batch_size=2, max_seq_length=16, save_steps=1)
-    return JobConfig("ignored", "", DatasetConfig(datasets["text"]), AdapterConfig(r=2), training)
+def config(datasets: dict[str, Path], steps: int = 2) -> JobSpec:
+    training = TrainingSpec(max_steps=steps, batch_size=2, max_seq_length=16, save_steps=1)
+    data = DatasetSpec(path=datasets["text"])
+    # Name and base are the worker's: it renames the job to its id and has its own base.
+    return JobSpec(
+        name="ignored",
+        base_model="ignored",
+        dataset=data,
+        adapter=AdapterSpec(r=2),
+        training=training,
+    )
 
 
 def test_job_resumed_from_its_final_checkpoint_is_exported_at_admission(
@@ -61,10 +64,10 @@ def test_a_jobs_own_bad_input_raises_a_job_input_error_that_names_it(
     no_adapter.mkdir()
     good = config(datasets)
     bad_inputs = {
-        "dataset": replace(good, dataset=DatasetConfig(rows)),
-        "eval_dataset": replace(good, eval_dataset=DatasetConfig(rows)),
-        "init_from": replace(good, adapter=AdapterConfig(init_from=no_adapter)),
-        "training": replace(good, training=replace(good.training, lr_scheduler_type="bogus")),
+        "dataset": changed(good, dataset=DatasetSpec(path=rows)),
+        "eval_dataset": changed(good, eval_dataset=DatasetSpec(path=rows)),
+        "init_from": good.model_copy(update={"adapter": AdapterSpec(init_from=no_adapter)}),
+        "training": changed(good, training={"lr_scheduler_type": "bogus"}),
     }
     w = worker(tiny_base, tmp_path)
     errors = {}

@@ -9,7 +9,7 @@ import torch
 from carpool.workers.base_model import load_base
 from carpool.workers.engine import Engine
 from carpool.workers.gradient_checkpointing import decoder_layers, enable_gradient_checkpointing
-from carpool.workers.job_config import AdapterConfig
+from carpool.workers.job_spec import AdapterSpec
 from torch import nn
 
 from tests.helpers.autograd_memory import kept_for_backward
@@ -58,7 +58,7 @@ def test_a_model_without_named_layers_is_refused() -> None:
 
 
 def test_inference_is_not_checkpointed(tiny_base: Path, datasets: dict[str, Path]) -> None:
-    config = job("a", tiny_base, datasets["text"], AdapterConfig(r=2), max_steps=1)
+    config = job("a", tiny_base, datasets["text"], AdapterSpec(r=2), max_steps=1)
     plain = Engine(str(tiny_base), device="cpu")
     checkpointed = Engine(str(tiny_base), device="cpu", gradient_checkpointing=True)
     ids = torch.randint(3, 200, (2, 7))

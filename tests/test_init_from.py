@@ -276,8 +276,7 @@ def test_refused_at_submit(adapters: dict, tiny_base: Path, datasets: dict, tmp_
 def test_the_engine_refuses_what_validation_refuses(
     adapters: dict, tiny_base: Path, datasets: dict
 ) -> None:
-    from carpool.orchestrator.spec import JobSpec
-    from carpool.workers.job_config import JobInputError
+    from carpool.workers.job_spec import JobInputError, JobSpec
 
     with pytest.raises(AdapterFormatError, match="DoRA"):
         read_adapter(adapters["dora"])
@@ -286,5 +285,5 @@ def test_the_engine_refuses_what_validation_refuses(
         raw = _spec(tiny_base, datasets["text"], {"init_from": str(adapters[name])})
         [(_, message)] = _problems(raw)
         with pytest.raises(JobInputError) as caught:  # the job's own input, named as such
-            engine.add_job(JobSpec.model_validate(raw).to_config())
+            engine.add_job(JobSpec.model_validate(raw))
         assert message in str(caught.value)

@@ -8,7 +8,6 @@ from pathlib import Path
 import pytest
 import yaml
 from carpool.orchestrator.cli import main
-from carpool.orchestrator.spec import JobSpec
 from carpool.orchestrator.validation import (
     SpecProblem,
     SpecValidationError,
@@ -16,7 +15,7 @@ from carpool.orchestrator.validation import (
     load_spec_file,
     validate_files,
 )
-from carpool.workers.job_config import DatasetConfig, JobConfig
+from carpool.workers.job_spec import DatasetSpec, JobSpec
 from carpool.workers.tiny_base import build_tiny_base
 
 from tests.helpers.peft_reference import save_peft_adapter
@@ -57,7 +56,7 @@ def fields(problems: list[SpecProblem]) -> list[str]:
     return [p.field for p in problems]
 
 
-def test_full_spec_loads_and_converts(base: Path, data: Path, tmp_path: Path) -> None:
+def test_full_spec_loads_every_field(base: Path, data: Path, tmp_path: Path) -> None:
     targets = ["q_proj", "k_proj", "v_proj"]
     init = save_peft_adapter(
         base, tmp_path / "init", r=4, lora_alpha=8, target_modules=targets, use_rslora=True
@@ -89,26 +88,25 @@ def test_full_spec_loads_and_converts(base: Path, data: Path, tmp_path: Path) ->
     )
     raw["eval_dataset"] = {"path": str(data), "format": "text"}
     spec = load_spec_file(write_spec(tmp_path / "job.yaml", raw))
-    config = spec.to_config()
-    assert isinstance(config, JobConfig)
+    config = spec  # what the engine trains
     assert config.name == "job-1" and config.priority == 3
     assert config.dataset.path == data and config.dataset.format == "text"
-    assert config.adapter.target_modules == ("q_proj", "k_proj", "v_proj")
+    assert config.adapter.target_modules == ["q_proj", "k_proj", "v_proj"]
     assert config.adapter.init_from == init and config.adapter.use_rslora
     assert config.adapter.loraplus_lr_ratio == 16 and config.adapter.freeze_lora_A
     assert config.training.learning_rate == 1e-4
     assert config.training.lr_scheduler_type == "cosine"
     assert config.training.max_grad_norm == 1.0 and config.training.seed == 7
     assert config.training.eval_steps == 4
-    assert config.eval_dataset == DatasetConfig(data, "text")
+    assert config.eval_dataset == DatasetSpec(path=data, format="text")
 
 
 def test_defaults(base: Path, data: Path) -> None:
     spec = JobSpec.model_validate(minimal(base, data))
-    config = spec.to_config()
+    config = spec
     assert config.dataset.format == "auto"
     assert config.adapter.r == 8 and config.adapter.lora_alpha == 16
-    assert config.adapter.target_modules == ("q_proj", "v_proj")
+    assert config.adapter.target_modules == ["q_proj", "v_proj"]
     assert config.adapter.init_from is None and config.adapter.loraplus_lr_ratio is None
     t = config.training
     assert (t.max_steps, t.num_epochs, t.batch_size, t.learning_rate) == (10, None, 8, 2e-4)
@@ -123,9 +121,9 @@ def test_defaults(base: Path, data: Path) -> None:
     assert check_spec(spec, "mem") == []
 
 
-def test_all_linear_converts_as_string(base: Path, data: Path) -> None:
+def test_all_linear_stays_a_string(base: Path, data: Path) -> None:
     spec = JobSpec.model_validate(minimal(base, data, adapter={"target_modules": "all-linear"}))
-    assert spec.to_config().adapter.target_modules == "all-linear"
+    assert spec.adapter.target_modules == "all-linear"
     assert check_spec(spec, "mem") == []
 
 
@@ -153,7 +151,7 @@ def test_paths_resolve_relative_to_yaml(base: Path, tmp_path: Path, monkeypatch)
 
 
 def test_base_model_kept_when_not_relative_to_yaml(base: Path, data: Path, tmp_path: Path) -> None:
-    from carpool.orchestrator.spec import resolve_spec_paths
+    from carpool.orchestrator.spec_paths import resolve_spec_paths
 
     raw = resolve_spec_paths({"base_model": "org/some-model"}, tmp_path)
     assert raw["base_model"] == "org/some-model"  # a hub id passes through

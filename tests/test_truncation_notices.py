@@ -2,22 +2,21 @@
 
 from __future__ import annotations
 
-from dataclasses import replace
 from pathlib import Path
 
 from carpool.workers.engine import Engine
-from carpool.workers.job_config import AdapterConfig, DatasetConfig
+from carpool.workers.job_spec import AdapterSpec, DatasetSpec
 
-from tests.helpers.jobs import job
+from tests.helpers.jobs import changed, job
 
 
 def test_truncated_rows_are_reported_per_dataset(
     tiny_base: Path, datasets: dict[str, Path]
 ) -> None:
     engine = Engine(str(tiny_base), device="cpu")
-    long_rows = job("cut", tiny_base, datasets["messages"], AdapterConfig(r=2), max_seq_length=12)
-    long_rows = replace(long_rows, eval_dataset=DatasetConfig(datasets["text"]))
-    fits = job("whole", tiny_base, datasets["text"], AdapterConfig(r=2), max_seq_length=512)
+    long_rows = job("cut", tiny_base, datasets["messages"], AdapterSpec(r=2), max_seq_length=12)
+    long_rows = changed(long_rows, eval_dataset=DatasetSpec(path=datasets["text"]))
+    fits = job("whole", tiny_base, datasets["text"], AdapterSpec(r=2), max_seq_length=512)
     cut = engine.add_job(long_rows)
     notices = cut.truncation_notices()
     assert cut.dataset.truncated_rows > 0 and cut.eval_dataset.truncated_rows > 0

@@ -9,7 +9,6 @@ rounding stays under the usual 1e-4, as does splitting steps over ranks.
 
 from __future__ import annotations
 
-from dataclasses import replace
 from datetime import timedelta
 from pathlib import Path
 
@@ -21,7 +20,7 @@ import torch.multiprocessing as mp
 from carpool.orchestrator.local_ray import free_port
 from carpool.workers.data_parallel import DataParallel
 from carpool.workers.engine import Engine
-from carpool.workers.job_config import AdapterConfig, DatasetConfig, JobConfig, TrainingConfig
+from carpool.workers.job_spec import AdapterSpec, DatasetSpec, JobSpec, TrainingSpec
 from carpool.workers.zero3 import (
     base_parameter_bytes,
     choose_zero_stage,
@@ -31,7 +30,7 @@ from carpool.workers.zero3 import (
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from tests.helpers.jobs import group_jobs, step_losses
+from tests.helpers.jobs import changed, group_jobs, step_losses
 from tests.helpers.peft_reference import max_relative_difference
 
 # Small enough that the ranks' shares split into different numbers of micro-batches.
@@ -41,7 +40,7 @@ MICRO_BATCH_TOKENS = 48
 ZERO_OPTIONS = {"stage3_param_persistence_threshold": 0}
 
 
-def zero3_jobs(base: Path, datasets: dict[str, Path]) -> list[JobConfig]:
+def zero3_jobs(base: Path, datasets: dict[str, Path]) -> list[JobSpec]:
     """test_data_parallel's jobs, plus one that outlives them with one row per step.
 
     In its last rounds it is the only job: rank 1 has no rows at all and must
@@ -53,41 +52,39 @@ def zero3_jobs(base: Path, datasets: dict[str, Path]) -> list[JobConfig]:
     no float32 run can be held to 1e-4 on it. On these targets that gap is 2e-6.
     """
     jobs = [
-        replace(c, adapter=replace(c.adapter, target_modules=("v_proj", "down_proj")))
-        if c.name == "lorafa"
-        else c
+        changed(c, adapter={"target_modules": ["v_proj", "down_proj"]}) if c.name == "lorafa" else c
         for c in group_jobs(base, datasets)
     ]
-    solo = JobConfig(
-        "solo",
-        str(base),
-        DatasetConfig(datasets["text"]),
-        AdapterConfig(r=2, target_modules=("v_proj", "up_proj")),
-        TrainingConfig(learning_rate=1e-2, max_steps=8, batch_size=1, seed=3),
+    solo = JobSpec(
+        name="solo",
+        base_model=str(base),
+        dataset=DatasetSpec(path=datasets["text"]),
+        adapter=AdapterSpec(r=2, target_modules=["v_proj", "up_proj"]),
+        training=TrainingSpec(learning_rate=1e-2, max_steps=8, batch_size=1, seed=3),
     )
     return [*jobs, solo]
 
 
-def mixed_target_jobs(base: Path, datasets: dict[str, Path]) -> list[JobConfig]:
+def mixed_target_jobs(base: Path, datasets: dict[str, Path]) -> list[JobSpec]:
     """Rank 1 gets rows of the MLP-only job alone (every job's first row goes to rank 0).
 
     Without gradients forced through the whole base, rank 1's backward would
     skip layer 0's attention while rank 0's gathers its weights: a hang.
     """
 
-    def job(name: str, targets: tuple[str, ...], batch_size: int) -> JobConfig:
-        return JobConfig(
-            name,
-            str(base),
-            DatasetConfig(datasets["prompt_completion"]),
-            AdapterConfig(r=2, target_modules=targets),
-            TrainingConfig(learning_rate=1e-2, max_steps=2, batch_size=batch_size),
+    def job(name: str, targets: list[str], batch_size: int) -> JobSpec:
+        return JobSpec(
+            name=name,
+            base_model=str(base),
+            dataset=DatasetSpec(path=datasets["prompt_completion"]),
+            adapter=AdapterSpec(r=2, target_modules=targets),
+            training=TrainingSpec(learning_rate=1e-2, max_steps=2, batch_size=batch_size),
         )
 
-    return [job("attention", ("q_proj",), 1), job("mlp", ("down_proj",), 2)]
+    return [job("attention", ["q_proj"], 1), job("mlp", ["down_proj"], 2)]
 
 
-def _train(engine: Engine, configs: list[JobConfig]) -> dict:
+def _train(engine: Engine, configs: list[JobSpec]) -> dict:
     for config in configs:
         engine.add_job(config)
     losses = []

@@ -120,7 +120,7 @@ def new_job_adapter(
     lora_alpha: float,
     use_rslora: bool,
     dropout: float,
-    target_modules: tuple[str, ...] | str,
+    target_modules: Sequence[str] | str,
     seed: int,
     freeze_lora_A: bool = False,
 ) -> JobAdapter:
@@ -138,7 +138,7 @@ def new_job_adapter(
         r=r,
         lora_alpha=lora_alpha,
         use_rslora=use_rslora,
-        target_modules=target_modules,
+        target_modules=target_modules if isinstance(target_modules, str) else tuple(target_modules),
         dropout=dropout,
         seed=seed,
     )

@@ -28,7 +28,7 @@ from carpool.workers.data_parallel import DataParallel
 from carpool.workers.dataset import IGNORE_INDEX, TokenizedDataset, load_dataset
 from carpool.workers.fused_batch import FusedBatch, StepRow, collate, plan_micro_batches, step_rows
 from carpool.workers.gradient_checkpointing import enable_gradient_checkpointing
-from carpool.workers.job_config import DatasetConfig, JobConfig, JobInputError
+from carpool.workers.job_spec import DatasetSpec, JobInputError, JobSpec
 from carpool.workers.peft_format import adapter_from_loaded, export_adapter, read_adapter
 from carpool.workers.training_job import StepReport, TrainingJob
 from carpool.workers.zero3 import dummy_row, load_base_zero3, pad_micro_batches
@@ -114,7 +114,7 @@ class Engine:
     # -- jobs joining and leaving ---------------------------------------------------------
     def add_job(
         self,
-        config: JobConfig,
+        config: JobSpec,
         *,
         dataset: TokenizedDataset | None = None,
         resume_from: str | Path | None = None,
@@ -145,12 +145,12 @@ class Engine:
         self.jobs[config.name] = job
         return job
 
-    def _load(self, data: DatasetConfig, config: JobConfig) -> TokenizedDataset:
+    def _load(self, data: DatasetSpec, config: JobSpec) -> TokenizedDataset:
         return load_dataset(
             Path(data.path), data.format, self.tokenizer, config.training.max_seq_length
         )
 
-    def _initial_adapter(self, config: JobConfig) -> JobAdapter:
+    def _initial_adapter(self, config: JobSpec) -> JobAdapter:
         a, seed = config.adapter, config.training.seed
         if a.init_from is not None:
             loaded = read_adapter(a.init_from)
@@ -333,9 +333,7 @@ class Engine:
         return export_adapter(job.adapter, out_dir, base_model=job.config.base_model)
 
 
-def train_jobs(
-    configs: Sequence[JobConfig], out_dir: str | Path, **engine_kwargs
-) -> dict[str, Path]:
+def train_jobs(configs: Sequence[JobSpec], out_dir: str | Path, **engine_kwargs) -> dict[str, Path]:
     """Train jobs that share one base to completion and export each; returns their dirs."""
     bases = {c.base_model for c in configs}
     if len(bases) != 1:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from carpool.workers.adapter_bank import JobAdapter
 from carpool.workers.dataset import TokenizedDataset, TokenizedRow
-from carpool.workers.job_config import JobConfig
+from carpool.workers.job_spec import JobSpec
 from carpool.workers.lr_schedule import lr_multiplier
 from torch.optim.lr_scheduler import LambdaLR
 
@@ -35,7 +35,7 @@ class StepReport:
     eval_loss: float | None = None  # mean cross-entropy over the eval rows, when evaluated
 
 
-def build_optimizer(adapter: JobAdapter, config: JobConfig) -> torch.optim.AdamW:
+def build_optimizer(adapter: JobAdapter, config: JobSpec) -> torch.optim.AdamW:
     """AdamW over the job's trainable adapter weights; LoRA+ gives B its own LR."""
     t = config.training
     a_params = [w.lora_A for w in adapter.modules.values() if w.lora_A.requires_grad]
@@ -59,7 +59,7 @@ def build_optimizer(adapter: JobAdapter, config: JobConfig) -> torch.optim.AdamW
 class TrainingJob:
     def __init__(
         self,
-        config: JobConfig,
+        config: JobSpec,
         dataset: TokenizedDataset,
         adapter: JobAdapter,
         eval_dataset: TokenizedDataset | None = None,

@@ -71,7 +71,7 @@ def engine_results(
 
     `threads` matches a worker's torch threads, so matmuls sum in the same order.
     """
-    configs = [load_spec_file(p).to_config() for p in spec_paths]
+    configs = [load_spec_file(p) for p in spec_paths]
     previous = torch.get_num_threads()
     torch.set_num_threads(threads or previous)
     try:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 from carpool.workers.dataset import IGNORE_INDEX, TokenizedRow
-from carpool.workers.job_config import JobConfig
+from carpool.workers.job_spec import JobSpec
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM, get_scheduler
 
@@ -32,7 +32,7 @@ def pad_rows(rows: list[TokenizedRow], pad_id: int) -> dict[str, torch.Tensor]:
     return {"input_ids": ids, "labels": labels, "attention_mask": mask}
 
 
-def peft_model_with(base_path: Path, config: JobConfig, init: dict[str, torch.Tensor]):
+def peft_model_with(base_path: Path, config: JobSpec, init: dict[str, torch.Tensor]):
     """A PeftModel whose adapter starts from `init` ({"<module>.lora_A": ...})."""
     base = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32)
     a = config.adapter
@@ -67,7 +67,7 @@ def adapter_tensors(model) -> dict[str, torch.Tensor]:
 
 def train_reference(
     base_path: Path,
-    config: JobConfig,
+    config: JobSpec,
     rows: list[TokenizedRow],
     init: dict[str, torch.Tensor],
     steps: int,

@@ -1,0 +1,211 @@
+"""A job, as a user writes it and as the engine trains it: one pydantic schema.
+
+Each field is declared once, with its checks beside it; the engine reads these
+models directly. Checks of a single field live in its type (an `Annotated`
+validator or a `Field` bound), so a field can also be parsed on its own: the
+validation of a job file (`orchestrator.validation`) parses what it can field
+by field and still checks the base model and the data when another field
+failed. Rules across fields are plain functions here, called by the models'
+validators and by that validation alike. Checks that need the base model or
+the data on disk live in `orchestrator.validation`.
+
+Every model forbids unknown fields so a typo (`lora_aplha`) is an error, not a
+silently ignored setting. Field names follow PEFT's `LoraConfig` and HF
+`TrainingArguments`.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    StrictInt,
+    model_validator,
+)
+from pydantic_core import PydanticCustomError
+
+NAME_PATTERN = re.compile(r"[a-z0-9_-]{1,64}")
+DATASET_SUFFIXES = (".jsonl", ".parquet")
+# The error type of the rules across fields; validation reports them itself, per field.
+CROSS_FIELD = "cross_field"
+
+
+class JobInputError(ValueError):
+    """A job's own input (its data, its adapter, its settings) cannot be used.
+
+    The job fails with this message and is not retried: the engine and the
+    other jobs on it are fine. `source` names the input: "dataset",
+    "eval_dataset", "init_from", "adapter" or "training".
+    """
+
+    def __init__(self, job: str, source: str, reason: str) -> None:
+        super().__init__(job, source, reason)  # the fields, so it pickles across Ray actors
+        self.job, self.source, self.reason = job, source, reason
+
+    def __str__(self) -> str:
+        return f"{self.source}: {self.reason}"
+
+
+def _job_name(name: str) -> str:
+    if not NAME_PATTERN.fullmatch(name):
+        raise ValueError(f"must be 1-64 characters of a-z, 0-9, '_' or '-', got {name!r}")
+    return name
+
+
+def _dataset_path(path: Path) -> Path:
+    if path.suffix.lower() not in DATASET_SUFFIXES:
+        raise ValueError(f"must end in {' or '.join(DATASET_SUFFIXES)}, got {str(path)!r}")
+    return path
+
+
+def _names_or_all_linear(value: Any) -> Any:
+    # One clear message instead of pydantic's per-union-member errors.
+    if value == "all-linear":
+        return value
+    if isinstance(value, list) and value and all(isinstance(v, str) and v for v in value):
+        return value
+    raise ValueError('must be a non-empty list of module names, or the string "all-linear"')
+
+
+JobName = Annotated[str, AfterValidator(_job_name)]
+DatasetPath = Annotated[Path, AfterValidator(_dataset_path)]
+# A list of module-name suffixes (PEFT's matching) or "all-linear".
+TargetModules = Annotated[list[str] | Literal["all-linear"], BeforeValidator(_names_or_all_linear)]
+
+
+# -- rules across fields: (problem or None) from parsed values ------------------------------
+def steps_xor_epochs(max_steps: int | None, num_epochs: float | None) -> str | None:
+    if (max_steps is None) != (num_epochs is None):
+        return None
+    if max_steps is None:
+        return "set one of max_steps or num_epochs"
+    return "set only one of max_steps or num_epochs, not both"
+
+
+def eval_needs_dataset(eval_steps: int | None, eval_dataset: object) -> str | None:
+    if eval_steps is not None and eval_dataset is None:
+        return "eval_steps needs an eval_dataset"
+    return None
+
+
+@dataclass(frozen=True)
+class CrossFieldRule:
+    """A rule over several fields: `check` takes the values of `inputs` (dotted field names)."""
+
+    field: str  # the field a problem is reported on
+    inputs: tuple[str, ...]
+    check: Callable[..., str | None]
+
+
+CROSS_FIELD_RULES = (
+    CrossFieldRule(
+        "training.max_steps", ("training.max_steps", "training.num_epochs"), steps_xor_epochs
+    ),
+    CrossFieldRule(
+        "training.eval_steps", ("training.eval_steps", "eval_dataset"), eval_needs_dataset
+    ),
+)
+
+
+def _enforce(problem: str | None) -> None:
+    if problem is not None:
+        raise PydanticCustomError(CROSS_FIELD, problem)
+
+
+# -- the schema ------------------------------------------------------------------------------
+class _SpecModel(BaseModel):
+    # Lax mode on purpose: PyYAML reads `1e-4` (no dot) as a string, which must
+    # still parse as a float. Counts use StrictInt so `r: true` or `r: 8.5` fail.
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DatasetSpec(_SpecModel):
+    path: DatasetPath
+    format: Literal["text", "prompt_completion", "messages", "auto"] = "auto"
+
+
+class AdapterSpec(_SpecModel):
+    r: StrictInt = Field(8, ge=1)
+    lora_alpha: float = Field(16, gt=0)
+    lora_dropout: float = Field(0.0, ge=0, lt=1)
+    target_modules: TargetModules = ["q_proj", "v_proj"]
+    use_rslora: bool = False  # scaling alpha/sqrt(r) instead of alpha/r
+    loraplus_lr_ratio: float | None = Field(None, gt=0)  # LoRA+: B's LR = ratio x LR
+    freeze_lora_A: bool = False  # LoRA-FA: A stays at its initial value
+    init_from: Path | None = None  # a PEFT LoRA adapter directory to start from
+
+    @property
+    def scaling(self) -> float:
+        if self.use_rslora:
+            return self.lora_alpha / math.sqrt(self.r)
+        return self.lora_alpha / self.r
+
+
+class TrainingSpec(_SpecModel):
+    max_steps: StrictInt | None = Field(None, ge=1)
+    num_epochs: float | None = Field(None, gt=0)
+    batch_size: StrictInt = Field(8, ge=1)
+    learning_rate: float = Field(2e-4, gt=0)
+    lr_scheduler_type: Literal["constant", "linear", "cosine"] = "constant"
+    warmup_steps: StrictInt = Field(0, ge=0)
+    weight_decay: float = Field(0.0, ge=0)
+    adam_beta1: float = Field(0.9, ge=0, lt=1)
+    adam_beta2: float = Field(0.999, ge=0, lt=1)
+    adam_epsilon: float = Field(1e-8, gt=0)
+    max_grad_norm: float | None = Field(None, gt=0)
+    max_seq_length: StrictInt = Field(512, ge=2)
+    shuffle: bool = True
+    seed: StrictInt = 0
+    save_steps: StrictInt = Field(50, ge=1)
+    # With eval_dataset: evaluate every N steps and at the end (default: at the end).
+    eval_steps: StrictInt | None = Field(None, ge=1)
+
+    @model_validator(mode="after")
+    def _steps_xor_epochs(self) -> TrainingSpec:
+        _enforce(steps_xor_epochs(self.max_steps, self.num_epochs))
+        return self
+
+    def total_steps(self, num_rows: int) -> int:
+        """Optimizer steps this job runs over a dataset of `num_rows` rows.
+
+        Rows form one stream across epochs; each step takes the next
+        `batch_size` of them, so `num_epochs` rounds up to whole steps.
+        """
+        if self.max_steps is not None:
+            return self.max_steps
+        assert self.num_epochs is not None
+        return max(1, math.ceil(self.num_epochs * num_rows / self.batch_size))
+
+    def rows_in_step(self, step: int, num_rows: int) -> int:
+        """Rows that optimizer step `step` (0-based) consumes."""
+        if self.max_steps is not None:
+            return self.batch_size
+        assert self.num_epochs is not None
+        total_rows = math.ceil(self.num_epochs * num_rows)
+        return max(0, min(self.batch_size, total_rows - step * self.batch_size))
+
+
+class JobSpec(_SpecModel):
+    name: JobName
+    base_model: str = Field(min_length=1)  # local path or hub id
+    dataset: DatasetSpec
+    adapter: AdapterSpec = AdapterSpec()
+    # Required: its defaults alone set neither max_steps nor num_epochs.
+    training: TrainingSpec
+    priority: StrictInt = 0
+    eval_dataset: DatasetSpec | None = None  # held-out rows, for the eval loss only
+
+    @model_validator(mode="after")
+    def _eval_steps_need_data(self) -> JobSpec:
+        _enforce(eval_needs_dataset(self.training.eval_steps, self.eval_dataset))
+        return self
