@@ -19,49 +19,46 @@ spec's are what its names or "all-linear" select in the base.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from carpool.orchestrator.parsed_fields import ParsedFields
 from carpool.workers.base_model import match_target_modules, unmatched_targets
-from carpool.workers.job_spec import AdapterSpec
 from carpool.workers.peft_format import (
     AdapterFormatError,
     AdapterHeader,
     base_misfit,
     read_adapter_header,
 )
-from pydantic import ValidationError
 
 DEFINING_FIELDS = ("r", "lora_alpha", "target_modules", "use_rslora")
 _FIELD = "adapter.init_from"
-_INVALID = object()
 
 
 @dataclass
 class InitFromCheck:
-    """The spec's adapter section with the adapter's values filled in, and what was found.
+    """What was found: the adapter's values for the defining fields the spec leaves out
+    (`taken`, as a spec would write them), and (dotted field, message) problems and notes."""
 
-    `problems` and `notes` are (dotted field, message) pairs.
-    """
-
-    adapter: dict[str, Any]
+    taken: dict[str, Any] = field(default_factory=dict)
     problems: list[tuple[str, str]] = field(default_factory=list)
     notes: list[tuple[str, str]] = field(default_factory=list)
 
 
 def check_init_from(
-    adapter: Mapping[str, Any], base_shapes: dict[str, tuple[int, int]] | None
+    adapter: ParsedFields, base_shapes: dict[str, tuple[int, int]] | None
 ) -> InitFromCheck:
-    """Check the adapter at `adapter["init_from"]` against the spec's `adapter` section.
+    """Check the adapter at the spec's `adapter.init_from` against the rest of that section.
 
-    `base_shapes` is (in_features, out_features) per linear module of the base,
-    or None when the base could not be read (a problem reported elsewhere);
-    then only what does not need the base is checked.
+    `adapter` is the spec's adapter section as far as it parsed; its `init_from`
+    must have. `base_shapes` is (in_features, out_features) per linear module
+    of the base, or None when the base could not be read (a problem reported
+    elsewhere); then only what does not need the base is checked.
     """
-    check = InitFromCheck(dict(adapter))
+    check = InitFromCheck()
     try:
-        header = read_adapter_header(adapter["init_from"])
+        header = read_adapter_header(adapter.get("init_from"))
     except AdapterFormatError as e:
         check.problems.append((_FIELD, str(e)))
         return check
@@ -74,20 +71,20 @@ def check_init_from(
     if misfit:  # its modules are not the base's; as targets they would only repeat that
         del declared["target_modules"]
     for key, value in declared.items():
-        if key not in adapter:
-            check.adapter[key] = value
+        if key not in adapter.given:
+            check.taken[key] = value
             note = f"not in the spec; taken from init_from: {_show(value)}"
             check.notes.append((f"adapter.{key}", note))
             continue
-        given = _valid(key, adapter[key])
-        if given is _INVALID:
-            continue  # the schema reports it
+        if key not in adapter:
+            continue  # the spec's value did not parse: the schema reports it
+        given = adapter.get(key)
         if key == "target_modules":
             agree = _same_modules(given, list(header.shapes), universe, base_shapes is not None)
         else:
             agree = given == value
         if not agree:
-            message = f"{_show(adapter[key])} conflicts with init_from's {key} {_show(value)}"
+            message = f"{_show(given)} conflicts with init_from's {key} {_show(value)}"
             check.problems.append((f"adapter.{key}", message))
     return check
 
@@ -118,14 +115,6 @@ def _same_modules(
     if unmatched_targets(universe, targets):
         return False
     return set(match_target_modules(universe, targets)) == set(modules)
-
-
-def _valid(key: str, value: Any) -> Any:
-    """`value` as the schema reads it, or _INVALID (the schema reports it)."""
-    try:
-        return getattr(AdapterSpec.model_validate({key: value}), key)
-    except ValidationError:
-        return _INVALID
 
 
 def _show(value: Any) -> str:

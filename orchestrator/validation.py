@@ -1,21 +1,24 @@
 """Check job specs in one pass and report every problem at once.
 
 A user fixing a job file should see all of its mistakes in one run, not one
-per run: schema errors, the base model, target modules, the rank, the dataset
-and the adapter to start from are all checked, and when the schema fails the
-checks that need only a path still run on the raw values.
+per run: schema errors, the rules across fields, the base model, target
+modules, the rank, the dataset and the adapter to start from are all checked.
+The schema parses the file; the checks that need the base or the data then
+run over the parsed values, field by field (`parsed_fields`), so they still
+run on the fields that parsed when others did not.
 """
 
 from __future__ import annotations
 
 import difflib
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
 from carpool.orchestrator.init_from import InitFromCheck, check_init_from
+from carpool.orchestrator.parsed_fields import ParsedFields, parse_fields, section_model
 from carpool.orchestrator.spec_paths import resolve_spec_paths
 from carpool.orchestrator.yaml_loader import load_yaml
 from carpool.workers.base_model import (
@@ -25,24 +28,18 @@ from carpool.workers.base_model import (
     unmatched_targets,
 )
 from carpool.workers.dataset import DatasetError, load_dataset
-from carpool.workers.job_spec import (
-    CROSS_FIELD,
-    AdapterSpec,
-    DatasetSpec,
-    JobSpec,
-    TrainingSpec,
-    eval_needs_dataset,
-    steps_xor_epochs,
-)
+from carpool.workers.job_spec import CROSS_FIELD, CrossFieldRule, JobSpec
 from pydantic import BaseModel, ValidationError
 
 TOP_LEVEL = "(top level)"
+# The model of each section, by its location in the spec: for "did you mean" on unknown fields.
 _SECTIONS: dict[tuple[str, ...], type[BaseModel]] = {
     (): JobSpec,
-    ("dataset",): DatasetSpec,
-    ("eval_dataset",): DatasetSpec,
-    ("adapter",): AdapterSpec,
-    ("training",): TrainingSpec,
+    **{
+        (name,): model
+        for name, info in JobSpec.model_fields.items()
+        if (model := section_model(info.annotation)) is not None
+    },
 }
 
 
@@ -105,51 +102,6 @@ def _load_shapes(name: str) -> dict[str, tuple[int, int]]:
 _Found = list[tuple[str, str]]
 
 
-@dataclass(frozen=True)
-class _Facts:
-    """The values the resource checks need; None where unknown or invalid."""
-
-    base_model: str | None
-    dataset_path: str | None
-    dataset_format: str | None
-    eval_dataset_path: str | None
-    eval_dataset_format: str | None
-    max_seq_length: int | None
-    target_modules: list[str] | str | None
-    r: int | None
-
-
-def _facts(raw: Mapping[str, Any], bad: set[str]) -> _Facts:
-    """What a spec's raw values say, skipping those in `bad` (fields the schema rejected)."""
-
-    def get(section: str, key: str, kind: type, default: Any = None) -> Any:
-        dotted = f"{section}.{key}" if section else key
-        if dotted in bad or section in bad:
-            return None
-        sub = raw.get(section, {}) if section else raw
-        if not isinstance(sub, Mapping):
-            return None
-        value = sub.get(key, default)
-        return value if isinstance(value, kind) and not isinstance(value, bool) else None
-
-    def default(model: type[BaseModel], key: str) -> Any:
-        return model.model_fields[key].default
-
-    targets = get("adapter", "target_modules", (list, str), default(AdapterSpec, "target_modules"))
-    return _Facts(
-        base_model=get("", "base_model", str) or None,
-        dataset_path=get("dataset", "path", str) or None,
-        dataset_format=get("dataset", "format", str, default(DatasetSpec, "format")),
-        eval_dataset_path=get("eval_dataset", "path", str) or None,
-        eval_dataset_format=get("eval_dataset", "format", str, default(DatasetSpec, "format")),
-        max_seq_length=get(
-            "training", "max_seq_length", int, default(TrainingSpec, "max_seq_length")
-        ),
-        target_modules=targets,
-        r=get("adapter", "r", int, default(AdapterSpec, "r")),
-    )
-
-
 def _field_name(loc: Sequence[int | str]) -> str:
     out = ""
     for part in loc:
@@ -177,7 +129,7 @@ def _schema_problems(err: ValidationError) -> _Found:
     problems = []
     for e in err.errors():
         kind = e["type"]
-        if kind == CROSS_FIELD:  # reported from the raw values
+        if kind == CROSS_FIELD:  # reported by _rule_problems, also when other fields fail
             continue
         if kind == "extra_forbidden":
             message = _unknown_field_message(e["loc"])
@@ -191,20 +143,26 @@ def _schema_problems(err: ValidationError) -> _Found:
     return problems
 
 
-def _steps_problems(raw: Mapping[str, Any]) -> _Found:
-    training = raw.get("training")
-    if not isinstance(training, Mapping):
-        return []  # a missing or malformed section is reported by the schema
-    problem = steps_xor_epochs(training.get("max_steps"), training.get("num_epochs"))
-    return [] if problem is None else [("training.max_steps", problem)]
+def _rules(model: type[BaseModel], prefix: str = "") -> Iterator[tuple[str, CrossFieldRule]]:
+    """Every rule across fields of `model`'s sections, then of `model`, with their prefix."""
+    for name, info in model.model_fields.items():
+        section = section_model(info.annotation)
+        if section is not None:
+            yield from _rules(section, f"{prefix}{name}.")
+    for rule in getattr(model, "cross_field_rules", ()):
+        yield prefix, rule
 
 
-def _eval_problems(raw: Mapping[str, Any]) -> _Found:
-    training = raw.get("training")
-    if not isinstance(training, Mapping):
-        return []
-    problem = eval_needs_dataset(training.get("eval_steps"), raw.get("eval_dataset"))
-    return [] if problem is None else [("training.eval_steps", problem)]
+def _rule_problems(fields: ParsedFields) -> _Found:
+    """The rules across fields, each applied when the fields it reads have parsed."""
+    found = []
+    for prefix, rule in _rules(JobSpec):
+        inputs = [prefix + name for name in rule.inputs]
+        if all(name in fields for name in inputs):
+            problem = rule.check(*(fields.get(name) for name in inputs))
+            if problem is not None:
+                found.append((prefix + rule.field, problem))
+    return found
 
 
 def _target_problems(
@@ -233,13 +191,12 @@ def _target_problems(
 
 def _dataset_problems(
     field: str,
-    path_value: str,
+    path: Path,
     data_format: str | None,
     max_seq_length: int | None,
     tokenizer: Any,
     notes: _Found,
 ) -> _Found:
-    path = Path(path_value)
     if not path.is_file():
         what = "is a directory, not a file" if path.is_dir() else "file not found"
         return [(field, f"{what}: {path}")]
@@ -260,73 +217,85 @@ def _dataset_problems(
     return []
 
 
-def _resource_problems(facts: _Facts, cache: BaseModelCache, notes: _Found) -> _Found:
-    problems: _Found = []
-    shapes = tokenizer = None
-    if facts.base_model is not None:
-        try:
-            shapes = cache.shapes(facts.base_model)
-            tokenizer = cache.tokenizer(facts.base_model)
-        except Exception as e:
-            first_line = (str(e).strip().splitlines() or [type(e).__name__])[0]
-            what = "tokenizer" if shapes is not None else "model"
-            problems.append(("base_model", f"cannot load {what}: {first_line}"))
-    if shapes is not None and facts.target_modules is not None:
-        problems += _target_problems(shapes, facts.target_modules, facts.r)
-    for field, path, data_format in (
-        ("dataset.path", facts.dataset_path, facts.dataset_format),
-        ("eval_dataset.path", facts.eval_dataset_path, facts.eval_dataset_format),
-    ):
+@dataclass(frozen=True)
+class _Base:
+    """A base model's linear shapes and tokenizer, each None where it could not be loaded."""
+
+    shapes: dict[str, tuple[int, int]] | None = None
+    tokenizer: Any = None
+    problems: tuple[tuple[str, str], ...] = ()
+
+
+def _load_base(name: str | None, cache: BaseModelCache) -> _Base:
+    if name is None:
+        return _Base()  # none that parsed: the schema reports it
+    shapes = None
+    try:
+        shapes = cache.shapes(name)
+        return _Base(shapes, cache.tokenizer(name))
+    except Exception as e:
+        first_line = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        what = "tokenizer" if shapes is not None else "model"
+        return _Base(shapes, None, (("base_model", f"cannot load {what}: {first_line}"),))
+
+
+def _resource_problems(fields: ParsedFields, base: _Base, notes: _Found) -> _Found:
+    """What the base model and the data say about the fields that parsed."""
+    problems = list(base.problems)
+    targets = fields.get("adapter.target_modules")
+    if base.shapes is not None and targets is not None:
+        problems += _target_problems(base.shapes, targets, fields.get("adapter.r"))
+    for section in ("dataset", "eval_dataset"):
+        path = fields.get(f"{section}.path")
         if path is not None:
+            data_format = fields.get(f"{section}.format")
+            max_seq_length = fields.get("training.max_seq_length")
             problems += _dataset_problems(
-                field, path, data_format, facts.max_seq_length, tokenizer, notes
+                f"{section}.path", path, data_format, max_seq_length, base.tokenizer, notes
             )
     return problems
 
 
-def _check_init_from(raw: Mapping[str, Any], cache: BaseModelCache) -> InitFromCheck | None:
-    adapter = raw.get("adapter")
-    if not isinstance(adapter, Mapping) or not isinstance(adapter.get("init_from"), str):
+def _check_init_from(fields: ParsedFields, base: _Base) -> InitFromCheck | None:
+    if fields.get("adapter.init_from") is None:
         return None  # no init_from, or one the schema reports
-    base = raw.get("base_model")
-    try:
-        shapes = cache.shapes(base) if isinstance(base, str) and base else None
-    except Exception:  # reported as a base_model problem
-        shapes = None
-    return check_init_from(adapter, shapes)
+    return check_init_from(fields.get("adapter"), base.shapes)
 
 
 def _check(
     raw: Any, source: str, cache: BaseModelCache, notes: list[SpecProblem] | None = None
-) -> tuple[JobSpec | None, list[SpecProblem]]:
-    """(spec or None, problems); what is worth knowing but no problem goes to `notes`."""
+) -> tuple[JobSpec | None, ParsedFields | None, list[SpecProblem]]:
+    """(spec or None, what parsed, problems); what is worth knowing but no problem goes to `notes`."""
     if isinstance(raw, JobSpec):  # re-checked through the same path as YAML
         raw = raw.model_dump(mode="json")
     if raw is None:
-        return None, [SpecProblem(source, TOP_LEVEL, "the spec is empty")]
+        return None, None, [SpecProblem(source, TOP_LEVEL, "the spec is empty")]
     if not isinstance(raw, Mapping):
         got = type(raw).__name__
-        return None, [SpecProblem(source, TOP_LEVEL, f"expected a mapping of fields, got {got}")]
-    init = _check_init_from(raw, cache)
-    if init is not None:  # the adapter's values fill what the spec leaves out
-        raw = {**raw, "adapter": init.adapter}
+        problem = SpecProblem(source, TOP_LEVEL, f"expected a mapping of fields, got {got}")
+        return None, None, [problem]
+    fields = parse_fields(JobSpec, raw)
+    base = _load_base(fields.get("base_model"), cache)
+    init = _check_init_from(fields, base)
+    if init is not None and init.taken:
+        # The adapter's values stand where the spec leaves a defining field out, as if written.
+        raw = {**raw, "adapter": {**raw["adapter"], **init.taken}}
+        fields = parse_fields(JobSpec, raw)
     spec: JobSpec | None = None
     found: _Found = []
     try:
         spec = JobSpec.model_validate(dict(raw))
     except ValidationError as err:
         found = _schema_problems(err)
-    found += _steps_problems(raw)
-    found += _eval_problems(raw)
-    # Even when the schema fails, check paths on the raw values it did not reject.
+    found += _rule_problems(fields)
     noted: _Found = []
-    found += _resource_problems(_facts(raw, {field for field, _ in found}), cache, noted)
+    found += _resource_problems(fields, base, noted)
     if init is not None:
         found += init.problems
         noted += init.notes
     if notes is not None:
         notes += [SpecProblem(source, field, message) for field, message in noted]
-    return spec, [SpecProblem(source, field, message) for field, message in found]
+    return spec, fields, [SpecProblem(source, field, message) for field, message in found]
 
 
 def check_spec(
@@ -336,13 +305,13 @@ def check_spec(
     cache: BaseModelCache | None = None,
 ) -> list[SpecProblem]:
     """Every problem of one spec (a JobSpec or raw parsed YAML); empty when it is valid."""
-    return _check(spec_or_raw, source, cache or BaseModelCache())[1]
+    return _check(spec_or_raw, source, cache or BaseModelCache())[2]
 
 
 def _load_file(
     path: Path, cache: BaseModelCache, notes: list[SpecProblem] | None = None
-) -> tuple[JobSpec | None, Any, list[SpecProblem]]:
-    """(spec or None, raw value, problems) of one YAML file."""
+) -> tuple[JobSpec | None, ParsedFields | None, list[SpecProblem]]:
+    """(spec or None, what parsed, problems) of one YAML file."""
     try:
         text = Path(path).read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
@@ -359,8 +328,8 @@ def _load_file(
     repeats = [SpecProblem(str(path), f"line {d.line}", d.message) for d in duplicates]
     if isinstance(raw, Mapping):
         raw = resolve_spec_paths(raw, Path(path).resolve().parent)
-    spec, problems = _check(raw, str(path), cache, notes)
-    return spec, raw, repeats + problems
+    spec, fields, problems = _check(raw, str(path), cache, notes)
+    return spec, fields, repeats + problems
 
 
 def load_spec_file(path: Path, *, cache: BaseModelCache | None = None) -> JobSpec:
@@ -381,12 +350,12 @@ def validate_files(paths: Sequence[Path], notes: list[SpecProblem] | None = None
     problems: list[SpecProblem] = []
     first_source: dict[str, str] = {}
     for path in paths:
-        spec, raw, file_problems = _load_file(Path(path), cache, notes)
+        spec, fields, file_problems = _load_file(Path(path), cache, notes)
         problems += file_problems
         if spec is not None:
             specs.append(spec)
-        name = raw.get("name") if isinstance(raw, Mapping) else None
-        if isinstance(name, str):
+        name = fields.get("name") if fields is not None else None
+        if name is not None:
             if name in first_source:
                 message = f"job name {name!r} is also used by {first_source[name]}"
                 problems.append(SpecProblem(str(path), "name", message))

@@ -203,6 +203,18 @@ def test_neither_steps_nor_epochs(base: Path, data: Path) -> None:
     assert "num_epochs" in problems[0].message
 
 
+def test_rules_across_fields_are_reported_beside_the_fields_errors(base: Path, data: Path) -> None:
+    training = {"max_steps": 2, "num_epochs": 1, "eval_steps": 5, "batch_size": 0}
+    problems = check_spec(minimal(base, data, training=training, priority="high"), "mem")
+    assert fields(problems) == [
+        "training.batch_size",
+        "priority",
+        "training.max_steps",
+        "training.eval_steps",
+    ]
+    assert "not both" in problems[2].message and "eval_dataset" in problems[3].message
+
+
 def test_yaml_syntax_error_names_line(tmp_path: Path) -> None:
     path = tmp_path / "broken.yaml"
     path.write_text("name: x\nadapter:\n  r: [1, 2\n")

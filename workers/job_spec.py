@@ -21,7 +21,7 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import (
     AfterValidator,
@@ -33,10 +33,11 @@ from pydantic import (
     model_validator,
 )
 from pydantic_core import PydanticCustomError
+from typing_extensions import Self
 
 NAME_PATTERN = re.compile(r"[a-z0-9_-]{1,64}")
 DATASET_SUFFIXES = (".jsonl", ".parquet")
-# The error type of the rules across fields; validation reports them itself, per field.
+# The error type of the rules across fields (validation reports them itself, per field).
 CROSS_FIELD = "cross_field"
 
 
@@ -100,26 +101,21 @@ def eval_needs_dataset(eval_steps: int | None, eval_dataset: object) -> str | No
 
 @dataclass(frozen=True)
 class CrossFieldRule:
-    """A rule over several fields: `check` takes the values of `inputs` (dotted field names)."""
+    """A rule over fields of one model: `check` takes the values of `inputs` (dotted names
+    under that model) and returns the problem, or None."""
 
     field: str  # the field a problem is reported on
     inputs: tuple[str, ...]
     check: Callable[..., str | None]
 
-
-CROSS_FIELD_RULES = (
-    CrossFieldRule(
-        "training.max_steps", ("training.max_steps", "training.num_epochs"), steps_xor_epochs
-    ),
-    CrossFieldRule(
-        "training.eval_steps", ("training.eval_steps", "eval_dataset"), eval_needs_dataset
-    ),
-)
+    def apply(self, model: BaseModel) -> str | None:
+        return self.check(*(_dotted(model, name) for name in self.inputs))
 
 
-def _enforce(problem: str | None) -> None:
-    if problem is not None:
-        raise PydanticCustomError(CROSS_FIELD, problem)
+def _dotted(model: BaseModel, name: str) -> Any:
+    for part in name.split("."):
+        model = getattr(model, part)
+    return model
 
 
 # -- the schema ------------------------------------------------------------------------------
@@ -127,6 +123,17 @@ class _SpecModel(BaseModel):
     # Lax mode on purpose: PyYAML reads `1e-4` (no dot) as a string, which must
     # still parse as a float. Counts use StrictInt so `r: true` or `r: 8.5` fail.
     model_config = ConfigDict(extra="forbid", frozen=True)
+    # Enforced when the model's fields all parse; validation also applies them
+    # to what parsed when other fields failed.
+    cross_field_rules: ClassVar[tuple[CrossFieldRule, ...]] = ()
+
+    @model_validator(mode="after")
+    def _apply_cross_field_rules(self) -> Self:
+        for rule in self.cross_field_rules:
+            problem = rule.apply(self)
+            if problem is not None:
+                raise PydanticCustomError(CROSS_FIELD, problem)
+        return self
 
 
 class DatasetSpec(_SpecModel):
@@ -170,10 +177,9 @@ class TrainingSpec(_SpecModel):
     # With eval_dataset: evaluate every N steps and at the end (default: at the end).
     eval_steps: StrictInt | None = Field(None, ge=1)
 
-    @model_validator(mode="after")
-    def _steps_xor_epochs(self) -> TrainingSpec:
-        _enforce(steps_xor_epochs(self.max_steps, self.num_epochs))
-        return self
+    cross_field_rules = (
+        CrossFieldRule("max_steps", ("max_steps", "num_epochs"), steps_xor_epochs),
+    )
 
     def total_steps(self, num_rows: int) -> int:
         """Optimizer steps this job runs over a dataset of `num_rows` rows.
@@ -205,7 +211,8 @@ class JobSpec(_SpecModel):
     priority: StrictInt = 0
     eval_dataset: DatasetSpec | None = None  # held-out rows, for the eval loss only
 
-    @model_validator(mode="after")
-    def _eval_steps_need_data(self) -> JobSpec:
-        _enforce(eval_needs_dataset(self.training.eval_steps, self.eval_dataset))
-        return self
+    cross_field_rules = (
+        CrossFieldRule(
+            "training.eval_steps", ("training.eval_steps", "eval_dataset"), eval_needs_dataset
+        ),
+    )
