@@ -5,9 +5,10 @@ models directly. Checks of a single field live in its type (an `Annotated`
 validator or a `Field` bound), so a field can also be parsed on its own: the
 validation of a job file (`orchestrator.validation`) parses what it can field
 by field and still checks the base model and the data when another field
-failed. Rules across fields are plain functions here, called by the models'
-validators and by that validation alike. Checks that need the base model or
-the data on disk live in `orchestrator.validation`.
+failed. A rule across fields is a plain function, named in its model's
+`cross_field_rules`: the model enforces it, and validation applies it to what
+parsed when unrelated fields failed. Checks that need the base model or the
+data on disk live in `orchestrator.validation`.
 
 Every model forbids unknown fields so a typo (`lora_aplha`) is an error, not a
 silently ignored setting. Field names follow PEFT's `LoraConfig` and HF
