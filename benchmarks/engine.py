@@ -171,7 +171,7 @@ def fused_round(args, base: Path, datasets, device, **engine_options) -> Callabl
     )
     for config, data in zip(job_configs(args, base), datasets, strict=True):
         engine.add_job(config, dataset=data)
-    return engine.step
+    return engine.train_round
 
 
 def peft_sequential_round(args, base: Path, datasets, device) -> Callable[[], None]:

@@ -3,7 +3,7 @@
 An explicit loop, one `tick` at a time, with no Ray in it: groups come from a
 factory (Ray actors in production, fakes in tests) and metrics go to a sink.
 Each tick:
-  1. cancelled jobs leave their groups (a step boundary: no round is in flight);
+  1. cancelled jobs leave their groups (between rounds: none is in flight);
   2. the scheduler decides from the queue and the groups; the decisions are
      executed in order (preempt, stop, start, admit);
   3. every group with jobs runs one round, all groups in parallel, and the
@@ -20,7 +20,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Protocol
 
-from carpool.orchestrator.engine_worker import JobAdmitted, JobStepResult
+from carpool.orchestrator.engine_worker import JobAdmitted, JobRoundResult
 from carpool.orchestrator.job_queue import JobQueue, JobRecord, JobState
 from carpool.orchestrator.operator_config import OperatorConfig
 from carpool.orchestrator.scheduler import (
@@ -56,8 +56,8 @@ class WorkerGroup(Protocol):
 
     def add_job(self, job_id: str, config: JobConfig, resume_from: str | None) -> JobAdmitted: ...
     def remove_job(self, job_id: str, checkpoint: bool) -> str | None: ...
-    def start_step(self) -> None: ...
-    def finish_step(self) -> list[JobStepResult]: ...
+    def start_round(self) -> None: ...
+    def finish_round(self) -> list[JobRoundResult]: ...
     def shutdown(self) -> None: ...
 
 
@@ -65,12 +65,12 @@ GroupFactory = Callable[[str, str], WorkerGroup]
 
 
 class MetricsSink(Protocol):
-    def job_progress(self, job_id: str, group_id: str, result: JobStepResult) -> None: ...
+    def job_progress(self, job_id: str, group_id: str, result: JobRoundResult) -> None: ...
     def queue_state(self, counts: dict[JobState, int]) -> None: ...
 
 
 class NoMetrics:
-    def job_progress(self, job_id: str, group_id: str, result: JobStepResult) -> None:
+    def job_progress(self, job_id: str, group_id: str, result: JobRoundResult) -> None:
         pass
 
     def queue_state(self, counts: dict[JobState, int]) -> None:
@@ -221,13 +221,13 @@ class Controller:
         started = []
         for gid, group in busy:
             try:
-                group.handle.start_step()
+                group.handle.start_round()
                 started.append((gid, group))
             except GroupFailedError:
                 self._group_failed(gid)
         for gid, group in started:
             try:
-                results = group.handle.finish_step()
+                results = group.handle.finish_round()
             except GroupFailedError:
                 self._group_failed(gid)
                 continue
@@ -250,7 +250,7 @@ class Controller:
             group.jobs.pop(job_id)
             self._retry(job_id, f"group {group_id} reported no result for it in a round")
 
-    def _record(self, group_id: str, group: _Group, r: JobStepResult) -> None:
+    def _record(self, group_id: str, group: _Group, r: JobRoundResult) -> None:
         if r.error is not None:  # its own fault: fails alone, never retried
             group.jobs.pop(r.job_id, None)
             self._finish(r.job_id, JobState.FAILED, error=r.error)

@@ -45,8 +45,8 @@ class JobAdmitted:
     adapter: str | None = None
 
 
-@dataclass(frozen=True)
-class JobStepResult:
+@dataclass(frozen=True, kw_only=True)
+class JobRoundResult:
     """One job's outcome of one round, sent back to the controller."""
 
     job_id: str
@@ -149,9 +149,9 @@ class EngineWorker:
         return os.getpid()
 
     # -- training ---------------------------------------------------------------------
-    def step(self) -> list[JobStepResult]:
+    def run_round(self) -> list[JobRoundResult]:
         """One round; finished jobs are exported (by the leader) and leave the engine."""
-        reports = self.engine.step()
+        reports = self.engine.train_round()
         seconds = max(self.engine.last_round_seconds, 1e-9)
         results = []
         for job_id, r in reports.items():
@@ -166,10 +166,18 @@ class EngineWorker:
                 adapter = self._finish(job_id)
             if not self.is_leader:
                 continue
-            result = JobStepResult(
-                job_id, r.step, r.total_steps, r.loss, r.tokens / seconds, r.tokens,
-                checkpoint, adapter, r.error, r.eval_loss,
-            )  # fmt: skip
+            result = JobRoundResult(
+                job_id=job_id,
+                step=r.step,
+                total_steps=r.total_steps,
+                loss=r.loss,
+                tokens_per_second=r.tokens / seconds,
+                tokens=r.tokens,
+                checkpoint=checkpoint,
+                adapter=adapter,
+                error=r.error,
+                eval_loss=r.eval_loss,
+            )
             results.append(result)
         return results
 

@@ -348,7 +348,7 @@ class JobQueue:
             return self._set(db, job_id, None, state=state.value, group_id=None, error=error)
 
     def request_cancel(self, job_id: str) -> JobRecord:
-        """Queued: cancelled now. Running: flagged; the controller stops it at a step boundary."""
+        """Queued: cancelled now. Running: flagged; the controller stops it between rounds."""
         with self._tx() as db:
             job = self._fetch(db, job_id)
             if job.state == JobState.QUEUED:

@@ -67,7 +67,7 @@ def train_locally(
                 outputs[config.name] = engine.export(config.name, out_dir / config.name)
         last_eval: dict[str, float] = {}
         while engine.active_jobs():
-            reports = engine.step()
+            reports = engine.train_round()
             seconds = max(engine.last_round_seconds, 1e-9)
             for name, r in reports.items():
                 done = engine.jobs[name].done

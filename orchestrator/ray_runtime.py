@@ -22,7 +22,7 @@ from carpool.orchestrator.controller import Controller, GroupFailedError
 from carpool.orchestrator.engine_worker import (
     EngineWorker,
     JobAdmitted,
-    JobStepResult,
+    JobRoundResult,
     admit_on_all_ranks,
 )
 from carpool.orchestrator.job_queue import JobQueue, JobRecord, JobState
@@ -172,10 +172,10 @@ class RayWorkerGroup:
     def remove_job(self, job_id: str, checkpoint: bool) -> str | None:
         return self._all("remove_job", job_id, checkpoint)
 
-    def start_step(self) -> None:
-        self._pending = [a.step.remote() for a in self.actors]
+    def start_round(self) -> None:
+        self._pending = [a.run_round.remote() for a in self.actors]
 
-    def finish_step(self) -> list[JobStepResult]:
+    def finish_round(self) -> list[JobRoundResult]:
         refs, self._pending = self._pending, None
         return self._get(refs)[0]
 
@@ -206,7 +206,7 @@ class RayMetrics:
         self.states = ray_metrics.Gauge("carpool_jobs", "jobs by state", ("state",))
         self.depth = ray_metrics.Gauge("carpool_queue_depth", "queued jobs")
 
-    def job_progress(self, job_id: str, group_id: str, result: JobStepResult) -> None:
+    def job_progress(self, job_id: str, group_id: str, result: JobRoundResult) -> None:
         if result.eval_loss is not None:  # rare: pushed at once, never throttled away
             self.eval_loss.set(result.eval_loss, tags={"job": job_id, "group": group_id})
         tokens = self._unpushed_tokens.get(job_id, 0) + result.tokens

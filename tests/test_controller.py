@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 from carpool.orchestrator.controller import Controller, GroupFailedError
-from carpool.orchestrator.engine_worker import JobAdmitted, JobStepResult
+from carpool.orchestrator.engine_worker import JobAdmitted, JobRoundResult
 from carpool.orchestrator.job_queue import JobQueue, JobState
 from carpool.orchestrator.operator_config import OperatorConfig
 from carpool.orchestrator.spec import JobSpec
@@ -55,7 +55,7 @@ class ProtocolViolation(BaseException):
 @dataclass(frozen=True)
 class Event:
     group: str  # the controller's group id
-    call: str  # "add_job", "remove_job", "start_step", "finish_step", "shutdown"
+    call: str  # "add_job", "remove_job", "start_round", "finish_round", "shutdown"
     job: str | None = None
     detail: object = None  # add_job: resume_from; remove_job: checkpoint
 
@@ -139,17 +139,17 @@ class FakeGroup:
         job = self.jobs.pop(job_id)
         return ckpt_uri(job_id, job.step) if checkpoint else None
 
-    def start_step(self) -> None:
-        self._enter("start_step")
+    def start_round(self) -> None:
+        self._enter("start_round")
         if self.in_round:
-            raise ProtocolViolation(f"start_step on {self.group_id} twice without finish_step")
+            raise ProtocolViolation(f"start_round on {self.group_id} twice without finish_round")
         self._alive()
         self.in_round = True
 
-    def finish_step(self) -> list[JobStepResult]:
-        self._enter("finish_step")
+    def finish_round(self) -> list[JobRoundResult]:
+        self._enter("finish_round")
         if not self.in_round:
-            raise ProtocolViolation(f"finish_step on {self.group_id} without start_step")
+            raise ProtocolViolation(f"finish_round on {self.group_id} without start_round")
         self.in_round = False
         self._alive()
         self.rounds += 1
@@ -165,8 +165,8 @@ class FakeGroup:
             if self.configs[job_id].name in self.drop:
                 continue
             results.append(
-                JobStepResult(
-                    job_id,
+                JobRoundResult(
+                    job_id=job_id,
                     step=job.step,
                     total_steps=job.total,
                     loss=1.0 / job.step,
@@ -194,11 +194,11 @@ class FakeGroupFactory:
         self.groups: list[FakeGroup] = []
         self.reject: dict[str, Exception] = {}  # job name -> what add_job raises
         self.notices: dict[str, tuple[str, ...]] = {}  # job name -> what add_job reports
-        self.drop: set[str] = set()  # job names whose results finish_step leaves out
+        self.drop: set[str] = set()  # job names whose results finish_round leaves out
         self._fail_at: dict[int, int] = {}
 
     def fail_group(self, index: int, at_round: int) -> None:
-        """The index-th group created fails in finish_step of that round (0: from its start)."""
+        """The index-th group created fails in finish_round of that round (0: from its start)."""
         self._fail_at[index] = at_round
 
     def __call__(self, group_id: str, base_model: str) -> FakeGroup:
@@ -348,8 +348,8 @@ def test_job_submitted_while_a_group_runs_joins_that_group_between_rounds(
     # Admitted before the round; `a` is neither removed nor re-added, so it keeps its step.
     assert factory.since(mark) == [
         Event(gid, "add_job", b, None),
-        Event(gid, "start_step"),
-        Event(gid, "finish_step"),
+        Event(gid, "start_round"),
+        Event(gid, "finish_round"),
     ]
     assert (queue.get(a).step, queue.get(b).step) == (3, 1)
 
@@ -372,8 +372,8 @@ def test_cancel_removes_a_running_job_without_checkpoint_and_others_go_on(
     gid = group.group_id
     assert factory.since(mark) == [
         Event(gid, "remove_job", a, False),  # before the round, without a checkpoint
-        Event(gid, "start_step"),
-        Event(gid, "finish_step"),
+        Event(gid, "start_round"),
+        Event(gid, "finish_round"),
     ]
     assert (queue.get(a).state, queue.get(a).step) == (CANCELLED, 1)
     assert (queue.get(b).state, queue.get(b).step) == (RUNNING, 2)
@@ -405,8 +405,8 @@ def test_higher_priority_job_preempts_a_lower_one_which_later_resumes_from_its_c
     assert factory.since(mark) == [
         Event(gid, "remove_job", low, True),  # checkpointed on the way out
         Event(gid, "add_job", high, None),
-        Event(gid, "start_step"),
-        Event(gid, "finish_step"),
+        Event(gid, "start_round"),
+        Event(gid, "finish_round"),
     ]
     record = queue.get(low)
     assert record.state == QUEUED
@@ -423,8 +423,8 @@ def test_higher_priority_job_preempts_a_lower_one_which_later_resumes_from_its_c
     assert factory.groups == [group]  # the idle group is reused, not restarted
     assert factory.since(mark) == [
         Event(gid, "add_job", low, ckpt_uri(low, 2)),
-        Event(gid, "start_step"),
-        Event(gid, "finish_step"),
+        Event(gid, "start_round"),
+        Event(gid, "finish_round"),
     ]
     assert (queue.get(low).state, queue.get(low).step) == (RUNNING, 3)
     assert f"resumed from step 2 in group {gid}" in log_text(queue, low)
@@ -718,7 +718,7 @@ def test_job_resumed_from_its_final_checkpoint_succeeds_at_admission(tmp_path, s
         record = reopened.get(a)
         assert (record.state, record.step) == (SUCCEEDED, 3)
         assert f"succeeded: adapter at {adapter_uri(a)}" in log_text(reopened, a)
-        assert factory.calls("start_step") == []  # no round was needed
+        assert factory.calls("start_round") == []  # no round was needed
         assert restarted.tick() is False
 
 

@@ -54,7 +54,7 @@ def group_jobs(base: Path, datasets: dict[str, Path]) -> list[JobConfig]:
 def step_losses(engine: Engine) -> dict[str, float]:
     """One round's training losses, and eval losses as "<job>:eval"."""
     out = {}
-    for name, report in engine.step().items():
+    for name, report in engine.train_round().items():
         out[name] = report.loss
         if report.eval_loss is not None:
             out[f"{name}:eval"] = report.eval_loss

@@ -46,7 +46,7 @@ def test_eval_loss_on_schedule_equals_a_row_by_row_reference(
         engine.add_job(config)
     evaluated: dict[str, list[int]] = {c.name: [] for c in configs}
     while engine.active_jobs():
-        for name, report in engine.step().items():
+        for name, report in engine.train_round().items():
             if report.eval_loss is not None:
                 evaluated[name].append(report.step)
                 last = report.eval_loss
@@ -82,7 +82,7 @@ def test_eval_loss_does_not_depend_on_neighbours(
             engine.add_job(config)
         out = []
         while engine.active_jobs():
-            report = engine.step().get("target")
+            report = engine.train_round().get("target")
             if report is not None and report.eval_loss is not None:
                 out.append(report.eval_loss)
         return out

@@ -189,7 +189,7 @@ def test_epochs_define_the_number_of_steps(tiny_base: Path, datasets: dict[str, 
     rows_per_step = []
     while not training_job.done:
         rows_per_step.append(len(training_job.next_rows()[0]))
-        engine.step()
+        engine.train_round()
     assert rows_per_step == [16, 16, 16, 12]
 
 
@@ -209,7 +209,7 @@ def test_a_diverging_job_fails_alone(tiny_base: Path, datasets: dict[str, Path])
     engine.add_job(bad)
     failures = []
     while engine.active_jobs():
-        failures += [r for r in engine.step().values() if r.error]
+        failures += [r for r in engine.train_round().values() if r.error]
     assert [r.job for r in failures] == ["bad"]
     assert "loss is" in failures[0].error or "non-finite" in failures[0].error
     assert engine.jobs["bad"].step < 6 and engine.jobs["good"].step == 6

@@ -38,8 +38,8 @@ def test_job_resumed_from_its_final_checkpoint_is_exported_at_admission(
 ) -> None:
     first = worker(tiny_base, tmp_path)
     assert first.add_job("job-a", config(datasets)).adapter is None
-    first.step()
-    (final,) = first.step()
+    first.run_round()
+    (final,) = first.run_round()
     assert final.adapter is not None and final.checkpoint.endswith("step-00000002")
     shutil.rmtree(final.adapter)  # so only admission can write it again
 
@@ -49,7 +49,7 @@ def test_job_resumed_from_its_final_checkpoint_is_exported_at_admission(
     assert (admitted.step, admitted.adapter) == (2, final.adapter)
     assert restarted.job_ids() == []  # nothing left that a round would have to report
     assert (Path(admitted.adapter) / "adapter_model.safetensors").is_file()
-    assert restarted.step() == []
+    assert restarted.run_round() == []
 
 
 def test_a_jobs_own_bad_input_raises_a_job_input_error_that_names_it(

@@ -34,7 +34,7 @@ def train(base: Path, configs: list, **engine_kwargs) -> tuple[dict, int]:
     for config in configs:
         engine.add_job(config)
     with kept_for_backward() as kept:
-        engine.step()
+        engine.train_round()
     engine.run()
     adapters = {c.name: engine.jobs[c.name].adapter.named_tensors() for c in configs}
     return adapters, kept.total

@@ -2,7 +2,7 @@
 
 Usable in-process without Ray; a worker actor is a thin shell around it.
 
-A round (`Engine.step`) gives every active job exactly one optimizer step:
+A round (`Engine.train_round`) gives every active job exactly one optimizer step:
 it gathers each job's next `batch_size` rows, packs all of them into fused
 micro-batches, runs forward/backward once per micro-batch with every row
 routed through its own job's adapter, then steps each job's optimizer.
@@ -65,7 +65,7 @@ class Engine:
         `zero_stage=3` also partitions the base across that group (DeepSpeed
         ZeRO-3, `offload_params` keeps the partitions on the host; `zero_options`
         go to DeepSpeed's `zero_optimization`); then every rank must call
-        `step` and `logits` together.
+        `train_round`, `evaluate` and `logits` together.
 
         `gradient_checkpointing` recomputes each decoder layer in the backward
         instead of keeping its activations: less memory, the same result.
@@ -184,7 +184,7 @@ class Engine:
         return [j for j in self.jobs.values() if j.active]
 
     # -- training -------------------------------------------------------------------------
-    def step(self) -> dict[str, StepReport]:
+    def train_round(self) -> dict[str, StepReport]:
         """One optimizer step for every active job; returns each job's report."""
         jobs = self.active_jobs()
         if not jobs:
@@ -214,7 +214,14 @@ class Engine:
             if reason is not None:
                 j.fail(reason)
                 reports[j.name] = StepReport(
-                    j.name, j.step, j.total_steps, losses[j.name], 0, 0.0, None, error=reason
+                    job=j.name,
+                    step=j.step,
+                    total_steps=j.total_steps,
+                    loss=losses[j.name],
+                    tokens=0,
+                    learning_rate=0.0,
+                    grad_norm=None,
+                    error=reason,
                 )
                 continue
             reports[j.name] = j.finish_step(losses[j.name], rows_by_job[j.name][0])
@@ -311,7 +318,7 @@ class Engine:
         """Step until every job is done (or `max_rounds` rounds)."""
         rounds = 0
         while self.active_jobs() and (max_rounds is None or rounds < max_rounds):
-            self.step()
+            self.train_round()
             rounds += 1
 
     # -- outputs --------------------------------------------------------------------------

@@ -19,7 +19,7 @@ from carpool.workers.lr_schedule import lr_multiplier
 from torch.optim.lr_scheduler import LambdaLR
 
 
-@dataclass
+@dataclass(frozen=True, kw_only=True)
 class StepReport:
     """What one optimizer step of one job produced (for progress and metrics)."""
 
@@ -170,7 +170,15 @@ class TrainingJob:
         tokens = sum(len(r.input_ids) for r in rows)
         self.tokens_seen += tokens
         self.last_loss = loss
-        return StepReport(self.name, self.step, self.total_steps, loss, tokens, lr, grad_norm)
+        return StepReport(
+            job=self.name,
+            step=self.step,
+            total_steps=self.total_steps,
+            loss=loss,
+            tokens=tokens,
+            learning_rate=lr,
+            grad_norm=grad_norm,
+        )
 
     # -- checkpoint state ---------------------------------------------------------------
     def state_dict(self) -> dict:
