@@ -20,7 +20,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Protocol
 
-from carpool.orchestrator.engine_worker import JobAdmitted, JobRoundResult
+from carpool.orchestrator.engine_worker import JobAdmitted
 from carpool.orchestrator.job_queue import JobQueue, JobRecord, JobState
 from carpool.orchestrator.operator_config import OperatorConfig
 from carpool.orchestrator.scheduler import (
@@ -38,6 +38,7 @@ from carpool.orchestrator.spec import JobSpec
 from carpool.workers.base_model import linear_module_shapes, match_target_modules
 from carpool.workers.checkpoint import checkpoint_step
 from carpool.workers.job_config import JobConfig, JobInputError
+from carpool.workers.rounds import JobRoundResult
 
 log = logging.getLogger("carpool.controller")
 
@@ -234,7 +235,7 @@ class Controller:
             in_round = set(group.jobs)
             for result in results:
                 self._record(gid, group, result)
-            self._retry_unreported(gid, group, in_round - {r.job_id for r in results})
+            self._retry_unreported(gid, group, in_round - {r.job for r in results})
         return bool(started)
 
     def _retry_unreported(self, group_id: str, group: _Group, job_ids: set[str]) -> None:
@@ -252,23 +253,23 @@ class Controller:
 
     def _record(self, group_id: str, group: _Group, r: JobRoundResult) -> None:
         if r.error is not None:  # its own fault: fails alone, never retried
-            group.jobs.pop(r.job_id, None)
-            self._finish(r.job_id, JobState.FAILED, error=r.error)
-            self.queue.append_log(r.job_id, f"failed: {r.error}")
+            group.jobs.pop(r.job, None)
+            self._finish(r.job, JobState.FAILED, error=r.error)
+            self.queue.append_log(r.job, f"failed: {r.error}")
             return
         if r.eval_loss is not None:
             self.queue.append_log(
-                r.job_id, f"step {r.step}/{r.total_steps} eval_loss {r.eval_loss:.4f}"
+                r.job, f"step {r.step}/{r.total_steps} eval_loss {r.eval_loss:.4f}"
             )
         if r.step % _PROGRESS_LOG_EVERY == 0 or r.adapter is not None:
             self.queue.append_log(
-                r.job_id, f"step {r.step}/{r.total_steps} loss {r.loss:.4f} "
+                r.job, f"step {r.step}/{r.total_steps} loss {r.loss:.4f} "
                 f"{r.tokens_per_second:,.0f} tokens/s"
             )  # fmt: skip
         evaluated = {} if r.eval_loss is None else {"eval_loss": r.eval_loss, "eval_step": r.step}
         # Progress, checkpoint and success in one transaction (see JobQueue.record_progress).
         self.queue.record_progress(
-            r.job_id,
+            r.job,
             step=r.step,
             total_steps=r.total_steps,
             loss=r.loss,
@@ -277,10 +278,10 @@ class Controller:
             checkpoint=r.checkpoint,
             adapter=r.adapter,
         )
-        self.metrics.job_progress(r.job_id, group_id, r)
+        self.metrics.job_progress(r.job, group_id, r)
         if r.adapter is not None:
-            group.jobs.pop(r.job_id, None)
-            self._demands.pop(r.job_id, None)
+            group.jobs.pop(r.job, None)
+            self._demands.pop(r.job, None)
 
     def _group_failed(self, group_id: str) -> None:
         """Requeue the group's jobs to resume from their checkpoints, up to max_attempts."""

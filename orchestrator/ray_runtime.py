@@ -19,16 +19,12 @@ from pathlib import Path
 import ray
 from carpool.orchestrator.admission import check_admission
 from carpool.orchestrator.controller import Controller, GroupFailedError
-from carpool.orchestrator.engine_worker import (
-    EngineWorker,
-    JobAdmitted,
-    JobRoundResult,
-    admit_on_all_ranks,
-)
+from carpool.orchestrator.engine_worker import EngineWorker, JobAdmitted, admit_on_all_ranks
 from carpool.orchestrator.job_queue import JobQueue, JobRecord, JobState
 from carpool.orchestrator.operator_config import OperatorConfig
 from carpool.orchestrator.spec import JobSpec
 from carpool.workers.job_config import JobConfig
+from carpool.workers.rounds import JobRoundResult
 from ray.exceptions import ActorDiedError, ActorUnavailableError, GetTimeoutError, RayActorError
 from ray.util import metrics as ray_metrics
 from ray.util.placement_group import placement_group, remove_placement_group

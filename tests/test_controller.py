@@ -17,11 +17,12 @@ from pathlib import Path
 
 import pytest
 from carpool.orchestrator.controller import Controller, GroupFailedError
-from carpool.orchestrator.engine_worker import JobAdmitted, JobRoundResult
+from carpool.orchestrator.engine_worker import JobAdmitted
 from carpool.orchestrator.job_queue import JobQueue, JobState
 from carpool.orchestrator.operator_config import OperatorConfig
 from carpool.orchestrator.spec import JobSpec
 from carpool.workers.job_config import JobConfig, JobInputError
+from carpool.workers.rounds import JobRoundResult
 from carpool.workers.tiny_base import build_tiny_base
 
 QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED = (
@@ -166,7 +167,7 @@ class FakeGroup:
                 continue
             results.append(
                 JobRoundResult(
-                    job_id=job_id,
+                    job=job_id,
                     step=job.step,
                     total_steps=job.total,
                     loss=1.0 / job.step,

@@ -15,6 +15,7 @@ from torch import nn
 
 from tests.autograd_memory import kept_for_backward
 from tests.peft_reference import max_relative_difference
+from tests.round_driver import train_to_end
 from tests.test_engine_equivalence import job, three_jobs
 
 
@@ -35,8 +36,8 @@ def train(base: Path, configs: list, **engine_kwargs) -> tuple[dict, int]:
         engine.add_job(config)
     with kept_for_backward() as kept:
         engine.train_round()
-    engine.run()
-    adapters = {c.name: engine.jobs[c.name].adapter.named_tensors() for c in configs}
+    finished = train_to_end(engine)
+    adapters = {c.name: finished[c.name].adapter.named_tensors() for c in configs}
     return adapters, kept.total
 
 

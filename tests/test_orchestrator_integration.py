@@ -27,6 +27,8 @@ from carpool.workers.tiny_base import build_tiny_base
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
+from tests.round_driver import train_to_end
+
 pytestmark = pytest.mark.integration
 
 
@@ -103,10 +105,10 @@ def engine_results(
         engine = Engine(configs[0].base_model, device="cpu")
         for config in configs:
             engine.add_job(config)
-        engine.run()
+        finished = train_to_end(engine)
     finally:
         torch.set_num_threads(previous)
-    return [engine.jobs[c.name].adapter.named_tensors() for c in configs]
+    return [finished[c.name].adapter.named_tensors() for c in configs]
 
 
 def assert_same_adapter(

@@ -31,6 +31,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from tests.peft_reference import max_relative_difference
+from tests.round_driver import KeepFinished
 from tests.test_data_parallel import free_port, group_jobs, step_losses
 
 # Small enough that the ranks' shares split into different numbers of micro-batches.
@@ -89,11 +90,11 @@ def mixed_target_jobs(base: Path, datasets: dict[str, Path]) -> list[JobConfig]:
 def _train(engine: Engine, configs: list[JobConfig]) -> dict:
     for config in configs:
         engine.add_job(config)
-    losses = []
+    losses, finished = [], KeepFinished()
     while engine.active_jobs():
-        losses.append(step_losses(engine))
+        losses.append(step_losses(engine, finished))
     return {
-        "adapters": {n: j.adapter.named_tensors() for n, j in engine.jobs.items()},
+        "adapters": {n: j.adapter.named_tensors() for n, j in finished.jobs.items()},
         "losses": losses,
     }
 

@@ -30,9 +30,7 @@ class StepReport:
     tokens: int  # real tokens the step processed
     learning_rate: float
     grad_norm: float | None
-    checkpoint: str | None = None  # where the engine checkpointed the job after this step
     error: str | None = None  # the job failed in this step (e.g. its loss became NaN)
-    eval_loss: float | None = None  # mean cross-entropy over the eval rows, when evaluated
 
 
 def build_optimizer(adapter: JobAdapter, config: JobConfig) -> torch.optim.AdamW:
