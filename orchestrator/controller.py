@@ -65,6 +65,12 @@ class WorkerGroup(Protocol):
 GroupFactory = Callable[[str, str], WorkerGroup]
 
 
+class CheckpointStore(Protocol):
+    """Where workers keep jobs' checkpoints (`ArtifactStore`)."""
+
+    def delete_checkpoints(self, job_id: str) -> None: ...
+
+
 class MetricsSink(Protocol):
     def job_progress(self, job_id: str, group_id: str, result: JobRoundResult) -> None: ...
     def queue_state(self, counts: dict[JobState, int]) -> None: ...
@@ -91,13 +97,16 @@ class Controller:
         config: OperatorConfig,
         group_factory: GroupFactory,
         free_group_slots: Callable[[int], int],
+        checkpoints: CheckpointStore,
         metrics: MetricsSink | None = None,
     ) -> None:
-        """`free_group_slots(running_groups)` says how many more groups resources allow."""
+        """`free_group_slots(running_groups)` says how many more groups resources allow;
+        a job that succeeded has its checkpoints deleted from `checkpoints`."""
         self.queue = queue
         self.config = config
         self.group_factory = group_factory
         self.free_group_slots = free_group_slots
+        self.checkpoints = checkpoints
         self.metrics = metrics or NoMetrics()
         self.groups: dict[str, _Group] = {}
         self._shapes: dict[str, dict[str, tuple[int, int]]] = {}
@@ -207,6 +216,7 @@ class Controller:
         if admitted.adapter is not None:  # resumed from its final checkpoint: nothing to train
             self._finish(record.id, JobState.SUCCEEDED)
             self.queue.append_log(record.id, f"succeeded: adapter at {admitted.adapter}")
+            self._delete_checkpoints(record.id)
             return
         group.jobs[record.id] = self._demand(record)
 
@@ -282,6 +292,15 @@ class Controller:
         if r.adapter is not None:
             group.jobs.pop(r.job, None)
             self._demands.pop(r.job, None)
+            self._delete_checkpoints(r.job)
+
+    def _delete_checkpoints(self, job_id: str) -> None:
+        """Only once the job's success is in the queue: until then, a restart resumes
+        it from its last checkpoint (and, that being its final one, finishes it at once)."""
+        try:
+            self.checkpoints.delete_checkpoints(job_id)
+        except Exception:  # the job succeeded all the same: leftovers only cost space
+            log.warning("[job %s] cannot delete its checkpoints", job_id, exc_info=True)
 
     def _group_failed(self, group_id: str) -> None:
         """Requeue the group's jobs to resume from their checkpoints, up to max_attempts."""

@@ -57,15 +57,16 @@ class StoreOutputs:
     scratch and uploaded.
     """
 
-    def __init__(self, store: ArtifactStore, scratch: Path) -> None:
+    def __init__(self, store: ArtifactStore, scratch: Path, keep_checkpoints: int = 2) -> None:
         self.store = store
         self.scratch = scratch
+        self.keep_checkpoints = keep_checkpoints
 
     def save_checkpoint(self, job: TrainingJob) -> str:
         uri = self.store.checkpoint_uri(job.name)
         local = self.store.local_path(uri)
         root = local if local is not None else self.scratch / "checkpoints" / job.name
-        path = save_checkpoint(job, root)
+        path = save_checkpoint(job, root, keep_last=self.keep_checkpoints)
         if local is None:
             self.store.upload_dir(root, uri)
         return f"{uri}/{path.name}"
@@ -96,12 +97,14 @@ class EngineWorker:
         init_method: str | None = None,
         zero_stage: int | str = 0,
         engine_options: Mapping[str, Any] | None = None,
+        keep_checkpoints: int = 2,
     ) -> None:
         """With `world_size` > 1 (or ZeRO-3), joins the group's torch.distributed
         process group at `init_method` (gloo on CPU, NCCL on GPU) before loading
         the base. `zero_stage` is 0, 3 or "auto" (3 when the base would not fit
         comfortably on one device). `engine_options` go to `Engine` as they are
-        (`OperatorConfig.engine_options`: micro-batch size, memory settings)."""
+        (`OperatorConfig.engine_options`: micro-batch size, memory settings).
+        Each job keeps its newest `keep_checkpoints` checkpoints in the store."""
         self.group_id = group_id
         self.rank = rank
         self.world_size = world_size
@@ -109,7 +112,7 @@ class EngineWorker:
         self.store = ArtifactStore(storage_root)
         self.scratch = Path(scratch_dir) / group_id
         self.scratch.mkdir(parents=True, exist_ok=True)
-        self.outputs = StoreOutputs(self.store, self.scratch)
+        self.outputs = StoreOutputs(self.store, self.scratch, keep_checkpoints)
         # The ranks' adapters are replicas: the leader alone writes them.
         self._writes: JobOutputs | None = self.outputs if self.is_leader else None
         if zero_stage == "auto":

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import ray
 from carpool.orchestrator.admission import check_admission
+from carpool.orchestrator.artifact_store import ArtifactStore
 from carpool.orchestrator.controller import Controller, GroupFailedError
 from carpool.orchestrator.engine_worker import EngineWorker, JobAdmitted, admit_on_all_ranks
 from carpool.orchestrator.job_queue import JobQueue, JobRecord, JobState
@@ -135,6 +136,7 @@ class RayWorkerGroup:
                 init_method=init_method,
                 zero_stage=config.zero_stage,
                 engine_options=config.engine_options(),
+                keep_checkpoints=config.keep_checkpoints,
             )
             for rank in range(n)
         ]
@@ -265,6 +267,7 @@ class CarpoolController:
             self.config,
             group_factory=lambda gid, base: RayWorkerGroup(gid, base, self.config),
             free_group_slots=free_group_slots(self.config),
+            checkpoints=ArtifactStore(self.config.storage_root()),
             metrics=RayMetrics(),
         )
         self._lock = threading.Lock()  # the loop and shutdown never run at once

@@ -187,6 +187,17 @@ class FakeGroup:
         self.is_shut_down = True
 
 
+class FakeCheckpoints:
+    """The controller's checkpoint store: records each deletion with the job's state then."""
+
+    def __init__(self, queue: JobQueue) -> None:
+        self.queue = queue
+        self.deleted: list[tuple[str, JobState]] = []
+
+    def delete_checkpoints(self, job_id: str) -> None:
+        self.deleted.append((job_id, self.queue.get(job_id).state))
+
+
 class FakeGroupFactory:
     """The controller's group factory: makes FakeGroups that share one event log."""
 
@@ -284,6 +295,7 @@ def make_controller(
         OperatorConfig.model_validate(config),
         factory,
         free_group_slots=lambda running: max_groups - running,
+        checkpoints=FakeCheckpoints(queue),
     )
 
 
@@ -682,6 +694,7 @@ def test_controller_stopped_while_recording_the_final_step_records_none_of_it(
     crash_when_a_job_succeeds(path)
     with pytest.raises(sqlite3.IntegrityError, match="controller crashed"):
         crashed.tick()  # the final round: step 3, its checkpoint and the adapter
+    assert crashed.checkpoints.deleted == []  # the checkpoint to resume from stays
     queue.close()
     with sqlite3.connect(path) as db:
         db.execute("DROP TRIGGER crash")
@@ -691,9 +704,11 @@ def test_controller_stopped_while_recording_the_final_step_records_none_of_it(
         # Neither the final step nor its checkpoint was recorded without the success.
         assert (record.state, record.step, record.checkpoint) == (RUNNING, 2, ckpt_uri(a, 2))
         factory = FakeGroupFactory()
-        run_to_end(make_controller(reopened, factory))
+        restarted = make_controller(reopened, factory)
+        run_to_end(restarted)
         assert [e.detail for e in factory.calls("add_job")] == [ckpt_uri(a, 2)]
         assert (reopened.get(a).state, reopened.get(a).step) == (SUCCEEDED, 3)
+        assert restarted.checkpoints.deleted == [(a, SUCCEEDED)]
 
 
 def test_job_resumed_from_its_final_checkpoint_succeeds_at_admission(tmp_path, spec) -> None:
@@ -720,6 +735,7 @@ def test_job_resumed_from_its_final_checkpoint_succeeds_at_admission(tmp_path, s
         assert (record.state, record.step) == (SUCCEEDED, 3)
         assert f"succeeded: adapter at {adapter_uri(a)}" in log_text(reopened, a)
         assert factory.calls("start_round") == []  # no round was needed
+        assert restarted.checkpoints.deleted == [(a, SUCCEEDED)]  # after the success, not before
         assert restarted.tick() is False
 
 
@@ -742,6 +758,26 @@ def test_idle_group_is_stopped_once_no_job_of_its_base_remains(
     assert group_b.is_shut_down
     assert controller.groups == {}
     assert [e.group for e in factory.calls("shutdown")] == [group_a.group_id, group_b.group_id]
+
+
+def test_only_a_succeeded_job_has_its_checkpoints_deleted_once_its_success_is_recorded(
+    queue, factory, spec
+) -> None:
+    factory.reject["bad"] = JobInputError("bad", "dataset", "data.jsonl:3: invalid JSON")
+    controller = make_controller(queue, factory)
+    done, cancelled, bad = controller.submit(
+        [spec("done", steps=2, save_steps=1), spec("cancelled", steps=5, save_steps=1), spec("bad")]
+    )
+    controller.tick()
+    assert controller.checkpoints.deleted == []
+
+    controller.tick()  # `done` takes its last step
+    assert controller.checkpoints.deleted == [(done, SUCCEEDED)]
+
+    queue.request_cancel(cancelled)
+    run_to_end(controller)
+    assert (queue.get(cancelled).state, queue.get(bad).state) == (CANCELLED, FAILED)
+    assert controller.checkpoints.deleted == [(done, SUCCEEDED)]
 
 
 def test_tick_says_whether_a_group_ran_a_round(queue, factory, spec) -> None:

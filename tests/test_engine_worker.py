@@ -18,13 +18,14 @@ from carpool.workers.job_config import (
 )
 
 
-def worker(tiny_base: Path, tmp_path: Path) -> EngineWorker:
+def worker(tiny_base: Path, tmp_path: Path, **options) -> EngineWorker:
     return EngineWorker(
         "g1",
         str(tiny_base),
         storage_root=str(tmp_path / "store"),
         scratch_dir=tmp_path / "scratch",
         device="cpu",
+        **options,
     )
 
 
@@ -50,6 +51,19 @@ def test_job_resumed_from_its_final_checkpoint_is_exported_at_admission(
     assert restarted.job_ids() == []  # nothing left that a round would have to report
     assert (Path(admitted.adapter) / "adapter_model.safetensors").is_file()
     assert restarted.run_round() == []
+
+
+@pytest.mark.parametrize("keep", [1, 2])
+def test_a_job_keeps_its_newest_keep_checkpoints_in_the_store(
+    tiny_base: Path, datasets: dict[str, Path], tmp_path: Path, keep: int
+) -> None:
+    w = worker(tiny_base, tmp_path, keep_checkpoints=keep)
+    w.add_job("job-a", config(datasets, steps=4))
+    uris = [r.checkpoint for _ in range(3) for r in w.run_round()]
+    root = w.store.checkpoint_uri("job-a")
+    assert uris == [f"{root}/step-{n:08d}" for n in (1, 2, 3)]
+    kept = sorted(p.name for p in (tmp_path / "store" / "checkpoints" / "job-a").iterdir())
+    assert kept == [f"step-{n:08d}" for n in (1, 2, 3)][-keep:]
 
 
 def test_a_jobs_own_bad_input_raises_a_job_input_error_that_names_it(

@@ -218,7 +218,7 @@ def test_jobs_queue_group_cancel_and_metrics(
 
         assert main(["wait", long_id, "--timeout", "0.1"]) == 2  # still running
 
-        # Cancel stops a running job at the next step boundary; the others go on.
+        # Cancel stops a running job before its next round; the others go on.
         # Several ids: one unknown id stops the command before any job is touched.
         assert main(["cancel", doomed_id, "no-such-job-0"]) == 1
         assert not job(client, doomed_id)["cancel_requested"]
@@ -270,6 +270,9 @@ def test_priority_preemption_and_durability(
         assert job(client, low_id)["attempts"] == 2
         # Resumed from its checkpoint, it ends where an uninterrupted run ends.
         assert_same_adapter(client.fetch(low_id, tmp_path / "low"), engine_result(low))
+        # Its success recorded, it needs no checkpoint any more.
+        checkpoints = tmp_path / "state" / "artifacts" / "checkpoints"
+        assert not (checkpoints / low_id).exists()
 
         # Durability: down and up keep the queue and the artifacts.
         again_id, waiting_id = client.submit([low, waiting])
@@ -286,3 +289,4 @@ def test_priority_preemption_and_durability(
             waiting_id: "succeeded",
         }
         assert_same_adapter(client.fetch(again_id, tmp_path / "again"), engine_result(low))
+        assert not (checkpoints / again_id).exists()
