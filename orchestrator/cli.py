@@ -250,7 +250,9 @@ def _watch(client, job_id: str | None) -> int:
                         r["loss"],
                         r["tokens_per_second"],
                         r["state"],
-                        r["metrics"].get("eval_loss"),
+                        eval_loss=r["metrics"].get("eval_loss"),
+                        learning_rate=r["metrics"].get("learning_rate"),
+                        grad_norm=r["metrics"].get("grad_norm"),
                     )  # fmt: skip
                 )
             if all(r["state"] in final for r in records):

@@ -274,9 +274,17 @@ class Controller:
         if r.step % _PROGRESS_LOG_EVERY == 0 or r.adapter is not None:
             self.queue.append_log(
                 r.job, f"step {r.step}/{r.total_steps} loss {r.loss:.4f} "
+                f"lr {r.learning_rate:.3g} grad_norm {r.grad_norm:.4f} "
                 f"{r.tokens_per_second:,.0f} tokens/s"
             )  # fmt: skip
-        evaluated = {} if r.eval_loss is None else {"eval_loss": r.eval_loss, "eval_step": r.step}
+        # What HF's Trainer logs too, beside loss: the status shows them (`metrics`).
+        metrics = {
+            "learning_rate": r.learning_rate,
+            "grad_norm": r.grad_norm,
+            "tokens_seen": r.tokens_seen,
+        }
+        if r.eval_loss is not None:
+            metrics.update(eval_loss=r.eval_loss, eval_step=r.step)
         # Progress, checkpoint and success in one transaction (see JobQueue.record_progress).
         self.queue.record_progress(
             r.job,
@@ -284,7 +292,7 @@ class Controller:
             total_steps=r.total_steps,
             loss=r.loss,
             tokens_per_second=r.tokens_per_second,
-            metrics=evaluated,
+            metrics=metrics,
             checkpoint=r.checkpoint,
             adapter=r.adapter,
         )

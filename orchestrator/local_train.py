@@ -89,7 +89,9 @@ def train_locally(
                         r.loss,
                         r.tokens_per_second,
                         state,
-                        last_eval.get(r.job),
-                    )  # fmt: skip
+                        eval_loss=last_eval.get(r.job),
+                        learning_rate=r.learning_rate,
+                        grad_norm=r.grad_norm,
+                    )
                 )
     return adapters

@@ -199,6 +199,12 @@ class RayMetrics:
         self.loss = ray_metrics.Gauge("carpool_job_loss", "training loss of the last step", tags)
         self.tps = ray_metrics.Gauge("carpool_job_tokens_per_second", "tokens/s", tags)
         self.step = ray_metrics.Gauge("carpool_job_step", "optimizer steps done", tags)
+        self.learning_rate = ray_metrics.Gauge(
+            "carpool_job_learning_rate", "learning rate of the last step", tags
+        )
+        self.grad_norm = ray_metrics.Gauge(
+            "carpool_job_grad_norm", "gradient norm of the last step, before clipping", tags
+        )
         self.eval_loss = ray_metrics.Gauge("carpool_job_eval_loss", "loss on the eval rows", tags)
         self.tokens = ray_metrics.Counter("carpool_job_tokens_total", "tokens trained", tags)
         self.states = ray_metrics.Gauge("carpool_jobs", "jobs by state", ("state",))
@@ -217,6 +223,8 @@ class RayMetrics:
         self.loss.set(result.loss, tags=tags)
         self.tps.set(result.tokens_per_second, tags=tags)
         self.step.set(result.step, tags=tags)
+        self.learning_rate.set(result.learning_rate, tags=tags)
+        self.grad_norm.set(result.grad_norm, tags=tags)
         self.tokens.inc(tokens, tags=tags)
         self._unpushed_tokens.pop(job_id, None)
         self._last_push[job_id] = now

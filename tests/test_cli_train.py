@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import carpool.workers.engine as engine_module
@@ -171,3 +172,27 @@ def test_a_job_that_fails_shows_failed_and_the_others_finish(
     assert bad_states[-1] == "failed" and bad_states.count("failed") == 1
     assert any(n.startswith("bad: failed: ") for n in notices)
     assert not (out / "bad").exists()
+
+
+def test_progress_bars_show_learning_rate_and_grad_norm(
+    tiny_base: Path, datasets: dict[str, Path], tmp_path: Path
+) -> None:
+    import io
+
+    from carpool.orchestrator.local_train import train_locally
+    from carpool.orchestrator.progress import JobProgress
+    from rich.console import Console
+
+    spec = write_spec(tmp_path / "a.yaml", **spec_fields("job-a", tiny_base, datasets["text"]))
+    rows = []
+    train_locally(validate_files([spec]), tmp_path / "out", on_progress=rows.append)
+    trained = [r for r in rows if r.state in ("running", "done")]
+    assert [r.step for r in trained] == [1, 2, 3]
+    assert all(r.learning_rate == 1e-2 and r.grad_norm > 0 for r in trained)
+
+    console = Console(file=io.StringIO(), width=200)
+    with JobProgress(console) as progress:
+        progress.update(trained[-1])
+    shown = console.file.getvalue()
+    assert "lr 1.00e-02" in shown
+    assert re.search(rf"gnorm +{trained[-1].grad_norm:.3g} ", shown), shown

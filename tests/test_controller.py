@@ -173,6 +173,9 @@ class FakeGroup:
                     loss=1.0 / job.step,
                     tokens_per_second=1000.0,
                     tokens=64,
+                    tokens_seen=64 * job.step,
+                    learning_rate=1e-3 / job.step,
+                    grad_norm=0.5 + job.step,
                     checkpoint=ckpt_uri(job_id, job.step)
                     if job.step % job.save_steps == 0
                     else None,
@@ -878,6 +881,23 @@ def test_eval_losses_are_recorded_and_logged(queue, factory, spec) -> None:
     assert [line.split("step ")[1].split()[0] for line in lines] == ["2/5", "4/5", "5/5"]
     assert "eval_loss" not in queue.get(plain).metrics
     assert not any("eval_loss" in line for line in queue.logs(plain))
+
+
+def test_learning_rate_grad_norm_and_tokens_seen_reach_the_status_and_the_log(
+    queue, factory, spec
+) -> None:
+    controller = make_controller(queue, factory)
+    (a,) = controller.submit([spec("a", steps=12)])
+    for _ in range(10):
+        controller.tick()
+
+    record = queue.get(a)
+    assert record.metrics == {"learning_rate": 1e-4, "grad_norm": 10.5, "tokens_seen": 640}
+    progress = [line for line in queue.logs(a) if " loss " in line]
+    assert len(progress) == 1  # every 10 steps
+    assert progress[0].endswith("step 10/12 loss 0.1000 lr 0.0001 grad_norm 10.5000 1,000 tokens/s")
+    run_to_end(controller)
+    assert queue.get(a).metrics["tokens_seen"] == 64 * 12
 
 
 def test_what_admission_reports_goes_into_the_jobs_log(queue, factory, spec) -> None:

@@ -184,6 +184,9 @@ def test_jobs_queue_group_cancel_and_metrics(
         # b's eval loss: in its status and its log, at steps 4 and 8.
         evaluated = job(client, ids["b"])["metrics"]
         assert evaluated["eval_step"] == 8 and evaluated["eval_loss"] > 0
+        # And the figures HF's Trainer logs, as `carpool status --json` shows them.
+        assert evaluated["learning_rate"] == 1e-2 and evaluated["grad_norm"] > 0
+        assert evaluated["tokens_seen"] > 0
         assert sum("eval_loss" in line for line in client.logs(ids["b"])) == 2
 
         # A job submitted while its base's group runs joins that group, no restart.
@@ -251,6 +254,8 @@ def test_jobs_queue_group_cancel_and_metrics(
         assert any(line.startswith("ray_carpool_queue_depth") for line in lines), lines
         b_eval = f'job="{ids["b"]}"'
         assert any(x.startswith("ray_carpool_job_eval_loss") and b_eval in x for x in lines)
+        for gauge in ("ray_carpool_job_learning_rate", "ray_carpool_job_grad_norm"):
+            assert any(x.startswith(gauge) and f'job="{long_id}"' in x for x in lines), gauge
 
 
 def test_priority_preemption_and_durability(

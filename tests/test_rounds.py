@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 from dataclasses import replace
+from itertools import accumulate
 from pathlib import Path
 
+import pytest
 import torch
 from carpool.workers.engine import Engine
 from carpool.workers.job_config import AdapterConfig
+from carpool.workers.lr_schedule import lr_multiplier
 from carpool.workers.peft_format import read_adapter
 from carpool.workers.rounds import LocalOutputs, finish_job, run_round
+from carpool.workers.training_job import TrainingJob
 
 from tests.test_engine_equivalence import job
 
@@ -111,3 +115,42 @@ def test_a_job_resumed_from_its_final_checkpoint_is_finished_at_admission(
     assert exported.keys() == trained.keys()
     for module, (a, b) in trained.items():  # the checkpoint's weights, exactly
         assert torch.equal(exported[module][0], a) and torch.equal(exported[module][1], b)
+
+
+def test_each_step_reports_its_learning_rate_gradient_norm_and_tokens_seen(
+    tiny_base: Path, datasets: dict[str, Path], monkeypatch
+) -> None:
+    applied: list[tuple[str, float, float]] = []  # job, the gradients' norm, the one passed on
+    finish_step = TrainingJob.finish_step
+
+    def spy(self: TrainingJob, loss, rows, grad_norm: float):
+        grads = [p.grad.double() for p in self.adapter.parameters() if p.requires_grad]
+        applied.append((self.name, float(torch.sqrt(sum((g**2).sum() for g in grads))), grad_norm))
+        return finish_step(self, loss, rows, grad_norm)
+
+    monkeypatch.setattr(TrainingJob, "finish_step", spy)
+    schedule = dict(lr_scheduler_type="linear", warmup_steps=2, learning_rate=1e-2)
+    clipped = job(
+        "clipped", tiny_base, datasets["text"], AdapterConfig(r=2), max_steps=4, max_grad_norm=1e-3,
+        **schedule,
+    )  # fmt: skip
+    plain = job("plain", tiny_base, datasets["messages"], AdapterConfig(r=2), max_steps=4)
+    engine = Engine(str(tiny_base), device="cpu")
+    engine.add_job(clipped)
+    engine.add_job(plain)
+    results = [r for _ in range(4) for r in run_round(engine, None)]
+
+    assert len(applied) == len(results) == 8
+    for (name, norm, passed), result in zip(applied, results, strict=True):
+        assert result.job == name and result.grad_norm == passed
+        assert passed == pytest.approx(norm, rel=1e-5) and norm > 0
+    # Before clipping, as HF's Trainer reports it: above the clip threshold.
+    assert all(r.grad_norm > 1e-3 for r in results if r.job == "clipped")
+    rates = lr_multiplier("linear", 2, 4)
+    assert [r.learning_rate for r in results if r.job == "clipped"] == pytest.approx(
+        [1e-2 * rates(step) for step in range(4)]
+    )
+    assert [r.learning_rate for r in results if r.job == "plain"] == [5e-3] * 4
+    for name in ("clipped", "plain"):
+        mine = [r for r in results if r.job == name]
+        assert [r.tokens_seen for r in mine] == list(accumulate(r.tokens for r in mine))

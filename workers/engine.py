@@ -200,10 +200,12 @@ class Engine:
             jobs = sorted(jobs, key=lambda j: j.name)  # the same order on every rank
             dp.reduce_gradients([j.adapter for j in jobs])
             losses = dp.reduce_losses([j.name for j in jobs], losses)
+        # One host sync for every job's gradient check and norm, not one per job.
+        stats = torch.stack([j.gradient_stats() for j in jobs]).tolist()
         reports = {}
-        for j in jobs:
+        for j, (finite, grad_norm) in zip(jobs, stats, strict=True):
             # A job that diverged fails alone: its rows touched only its own adapter.
-            reason = j.non_finite(losses[j.name])
+            reason = j.non_finite(losses[j.name], grads_finite=bool(finite))
             if reason is not None:
                 j.fail(reason)
                 reports[j.name] = StepReport(
@@ -212,12 +214,13 @@ class Engine:
                     total_steps=j.total_steps,
                     loss=losses[j.name],
                     tokens=0,
-                    learning_rate=0.0,
-                    grad_norm=None,
+                    learning_rate=j.learning_rate,
+                    grad_norm=grad_norm,
                     error=reason,
                 )
                 continue
-            reports[j.name] = j.finish_step(losses[j.name], rows_by_job[j.name][0])
+            rows = rows_by_job[j.name][0]
+            reports[j.name] = j.finish_step(losses[j.name], rows, grad_norm)
         return reports
 
     @torch.no_grad()

@@ -47,6 +47,9 @@ class JobRoundResult:
     loss: float  # mean cross-entropy over the step's trainable tokens
     tokens: int  # real tokens of the step
     tokens_per_second: float  # the step's tokens over the round's time
+    tokens_seen: int  # real tokens of all the job's steps so far
+    learning_rate: float  # of the step
+    grad_norm: float  # of the step's gradients, before clipping
     error: str | None = None  # the job failed of its own fault (e.g. a NaN loss) and left
     eval_loss: float | None = None  # loss on the job's eval rows, when it was evaluated
     checkpoint: str | None = None  # where the checkpoint taken after this step went
@@ -83,6 +86,9 @@ def run_round(engine: Engine, outputs: JobOutputs | None) -> list[JobRoundResult
                 loss=report.loss,
                 tokens=report.tokens,
                 tokens_per_second=report.tokens / seconds,
+                tokens_seen=job.tokens_seen,
+                learning_rate=report.learning_rate,
+                grad_norm=report.grad_norm,
                 error=report.error,
                 eval_loss=eval_losses.get(name),
                 checkpoint=checkpoint,
