@@ -223,7 +223,8 @@ class Controller:
     def _preempt(self, decision: PreemptJob) -> None:
         group = self.groups[decision.group_id]
         try:
-            self._checkpoint_and_requeue(group, decision.job_id, f"preempted: {decision.reason}")
+            reason = f"preempted: {decision.reason}"
+            self._checkpoint_and_requeue(group, decision.job_id, reason, preempted=True)
         except GroupFailedError:
             self._group_failed(decision.group_id)
 
@@ -339,12 +340,14 @@ class Controller:
                     self.queue.requeue(job_id, "controller shut down; group lost")
             group.handle.shutdown()
 
-    def _checkpoint_and_requeue(self, group: _Group, job_id: str, reason: str) -> None:
+    def _checkpoint_and_requeue(
+        self, group: _Group, job_id: str, reason: str, preempted: bool = False
+    ) -> None:
         uri = group.handle.remove_job(job_id, checkpoint=True)
         group.jobs.pop(job_id, None)
         if uri is not None:
             self.queue.record_checkpoint(job_id, uri, checkpoint_step(uri))
-        self.queue.requeue(job_id, reason)
+        self.queue.requeue(job_id, reason, preempted=preempted)
 
     # -- helpers -----------------------------------------------------------------------------
     def _finish(self, job_id: str, state: JobState, error: str | None = None) -> None:

@@ -428,6 +428,7 @@ def test_higher_priority_job_preempts_a_lower_one_which_later_resumes_from_its_c
     assert record.state == QUEUED
     assert (record.checkpoint, record.checkpoint_step, record.step) == (ckpt_uri(low, 2), 2, 2)
     assert "preempted by" in log_text(queue, low)
+    assert (record.metrics["preemptions"], record.metrics["requeues"]) == (1, 1)
     assert (queue.get(high).state, queue.get(high).step) == (RUNNING, 1)
 
     controller.tick()  # high finishes; its group was full, so low waited
@@ -472,6 +473,8 @@ def test_group_failure_requeues_its_jobs_to_resume_from_their_last_checkpoint(
         assert f"group {failed.group_id} failed; retrying from checkpoint" in log_text(
             queue, job_id
         )
+        # Requeued, not preempted: a lost group is no preemption.
+        assert record.metrics["requeues"] == 1 and "preemptions" not in record.metrics
 
     controller.tick()
 
@@ -635,6 +638,7 @@ def test_shutdown_checkpoints_running_jobs_and_a_restarted_controller_resumes_th
     for job_id in (a, b):
         record = queue.get(job_id)
         assert (record.state, record.checkpoint, record.step) == (QUEUED, ckpt_uri(job_id, 2), 2)
+        assert record.metrics["requeues"] == 1 and "preemptions" not in record.metrics
     queue.close()
 
     with JobQueue(path) as reopened:

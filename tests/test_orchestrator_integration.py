@@ -273,6 +273,7 @@ def test_priority_preemption_and_durability(
         assert any("preempted" in line for line in client.logs(low_id))
         assert client.wait([low_id], timeout=180) == {low_id: "succeeded"}
         assert job(client, low_id)["attempts"] == 2
+        assert job(client, low_id)["metrics"]["preemptions"] == 1
         # Resumed from its checkpoint, it ends where an uninterrupted run ends.
         assert_same_adapter(client.fetch(low_id, tmp_path / "low"), engine_result(low))
         # Its success recorded, it needs no checkpoint any more.
