@@ -5,8 +5,8 @@ Each subcommand is a small `cmd_<name>(args) -> int` function registered with
 the parser from the registry. Heavy modules (torch, transformers) are imported
 inside the commands so `carpool --help` stays fast.
 
-User errors (bad specs, missing files) are printed without a traceback and
-give exit status 1; raise `CliError` from a command for such an error.
+User errors (bad specs, missing files; the typed errors `_user_error` lists)
+are printed without a traceback and give exit status 1.
 """
 
 from __future__ import annotations
@@ -20,10 +20,6 @@ from pathlib import Path
 
 CommandFn = Callable[[argparse.Namespace], int]
 ArgumentsFn = Callable[[argparse.ArgumentParser], None]
-
-
-class CliError(Exception):
-    """An error the user can fix; printed as one line, no traceback, exit status 1."""
 
 
 @dataclass(frozen=True)
@@ -358,9 +354,6 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return args.run(args)
-    except CliError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
     except KeyboardInterrupt:
         return 130
     except Exception as e:

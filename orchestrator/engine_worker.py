@@ -162,9 +162,6 @@ class EngineWorker:
         log.info("[job %s] left group %s", job_id, self.group_id)
         return uri
 
-    def job_ids(self) -> list[str]:
-        return list(self.engine.jobs)
-
     def pid(self) -> int:
         return os.getpid()
 

@@ -48,7 +48,7 @@ def test_job_resumed_from_its_final_checkpoint_is_exported_at_admission(
     admitted = restarted.add_job("job-a", config(datasets), final.checkpoint)
 
     assert (admitted.step, admitted.adapter) == (2, final.adapter)
-    assert restarted.job_ids() == []  # nothing left that a round would have to report
+    assert restarted.engine.jobs == {}  # nothing left that a round would have to report
     assert (Path(admitted.adapter) / "adapter_model.safetensors").is_file()
     assert restarted.run_round() == []
 
@@ -88,7 +88,7 @@ def test_a_jobs_own_bad_input_raises_a_job_input_error_that_names_it(
         errors[source] = caught.value
         assert caught.value.source == source
         assert str(caught.value).startswith(f"{source}: ")
-        assert w.job_ids() == []
+        assert w.engine.jobs == {}
     assert f"{rows}:2: invalid JSON" in str(errors["dataset"])
     assert "adapter_config.json" in str(errors["init_from"])
     assert "lr_scheduler_type 'bogus'" in str(errors["training"])
