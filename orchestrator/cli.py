@@ -303,7 +303,10 @@ def _jobs_argument(parser: argparse.ArgumentParser) -> None:
 
 
 @subcommand(
-    "cancel", "cancel jobs (a running one stops at its next step)", _jobs_argument, uses_queue=True
+    "cancel",
+    "cancel jobs (a running one stops before its next step)",
+    _jobs_argument,
+    uses_queue=True,
 )
 def cmd_cancel(args: argparse.Namespace) -> int:
     client = _client(args)
