@@ -131,13 +131,16 @@ def synthetic_dataset(vocab: int, rows: int, seq: int, seed: int) -> TokenizedDa
     )
 
 
-def timed_steps(step: Callable[[], None], steps: int, warmup: int, device: torch.device) -> float:
+def timed_rounds(
+    one_round: Callable[[], None], rounds: int, warmup: int, device: torch.device
+) -> float:
+    """Seconds for `rounds` rounds (each: one step of every job), after `warmup` more."""
     for _ in range(warmup):
-        step()
+        one_round()
     synchronize(device)
     start = time.perf_counter()
-    for _ in range(steps):
-        step()
+    for _ in range(rounds):
+        one_round()
     synchronize(device)
     return time.perf_counter() - start
 
@@ -170,7 +173,7 @@ def fused_round(args, base: Path, datasets, device, **engine_options) -> Callabl
     )
     for config, data in zip(job_configs(args, base), datasets, strict=True):
         engine.add_job(config, dataset=data)
-    return engine.step
+    return engine.train_round
 
 
 def peft_sequential_round(args, base: Path, datasets, device) -> Callable[[], None]:
@@ -188,7 +191,7 @@ def peft_sequential_round(args, base: Path, datasets, device) -> Callable[[], No
         optimizers[name] = torch.optim.AdamW(params, lr=1e-4)
         batches[name] = torch.tensor([r.input_ids for r in data.rows[: args.rows]], device=device)
 
-    def step() -> None:
+    def one_round() -> None:
         for name in names:
             peft_model.set_adapter(name)
             ids = batches[name]
@@ -196,7 +199,7 @@ def peft_sequential_round(args, base: Path, datasets, device) -> Callable[[], No
             optimizers[name].step()
             optimizers[name].zero_grad()
 
-    return step
+    return one_round
 
 
 def floor_round(args, base: Path, datasets, device) -> Callable[[], None]:
@@ -212,12 +215,12 @@ def floor_round(args, base: Path, datasets, device) -> Callable[[], None]:
     )
     embed = model.get_input_embeddings()
 
-    def step() -> None:
+    def one_round() -> None:
         for chunk in ids.split(rows_per_micro):
             embeds = embed(chunk).detach().requires_grad_()
             model(inputs_embeds=embeds, labels=chunk, use_cache=False).loss.backward()
 
-    return step
+    return one_round
 
 
 CHECKPOINTED = "fused + grad ckpt"
@@ -283,15 +286,15 @@ def main() -> None:
                 gradient_checkpointing=True, loss_chunk_tokens=args.loss_chunk_tokens,
             )  # fmt: skip
         peaks = {}
-        for label, step in ways.items():  # warm up, and measure memory on its own
+        for label, one_round in ways.items():  # warm up, and measure memory on its own
             with PeakMemory(device) as mem:
-                timed_steps(step, 1, args.warmup, device)
+                timed_rounds(one_round, 1, args.warmup, device)
             peaks[label] = mem.peak
         # Interleaved trials, best of each: the ways share the machine's noise.
         best = {label: float("inf") for label in ways}
         for _ in range(args.trials):
-            for label, step in ways.items():
-                best[label] = min(best[label], timed_steps(step, args.steps, 0, device))
+            for label, one_round in ways.items():
+                best[label] = min(best[label], timed_rounds(one_round, args.steps, 0, device))
         tokens = args.jobs * args.rows * args.seq * args.steps
         results = {label: (tokens / best[label], peaks[label]) for label in ways}
 

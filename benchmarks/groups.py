@@ -61,12 +61,12 @@ def _rank(rank: int, world: int, port: int, base: Path, k: int, steps: int, out:
     vocab = engine.base.config.vocab_size
     for i, config in enumerate(jobs(base, k)):
         engine.add_job(config, dataset=dataset(i, vocab))
-    engine.step()  # warm-up
+    engine.train_round()  # warm-up
     if dp:
         dist.barrier()
     started = time.perf_counter()
     for _ in range(steps):
-        engine.step()
+        engine.train_round()
     seconds = time.perf_counter() - started
     if rank == 0:
         (out / f"world{world}.txt").write_text(str(seconds))

@@ -71,6 +71,10 @@ class ArtifactStore:
         elif kind != fs.FileType.NotFound:
             self._fs.delete_file(path)
 
+    def delete_checkpoints(self, job_id: str) -> None:
+        """Remove every checkpoint of a job (none is not an error)."""
+        self.delete(self.checkpoint_uri(job_id))
+
     def local_path(self, uri: str) -> Path | None:
         """Where a URI lives on this machine's disk, so workers can write in place."""
         path = self._path(uri)

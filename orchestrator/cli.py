@@ -5,8 +5,8 @@ Each subcommand is a small `cmd_<name>(args) -> int` function registered with
 the parser from the registry. Heavy modules (torch, transformers) are imported
 inside the commands so `carpool --help` stays fast.
 
-User errors (bad specs, missing files) are printed without a traceback and
-give exit status 1; raise `CliError` from a command for such an error.
+User errors (bad specs, missing files; the typed errors `_user_error` lists)
+are printed without a traceback and give exit status 1.
 """
 
 from __future__ import annotations
@@ -20,10 +20,6 @@ from pathlib import Path
 
 CommandFn = Callable[[argparse.Namespace], int]
 ArgumentsFn = Callable[[argparse.ArgumentParser], None]
-
-
-class CliError(Exception):
-    """An error the user can fix; printed as one line, no traceback, exit status 1."""
 
 
 @dataclass(frozen=True)
@@ -250,7 +246,9 @@ def _watch(client, job_id: str | None) -> int:
                         r["loss"],
                         r["tokens_per_second"],
                         r["state"],
-                        r["metrics"].get("eval_loss"),
+                        eval_loss=r["metrics"].get("eval_loss"),
+                        learning_rate=r["metrics"].get("learning_rate"),
+                        grad_norm=r["metrics"].get("grad_norm"),
                     )  # fmt: skip
                 )
             if all(r["state"] in final for r in records):
@@ -305,7 +303,10 @@ def _jobs_argument(parser: argparse.ArgumentParser) -> None:
 
 
 @subcommand(
-    "cancel", "cancel jobs (a running one stops at its next step)", _jobs_argument, uses_queue=True
+    "cancel",
+    "cancel jobs (a running one stops before its next step)",
+    _jobs_argument,
+    uses_queue=True,
 )
 def cmd_cancel(args: argparse.Namespace) -> int:
     client = _client(args)
@@ -356,9 +357,6 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return args.run(args)
-    except CliError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
     except KeyboardInterrupt:
         return 130
     except Exception as e:

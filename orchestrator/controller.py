@@ -3,7 +3,7 @@
 An explicit loop, one `tick` at a time, with no Ray in it: groups come from a
 factory (Ray actors in production, fakes in tests) and metrics go to a sink.
 Each tick:
-  1. cancelled jobs leave their groups (a step boundary: no round is in flight);
+  1. cancelled jobs leave their groups (between rounds: none is in flight);
   2. the scheduler decides from the queue and the groups; the decisions are
      executed in order (preempt, stop, start, admit);
   3. every group with jobs runs one round, all groups in parallel, and the
@@ -20,7 +20,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from carpool.orchestrator.engine_worker import JobAdmitted, JobStepResult
+from carpool.orchestrator.engine_worker import JobAdmitted
 from carpool.orchestrator.job_queue import JobQueue, JobRecord, JobState
 from carpool.orchestrator.operator_config import OperatorConfig
 from carpool.orchestrator.scheduler import (
@@ -37,6 +37,7 @@ from carpool.orchestrator.scheduler import (
 from carpool.workers.base_model import linear_module_shapes, match_target_modules
 from carpool.workers.checkpoint import checkpoint_step
 from carpool.workers.job_spec import JobInputError, JobSpec
+from carpool.workers.rounds import JobRoundResult
 
 log = logging.getLogger("carpool.controller")
 
@@ -55,21 +56,27 @@ class WorkerGroup(Protocol):
 
     def add_job(self, job_id: str, config: JobSpec, resume_from: str | None) -> JobAdmitted: ...
     def remove_job(self, job_id: str, checkpoint: bool) -> str | None: ...
-    def start_step(self) -> None: ...
-    def finish_step(self) -> list[JobStepResult]: ...
+    def start_round(self) -> None: ...
+    def finish_round(self) -> list[JobRoundResult]: ...
     def shutdown(self) -> None: ...
 
 
 GroupFactory = Callable[[str, str], WorkerGroup]
 
 
+class CheckpointStore(Protocol):
+    """Where workers keep jobs' checkpoints (`ArtifactStore`)."""
+
+    def delete_checkpoints(self, job_id: str) -> None: ...
+
+
 class MetricsSink(Protocol):
-    def job_progress(self, job_id: str, group_id: str, result: JobStepResult) -> None: ...
+    def job_progress(self, job_id: str, group_id: str, result: JobRoundResult) -> None: ...
     def queue_state(self, counts: dict[JobState, int]) -> None: ...
 
 
 class NoMetrics:
-    def job_progress(self, job_id: str, group_id: str, result: JobStepResult) -> None:
+    def job_progress(self, job_id: str, group_id: str, result: JobRoundResult) -> None:
         pass
 
     def queue_state(self, counts: dict[JobState, int]) -> None:
@@ -89,13 +96,16 @@ class Controller:
         config: OperatorConfig,
         group_factory: GroupFactory,
         free_group_slots: Callable[[int], int],
+        checkpoints: CheckpointStore,
         metrics: MetricsSink | None = None,
     ) -> None:
-        """`free_group_slots(running_groups)` says how many more groups resources allow."""
+        """`free_group_slots(running_groups)` says how many more groups resources allow;
+        a job that succeeded has its checkpoints deleted from `checkpoints`."""
         self.queue = queue
         self.config = config
         self.group_factory = group_factory
         self.free_group_slots = free_group_slots
+        self.checkpoints = checkpoints
         self.metrics = metrics or NoMetrics()
         self.groups: dict[str, _Group] = {}
         self._shapes: dict[str, dict[str, tuple[int, int]]] = {}
@@ -205,13 +215,15 @@ class Controller:
         if admitted.adapter is not None:  # resumed from its final checkpoint: nothing to train
             self._finish(record.id, JobState.SUCCEEDED)
             self.queue.append_log(record.id, f"succeeded: adapter at {admitted.adapter}")
+            self._delete_checkpoints(record.id)
             return
         group.jobs[record.id] = self._demand(record)
 
     def _preempt(self, decision: PreemptJob) -> None:
         group = self.groups[decision.group_id]
         try:
-            self._checkpoint_and_requeue(group, decision.job_id, f"preempted: {decision.reason}")
+            reason = f"preempted: {decision.reason}"
+            self._checkpoint_and_requeue(group, decision.job_id, reason, preempted=True)
         except GroupFailedError:
             self._group_failed(decision.group_id)
 
@@ -220,20 +232,20 @@ class Controller:
         started = []
         for gid, group in busy:
             try:
-                group.handle.start_step()
+                group.handle.start_round()
                 started.append((gid, group))
             except GroupFailedError:
                 self._group_failed(gid)
         for gid, group in started:
             try:
-                results = group.handle.finish_step()
+                results = group.handle.finish_round()
             except GroupFailedError:
                 self._group_failed(gid)
                 continue
             in_round = set(group.jobs)
             for result in results:
                 self._record(gid, group, result)
-            self._retry_unreported(gid, group, in_round - {r.job_id for r in results})
+            self._retry_unreported(gid, group, in_round - {r.job for r in results})
         return bool(started)
 
     def _retry_unreported(self, group_id: str, group: _Group, job_ids: set[str]) -> None:
@@ -249,37 +261,54 @@ class Controller:
             group.jobs.pop(job_id)
             self._retry(job_id, f"group {group_id} reported no result for it in a round")
 
-    def _record(self, group_id: str, group: _Group, r: JobStepResult) -> None:
+    def _record(self, group_id: str, group: _Group, r: JobRoundResult) -> None:
         if r.error is not None:  # its own fault: fails alone, never retried
-            group.jobs.pop(r.job_id, None)
-            self._finish(r.job_id, JobState.FAILED, error=r.error)
-            self.queue.append_log(r.job_id, f"failed: {r.error}")
+            group.jobs.pop(r.job, None)
+            self._finish(r.job, JobState.FAILED, error=r.error)
+            self.queue.append_log(r.job, f"failed: {r.error}")
             return
         if r.eval_loss is not None:
             self.queue.append_log(
-                r.job_id, f"step {r.step}/{r.total_steps} eval_loss {r.eval_loss:.4f}"
+                r.job, f"step {r.step}/{r.total_steps} eval_loss {r.eval_loss:.4f}"
             )
         if r.step % _PROGRESS_LOG_EVERY == 0 or r.adapter is not None:
             self.queue.append_log(
-                r.job_id, f"step {r.step}/{r.total_steps} loss {r.loss:.4f} "
+                r.job, f"step {r.step}/{r.total_steps} loss {r.loss:.4f} "
+                f"lr {r.learning_rate:.3g} grad_norm {r.grad_norm:.4f} "
                 f"{r.tokens_per_second:,.0f} tokens/s"
             )  # fmt: skip
-        evaluated = {} if r.eval_loss is None else {"eval_loss": r.eval_loss, "eval_step": r.step}
+        # What HF's Trainer logs too, beside loss: the status shows them (`metrics`).
+        metrics = {
+            "learning_rate": r.learning_rate,
+            "grad_norm": r.grad_norm,
+            "tokens_seen": r.tokens_seen,
+        }
+        if r.eval_loss is not None:
+            metrics.update(eval_loss=r.eval_loss, eval_step=r.step)
         # Progress, checkpoint and success in one transaction (see JobQueue.record_progress).
         self.queue.record_progress(
-            r.job_id,
+            r.job,
             step=r.step,
             total_steps=r.total_steps,
             loss=r.loss,
             tokens_per_second=r.tokens_per_second,
-            metrics=evaluated,
+            metrics=metrics,
             checkpoint=r.checkpoint,
             adapter=r.adapter,
         )
-        self.metrics.job_progress(r.job_id, group_id, r)
+        self.metrics.job_progress(r.job, group_id, r)
         if r.adapter is not None:
-            group.jobs.pop(r.job_id, None)
-            self._demands.pop(r.job_id, None)
+            group.jobs.pop(r.job, None)
+            self._demands.pop(r.job, None)
+            self._delete_checkpoints(r.job)
+
+    def _delete_checkpoints(self, job_id: str) -> None:
+        """Only once the job's success is in the queue: until then, a restart resumes
+        it from its last checkpoint (and, that being its final one, finishes it at once)."""
+        try:
+            self.checkpoints.delete_checkpoints(job_id)
+        except Exception:  # the job succeeded all the same: leftovers only cost space
+            log.warning("[job %s] cannot delete its checkpoints", job_id, exc_info=True)
 
     def _group_failed(self, group_id: str) -> None:
         """Requeue the group's jobs to resume from their checkpoints, up to max_attempts."""
@@ -310,12 +339,14 @@ class Controller:
                     self.queue.requeue(job_id, "controller shut down; group lost")
             group.handle.shutdown()
 
-    def _checkpoint_and_requeue(self, group: _Group, job_id: str, reason: str) -> None:
+    def _checkpoint_and_requeue(
+        self, group: _Group, job_id: str, reason: str, preempted: bool = False
+    ) -> None:
         uri = group.handle.remove_job(job_id, checkpoint=True)
         group.jobs.pop(job_id, None)
         if uri is not None:
             self.queue.record_checkpoint(job_id, uri, checkpoint_step(uri))
-        self.queue.requeue(job_id, reason)
+        self.queue.requeue(job_id, reason, preempted=preempted)
 
     # -- helpers -----------------------------------------------------------------------------
     def _finish(self, job_id: str, state: JobState, error: str | None = None) -> None:

@@ -2,9 +2,10 @@
 
 A plain class: `ray_runtime` wraps it in a Ray actor, tests drive it directly.
 Jobs are keyed by job id inside the engine (names may repeat across
-submissions; ids do not). Checkpoints and finished adapters go to the store:
-written in place when the store is a local directory, written to scratch and
-uploaded when it is a URI.
+submissions; ids do not). Rounds are `carpool.workers.rounds.run_round`, the
+same as `carpool train`'s; checkpoints and finished adapters go to the store
+(`StoreOutputs`): written in place when the store is a local directory,
+written to scratch and uploaded when it is a URI.
 
 In a group of several ranks, every rank gets every call (same jobs, same
 rounds, so the same collectives); rank 0, the leader, alone writes checkpoints
@@ -25,9 +26,13 @@ from typing import Any, TypeVar
 import torch.distributed as dist
 from carpool.orchestrator.artifact_store import ArtifactStore
 from carpool.workers.base_model import default_dtype
+from carpool.workers.checkpoint import save_checkpoint
 from carpool.workers.data_parallel import DataParallel
 from carpool.workers.engine import Engine
 from carpool.workers.job_spec import JobSpec
+from carpool.workers.peft_format import export_adapter
+from carpool.workers.rounds import JobOutputs, JobRoundResult, finish_job, run_round
+from carpool.workers.training_job import TrainingJob
 from carpool.workers.zero3 import base_parameter_bytes, choose_zero_stage
 
 log = logging.getLogger("carpool.worker")
@@ -45,20 +50,36 @@ class JobAdmitted:
     adapter: str | None = None
 
 
-@dataclass(frozen=True)
-class JobStepResult:
-    """One job's outcome of one round, sent back to the controller."""
+class StoreOutputs:
+    """A job's checkpoints and adapter in the artifact store, as store URIs.
 
-    job_id: str
-    step: int
-    total_steps: int
-    loss: float
-    tokens_per_second: float
-    tokens: int
-    checkpoint: str | None = None  # store URI of the checkpoint taken after this step
-    adapter: str | None = None  # store URI of the exported adapter, once finished
-    error: str | None = None  # the job failed of its own fault (e.g. a NaN loss)
-    eval_loss: float | None = None  # loss on the job's eval rows, when it was evaluated
+    A local store is written in place; for a URI store, files are written to
+    scratch and uploaded.
+    """
+
+    def __init__(self, store: ArtifactStore, scratch: Path, keep_checkpoints: int = 2) -> None:
+        self.store = store
+        self.scratch = scratch
+        self.keep_checkpoints = keep_checkpoints
+
+    def save_checkpoint(self, job: TrainingJob) -> str:
+        uri = self.store.checkpoint_uri(job.name)
+        local = self.store.local_path(uri)
+        root = local if local is not None else self.scratch / "checkpoints" / job.name
+        path = save_checkpoint(job, root, keep_last=self.keep_checkpoints)
+        if local is None:
+            self.store.upload_dir(root, uri)
+        return f"{uri}/{path.name}"
+
+    def export_adapter(self, job: TrainingJob) -> str:
+        uri = self.store.adapter_uri(job.name)
+        local = self.store.local_path(uri)
+        out = local if local is not None else self.scratch / "export" / job.name
+        export_adapter(job.adapter, out, base_model=job.config.base_model)
+        if local is None:
+            self.store.upload_dir(out, uri)
+            shutil.rmtree(out, ignore_errors=True)
+        return uri
 
 
 class EngineWorker:
@@ -76,12 +97,14 @@ class EngineWorker:
         init_method: str | None = None,
         zero_stage: int | str = 0,
         engine_options: Mapping[str, Any] | None = None,
+        keep_checkpoints: int = 2,
     ) -> None:
         """With `world_size` > 1 (or ZeRO-3), joins the group's torch.distributed
         process group at `init_method` (gloo on CPU, NCCL on GPU) before loading
         the base. `zero_stage` is 0, 3 or "auto" (3 when the base would not fit
         comfortably on one device). `engine_options` go to `Engine` as they are
-        (`OperatorConfig.engine_options`: micro-batch size, memory settings)."""
+        (`OperatorConfig.engine_options`: micro-batch size, memory settings).
+        Each job keeps its newest `keep_checkpoints` checkpoints in the store."""
         self.group_id = group_id
         self.rank = rank
         self.world_size = world_size
@@ -89,10 +112,9 @@ class EngineWorker:
         self.store = ArtifactStore(storage_root)
         self.scratch = Path(scratch_dir) / group_id
         self.scratch.mkdir(parents=True, exist_ok=True)
-        store_checkpoints = self.store.local_path(self.store.checkpoint_uri("probe"))
-        # Local store: the engine checkpoints straight into it. Remote: into scratch, then upload.
-        self._remote = store_checkpoints is None
-        checkpoint_root = self.scratch / "checkpoints" if self._remote else store_checkpoints.parent
+        self.outputs = StoreOutputs(self.store, self.scratch, keep_checkpoints)
+        # The ranks' adapters are replicas: the leader alone writes them.
+        self._writes: JobOutputs | None = self.outputs if self.is_leader else None
         if zero_stage == "auto":
             zero_stage = _auto_zero_stage(base_model, device or "cpu", trust_remote_code)
         data_parallel = None
@@ -105,7 +127,6 @@ class EngineWorker:
         self.engine = Engine(
             base_model,
             device=device,
-            checkpoint_root=checkpoint_root if self.is_leader else None,
             trust_remote_code=trust_remote_code,
             data_parallel=data_parallel,
             zero_stage=zero_stage,
@@ -135,69 +156,35 @@ class EngineWorker:
         """Take a job off the engine, checkpointing it first if asked; returns the checkpoint URI."""
         uri = None
         if checkpoint and self.is_leader and job_id in self.engine.jobs:
-            path = self.engine.save_checkpoint(job_id, self.engine.checkpoint_root / job_id)
-            uri = self._publish_checkpoint(job_id, path)
+            uri = self.outputs.save_checkpoint(self.engine.jobs[job_id])
         if job_id in self.engine.jobs:
             self.engine.remove_job(job_id)
         log.info("[job %s] left group %s", job_id, self.group_id)
         return uri
 
-    def job_ids(self) -> list[str]:
-        return list(self.engine.jobs)
-
     def pid(self) -> int:
         return os.getpid()
 
     # -- training ---------------------------------------------------------------------
-    def step(self) -> list[JobStepResult]:
-        """One round; finished jobs are exported (by the leader) and leave the engine."""
-        reports = self.engine.step()
-        seconds = max(self.engine.last_round_seconds, 1e-9)
-        results = []
-        for job_id, r in reports.items():
-            checkpoint = (
-                self._publish_checkpoint(job_id, Path(r.checkpoint)) if r.checkpoint else None
-            )
-            adapter = None
+    def run_round(self) -> list[JobRoundResult]:
+        """One round; finished jobs are exported (by the leader) and leave the engine.
+
+        Every rank runs it; the leader's results are the group's (the others return none).
+        """
+        results = run_round(self.engine, self._writes)
+        for r in results:
             if r.error is not None:
-                self.engine.remove_job(job_id)
-                log.error("[job %s] failed: %s", job_id, r.error)
-            elif self.engine.jobs[job_id].done:
-                adapter = self._finish(job_id)
-            if not self.is_leader:
-                continue
-            result = JobStepResult(
-                job_id, r.step, r.total_steps, r.loss, r.tokens / seconds, r.tokens,
-                checkpoint, adapter, r.error, r.eval_loss,
-            )  # fmt: skip
-            results.append(result)
-        return results
+                log.error("[job %s] failed: %s", r.job, r.error)
+            elif r.done:
+                log.info("[job %s] finished at step %d, loss %s", r.job, r.step, r.loss)
+        return results if self.is_leader else []
 
     def _finish(self, job_id: str) -> str | None:
         """Export a done job (the leader; its store URI) and take it off the engine."""
         job = self.engine.jobs[job_id]
-        adapter = self._export(job_id) if self.is_leader else None
-        self.engine.remove_job(job_id)
+        adapter = finish_job(self.engine, job_id, self._writes)
         log.info("[job %s] finished at step %d, loss %s", job_id, job.step, job.last_loss)
         return adapter
-
-    def _publish_checkpoint(self, job_id: str, path: Path) -> str:
-        uri = self.store.checkpoint_uri(job_id)
-        if self._remote:
-            self.store.upload_dir(path.parent, uri)
-        return f"{uri}/{path.name}"
-
-    def _export(self, job_id: str) -> str:
-        uri = self.store.adapter_uri(job_id)
-        local = self.store.local_path(uri)
-        if local is not None:
-            self.engine.export(job_id, local)
-        else:
-            staged = self.scratch / "export" / job_id
-            self.engine.export(job_id, staged)
-            self.store.upload_dir(staged, uri)
-            shutil.rmtree(staged, ignore_errors=True)
-        return uri
 
 
 def admit_on_all_ranks(add: Callable[[], T], removes: Sequence[Callable[[], object]]) -> T:

@@ -317,10 +317,14 @@ class JobQueue:
         with self._guard(job_id, "record a checkpoint", allowed) as (db, _):
             self._set(db, job_id, None, checkpoint=str(checkpoint), checkpoint_step=int(step))
 
-    def _requeue(self, db: sqlite3.Connection, job: JobRecord, line: str) -> JobRecord:
+    def _requeue(
+        self, db: sqlite3.Connection, job: JobRecord, line: str, preempted: bool = False
+    ) -> JobRecord:
         if job.cancel_requested:  # the user asked to stop it: never run it again
             return self._set(db, job.id, "cancelled", state=JobState.CANCELLED.value, group_id=None)
-        preemptions = job.metrics.get("preemptions", 0) + 1
+        counts = {"requeues": job.metrics.get("requeues", 0) + 1}
+        if preempted:
+            counts["preemptions"] = job.metrics.get("preemptions", 0) + 1
         return self._set(
             db,
             job.id,
@@ -328,13 +332,17 @@ class JobQueue:
             state=JobState.QUEUED.value,
             group_id=None,
             step=job.checkpoint_step,  # steps past the checkpoint are lost; it resumes there
-            metrics=json.dumps({**job.metrics, "preemptions": preemptions}),
+            metrics=json.dumps({**job.metrics, **counts}),
         )
 
-    def requeue(self, job_id: str, reason: str) -> JobRecord:
-        """running -> queued, to resume from its checkpoint (cancelled if a cancel is pending)."""
+    def requeue(self, job_id: str, reason: str, *, preempted: bool = False) -> JobRecord:
+        """running -> queued, to resume from its checkpoint (cancelled if a cancel is pending).
+
+        Counted in the job's metrics: `requeues` always, `preemptions` when `preempted`
+        (a higher-priority job took its place, rather than a failure or a shutdown).
+        """
         with self._guard(job_id, "requeue", [JobState.RUNNING]) as (db, job):
-            return self._requeue(db, job, f"requeued: {reason}")
+            return self._requeue(db, job, f"requeued: {reason}", preempted)
 
     def finish(self, job_id: str, state: JobState, error: str | None = None) -> JobRecord:
         state = JobState(state)
@@ -348,7 +356,7 @@ class JobQueue:
             return self._set(db, job_id, None, state=state.value, group_id=None, error=error)
 
     def request_cancel(self, job_id: str) -> JobRecord:
-        """Queued: cancelled now. Running: flagged; the controller stops it at a step boundary."""
+        """Queued: cancelled now. Running: flagged; the controller stops it between rounds."""
         with self._tx() as db:
             job = self._fetch(db, job_id)
             if job.state == JobState.QUEUED:

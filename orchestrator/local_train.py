@@ -13,6 +13,7 @@ from pathlib import Path
 from carpool.orchestrator.progress import JobProgressRow
 from carpool.workers.engine import Engine
 from carpool.workers.job_spec import JobSpec
+from carpool.workers.rounds import LocalOutputs, finish_job, run_round
 
 ProgressFn = Callable[[JobProgressRow], None]
 
@@ -36,20 +37,21 @@ def train_locally(
     gradient_checkpointing: bool = False,
     loss_chunk_tokens: int | None = None,
 ) -> dict[str, Path]:
-    """Train every job to completion; returns each job's adapter directory.
+    """Train every job to completion; returns each finished job's adapter directory.
 
     With `checkpoint_dir`, jobs checkpoint every `save_steps` and a rerun
-    resumes each from its latest checkpoint.
+    resumes each from its latest checkpoint. A finished job's last checkpoint
+    stays: a rerun finds the job done instead of training it again.
     """
     report = on_progress or (lambda row: None)
     notice = on_notice or (lambda text: None)
-    outputs: dict[str, Path] = {}
+    outputs = LocalOutputs(out_dir, checkpoint_dir)
+    adapters: dict[str, Path] = {}
     for base, configs in group_by_base(specs).items():
         engine = Engine(
             base,
             device=device,
             micro_batch_tokens=micro_batch_tokens,
-            checkpoint_root=checkpoint_dir,
             gradient_checkpointing=gradient_checkpointing,
             loss_chunk_tokens=loss_chunk_tokens,
         )
@@ -62,23 +64,33 @@ def train_locally(
                 JobProgressRow(job.name, job.step, job.total_steps, job.last_loss, None, "queued")
             )
         for config in configs:  # resumed jobs may already be complete
-            if engine.jobs[config.name].done:
-                outputs[config.name] = engine.export(config.name, out_dir / config.name)
+            job = engine.jobs[config.name]
+            if job.done:
+                adapters[job.name] = Path(finish_job(engine, job.name, outputs))
+                report(
+                    JobProgressRow(job.name, job.step, job.total_steps, job.last_loss, None, "done")
+                )
         last_eval: dict[str, float] = {}
         while engine.active_jobs():
-            reports = engine.step()
-            seconds = max(engine.last_round_seconds, 1e-9)
-            for name, r in reports.items():
-                done = engine.jobs[name].done
-                if done:
-                    outputs[name] = engine.export(name, out_dir / name)
-                state = "done" if done else "running"
+            for r in run_round(engine, outputs):
+                if r.adapter is not None:
+                    adapters[r.job] = Path(r.adapter)
                 if r.eval_loss is not None:
-                    last_eval[name] = r.eval_loss
-                tps = r.tokens / seconds
+                    last_eval[r.job] = r.eval_loss
+                if r.error is not None:
+                    notice(f"{r.job}: failed: {r.error}")
+                state = "failed" if r.error is not None else "done" if r.done else "running"
                 report(
                     JobProgressRow(
-                        name, r.step, r.total_steps, r.loss, tps, state, last_eval.get(name)
+                        r.job,
+                        r.step,
+                        r.total_steps,
+                        r.loss,
+                        r.tokens_per_second,
+                        state,
+                        eval_loss=last_eval.get(r.job),
+                        learning_rate=r.learning_rate,
+                        grad_norm=r.grad_norm,
                     )
                 )
-    return outputs
+    return adapters

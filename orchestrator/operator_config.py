@@ -61,6 +61,8 @@ class OperatorConfig(BaseModel):
     # Loss through the output layer this many tokens at a time: no whole-batch logits.
     loss_chunk_tokens: StrictInt | None = Field(None, ge=1)
     checkpoint_every_steps: StrictInt | None = Field(None, ge=1)
+    # Checkpoints each running job keeps in the store (the newest); a job that
+    # succeeded keeps none.
     keep_checkpoints: StrictInt = Field(2, ge=1)
     max_attempts: StrictInt = Field(3, ge=1)
     trust_remote_code: bool = False

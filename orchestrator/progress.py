@@ -1,4 +1,4 @@
-"""Live per-job progress bars in the terminal (step, loss, tokens/s)."""
+"""Live per-job progress bars in the terminal (step, loss, learning rate, grad norm, tokens/s)."""
 
 from __future__ import annotations
 
@@ -17,6 +17,8 @@ class JobProgressRow:
     tokens_per_second: float | None = None
     state: str = "running"
     eval_loss: float | None = None  # the latest, when the job has eval rows
+    learning_rate: float | None = None
+    grad_norm: float | None = None  # before clipping
 
 
 class JobProgress:
@@ -29,6 +31,8 @@ class JobProgress:
             MofNCompleteColumn(),
             TextColumn("loss {task.fields[loss]:>7}"),
             TextColumn("eval {task.fields[eval]:>7}"),
+            TextColumn("lr {task.fields[lr]:>8}"),
+            TextColumn("gnorm {task.fields[gnorm]:>7}"),
             TextColumn("{task.fields[tps]:>9} tok/s"),
             TextColumn("{task.fields[state]}"),
             TimeElapsedColumn(),
@@ -49,6 +53,8 @@ class JobProgress:
             "name": row.name,
             "loss": "-" if row.loss is None else f"{row.loss:.4f}",
             "eval": "-" if row.eval_loss is None else f"{row.eval_loss:.4f}",
+            "lr": "-" if row.learning_rate is None else f"{row.learning_rate:.2e}",
+            "gnorm": "-" if row.grad_norm is None else f"{row.grad_norm:.3g}",
             "tps": "-" if row.tokens_per_second is None else f"{row.tokens_per_second:,.0f}",
             "state": row.state,
         }

@@ -18,16 +18,13 @@ from pathlib import Path
 
 import ray
 from carpool.orchestrator.admission import check_admission
+from carpool.orchestrator.artifact_store import ArtifactStore
 from carpool.orchestrator.controller import Controller, GroupFailedError
-from carpool.orchestrator.engine_worker import (
-    EngineWorker,
-    JobAdmitted,
-    JobStepResult,
-    admit_on_all_ranks,
-)
+from carpool.orchestrator.engine_worker import EngineWorker, JobAdmitted, admit_on_all_ranks
 from carpool.orchestrator.job_queue import JobQueue, JobRecord, JobState
 from carpool.orchestrator.operator_config import OperatorConfig
 from carpool.workers.job_spec import JobSpec
+from carpool.workers.rounds import JobRoundResult
 from ray.exceptions import ActorDiedError, ActorUnavailableError, GetTimeoutError, RayActorError
 from ray.util import metrics as ray_metrics
 from ray.util.placement_group import placement_group, remove_placement_group
@@ -138,6 +135,7 @@ class RayWorkerGroup:
                 init_method=init_method,
                 zero_stage=config.zero_stage,
                 engine_options=config.engine_options(),
+                keep_checkpoints=config.keep_checkpoints,
             )
             for rank in range(n)
         ]
@@ -171,10 +169,10 @@ class RayWorkerGroup:
     def remove_job(self, job_id: str, checkpoint: bool) -> str | None:
         return self._all("remove_job", job_id, checkpoint)
 
-    def start_step(self) -> None:
-        self._pending = [a.step.remote() for a in self.actors]
+    def start_round(self) -> None:
+        self._pending = [a.run_round.remote() for a in self.actors]
 
-    def finish_step(self) -> list[JobStepResult]:
+    def finish_round(self) -> list[JobRoundResult]:
         refs, self._pending = self._pending, None
         return self._get(refs)[0]
 
@@ -200,12 +198,18 @@ class RayMetrics:
         self.loss = ray_metrics.Gauge("carpool_job_loss", "training loss of the last step", tags)
         self.tps = ray_metrics.Gauge("carpool_job_tokens_per_second", "tokens/s", tags)
         self.step = ray_metrics.Gauge("carpool_job_step", "optimizer steps done", tags)
+        self.learning_rate = ray_metrics.Gauge(
+            "carpool_job_learning_rate", "learning rate of the last step", tags
+        )
+        self.grad_norm = ray_metrics.Gauge(
+            "carpool_job_grad_norm", "gradient norm of the last step, before clipping", tags
+        )
         self.eval_loss = ray_metrics.Gauge("carpool_job_eval_loss", "loss on the eval rows", tags)
         self.tokens = ray_metrics.Counter("carpool_job_tokens_total", "tokens trained", tags)
         self.states = ray_metrics.Gauge("carpool_jobs", "jobs by state", ("state",))
         self.depth = ray_metrics.Gauge("carpool_queue_depth", "queued jobs")
 
-    def job_progress(self, job_id: str, group_id: str, result: JobStepResult) -> None:
+    def job_progress(self, job_id: str, group_id: str, result: JobRoundResult) -> None:
         if result.eval_loss is not None:  # rare: pushed at once, never throttled away
             self.eval_loss.set(result.eval_loss, tags={"job": job_id, "group": group_id})
         tokens = self._unpushed_tokens.get(job_id, 0) + result.tokens
@@ -218,6 +222,8 @@ class RayMetrics:
         self.loss.set(result.loss, tags=tags)
         self.tps.set(result.tokens_per_second, tags=tags)
         self.step.set(result.step, tags=tags)
+        self.learning_rate.set(result.learning_rate, tags=tags)
+        self.grad_norm.set(result.grad_norm, tags=tags)
         self.tokens.inc(tokens, tags=tags)
         self._unpushed_tokens.pop(job_id, None)
         self._last_push[job_id] = now
@@ -268,6 +274,7 @@ class CarpoolController:
             self.config,
             group_factory=lambda gid, base: RayWorkerGroup(gid, base, self.config),
             free_group_slots=free_group_slots(self.config),
+            checkpoints=ArtifactStore(self.config.storage_root()),
             metrics=RayMetrics(),
         )
         self._lock = threading.Lock()  # the loop and shutdown never run at once

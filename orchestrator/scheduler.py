@@ -46,7 +46,6 @@ class GroupView:
     id: str
     base_model: str
     jobs: tuple[JobDemand, ...]
-    starting: bool = False  # started but not ready yet: may still be assigned jobs
 
 
 @dataclass(frozen=True)
@@ -119,11 +118,10 @@ class _PlanGroup:
     id: str
     base_model: str
     jobs: list[JobDemand]
-    starting: bool
     order: int  # input order, then creation order: the final tie-break
 
     def idle(self) -> bool:
-        return not self.jobs and not self.starting
+        return not self.jobs
 
 
 def _eviction_order(job: JobDemand) -> tuple[int, int]:
@@ -142,8 +140,7 @@ class _Planner:
         new_group_id: Callable[[str], str],
     ) -> None:
         self.groups = [
-            _PlanGroup(g.id, g.base_model, list(g.jobs), g.starting, i)
-            for i, g in enumerate(groups)
+            _PlanGroup(g.id, g.base_model, list(g.jobs), i) for i, g in enumerate(groups)
         ]
         self.slots = slots
         self.capacity = capacity
@@ -195,7 +192,7 @@ class _Planner:
 
     def _start(self, job: JobDemand) -> list[Decision]:
         group_id = self.new_group_id(job.base_model)
-        group = _PlanGroup(group_id, job.base_model, [job], True, self._next_order)
+        group = _PlanGroup(group_id, job.base_model, [job], self._next_order)
         self._next_order += 1
         self.groups.append(group)
         self.slots -= 1

@@ -49,6 +49,17 @@ def test_round_trip_of_a_nested_dir(store: ArtifactStore, tmp_path: Path) -> Non
     assert tree(out) == NESTED
 
 
+def test_a_jobs_checkpoints_are_deleted_and_no_others(store: ArtifactStore, tmp_path: Path) -> None:
+    src = make_dir(tmp_path / "src", NESTED)
+    for job_id in ("j1", "j2"):
+        store.upload_dir(src, store.checkpoint_uri(job_id))
+    store.upload_dir(src, store.adapter_uri("j1"))
+    store.delete_checkpoints("j1")
+    store.delete_checkpoints("j3")  # none: not an error
+    assert not store.exists(store.checkpoint_uri("j1"))
+    assert store.exists(store.checkpoint_uri("j2")) and store.exists(store.adapter_uri("j1"))
+
+
 def test_upload_replaces_old_files(store: ArtifactStore, tmp_path: Path) -> None:
     uri = store.checkpoint_uri("j1")
     store.upload_dir(make_dir(tmp_path / "v1", {"old.bin": "1", "sub/old.txt": "1"}), uri)

@@ -22,6 +22,7 @@ from carpool.orchestrator.validation import SpecValidationError, validate_files
 from carpool.workers.tiny_base import build_tiny_base
 
 from tests.helpers.peft_reference import save_peft_adapter
+from tests.helpers.round_driver import train_to_end
 
 Case = Callable[[dict, Path], None]
 
@@ -220,5 +221,4 @@ def test_tokenizer_without_pad_token_is_handled(datasets: dict[str, Path], tmp_p
         training=TrainingSpec(max_steps=2, batch_size=3),
     )
     engine.add_job(config)
-    engine.run()
-    assert engine.jobs["nopad"].step == 2
+    assert train_to_end(engine)["nopad"].step == 2

@@ -49,9 +49,9 @@ def train(base: Path, configs: list, **engine_kwargs) -> tuple[dict, list, int]:
     for config in configs:
         engine.add_job(config)
     with kept_for_backward() as kept:
-        losses = [{k: r.loss for k, r in engine.step().items()}]
+        losses = [{k: r.loss for k, r in engine.train_round().items()}]
     while engine.active_jobs():
-        losses.append({k: r.loss for k, r in engine.step().items()})
+        losses.append({k: r.loss for k, r in engine.train_round().items()})
     adapters = {c.name: engine.jobs[c.name].adapter.named_tensors() for c in configs}
     return adapters, losses, kept.total
 

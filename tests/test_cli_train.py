@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import carpool.workers.engine as engine_module
@@ -146,3 +147,52 @@ def test_train_continues_from_an_adapter_and_refuses_a_conflicting_spec(
     err = capsys.readouterr().err
     assert f"{conflicting}: adapter.lora_alpha: 16 conflicts with init_from's lora_alpha 32" in err
     assert not (tmp_path / "never").exists()
+
+
+def test_a_job_that_fails_shows_failed_and_the_others_finish(
+    tiny_base: Path, datasets: dict[str, Path], tmp_path: Path
+) -> None:
+    from carpool.orchestrator.local_train import train_locally
+
+    good = spec_fields("good", tiny_base, datasets["text"])
+    # A learning rate this large makes the adapter blow up within a few steps.
+    bad = spec_fields("bad", tiny_base, datasets["messages"], max_steps=6, learning_rate=1e30)
+    bad["adapter"]["target_modules"] = "all-linear"
+    specs = validate_files(
+        [write_spec(tmp_path / "good.yaml", **good), write_spec(tmp_path / "bad.yaml", **bad)]
+    )
+    rows, notices = [], []
+
+    out = tmp_path / "out"
+    adapters = train_locally(specs, out, on_progress=rows.append, on_notice=notices.append)
+
+    assert set(adapters) == {"good"}
+    assert [r.state for r in rows if r.name == "good"][-1] == "done"
+    bad_states = [r.state for r in rows if r.name == "bad"]
+    assert bad_states[-1] == "failed" and bad_states.count("failed") == 1
+    assert any(n.startswith("bad: failed: ") for n in notices)
+    assert not (out / "bad").exists()
+
+
+def test_progress_bars_show_learning_rate_and_grad_norm(
+    tiny_base: Path, datasets: dict[str, Path], tmp_path: Path
+) -> None:
+    import io
+
+    from carpool.orchestrator.local_train import train_locally
+    from carpool.orchestrator.progress import JobProgress
+    from rich.console import Console
+
+    spec = write_spec(tmp_path / "a.yaml", **spec_fields("job-a", tiny_base, datasets["text"]))
+    rows = []
+    train_locally(validate_files([spec]), tmp_path / "out", on_progress=rows.append)
+    trained = [r for r in rows if r.state in ("running", "done")]
+    assert [r.step for r in trained] == [1, 2, 3]
+    assert all(r.learning_rate == 1e-2 and r.grad_norm > 0 for r in trained)
+
+    console = Console(file=io.StringIO(), width=200)
+    with JobProgress(console) as progress:
+        progress.update(trained[-1])
+    shown = console.file.getvalue()
+    assert "lr 1.00e-02" in shown
+    assert re.search(rf"gnorm +{trained[-1].grad_norm:.3g} ", shown), shown

@@ -17,10 +17,11 @@ from pathlib import Path
 
 import pytest
 from carpool.orchestrator.controller import Controller, GroupFailedError
-from carpool.orchestrator.engine_worker import JobAdmitted, JobStepResult
+from carpool.orchestrator.engine_worker import JobAdmitted
 from carpool.orchestrator.job_queue import JobQueue, JobState
 from carpool.orchestrator.operator_config import OperatorConfig
 from carpool.workers.job_spec import JobInputError, JobSpec
+from carpool.workers.rounds import JobRoundResult
 from carpool.workers.tiny_base import build_tiny_base
 
 QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED = (
@@ -54,7 +55,7 @@ class ProtocolViolation(BaseException):
 @dataclass(frozen=True)
 class Event:
     group: str  # the controller's group id
-    call: str  # "add_job", "remove_job", "start_step", "finish_step", "shutdown"
+    call: str  # "add_job", "remove_job", "start_round", "finish_round", "shutdown"
     job: str | None = None
     detail: object = None  # add_job: resume_from; remove_job: checkpoint
 
@@ -138,17 +139,17 @@ class FakeGroup:
         job = self.jobs.pop(job_id)
         return ckpt_uri(job_id, job.step) if checkpoint else None
 
-    def start_step(self) -> None:
-        self._enter("start_step")
+    def start_round(self) -> None:
+        self._enter("start_round")
         if self.in_round:
-            raise ProtocolViolation(f"start_step on {self.group_id} twice without finish_step")
+            raise ProtocolViolation(f"start_round on {self.group_id} twice without finish_round")
         self._alive()
         self.in_round = True
 
-    def finish_step(self) -> list[JobStepResult]:
-        self._enter("finish_step")
+    def finish_round(self) -> list[JobRoundResult]:
+        self._enter("finish_round")
         if not self.in_round:
-            raise ProtocolViolation(f"finish_step on {self.group_id} without start_step")
+            raise ProtocolViolation(f"finish_round on {self.group_id} without start_round")
         self.in_round = False
         self._alive()
         self.rounds += 1
@@ -164,13 +165,16 @@ class FakeGroup:
             if self.configs[job_id].name in self.drop:
                 continue
             results.append(
-                JobStepResult(
-                    job_id,
+                JobRoundResult(
+                    job=job_id,
                     step=job.step,
                     total_steps=job.total,
                     loss=1.0 / job.step,
                     tokens_per_second=1000.0,
                     tokens=64,
+                    tokens_seen=64 * job.step,
+                    learning_rate=1e-3 / job.step,
+                    grad_norm=0.5 + job.step,
                     checkpoint=ckpt_uri(job_id, job.step)
                     if job.step % job.save_steps == 0
                     else None,
@@ -185,6 +189,17 @@ class FakeGroup:
         self.is_shut_down = True
 
 
+class FakeCheckpoints:
+    """The controller's checkpoint store: records each deletion with the job's state then."""
+
+    def __init__(self, queue: JobQueue) -> None:
+        self.queue = queue
+        self.deleted: list[tuple[str, JobState]] = []
+
+    def delete_checkpoints(self, job_id: str) -> None:
+        self.deleted.append((job_id, self.queue.get(job_id).state))
+
+
 class FakeGroupFactory:
     """The controller's group factory: makes FakeGroups that share one event log."""
 
@@ -193,11 +208,11 @@ class FakeGroupFactory:
         self.groups: list[FakeGroup] = []
         self.reject: dict[str, Exception] = {}  # job name -> what add_job raises
         self.notices: dict[str, tuple[str, ...]] = {}  # job name -> what add_job reports
-        self.drop: set[str] = set()  # job names whose results finish_step leaves out
+        self.drop: set[str] = set()  # job names whose results finish_round leaves out
         self._fail_at: dict[int, int] = {}
 
     def fail_group(self, index: int, at_round: int) -> None:
-        """The index-th group created fails in finish_step of that round (0: from its start)."""
+        """The index-th group created fails in finish_round of that round (0: from its start)."""
         self._fail_at[index] = at_round
 
     def __call__(self, group_id: str, base_model: str) -> FakeGroup:
@@ -282,6 +297,7 @@ def make_controller(
         OperatorConfig.model_validate(config),
         factory,
         free_group_slots=lambda running: max_groups - running,
+        checkpoints=FakeCheckpoints(queue),
     )
 
 
@@ -347,8 +363,8 @@ def test_job_submitted_while_a_group_runs_joins_that_group_between_rounds(
     # Admitted before the round; `a` is neither removed nor re-added, so it keeps its step.
     assert factory.since(mark) == [
         Event(gid, "add_job", b, None),
-        Event(gid, "start_step"),
-        Event(gid, "finish_step"),
+        Event(gid, "start_round"),
+        Event(gid, "finish_round"),
     ]
     assert (queue.get(a).step, queue.get(b).step) == (3, 1)
 
@@ -371,8 +387,8 @@ def test_cancel_removes_a_running_job_without_checkpoint_and_others_go_on(
     gid = group.group_id
     assert factory.since(mark) == [
         Event(gid, "remove_job", a, False),  # before the round, without a checkpoint
-        Event(gid, "start_step"),
-        Event(gid, "finish_step"),
+        Event(gid, "start_round"),
+        Event(gid, "finish_round"),
     ]
     assert (queue.get(a).state, queue.get(a).step) == (CANCELLED, 1)
     assert (queue.get(b).state, queue.get(b).step) == (RUNNING, 2)
@@ -404,13 +420,14 @@ def test_higher_priority_job_preempts_a_lower_one_which_later_resumes_from_its_c
     assert factory.since(mark) == [
         Event(gid, "remove_job", low, True),  # checkpointed on the way out
         Event(gid, "add_job", high, None),
-        Event(gid, "start_step"),
-        Event(gid, "finish_step"),
+        Event(gid, "start_round"),
+        Event(gid, "finish_round"),
     ]
     record = queue.get(low)
     assert record.state == QUEUED
     assert (record.checkpoint, record.checkpoint_step, record.step) == (ckpt_uri(low, 2), 2, 2)
     assert "preempted by" in log_text(queue, low)
+    assert (record.metrics["preemptions"], record.metrics["requeues"]) == (1, 1)
     assert (queue.get(high).state, queue.get(high).step) == (RUNNING, 1)
 
     controller.tick()  # high finishes; its group was full, so low waited
@@ -422,8 +439,8 @@ def test_higher_priority_job_preempts_a_lower_one_which_later_resumes_from_its_c
     assert factory.groups == [group]  # the idle group is reused, not restarted
     assert factory.since(mark) == [
         Event(gid, "add_job", low, ckpt_uri(low, 2)),
-        Event(gid, "start_step"),
-        Event(gid, "finish_step"),
+        Event(gid, "start_round"),
+        Event(gid, "finish_round"),
     ]
     assert (queue.get(low).state, queue.get(low).step) == (RUNNING, 3)
     assert f"resumed from step 2 in group {gid}" in log_text(queue, low)
@@ -455,6 +472,8 @@ def test_group_failure_requeues_its_jobs_to_resume_from_their_last_checkpoint(
         assert f"group {failed.group_id} failed; retrying from checkpoint" in log_text(
             queue, job_id
         )
+        # Requeued, not preempted: a lost group is no preemption.
+        assert record.metrics["requeues"] == 1 and "preemptions" not in record.metrics
 
     controller.tick()
 
@@ -618,6 +637,7 @@ def test_shutdown_checkpoints_running_jobs_and_a_restarted_controller_resumes_th
     for job_id in (a, b):
         record = queue.get(job_id)
         assert (record.state, record.checkpoint, record.step) == (QUEUED, ckpt_uri(job_id, 2), 2)
+        assert record.metrics["requeues"] == 1 and "preemptions" not in record.metrics
     queue.close()
 
     with JobQueue(path) as reopened:
@@ -680,6 +700,7 @@ def test_controller_stopped_while_recording_the_final_step_records_none_of_it(
     crash_when_a_job_succeeds(path)
     with pytest.raises(sqlite3.IntegrityError, match="controller crashed"):
         crashed.tick()  # the final round: step 3, its checkpoint and the adapter
+    assert crashed.checkpoints.deleted == []  # the checkpoint to resume from stays
     queue.close()
     with sqlite3.connect(path) as db:
         db.execute("DROP TRIGGER crash")
@@ -689,9 +710,11 @@ def test_controller_stopped_while_recording_the_final_step_records_none_of_it(
         # Neither the final step nor its checkpoint was recorded without the success.
         assert (record.state, record.step, record.checkpoint) == (RUNNING, 2, ckpt_uri(a, 2))
         factory = FakeGroupFactory()
-        run_to_end(make_controller(reopened, factory))
+        restarted = make_controller(reopened, factory)
+        run_to_end(restarted)
         assert [e.detail for e in factory.calls("add_job")] == [ckpt_uri(a, 2)]
         assert (reopened.get(a).state, reopened.get(a).step) == (SUCCEEDED, 3)
+        assert restarted.checkpoints.deleted == [(a, SUCCEEDED)]
 
 
 def test_job_resumed_from_its_final_checkpoint_succeeds_at_admission(tmp_path, spec) -> None:
@@ -717,7 +740,8 @@ def test_job_resumed_from_its_final_checkpoint_succeeds_at_admission(tmp_path, s
         record = reopened.get(a)
         assert (record.state, record.step) == (SUCCEEDED, 3)
         assert f"succeeded: adapter at {adapter_uri(a)}" in log_text(reopened, a)
-        assert factory.calls("start_step") == []  # no round was needed
+        assert factory.calls("start_round") == []  # no round was needed
+        assert restarted.checkpoints.deleted == [(a, SUCCEEDED)]  # after the success, not before
         assert restarted.tick() is False
 
 
@@ -740,6 +764,26 @@ def test_idle_group_is_stopped_once_no_job_of_its_base_remains(
     assert group_b.is_shut_down
     assert controller.groups == {}
     assert [e.group for e in factory.calls("shutdown")] == [group_a.group_id, group_b.group_id]
+
+
+def test_only_a_succeeded_job_has_its_checkpoints_deleted_once_its_success_is_recorded(
+    queue, factory, spec
+) -> None:
+    factory.reject["bad"] = JobInputError("bad", "dataset", "data.jsonl:3: invalid JSON")
+    controller = make_controller(queue, factory)
+    done, cancelled, bad = controller.submit(
+        [spec("done", steps=2, save_steps=1), spec("cancelled", steps=5, save_steps=1), spec("bad")]
+    )
+    controller.tick()
+    assert controller.checkpoints.deleted == []
+
+    controller.tick()  # `done` takes its last step
+    assert controller.checkpoints.deleted == [(done, SUCCEEDED)]
+
+    queue.request_cancel(cancelled)
+    run_to_end(controller)
+    assert (queue.get(cancelled).state, queue.get(bad).state) == (CANCELLED, FAILED)
+    assert controller.checkpoints.deleted == [(done, SUCCEEDED)]
 
 
 def test_tick_says_whether_a_group_ran_a_round(queue, factory, spec) -> None:
@@ -840,6 +884,23 @@ def test_eval_losses_are_recorded_and_logged(queue, factory, spec) -> None:
     assert [line.split("step ")[1].split()[0] for line in lines] == ["2/5", "4/5", "5/5"]
     assert "eval_loss" not in queue.get(plain).metrics
     assert not any("eval_loss" in line for line in queue.logs(plain))
+
+
+def test_learning_rate_grad_norm_and_tokens_seen_reach_the_status_and_the_log(
+    queue, factory, spec
+) -> None:
+    controller = make_controller(queue, factory)
+    (a,) = controller.submit([spec("a", steps=12)])
+    for _ in range(10):
+        controller.tick()
+
+    record = queue.get(a)
+    assert record.metrics == {"learning_rate": 1e-4, "grad_norm": 10.5, "tokens_seen": 640}
+    progress = [line for line in queue.logs(a) if " loss " in line]
+    assert len(progress) == 1  # every 10 steps
+    assert progress[0].endswith("step 10/12 loss 0.1000 lr 0.0001 grad_norm 10.5000 1,000 tokens/s")
+    run_to_end(controller)
+    assert queue.get(a).metrics["tokens_seen"] == 64 * 12
 
 
 def test_what_admission_reports_goes_into_the_jobs_log(queue, factory, spec) -> None:

@@ -23,6 +23,7 @@ from carpool.workers.engine import Engine
 
 from tests.helpers.jobs import group_jobs, step_losses
 from tests.helpers.peft_reference import max_relative_difference
+from tests.helpers.round_driver import KeepFinished
 
 pytestmark = pytest.mark.integration
 
@@ -36,10 +37,10 @@ def _rank(rank: int, world: int, port: int, base: Path, datasets: dict, out: Pat
         engine = Engine(str(base), device="cpu", dtype=torch.float64, data_parallel=dp)
         for config in group_jobs(base, datasets):
             engine.add_job(config)
-        losses = []
+        losses, finished = [], KeepFinished()
         while engine.active_jobs():
-            losses.append(step_losses(engine))
-        adapters = {n: j.adapter.named_tensors() for n, j in engine.jobs.items()}
+            losses.append(step_losses(engine, finished))
+        adapters = {n: j.adapter.named_tensors() for n, j in finished.jobs.items()}
         torch.save(
             {"adapters": adapters, "bytes": dict(dp.collective_bytes), "losses": losses},
             out / f"rank{rank}.pt",
@@ -58,14 +59,14 @@ def test_two_ranks_equal_one_and_reduce_only_adapter_gradients(
     configs = group_jobs(tiny_base, datasets)
     for config in configs:
         single.add_job(config)
-    single_losses = []
+    single_losses, finished = [], KeepFinished()
     while single.active_jobs():
-        single_losses.append(step_losses(single))
+        single_losses.append(step_losses(single, finished))
     assert sum("odd:eval" in s for s in single_losses) == 3  # steps 2, 4, 6
     assert sum("single:eval" in s for s in single_losses) == 1  # at the end
 
     for config in configs:
-        expected = single.jobs[config.name].adapter.named_tensors()
+        expected = finished.jobs[config.name].adapter.named_tensors()
         assert max_relative_difference(expected, ranks[0]["adapters"][config.name]) <= 1e-9
         # Replicas stay identical: the same reduced gradients, the same AdamW steps.
         for key, tensor in ranks[0]["adapters"][config.name].items():
@@ -77,7 +78,7 @@ def test_two_ranks_equal_one_and_reduce_only_adapter_gradients(
     # Bytes into the gradient all-reduce: exactly the due jobs' trainable adapter bytes.
     trainable = {
         name: sum(p.numel() * p.element_size() for p in job.adapter.parameters() if p.requires_grad)
-        for name, job in single.jobs.items()
+        for name, job in finished.jobs.items()
     }
     steps = {c.name: c.training.max_steps for c in configs}
     expected_bytes = sum(

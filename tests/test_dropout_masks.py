@@ -13,6 +13,7 @@ from carpool.workers.job_spec import AdapterSpec
 
 from tests.helpers.jobs import job
 from tests.helpers.peft_reference import max_relative_difference
+from tests.helpers.round_driver import train_to_end
 
 CPU = torch.device("cpu")
 
@@ -73,8 +74,7 @@ def test_training_with_hashed_masks_does_not_depend_on_neighbours(
         engine = Engine(str(tiny_base), device="cpu", micro_batch_tokens=micro_batch_tokens)
         for config in configs:
             engine.add_job(config)
-        engine.run()
-        return engine.jobs["target"].adapter.named_tensors()
+        return train_to_end(engine)["target"].adapter.named_tensors()
 
     alone = train([target])
     beside = train([other, target], micro_batch_tokens=120)

@@ -15,6 +15,7 @@ from carpool.workers.job_spec import AdapterSpec, JobSpec
 
 from tests.helpers.jobs import STEPS, changed, job, randomize_b, three_jobs
 from tests.helpers.peft_reference import max_relative_difference, train_reference
+from tests.helpers.round_driver import KeepFinished, train_to_end
 
 
 def test_fused_jobs_match_single_job_peft(tiny_base: Path, datasets: dict[str, Path]) -> None:
@@ -24,14 +25,14 @@ def test_fused_jobs_match_single_job_peft(tiny_base: Path, datasets: dict[str, P
     for i, config in enumerate(configs):
         engine.add_job(config)
         starts[config.name] = randomize_b(engine, config.name, seed=i)
-    engine.run()
-    assert all(engine.jobs[c.name].step == STEPS for c in configs)
+    finished = train_to_end(engine)
+    assert all(finished[c.name].step == STEPS for c in configs)
     for config in configs:
-        rows = list(engine.jobs[config.name].dataset.rows)
+        rows = list(finished[config.name].dataset.rows)
         expected = train_reference(
             tiny_base, config, rows, starts[config.name], STEPS, engine.tokenizer.pad_token_id
         )
-        got = engine.jobs[config.name].adapter.named_tensors()
+        got = finished[config.name].adapter.named_tensors()
         assert max_relative_difference(expected, got) <= 1e-4, config.name
         # And training moved the weights: the comparison is not of two untouched starts.
         assert max_relative_difference(starts[config.name], got) > 1e-3, config.name
@@ -43,8 +44,7 @@ def train_alone_and_with(
     engine = Engine(str(base), device="cpu", **engine_kwargs)
     for config in [*neighbours[:2], target, *neighbours[2:]]:
         engine.add_job(config)
-    engine.run()
-    return engine.jobs[target.name].adapter.named_tensors()
+    return train_to_end(engine)[target.name].adapter.named_tensors()
 
 
 def test_adapter_does_not_depend_on_neighbours_or_micro_batches(
@@ -112,7 +112,7 @@ def test_base_weights_are_bitwise_unchanged(tiny_base: Path, datasets: dict[str,
     before = {k: v.clone() for k, v in engine.base.state_dict().items()}
     for config in three_jobs(tiny_base, datasets):
         engine.add_job(changed(config, training={"max_steps": 3}))
-    engine.run()
+    train_to_end(engine)
     after = engine.base.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
     assert not any(p.requires_grad for p in engine.base.parameters())
@@ -124,18 +124,19 @@ def test_jobs_join_and_leave_between_steps_without_disturbing_others(
     configs = three_jobs(tiny_base, datasets)
     alone = Engine(str(tiny_base), device="cpu")
     alone.add_job(configs[0])
-    alone.run()
+    expected = train_to_end(alone)[configs[0].name].adapter.named_tensors()
 
     engine = Engine(str(tiny_base), device="cpu")
     base_before = engine.base
     engine.add_job(configs[0])
     engine.add_job(configs[1])
-    engine.run(max_rounds=3)
+    finished = KeepFinished()
+    train_to_end(engine, finished, max_rounds=3)
     engine.add_job(configs[2])  # joins mid-run
-    engine.run(max_rounds=3)
+    train_to_end(engine, finished, max_rounds=3)
     engine.remove_job(configs[1].name)  # leaves mid-run
-    engine.run()
+    train_to_end(engine, finished)
     assert engine.base is base_before
-    assert engine.jobs[configs[2].name].step == STEPS
-    got = engine.jobs[configs[0].name].adapter.named_tensors()
-    assert max_relative_difference(alone.jobs[configs[0].name].adapter.named_tensors(), got) <= 1e-4
+    assert finished.jobs[configs[2].name].step == STEPS
+    got = finished.jobs[configs[0].name].adapter.named_tensors()
+    assert max_relative_difference(expected, got) <= 1e-4

@@ -9,9 +9,11 @@ import torch.nn.functional as F
 from carpool.workers.dataset import IGNORE_INDEX
 from carpool.workers.engine import Engine
 from carpool.workers.job_spec import AdapterSpec, DatasetSpec, JobSpec
+from carpool.workers.rounds import run_round
 
 from tests.helpers.data import write_jsonl
-from tests.helpers.jobs import changed, job, three_jobs
+from tests.helpers.jobs import STEPS, changed, job, three_jobs
+from tests.helpers.round_driver import train_to_end
 
 
 def with_eval(config: JobSpec, data: Path, eval_steps: int | None) -> JobSpec:
@@ -43,22 +45,25 @@ def test_eval_loss_on_schedule_equals_a_row_by_row_reference(
     for config in configs:
         engine.add_job(config)
     evaluated: dict[str, list[int]] = {c.name: [] for c in configs}
+    rounds = 0
     while engine.active_jobs():
-        for name, report in engine.step().items():
-            if report.eval_loss is not None:
-                evaluated[name].append(report.step)
-                last = report.eval_loss
-                if name == "text" and report.step == 3:
-                    assert abs(last - reference_eval_loss(engine, name)) <= 1e-5 * last
-    total = engine.jobs["text"].total_steps
-    assert evaluated["text"] == [s for s in range(1, total + 1) if s % 3 == 0 or s == total]
-    assert evaluated["chat"] == [engine.jobs["chat"].total_steps]
+        for result in run_round(engine, None):
+            if result.eval_loss is not None:
+                evaluated[result.job].append(result.step)
+                last = result.eval_loss
+                if result.job == "text" and result.step == 3:
+                    assert abs(last - reference_eval_loss(engine, "text")) <= 1e-5 * last
+        rounds += 1
+        if rounds == 5:
+            # Between rounds, for every job with eval rows; evaluate() on demand agrees.
+            on_demand = engine.evaluate()
+            assert set(on_demand) == {"text", "chat"}
+            for name, loss in on_demand.items():
+                assert abs(loss - reference_eval_loss(engine, name)) <= 1e-5 * loss, name
+    assert rounds == STEPS
+    assert evaluated["text"] == [s for s in range(1, STEPS + 1) if s % 3 == 0 or s == STEPS]
+    assert evaluated["chat"] == [STEPS]
     assert evaluated["qa"] == []
-    # At the end, for every job with eval rows; evaluate() on demand agrees.
-    on_demand = engine.evaluate()
-    assert set(on_demand) == {"text", "chat"}
-    for name, loss in on_demand.items():
-        assert abs(loss - reference_eval_loss(engine, name)) <= 1e-5 * loss, name
 
 
 def test_eval_loss_does_not_depend_on_neighbours(
@@ -80,9 +85,9 @@ def test_eval_loss_does_not_depend_on_neighbours(
             engine.add_job(config)
         out = []
         while engine.active_jobs():
-            report = engine.step().get("target")
-            if report is not None and report.eval_loss is not None:
-                out.append(report.eval_loss)
+            for result in run_round(engine, None):
+                if result.job == "target" and result.eval_loss is not None:
+                    out.append(result.eval_loss)
         return out
 
     alone = eval_losses([target])
@@ -102,6 +107,5 @@ def test_eval_dataset_is_never_trained_on(
     for data in (datasets["prompt_completion"], other_eval):
         engine = Engine(str(tiny_base), device="cpu")
         engine.add_job(with_eval(config, data, eval_steps=1))
-        engine.run()
-        weights.append(engine.jobs["a"].adapter.named_tensors())
+        weights.append(train_to_end(engine)["a"].adapter.named_tensors())
     assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])

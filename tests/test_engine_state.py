@@ -9,6 +9,7 @@ import pytest
 import torch
 from carpool.workers.adapter_bank import AdapterBank, Segment, dropout_mask, new_job_adapter
 from carpool.workers.base_model import load_base
+from carpool.workers.checkpoint import save_checkpoint
 from carpool.workers.engine import Engine
 from carpool.workers.job_spec import AdapterSpec
 from carpool.workers.peft_format import AdapterFormatError, read_adapter
@@ -17,6 +18,7 @@ from transformers import AutoModelForCausalLM
 
 from tests.helpers.jobs import changed, job, randomize_b
 from tests.helpers.peft_reference import max_relative_difference
+from tests.helpers.round_driver import train_to_end
 
 
 def test_dropout_gradients_match_plain_per_row_reference(tiny_base: Path) -> None:
@@ -76,7 +78,8 @@ def trained_engine(tiny_base: Path, datasets: dict[str, Path], steps: int = 4) -
         max_steps=steps,
     )
     engine.add_job(config)
-    engine.run()
+    while engine.active_jobs():  # the engine's rounds alone: the job stays, for its logits
+        engine.train_round()
     return engine
 
 
@@ -121,8 +124,7 @@ def test_init_from_exported_adapter_continues_from_its_weights(
     )
     ids = torch.randint(3, 200, (2, 9))
     torch.testing.assert_close(second.logits("cont", ids), first.logits("exp", ids), rtol=0, atol=0)
-    second.run()
-    assert second.jobs["cont"].step == 2
+    assert train_to_end(second)["cont"].step == 2
 
 
 def test_init_from_rejects_non_lora_adapter(tmp_path: Path) -> None:
@@ -163,20 +165,19 @@ def test_resume_from_checkpoint_equals_straight_run(
     straight = Engine(str(tiny_base), device="cpu")
     straight.add_job(config)
     start = randomize_b(straight, "res", seed=0)
-    straight.run()
+    expected = train_to_end(straight)["res"].adapter.named_tensors()
 
     first = Engine(str(tiny_base), device="cpu")
     first.add_job(config)
     first.jobs["res"].adapter.load_tensors(start)
-    first.run(max_rounds=5)
-    checkpoint = first.save_checkpoint("res", tmp_path / "ckpt")
+    train_to_end(first, max_rounds=5)
+    checkpoint = save_checkpoint(first.jobs["res"], tmp_path / "ckpt")
     del first
     resumed = Engine(str(tiny_base), device="cpu")
     resumed.add_job(config, resume_from=tmp_path / "ckpt")
     assert resumed.jobs["res"].step == 5 and checkpoint.name == "step-00000005"
-    resumed.run()
-    got = resumed.jobs["res"].adapter.named_tensors()
-    assert max_relative_difference(straight.jobs["res"].adapter.named_tensors(), got) <= 1e-6
+    got = train_to_end(resumed)["res"].adapter.named_tensors()
+    assert max_relative_difference(expected, got) <= 1e-6
 
 
 def test_epochs_define_the_number_of_steps(tiny_base: Path, datasets: dict[str, Path]) -> None:
@@ -188,7 +189,7 @@ def test_epochs_define_the_number_of_steps(tiny_base: Path, datasets: dict[str, 
     rows_per_step = []
     while not training_job.done:
         rows_per_step.append(len(training_job.next_rows()[0]))
-        engine.step()
+        engine.train_round()
     assert rows_per_step == [16, 16, 16, 12]
 
 
@@ -201,16 +202,15 @@ def test_a_diverging_job_fails_alone(tiny_base: Path, datasets: dict[str, Path])
     )  # fmt: skip
     alone = Engine(str(tiny_base), device="cpu")
     alone.add_job(good)
-    alone.run()
+    expected = train_to_end(alone)["good"].adapter.named_tensors()
 
     engine = Engine(str(tiny_base), device="cpu")
     engine.add_job(good)
     engine.add_job(bad)
     failures = []
     while engine.active_jobs():
-        failures += [r for r in engine.step().values() if r.error]
+        failures += [r for r in engine.train_round().values() if r.error]
     assert [r.job for r in failures] == ["bad"]
     assert "loss is" in failures[0].error or "non-finite" in failures[0].error
     assert engine.jobs["bad"].step < 6 and engine.jobs["good"].step == 6
-    expected = alone.jobs["good"].adapter.named_tensors()
     assert max_relative_difference(expected, engine.jobs["good"].adapter.named_tensors()) <= 1e-4

@@ -13,13 +13,14 @@ from carpool.workers.job_spec import AdapterSpec, DatasetSpec, JobInputError, Jo
 from tests.helpers.jobs import changed
 
 
-def worker(tiny_base: Path, tmp_path: Path) -> EngineWorker:
+def worker(tiny_base: Path, tmp_path: Path, **options) -> EngineWorker:
     return EngineWorker(
         "g1",
         str(tiny_base),
         storage_root=str(tmp_path / "store"),
         scratch_dir=tmp_path / "scratch",
         device="cpu",
+        **options,
     )
 
 
@@ -41,8 +42,8 @@ def test_job_resumed_from_its_final_checkpoint_is_exported_at_admission(
 ) -> None:
     first = worker(tiny_base, tmp_path)
     assert first.add_job("job-a", config(datasets)).adapter is None
-    first.step()
-    (final,) = first.step()
+    first.run_round()
+    (final,) = first.run_round()
     assert final.adapter is not None and final.checkpoint.endswith("step-00000002")
     shutil.rmtree(final.adapter)  # so only admission can write it again
 
@@ -50,9 +51,22 @@ def test_job_resumed_from_its_final_checkpoint_is_exported_at_admission(
     admitted = restarted.add_job("job-a", config(datasets), final.checkpoint)
 
     assert (admitted.step, admitted.adapter) == (2, final.adapter)
-    assert restarted.job_ids() == []  # nothing left that a round would have to report
+    assert restarted.engine.jobs == {}  # nothing left that a round would have to report
     assert (Path(admitted.adapter) / "adapter_model.safetensors").is_file()
-    assert restarted.step() == []
+    assert restarted.run_round() == []
+
+
+@pytest.mark.parametrize("keep", [1, 2])
+def test_a_job_keeps_its_newest_keep_checkpoints_in_the_store(
+    tiny_base: Path, datasets: dict[str, Path], tmp_path: Path, keep: int
+) -> None:
+    w = worker(tiny_base, tmp_path, keep_checkpoints=keep)
+    w.add_job("job-a", config(datasets, steps=4))
+    uris = [r.checkpoint for _ in range(3) for r in w.run_round()]
+    root = w.store.checkpoint_uri("job-a")
+    assert uris == [f"{root}/step-{n:08d}" for n in (1, 2, 3)]
+    kept = sorted(p.name for p in (tmp_path / "store" / "checkpoints" / "job-a").iterdir())
+    assert kept == [f"step-{n:08d}" for n in (1, 2, 3)][-keep:]
 
 
 def test_a_jobs_own_bad_input_raises_a_job_input_error_that_names_it(
@@ -77,7 +91,7 @@ def test_a_jobs_own_bad_input_raises_a_job_input_error_that_names_it(
         errors[source] = caught.value
         assert caught.value.source == source
         assert str(caught.value).startswith(f"{source}: ")
-        assert w.job_ids() == []
+        assert w.engine.jobs == {}
     assert f"{rows}:2: invalid JSON" in str(errors["dataset"])
     assert "adapter_config.json" in str(errors["init_from"])
     assert "lr_scheduler_type 'bogus'" in str(errors["training"])

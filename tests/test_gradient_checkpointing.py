@@ -15,6 +15,7 @@ from torch import nn
 from tests.helpers.autograd_memory import kept_for_backward
 from tests.helpers.jobs import dropout_and_shuffle, job, three_jobs
 from tests.helpers.peft_reference import max_relative_difference
+from tests.helpers.round_driver import train_to_end
 
 
 def train(base: Path, configs: list, **engine_kwargs) -> tuple[dict, int]:
@@ -23,9 +24,9 @@ def train(base: Path, configs: list, **engine_kwargs) -> tuple[dict, int]:
     for config in configs:
         engine.add_job(config)
     with kept_for_backward() as kept:
-        engine.step()
-    engine.run()
-    adapters = {c.name: engine.jobs[c.name].adapter.named_tensors() for c in configs}
+        engine.train_round()
+    finished = train_to_end(engine)
+    adapters = {c.name: finished[c.name].adapter.named_tensors() for c in configs}
     return adapters, kept.total
 
 

@@ -233,11 +233,16 @@ def test_progress_checkpoint_and_requeue(queue: JobQueue) -> None:
     job = queue.requeue(job_id, "group g lost")
     assert (job.state, job.group) == (Q, None)
     assert (job.checkpoint, job.checkpoint_step, job.step) == ("/ckpt/job/step-4", 4, 4)
-    assert job.metrics == {"tokens_seen": 9, "rows": 1, "preemptions": 1}
+    # A lost group is a requeue, not a preemption.
+    assert job.metrics == {"tokens_seen": 9, "rows": 1, "requeues": 1}
     assert queue.logs(job_id)[-1].endswith("requeued: group g lost")
 
     queue.mark_running(job_id, "g2")
-    assert queue.requeue(job_id, "preempted by priority").metrics["preemptions"] == 2
+    job = queue.requeue(job_id, "preempted by priority", preempted=True)
+    assert (job.metrics["preemptions"], job.metrics["requeues"]) == (1, 2)
+    queue.mark_running(job_id, "g3")
+    job = queue.requeue(job_id, "preempted again", preempted=True)
+    assert (job.metrics["preemptions"], job.metrics["requeues"]) == (2, 3)
 
 
 def test_final_step_checkpoint_and_success_are_one_transaction(queue: JobQueue) -> None:

@@ -87,6 +87,9 @@ def test_jobs_queue_group_cancel_and_metrics(
         # b's eval loss: in its status and its log, at steps 4 and 8.
         evaluated = job(client, ids["b"])["metrics"]
         assert evaluated["eval_step"] == 8 and evaluated["eval_loss"] > 0
+        # And the figures HF's Trainer logs, as `carpool status --json` shows them.
+        assert evaluated["learning_rate"] == 1e-2 and evaluated["grad_norm"] > 0
+        assert evaluated["tokens_seen"] > 0
         assert sum("eval_loss" in line for line in client.logs(ids["b"])) == 2
 
         # A job submitted while its base's group runs joins that group, no restart.
@@ -121,7 +124,7 @@ def test_jobs_queue_group_cancel_and_metrics(
 
         assert main(["wait", long_id, "--timeout", "0.1"]) == 2  # still running
 
-        # Cancel stops a running job at the next step boundary; the others go on.
+        # Cancel stops a running job before its next round; the others go on.
         # Several ids: one unknown id stops the command before any job is touched.
         assert main(["cancel", doomed_id, "no-such-job-0"]) == 1
         assert not job(client, doomed_id)["cancel_requested"]
@@ -154,6 +157,8 @@ def test_jobs_queue_group_cancel_and_metrics(
         assert any(line.startswith("ray_carpool_queue_depth") for line in lines), lines
         b_eval = f'job="{ids["b"]}"'
         assert any(x.startswith("ray_carpool_job_eval_loss") and b_eval in x for x in lines)
+        for gauge in ("ray_carpool_job_learning_rate", "ray_carpool_job_grad_norm"):
+            assert any(x.startswith(gauge) and f'job="{long_id}"' in x for x in lines), gauge
 
 
 def test_priority_preemption_and_durability(
@@ -171,8 +176,12 @@ def test_priority_preemption_and_durability(
         assert any("preempted" in line for line in client.logs(low_id))
         assert client.wait([low_id], timeout=180) == {low_id: "succeeded"}
         assert job(client, low_id)["attempts"] == 2
+        assert job(client, low_id)["metrics"]["preemptions"] == 1
         # Resumed from its checkpoint, it ends where an uninterrupted run ends.
         assert_same_adapter(client.fetch(low_id, tmp_path / "low"), engine_result(low))
+        # Its success recorded, it needs no checkpoint any more.
+        checkpoints = tmp_path / "state" / "artifacts" / "checkpoints"
+        assert not (checkpoints / low_id).exists()
 
         # Durability: down and up keep the queue and the artifacts.
         again_id, waiting_id = client.submit([low, waiting])
@@ -189,3 +198,4 @@ def test_priority_preemption_and_durability(
             waiting_id: "succeeded",
         }
         assert_same_adapter(client.fetch(again_id, tmp_path / "again"), engine_result(low))
+        assert not (checkpoints / again_id).exists()

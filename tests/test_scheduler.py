@@ -35,8 +35,8 @@ def job(
     return JobDemand(id, base, priority, next(_seq) if seq is None else seq, tokens, memory)
 
 
-def group(id: str, base: str = "A", *jobs: JobDemand, starting: bool = False) -> GroupView:
-    return GroupView(id, base, tuple(jobs), starting)
+def group(id: str, base: str = "A", *jobs: JobDemand) -> GroupView:
+    return GroupView(id, base, tuple(jobs))
 
 
 class Ids:
@@ -84,11 +84,6 @@ def test_different_bases_get_two_groups() -> None:
 def test_job_joins_a_running_group_of_its_base() -> None:
     out = run([job("a2")], [group("g", "A", job("a1"))], slots=1)
     assert out == [AdmitJob("a2", "g")]
-
-
-def test_job_joins_a_group_that_is_still_starting() -> None:
-    out = run([job("a1")], [group("g", "A", starting=True)], slots=1)
-    assert out == [AdmitJob("a1", "g")]
 
 
 def test_job_placed_into_group_started_earlier_in_same_call() -> None:
@@ -141,9 +136,10 @@ def test_prefers_the_fullest_group() -> None:
     groups = [
         group("light", "A", job("r1", tokens=100)),
         group("heavy", "A", job("r2", tokens=500)),
-        group("empty", "A", starting=True),
+        group("empty", "A"),
     ]
-    assert run([job("q", tokens=100)], groups) == [AdmitJob("q", "heavy")]
+    # The empty group, left idle with no queued job of its base, then stops.
+    assert run([job("q", tokens=100)], groups) == [AdmitJob("q", "heavy"), StopGroup("empty")]
 
 
 def test_oversize_job_runs_alone_in_an_empty_group() -> None:
@@ -296,10 +292,6 @@ def test_idle_group_is_stopped() -> None:
 
 def test_idle_group_kept_for_a_queued_job_of_its_base() -> None:
     assert run([job("a1")], [group("g", "A")]) == [AdmitJob("a1", "g")]
-
-
-def test_starting_group_without_jobs_is_not_stopped() -> None:
-    assert run([], [group("g", "A", starting=True)]) == []
 
 
 def test_busy_group_is_not_stopped() -> None:

@@ -32,6 +32,7 @@ from transformers import AutoModelForCausalLM
 
 from tests.helpers.jobs import changed, group_jobs, step_losses
 from tests.helpers.peft_reference import max_relative_difference
+from tests.helpers.round_driver import KeepFinished
 
 # Small enough that the ranks' shares split into different numbers of micro-batches.
 MICRO_BATCH_TOKENS = 48
@@ -87,11 +88,11 @@ def mixed_target_jobs(base: Path, datasets: dict[str, Path]) -> list[JobSpec]:
 def _train(engine: Engine, configs: list[JobSpec]) -> dict:
     for config in configs:
         engine.add_job(config)
-    losses = []
+    losses, finished = [], KeepFinished()
     while engine.active_jobs():
-        losses.append(step_losses(engine))
+        losses.append(step_losses(engine, finished))
     return {
-        "adapters": {n: j.adapter.named_tensors() for n, j in engine.jobs.items()},
+        "adapters": {n: j.adapter.named_tensors() for n, j in finished.jobs.items()},
         "losses": losses,
     }
 

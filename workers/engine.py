@@ -2,27 +2,27 @@
 
 Usable in-process without Ray; a worker actor is a thin shell around it.
 
-A round (`Engine.step`) gives every active job exactly one optimizer step:
-it gathers each job's next `batch_size` rows, packs all of them into fused
+`Engine.train_round` gives every active job exactly one optimizer step: it
+gathers each job's next `batch_size` rows, packs all of them into fused
 micro-batches, runs forward/backward once per micro-batch with every row
-routed through its own job's adapter, then steps each job's optimizer.
+routed through its own job's adapter, then steps each job's optimizer. The
+bookkeeping of a round (evaluations, checkpoints, finishing jobs) is
+`carpool.workers.rounds.run_round`'s.
 """
 
 from __future__ import annotations
 
 import logging
-import time
 from collections import defaultdict
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import replace
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from carpool.workers.adapter_bank import AdapterBank, JobAdapter, Segment, new_job_adapter
 from carpool.workers.base_model import default_device, default_dtype, load_base, load_tokenizer
-from carpool.workers.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from carpool.workers.checkpoint import latest_checkpoint, load_checkpoint
 from carpool.workers.chunked_loss import chunked_token_losses, loss_precision, supports_chunked_loss
 from carpool.workers.data_parallel import DataParallel
 from carpool.workers.dataset import IGNORE_INDEX, TokenizedDataset, load_dataset
@@ -46,7 +46,6 @@ class Engine:
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
         micro_batch_tokens: int | None = None,
-        checkpoint_root: str | Path | None = None,
         trust_remote_code: bool = False,
         data_parallel: DataParallel | None = None,
         zero_stage: int = 0,
@@ -57,15 +56,12 @@ class Engine:
     ) -> None:
         """`micro_batch_tokens` caps padded tokens per forward/backward (None: one per round).
 
-        With `checkpoint_root`, each job checkpoints to `<root>/<job>/` every
-        `save_steps` steps and when it finishes.
-
         With `data_parallel`, this engine is one rank of a group: it trains its
         share of every job's rows and sums adapter gradients with the others.
         `zero_stage=3` also partitions the base across that group (DeepSpeed
         ZeRO-3, `offload_params` keeps the partitions on the host; `zero_options`
         go to DeepSpeed's `zero_optimization`); then every rank must call
-        `step` and `logits` together.
+        `train_round`, `evaluate` and `logits` together.
 
         `gradient_checkpointing` recomputes each decoder layer in the backward
         instead of keeping its activations: less memory, the same result.
@@ -82,7 +78,6 @@ class Engine:
         self.device = torch.device(device) if device is not None else default_device()
         self.dtype = dtype or default_dtype(self.device)
         self.micro_batch_tokens = micro_batch_tokens
-        self.checkpoint_root = Path(checkpoint_root) if checkpoint_root is not None else None
         self.data_parallel = data_parallel
         self.zero_stage = zero_stage
         self._zero3 = None  # what must stay alive while the ZeRO-3 base is in use
@@ -109,7 +104,6 @@ class Engine:
         self.tokenizer = load_tokenizer(base_model, trust_remote_code=trust_remote_code)
         self.bank = AdapterBank(self.base)
         self.jobs: dict[str, TrainingJob] = {}
-        self.last_round_seconds = 0.0
 
     # -- jobs joining and leaving ---------------------------------------------------------
     def add_job(
@@ -184,12 +178,11 @@ class Engine:
         return [j for j in self.jobs.values() if j.active]
 
     # -- training -------------------------------------------------------------------------
-    def step(self) -> dict[str, StepReport]:
+    def train_round(self) -> dict[str, StepReport]:
         """One optimizer step for every active job; returns each job's report."""
         jobs = self.active_jobs()
         if not jobs:
             return {}
-        started = time.perf_counter()
         rows_by_job = {j.name: j.next_rows() for j in jobs}
         all_rows = [
             r for name, (rows, ids) in rows_by_job.items() for r in step_rows(name, rows, ids)
@@ -207,28 +200,27 @@ class Engine:
             jobs = sorted(jobs, key=lambda j: j.name)  # the same order on every rank
             dp.reduce_gradients([j.adapter for j in jobs])
             losses = dp.reduce_losses([j.name for j in jobs], losses)
+        # One host sync for every job's gradient check and norm, not one per job.
+        stats = torch.stack([j.gradient_stats() for j in jobs]).tolist()
         reports = {}
-        for j in jobs:
+        for j, (finite, grad_norm) in zip(jobs, stats, strict=True):
             # A job that diverged fails alone: its rows touched only its own adapter.
-            reason = j.non_finite(losses[j.name])
+            reason = j.non_finite(losses[j.name], grads_finite=bool(finite))
             if reason is not None:
                 j.fail(reason)
                 reports[j.name] = StepReport(
-                    j.name, j.step, j.total_steps, losses[j.name], 0, 0.0, None, error=reason
+                    job=j.name,
+                    step=j.step,
+                    total_steps=j.total_steps,
+                    loss=losses[j.name],
+                    tokens=0,
+                    learning_rate=j.learning_rate,
+                    grad_norm=grad_norm,
+                    error=reason,
                 )
                 continue
-            reports[j.name] = j.finish_step(losses[j.name], rows_by_job[j.name][0])
-        # After the update, so an evaluation at step N sees the adapter of step N.
-        for name, loss in self.evaluate([j.name for j in jobs if j.eval_due]).items():
-            reports[name] = replace(reports[name], eval_loss=loss)
-        self.last_round_seconds = time.perf_counter() - started
-        if self.checkpoint_root is not None:
-            for job in jobs:
-                if job.error is None and (
-                    job.done or job.step % job.config.training.save_steps == 0
-                ):
-                    path = save_checkpoint(job, self.checkpoint_root / job.name)
-                    reports[job.name] = replace(reports[job.name], checkpoint=str(path))
+            rows = rows_by_job[j.name][0]
+            reports[j.name] = j.finish_step(losses[j.name], rows, grad_norm)
         return reports
 
     @torch.no_grad()
@@ -307,13 +299,6 @@ class Engine:
             )
         return ce.view_as(batch.targets).sum(dim=1) * batch.row_scale
 
-    def run(self, max_rounds: int | None = None) -> None:
-        """Step until every job is done (or `max_rounds` rounds)."""
-        rounds = 0
-        while self.active_jobs() and (max_rounds is None or rounds < max_rounds):
-            self.step()
-            rounds += 1
-
     # -- outputs --------------------------------------------------------------------------
     @torch.no_grad()
     def logits(self, name: str, input_ids: torch.Tensor) -> torch.Tensor:
@@ -323,26 +308,10 @@ class Engine:
         with self.bank.route([seg]):
             return self.base(input_ids=input_ids, use_cache=False).logits
 
-    def save_checkpoint(self, name: str, root: str | Path) -> Path:
-        """Checkpoint job `name` now, under `root` (a directory of its own)."""
-        return save_checkpoint(self.jobs[name], root)
-
     def export(self, name: str, out_dir: str | Path) -> Path:
         """Write job `name`'s adapter as a PEFT adapter directory."""
         job = self.jobs[name]
         return export_adapter(job.adapter, out_dir, base_model=job.config.base_model)
-
-
-def train_jobs(configs: Sequence[JobSpec], out_dir: str | Path, **engine_kwargs) -> dict[str, Path]:
-    """Train jobs that share one base to completion and export each; returns their dirs."""
-    bases = {c.base_model for c in configs}
-    if len(bases) != 1:
-        raise ValueError(f"train_jobs needs jobs on one base model, got {sorted(bases)}")
-    engine = Engine(bases.pop(), **engine_kwargs)
-    for config in configs:
-        engine.add_job(config)
-    engine.run()
-    return {c.name: engine.export(c.name, Path(out_dir) / c.name) for c in configs}
 
 
 @contextmanager

@@ -33,11 +33,6 @@ class FusedBatch:
     targets: torch.Tensor  # [rows, seq] long: next token, IGNORE_INDEX where untrained
     row_scale: torch.Tensor  # [rows] float: each row's job loss scale
     segments: tuple[Segment, ...]
-    num_tokens: int  # real (unpadded) tokens
-
-    @property
-    def padded_tokens(self) -> int:
-        return self.input_ids.numel()
 
 
 def trainable_tokens(row: TokenizedRow) -> int:
@@ -99,5 +94,4 @@ def collate(rows: Sequence[StepRow], pad_token_id: int, device: torch.device) ->
         targets=targets.to(device),
         row_scale=scale.to(device),
         segments=tuple(segments),
-        num_tokens=sum(len(r.row.input_ids) for r in grouped),
     )

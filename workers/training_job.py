@@ -19,7 +19,7 @@ from carpool.workers.lr_schedule import lr_multiplier
 from torch.optim.lr_scheduler import LambdaLR
 
 
-@dataclass
+@dataclass(frozen=True, kw_only=True)
 class StepReport:
     """What one optimizer step of one job produced (for progress and metrics)."""
 
@@ -28,11 +28,9 @@ class StepReport:
     total_steps: int
     loss: float  # mean cross-entropy over the step's trainable tokens
     tokens: int  # real tokens the step processed
-    learning_rate: float
-    grad_norm: float | None
-    checkpoint: str | None = None  # where the engine checkpointed the job after this step
+    learning_rate: float  # of the step (the first parameter group's, as HF reports it)
+    grad_norm: float  # L2 norm of the job's adapter gradients, before any clipping
     error: str | None = None  # the job failed in this step (e.g. its loss became NaN)
-    eval_loss: float | None = None  # mean cross-entropy over the eval rows, when evaluated
 
 
 def build_optimizer(adapter: JobAdapter, config: JobSpec) -> torch.optim.AdamW:
@@ -112,13 +110,27 @@ class TrainingJob:
             if data is not None and data.truncated_rows
         )
 
-    def non_finite(self, loss: float) -> str | None:
+    @property
+    def learning_rate(self) -> float:
+        return self.optimizer.param_groups[0]["lr"]
+
+    def gradient_stats(self) -> torch.Tensor:
+        """[1.0 if every gradient is finite else 0.0, L2 norm of the gradients], float32.
+
+        Left on the device: the engine reads every job's pair in one host sync.
+        """
+        grads = [p.grad for p in self.adapter.parameters() if p.grad is not None]
+        if not grads:
+            return torch.tensor([1.0, 0.0], device=self.adapter.parameters()[0].device)
+        finite = torch.stack([torch.isfinite(g).all() for g in grads]).all()
+        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+        return torch.stack([finite.float(), norm.float()])
+
+    def non_finite(self, loss: float, grads_finite: bool) -> str | None:
         """Why this step must not be applied (a NaN/inf loss or gradient), or None."""
         if not math.isfinite(loss):
             return f"loss is {loss} at step {self.step + 1}"
-        grads = [p.grad for p in self.adapter.parameters() if p.grad is not None]
-        # One host sync per job, not one per tensor: this runs every step.
-        if grads and not bool(torch.stack([torch.isfinite(g).all() for g in grads]).all()):
+        if not grads_finite:
             return f"non-finite gradient at step {self.step + 1}"
         return None
 
@@ -153,15 +165,16 @@ class TrainingJob:
         return [self.row_at(i) for i in ids], ids
 
     # -- stepping ---------------------------------------------------------------------
-    def finish_step(self, loss: float, rows: list[TokenizedRow]) -> StepReport:
-        """Clip, step AdamW and the schedule, and advance the data position."""
-        params = self.adapter.parameters()
-        grad_norm = None
+    def finish_step(self, loss: float, rows: list[TokenizedRow], grad_norm: float) -> StepReport:
+        """Clip, step AdamW and the schedule, and advance the data position.
+
+        `grad_norm` is the gradients' norm (`gradient_stats`), reported as it is.
+        """
         max_norm = self.config.training.max_grad_norm
         if max_norm is not None:
-            trainable = [p for p in params if p.requires_grad]
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, max_norm))
-        lr = self.optimizer.param_groups[0]["lr"]
+            trainable = [p for p in self.adapter.parameters() if p.requires_grad]
+            torch.nn.utils.clip_grad_norm_(trainable, max_norm)  # as the PEFT reference clips
+        lr = self.learning_rate
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -170,7 +183,15 @@ class TrainingJob:
         tokens = sum(len(r.input_ids) for r in rows)
         self.tokens_seen += tokens
         self.last_loss = loss
-        return StepReport(self.name, self.step, self.total_steps, loss, tokens, lr, grad_norm)
+        return StepReport(
+            job=self.name,
+            step=self.step,
+            total_steps=self.total_steps,
+            loss=loss,
+            tokens=tokens,
+            learning_rate=lr,
+            grad_norm=grad_norm,
+        )
 
     # -- checkpoint state ---------------------------------------------------------------
     def state_dict(self) -> dict:

@@ -14,6 +14,8 @@ from carpool.orchestrator.validation import load_spec_file
 from carpool.workers.engine import Engine
 from carpool.workers.peft_format import read_adapter
 
+from tests.helpers.round_driver import train_to_end
+
 
 @contextmanager
 def carpool_cluster(root: Path, **operator) -> Iterator[Client]:
@@ -78,10 +80,10 @@ def engine_results(
         engine = Engine(configs[0].base_model, device="cpu")
         for config in configs:
             engine.add_job(config)
-        engine.run()
+        finished = train_to_end(engine)
     finally:
         torch.set_num_threads(previous)
-    return [engine.jobs[c.name].adapter.named_tensors() for c in configs]
+    return [finished[c.name].adapter.named_tensors() for c in configs]
 
 
 def assert_same_adapter(

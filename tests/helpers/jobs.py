@@ -8,6 +8,9 @@ from typing import Any
 import torch
 from carpool.workers.engine import Engine
 from carpool.workers.job_spec import AdapterSpec, DatasetSpec, JobSpec, TrainingSpec
+from carpool.workers.rounds import run_round
+
+from tests.helpers.round_driver import KeepFinished
 
 STEPS = 10
 
@@ -121,11 +124,11 @@ def group_jobs(base: Path, datasets: dict[str, Path]) -> list[JobSpec]:
     ]  # fmt: skip
 
 
-def step_losses(engine: Engine) -> dict[str, float]:
+def step_losses(engine: Engine, finished: KeepFinished) -> dict[str, float]:
     """One round's training losses, and eval losses as "<job>:eval"."""
     out = {}
-    for name, report in engine.step().items():
-        out[name] = report.loss
-        if report.eval_loss is not None:
-            out[f"{name}:eval"] = report.eval_loss
+    for result in run_round(engine, finished):
+        out[result.job] = result.loss
+        if result.eval_loss is not None:
+            out[f"{result.job}:eval"] = result.eval_loss
     return out
