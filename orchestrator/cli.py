@@ -124,6 +124,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         )
     for name, path in outputs.items():
         print(f"{name}: {path}")
+    failed = [s.name for s in specs if s.name not in outputs]
+    if failed:  # each one's reason was printed as it failed
+        print(f"error: {len(failed)} job(s) failed: {', '.join(failed)}", file=sys.stderr)
+        return 1
     return 0
 
 

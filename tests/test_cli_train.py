@@ -196,3 +196,18 @@ def test_progress_bars_show_learning_rate_and_grad_norm(
     shown = console.file.getvalue()
     assert "lr 1.00e-02" in shown
     assert re.search(rf"gnorm +{trained[-1].grad_norm:.3g} ", shown), shown
+
+
+def test_carpool_train_exits_1_when_a_job_failed(
+    tiny_base: Path, datasets: dict[str, Path], tmp_path: Path, capsys
+) -> None:
+    good = write_spec(tmp_path / "good.yaml", **spec_fields("good", tiny_base, datasets["text"]))
+    bad = spec_fields("bad", tiny_base, datasets["messages"], max_steps=6, learning_rate=1e30)
+    bad["adapter"]["target_modules"] = "all-linear"
+    out = tmp_path / "out"
+    assert (
+        main(["train", str(good), str(write_spec(tmp_path / "bad.yaml", **bad)), "--out", str(out)])
+        == 1
+    )
+    assert "1 job(s) failed: bad" in capsys.readouterr().err
+    assert (out / "good" / "adapter_config.json").is_file()
