@@ -32,10 +32,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from carpool.workers.adapter_math import ADAPTER_MATHS
 from carpool.workers.base_model import default_dtype
 from carpool.workers.dataset import TokenizedDataset, TokenizedRow
 from carpool.workers.engine import Engine
-from carpool.workers.grouped_lora import ADAPTER_MATHS
 from carpool.workers.job_spec import AdapterSpec, DatasetSpec, JobSpec, TrainingSpec
 from carpool.workers.tiny_base import train_tokenizer
 from peft import LoraConfig, get_peft_model

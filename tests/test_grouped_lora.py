@@ -19,8 +19,8 @@ from carpool.workers.adapter_bank import (
     hashed_segments_mask,
     new_job_adapter,
 )
+from carpool.workers.adapter_math import resolve_adapter_math
 from carpool.workers.base_model import load_base
-from carpool.workers.grouped_lora import resolve_adapter_math
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from tests.helpers.peft_reference import max_relative_difference
@@ -145,7 +145,8 @@ def test_cpu_masks_are_the_loops_masks(tiny_base: Path) -> None:
     x = torch.randn(8, 5, linear.in_features)
     c = bank.adapters["c"]
     w = c.modules[module]
-    mask = dropout_mask(c, w.module_index, SEGMENTS[2].row_ids, torch.Size([1, 5, 64]), x)
+    shape = torch.Size([1, 5, linear.in_features])
+    mask = dropout_mask(c, w.module_index, SEGMENTS[2].row_ids, shape, x)
     # Row 5 through c alone, by hand, against the grouped hook's value for that row.
     by_hand = linear(x[5:6]) + ((x[5:6] * mask) @ w.lora_A.T @ w.lora_B.T) * c.scaling
     bank.adapter_math = "bmm"
@@ -211,6 +212,6 @@ def test_adapter_math_setting_is_checked_and_auto_resolves_per_device(tiny_base:
     base = load_base(str(tiny_base), device=CPU)
     with pytest.raises(ValueError, match="adapter_math must be one of auto, loop, bmm"):
         AdapterBank(base, adapter_math="grouped")
-    assert resolve_adapter_math("auto", CPU) == "loop"
-    assert resolve_adapter_math("auto", torch.device("cuda")) == "bmm"
-    assert resolve_adapter_math("grouped_mm", CPU) == "grouped_mm"
+    assert resolve_adapter_math("auto", "cpu") == "bmm"
+    assert resolve_adapter_math("auto", "cuda") == "bmm"
+    assert resolve_adapter_math("grouped_mm", "cpu") == "grouped_mm"

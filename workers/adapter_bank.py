@@ -18,15 +18,14 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+from carpool.workers.adapter_math import check_adapter_math, resolve_adapter_math
 from carpool.workers.base_model import linear_modules, match_target_modules
 from carpool.workers.grouped_lora import (
     GroupPlan,
-    check_adapter_math,
     grouped_delta,
     grouped_mm_unsupported,
     on_device,
     plan_group,
-    resolve_adapter_math,
     warn_once,
 )
 from torch import nn
@@ -219,7 +218,7 @@ def hashed_keep_mask(
     """
     _, seq_len, features = shape
     index = torch.arange(seq_len * features, dtype=torch.int64, device=device)
-    row_keys = torch.tensor([s & _U32 for s in seeds], dtype=torch.int64, device=device)
+    row_keys = on_device(torch.tensor([s & _U32 for s in seeds], dtype=torch.int64), device)
     h = ((index.view(1, -1) * 0x9E3779B1) & _U32) ^ row_keys.view(-1, 1)
     for multiplier in (0x7FEB352D, 0x68E31DA5):  # odd and below 2**31: products fit in int64
         h ^= h >> 16
@@ -353,7 +352,7 @@ class AdapterBank:
         return output.add_(delta.to(output.dtype))
 
     def _path(self, module_name: str, dtype: torch.dtype, device: torch.device) -> str:
-        path = resolve_adapter_math(self.adapter_math, device)
+        path = resolve_adapter_math(self.adapter_math, device.type)
         if path == "grouped_mm":
             linear = self._linears[module_name]
             reason = grouped_mm_unsupported(dtype, device, linear.in_features, linear.out_features)

@@ -29,39 +29,13 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal, get_args
+from typing import Literal
 
 import torch
 
 log = logging.getLogger("carpool.adapter_math")
 
-AdapterMath = Literal["auto", "loop", "bmm", "grouped_mm"]
-ADAPTER_MATHS: tuple[str, ...] = get_args(AdapterMath)
 GroupedMath = Literal["bmm", "grouped_mm"]
-
-# `auto` per device type, from benchmarks/engine.py --adapter-math (BENCHMARKS.md):
-# - cpu: "loop". A round took 1.07x the loop's time with `bmm` and 1.47x with
-#   `grouped_mm` (K=8 x 4 rows x 128 tokens, 2 busy cores): a CPU pays no launch
-#   per op, so fewer ops save nothing there, and the gathers cost copies.
-# - anything else (cuda): "bmm". The LoRA math runs in float32 beside a bf16
-#   base (`adapter_dtype`) and torch's fast `_grouped_mm` kernel takes bf16
-#   only; `bmm` is one launch per matmul whatever K. Not yet measured on a GPU.
-_AUTO = {"cpu": "loop"}
-_AUTO_ELSEWHERE = "bmm"
-
-
-def check_adapter_math(setting: str) -> str:
-    """`setting` if it names a path, else ValueError listing the choices."""
-    if setting not in ADAPTER_MATHS:
-        raise ValueError(f"adapter_math must be one of {', '.join(ADAPTER_MATHS)}, got {setting!r}")
-    return setting
-
-
-def resolve_adapter_math(setting: str, device: torch.device) -> str:
-    """The path `setting` means on `device`: `auto` becomes the measured choice."""
-    if setting != "auto":
-        return setting
-    return _AUTO.get(device.type, _AUTO_ELSEWHERE)
 
 
 def grouped_mm_unsupported(
