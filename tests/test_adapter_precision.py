@@ -22,9 +22,9 @@ def test_adapter_dtype_upcasts_only_half_precision() -> None:
 
 
 def test_bf16_base_trains_float32_adapters_that_peft_loads(
-    tiny_base: Path, datasets: dict[str, Path], tmp_path: Path
+    tiny_base: Path, datasets: dict[str, Path], tmp_path: Path, adapter_math: str
 ) -> None:
-    engine = Engine(str(tiny_base), device="cpu", dtype=torch.bfloat16)
+    engine = Engine(str(tiny_base), device="cpu", dtype=torch.bfloat16, adapter_math=adapter_math)
     # An update of ~lr per step is far below bf16's resolution at A's magnitude
     # (~0.1, spacing ~5e-4): bf16 adapter weights would not move at all.
     config = job(
