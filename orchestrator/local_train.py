@@ -35,6 +35,7 @@ def train_locally(
     device: str | None = None,
     gradient_checkpointing: bool = False,
     loss_chunk_tokens: int | None = None,
+    adapter_math: str = "auto",
 ) -> dict[str, Path]:
     """Train every job to completion; returns each job's adapter directory.
 
@@ -52,6 +53,7 @@ def train_locally(
             checkpoint_root=checkpoint_dir,
             gradient_checkpointing=gradient_checkpointing,
             loss_chunk_tokens=loss_chunk_tokens,
+            adapter_math=adapter_math,
         )
         for config in configs:
             resume = checkpoint_dir / config.name if checkpoint_dir else None
