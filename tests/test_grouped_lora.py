@@ -118,6 +118,24 @@ def test_rows_of_a_job_without_the_module_get_no_delta(tiny_base: Path) -> None:
         assert delta[2:5].abs().min() > 0 and delta[6:8].abs().min() > 0, path
 
 
+def test_grouped_mm_takes_a_broadcast_gradient(tiny_base: Path) -> None:
+    """`.sum()` sends a stride-0 gradient, which `_grouped_mm`'s backward refuses as it is."""
+    bank = bank_with_jobs(tiny_base, torch.float32)
+    module = "model.layers.0.self_attn.q_proj"
+    linear = bank.base.get_submodule(module)
+    a = bank.adapters["b"].modules[module].lora_A
+    grads = {}
+    for path in ("loop", "grouped_mm"):
+        bank.adapter_math = path
+        x = torch.randn(8, 5, linear.in_features, generator=torch.Generator().manual_seed(2))
+        x.requires_grad_()
+        with bank.route(SEGMENTS):
+            linear(x).sum().backward()
+        grads[path] = {"x": x.grad, "b.A": a.grad}
+        a.grad = None
+    assert max_relative_difference(grads["loop"], grads["grouped_mm"]) <= 1e-5
+
+
 def test_one_hashed_mask_for_all_segments_equals_per_segment_masks() -> None:
     """The accelerator's single mask: each segment's rows as `dropout_mask` makes them."""
     a = JobAdapter("a", 4, 8, False, ("q_proj",), dropout=0.3, seed=5)

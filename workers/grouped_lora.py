@@ -55,8 +55,7 @@ def grouped_mm_unsupported(
             return f"_grouped_mm on CPU takes float32, bfloat16 or float16, not {dtype}"
     else:
         return f"no _grouped_mm kernel for {device.type}"
-    size = torch.tensor([], dtype=dtype).element_size()
-    if (in_features * size) % 16 or (out_features * size) % 16:
+    if (in_features * dtype.itemsize) % 16 or (out_features * dtype.itemsize) % 16:
         return f"_grouped_mm needs 16-byte aligned rows; features {in_features}->{out_features}"
     return None
 
