@@ -10,10 +10,14 @@ Prints tokens/s of each, the ratios a/b and a/c, and peak memory.
 With --gradient-checkpointing, also (a) with each decoder layer recomputed in
 the backward; with --loss-chunk-tokens N, also (a) with the loss computed N
 tokens at a time: each one's cost in time and saving in peak memory against (a).
+With --adapter-math loop,bmm,grouped_mm, (a) once per way of computing the LoRA
+terms, side by side; the first is the headline and the others' time is given
+against it.
 
     python benchmarks/engine.py                 # CPU defaults
     python benchmarks/engine.py --device cuda   # bf16, 1B Llama-shaped model
     python benchmarks/engine.py --gradient-checkpointing --loss-chunk-tokens 256
+    python benchmarks/engine.py --adapter-math loop,bmm,grouped_mm
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from carpool.workers.adapter_math import ADAPTER_MATHS
 from carpool.workers.base_model import default_dtype
 from carpool.workers.dataset import TokenizedDataset, TokenizedRow
 from carpool.workers.engine import Engine
@@ -223,6 +228,18 @@ def floor_round(args, base: Path, datasets, device) -> Callable[[], None]:
     return one_round
 
 
+def adapter_maths(text: str) -> list[str]:
+    paths = text.split(",")
+    for path in paths:
+        if path not in ADAPTER_MATHS:
+            raise argparse.ArgumentTypeError(f"{path!r} is not one of {', '.join(ADAPTER_MATHS)}")
+    return paths
+
+
+def fused_label(adapter_math: str) -> str:
+    return "carpool fused" if adapter_math == "auto" else f"fused {adapter_math}"
+
+
 CHECKPOINTED = "fused + grad ckpt"
 CHUNKED = "fused + chunked loss"
 BOTH = "fused + both"
@@ -250,6 +267,10 @@ def main() -> None:
         "--loss-chunk-tokens", type=int, default=None, metavar="N",
         help="also time the fused engine with the loss computed N tokens at a time",
     )  # fmt: skip
+    parser.add_argument(
+        "--adapter-math", type=adapter_maths, default=["auto"], metavar="PATHS",
+        help=f"comma-separated ways to compute LoRA terms, each timed ({', '.join(ADAPTER_MATHS)})",
+    )  # fmt: skip
     args = parser.parse_args()
     device = torch.device(args.device)
     cuda = device.type == "cuda"
@@ -267,10 +288,11 @@ def main() -> None:
             synthetic_dataset(vocab, args.rows * 4, args.seq, seed=i) for i in range(args.jobs)
         ]
         ways = {
-            "carpool fused": fused_round(args, base, datasets, device),
-            "PEFT sequential": peft_sequential_round(args, base, datasets, device),
-            "floor (base fwd+bwd)": floor_round(args, base, datasets, device),
+            fused_label(path): fused_round(args, base, datasets, device, adapter_math=path)
+            for path in args.adapter_math
         }
+        ways["PEFT sequential"] = peft_sequential_round(args, base, datasets, device)
+        ways["floor (base fwd+bwd)"] = floor_round(args, base, datasets, device)
         # Opt-in, and last: a fourth engine in memory slows the others' rounds.
         if args.gradient_checkpointing:
             ways[CHECKPOINTED] = fused_round(
@@ -304,10 +326,13 @@ def main() -> None:
         f"rows/job/step={args.rows} seq={args.seq} r={args.rank} all-linear "
         f"micro_batch_tokens={args.micro_batch_tokens} steps={args.steps} x best of {args.trials}"
     )
+    headline = fused_label(args.adapter_math[0])
     print(f"{'way':<24}{'tokens/s':>12}{'peak MiB':>12}")
     for label, (tps, peak) in results.items():
         print(f"{label:<24}{tps:>12.0f}{peak / 2**20:>12.0f}")
-    fused = results["carpool fused"][0]
+    fused = results[headline][0]
+    for path in args.adapter_math[1:]:
+        print(f"{path} / {args.adapter_math[0]}: {fused / results[fused_label(path)][0]:.2f}x time")
     print(f"fused / PEFT sequential: {fused / results['PEFT sequential'][0]:.2f}x tokens/s")
     floor_time = 1 / results["floor (base fwd+bwd)"][0]
     print(f"fused time / floor time: {(1 / fused) / floor_time:.2f}x")
@@ -316,7 +341,7 @@ def main() -> None:
             tps, peak = results[label]
             print(
                 f"{short} / fused: {fused / tps:.2f}x time, "
-                f"{peak / max(results['carpool fused'][1], 1):.2f}x peak memory"
+                f"{peak / max(results[headline][1], 1):.2f}x peak memory"
             )
 
 

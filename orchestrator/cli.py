@@ -77,6 +77,8 @@ def positive_int(text: str) -> int:
 
 
 def _train_arguments(parser: argparse.ArgumentParser) -> None:
+    from carpool.workers.adapter_math import ADAPTER_MATHS  # no torch: --help stays fast
+
     parser.add_argument("specs", nargs="+", type=Path, metavar="JOB.yaml", help="job spec files")
     parser.add_argument("--out", type=Path, required=True, help="adapters go to OUT/<name>/")
     parser.add_argument(
@@ -97,6 +99,11 @@ def _train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--loss-chunk-tokens", type=positive_int, default=None, metavar="N",
         help="compute the loss N tokens at a time, never the whole batch's logits",
+    )  # fmt: skip
+    parser.add_argument(
+        "--adapter-math", choices=ADAPTER_MATHS, default="auto",
+        help="LoRA terms per job (loop) or for all jobs at once (bmm, grouped_mm); "
+        "auto: the fastest measured on the device",
     )  # fmt: skip
 
 
@@ -121,6 +128,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             device=args.device,
             gradient_checkpointing=args.gradient_checkpointing,
             loss_chunk_tokens=args.loss_chunk_tokens,
+            adapter_math=args.adapter_math,
         )
     for name, path in outputs.items():
         print(f"{name}: {path}")

@@ -36,6 +36,7 @@ def train_locally(
     device: str | None = None,
     gradient_checkpointing: bool = False,
     loss_chunk_tokens: int | None = None,
+    adapter_math: str = "auto",
 ) -> dict[str, Path]:
     """Train every job to completion; returns each finished job's adapter directory.
 
@@ -54,6 +55,7 @@ def train_locally(
             micro_batch_tokens=micro_batch_tokens,
             gradient_checkpointing=gradient_checkpointing,
             loss_chunk_tokens=loss_chunk_tokens,
+            adapter_math=adapter_math,
         )
         for config in configs:
             resume = checkpoint_dir / config.name if checkpoint_dir else None

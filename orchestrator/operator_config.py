@@ -13,6 +13,7 @@ from typing import Any, Literal
 
 import yaml
 from carpool.orchestrator.yaml_loader import load_yaml
+from carpool.workers.adapter_math import AdapterMath
 from pydantic import (
     BaseModel,
     ConfigDict,
@@ -60,6 +61,8 @@ class OperatorConfig(BaseModel):
     gradient_checkpointing: bool = False
     # Loss through the output layer this many tokens at a time: no whole-batch logits.
     loss_chunk_tokens: StrictInt | None = Field(None, ge=1)
+    # How the bank computes the LoRA terms (carpool.workers.adapter_math); auto: per device.
+    adapter_math: AdapterMath = "auto"
     checkpoint_every_steps: StrictInt | None = Field(None, ge=1)
     # Checkpoints each running job keeps in the store (the newest); a job that
     # succeeded keeps none.
@@ -103,6 +106,7 @@ class OperatorConfig(BaseModel):
             "offload_params": self.offload_params,
             "gradient_checkpointing": self.gradient_checkpointing,
             "loss_chunk_tokens": self.loss_chunk_tokens,
+            "adapter_math": self.adapter_math,
         }
 
 

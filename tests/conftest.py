@@ -24,6 +24,13 @@ def own_last_up_record(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Non
         os.environ["XDG_STATE_HOME"] = before
 
 
+@pytest.fixture(params=["loop", "bmm", "grouped_mm"])
+def adapter_math(request: pytest.FixtureRequest) -> str:
+    """Each way the bank computes LoRA terms: the reference loop and the grouped paths.
+    A test that takes this runs once per path, against the same bars."""
+    return request.param
+
+
 @pytest.fixture(scope="session")
 def tiny_base(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A 2-layer Llama-shaped model (hidden 64) and its tokenizer, saved to disk."""

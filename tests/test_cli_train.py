@@ -124,6 +124,30 @@ def test_loss_chunk_tokens_flag_gives_the_same_adapter(
     assert "--loss-chunk-tokens: must be at least 1" in capsys.readouterr().err
 
 
+def test_adapter_math_flag_reaches_the_bank_and_gives_the_same_adapter(
+    tiny_base: Path, datasets: dict[str, Path], tmp_path: Path, monkeypatch, capsys
+) -> None:
+    chosen: list[str] = []
+    bank = engine_module.AdapterBank
+    monkeypatch.setattr(
+        engine_module,
+        "AdapterBank",
+        lambda base, adapter_math: chosen.append(adapter_math) or bank(base, adapter_math),
+    )
+    spec = write_spec(tmp_path / "a.yaml", **spec_fields("job-a", tiny_base, datasets["text"]))
+    plain, grouped = tmp_path / "plain", tmp_path / "grouped"
+    assert main(["train", str(spec), "--out", str(plain), "--adapter-math", "loop"]) == 0
+    assert main(["train", str(spec), "--out", str(grouped), "--adapter-math", "bmm"]) == 0
+    assert chosen == ["loop", "bmm"]
+    first, second = read_adapter(plain / "job-a").weights, read_adapter(grouped / "job-a").weights
+    for module, (a, b) in first.items():
+        torch.testing.assert_close(second[module][0], a, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(second[module][1], b, rtol=1e-4, atol=1e-6)
+    with pytest.raises(SystemExit):
+        main(["train", str(spec), "--out", str(grouped), "--adapter-math", "grouped"])
+    assert "invalid choice: 'grouped'" in capsys.readouterr().err
+
+
 def test_train_continues_from_an_adapter_and_refuses_a_conflicting_spec(
     tiny_base: Path, datasets: dict[str, Path], tmp_path: Path, capsys
 ) -> None:

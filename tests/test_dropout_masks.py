@@ -52,7 +52,7 @@ def test_row_seeds_depend_on_job_seed_row_and_module() -> None:
 
 
 def test_training_with_hashed_masks_does_not_depend_on_neighbours(
-    tiny_base: Path, datasets: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+    tiny_base: Path, datasets: dict[str, Path], monkeypatch: pytest.MonkeyPatch, adapter_math: str
 ) -> None:
     """The accelerator path, forced on CPU: the invariant holds with its masks too."""
     host_mask = adapter_bank.dropout_mask
@@ -71,7 +71,12 @@ def test_training_with_hashed_masks_does_not_depend_on_neighbours(
     other = job("other", tiny_base, datasets["text"], AdapterSpec(r=2), max_steps=3)
 
     def train(configs, micro_batch_tokens=None) -> dict[str, torch.Tensor]:
-        engine = Engine(str(tiny_base), device="cpu", micro_batch_tokens=micro_batch_tokens)
+        engine = Engine(
+            str(tiny_base),
+            device="cpu",
+            micro_batch_tokens=micro_batch_tokens,
+            adapter_math=adapter_math,
+        )
         for config in configs:
             engine.add_job(config)
         return train_to_end(engine)["target"].adapter.named_tensors()

@@ -18,9 +18,11 @@ from tests.helpers.peft_reference import max_relative_difference, train_referenc
 from tests.helpers.round_driver import KeepFinished, train_to_end
 
 
-def test_fused_jobs_match_single_job_peft(tiny_base: Path, datasets: dict[str, Path]) -> None:
+def test_fused_jobs_match_single_job_peft(
+    tiny_base: Path, datasets: dict[str, Path], adapter_math: str
+) -> None:
     configs = three_jobs(tiny_base, datasets)
-    engine = Engine(str(tiny_base), device="cpu")
+    engine = Engine(str(tiny_base), device="cpu", adapter_math=adapter_math)
     starts = {}
     for i, config in enumerate(configs):
         engine.add_job(config)
@@ -48,7 +50,7 @@ def train_alone_and_with(
 
 
 def test_adapter_does_not_depend_on_neighbours_or_micro_batches(
-    tiny_base: Path, datasets: dict[str, Path]
+    tiny_base: Path, datasets: dict[str, Path], adapter_math: str
 ) -> None:
     target = job(
         "target",
@@ -73,11 +75,12 @@ def test_adapter_does_not_depend_on_neighbours_or_micro_batches(
         )
         for i, fmt in enumerate(["text", "messages", "prompt_completion", "text", "messages"])
     ]
-    alone = train_alone_and_with(tiny_base, target, [])
-    with_five = train_alone_and_with(tiny_base, target, others)
+    alone = train_alone_and_with(tiny_base, target, [], adapter_math=adapter_math)
+    with_five = train_alone_and_with(tiny_base, target, others, adapter_math=adapter_math)
     # Two of the target's longest rows per micro-batch: its 8-row step runs as four.
+    budget = two_row_budget(tiny_base, target)
     split = train_alone_and_with(
-        tiny_base, target, [], micro_batch_tokens=two_row_budget(tiny_base, target)
+        tiny_base, target, [], micro_batch_tokens=budget, adapter_math=adapter_math
     )
     # Float tolerance: padding and split change summation order, and Adam's
     # normalisation magnifies differences of near-zero gradients.
@@ -107,8 +110,10 @@ def test_micro_batch_budget_really_splits_the_step(
     assert [len(m) for m in micro] == [2, 2, 2, 2]
 
 
-def test_base_weights_are_bitwise_unchanged(tiny_base: Path, datasets: dict[str, Path]) -> None:
-    engine = Engine(str(tiny_base), device="cpu")
+def test_base_weights_are_bitwise_unchanged(
+    tiny_base: Path, datasets: dict[str, Path], adapter_math: str
+) -> None:
+    engine = Engine(str(tiny_base), device="cpu", adapter_math=adapter_math)
     before = {k: v.clone() for k, v in engine.base.state_dict().items()}
     for config in three_jobs(tiny_base, datasets):
         engine.add_job(changed(config, training={"max_steps": 3}))
@@ -119,14 +124,14 @@ def test_base_weights_are_bitwise_unchanged(tiny_base: Path, datasets: dict[str,
 
 
 def test_jobs_join_and_leave_between_steps_without_disturbing_others(
-    tiny_base: Path, datasets: dict[str, Path]
+    tiny_base: Path, datasets: dict[str, Path], adapter_math: str
 ) -> None:
     configs = three_jobs(tiny_base, datasets)
-    alone = Engine(str(tiny_base), device="cpu")
+    alone = Engine(str(tiny_base), device="cpu")  # the reference loop
     alone.add_job(configs[0])
     expected = train_to_end(alone)[configs[0].name].adapter.named_tensors()
 
-    engine = Engine(str(tiny_base), device="cpu")
+    engine = Engine(str(tiny_base), device="cpu", adapter_math=adapter_math)
     base_before = engine.base
     engine.add_job(configs[0])
     engine.add_job(configs[1])

@@ -21,9 +21,11 @@ from tests.helpers.peft_reference import max_relative_difference
 from tests.helpers.round_driver import train_to_end
 
 
-def test_dropout_gradients_match_plain_per_row_reference(tiny_base: Path) -> None:
+def test_dropout_gradients_match_plain_per_row_reference(
+    tiny_base: Path, adapter_math: str
+) -> None:
     base = load_base(str(tiny_base), device=torch.device("cpu"))
-    bank = AdapterBank(base)
+    bank = AdapterBank(base, adapter_math=adapter_math)
     specs = {"a": (4, 8.0, 0.3, 1), "b": (2, 2.0, 0.5, 2)}  # r, alpha, dropout, seed
     for name, (r, alpha, p, seed) in specs.items():
         adapter = new_job_adapter(

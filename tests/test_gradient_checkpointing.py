@@ -31,11 +31,13 @@ def train(base: Path, configs: list, **engine_kwargs) -> tuple[dict, int]:
 
 
 def test_checkpointed_training_equals_plain_and_keeps_less(
-    tiny_base: Path, datasets: dict[str, Path]
+    tiny_base: Path, datasets: dict[str, Path], adapter_math: str
 ) -> None:
     configs = dropout_and_shuffle(three_jobs(tiny_base, datasets))
-    plain, plain_bytes = train(tiny_base, configs)
-    checkpointed, checkpointed_bytes = train(tiny_base, configs, gradient_checkpointing=True)
+    plain, plain_bytes = train(tiny_base, configs, adapter_math=adapter_math)
+    checkpointed, checkpointed_bytes = train(
+        tiny_base, configs, gradient_checkpointing=True, adapter_math=adapter_math
+    )
     for config in configs:
         difference = max_relative_difference(plain[config.name], checkpointed[config.name])
         assert difference <= 1e-6, (config.name, difference)
@@ -58,10 +60,14 @@ def test_a_model_without_named_layers_is_refused() -> None:
         enable_gradient_checkpointing(nn.Sequential(nn.Linear(2, 2)))
 
 
-def test_inference_is_not_checkpointed(tiny_base: Path, datasets: dict[str, Path]) -> None:
+def test_inference_is_not_checkpointed(
+    tiny_base: Path, datasets: dict[str, Path], adapter_math: str
+) -> None:
     config = job("a", tiny_base, datasets["text"], AdapterSpec(r=2), max_steps=1)
-    plain = Engine(str(tiny_base), device="cpu")
-    checkpointed = Engine(str(tiny_base), device="cpu", gradient_checkpointing=True)
+    plain = Engine(str(tiny_base), device="cpu", adapter_math=adapter_math)
+    checkpointed = Engine(
+        str(tiny_base), device="cpu", gradient_checkpointing=True, adapter_math=adapter_math
+    )
     ids = torch.randint(3, 200, (2, 7))
     for engine in (plain, checkpointed):
         engine.add_job(config)

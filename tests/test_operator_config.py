@@ -23,6 +23,7 @@ max_memory_bytes: 4294967296
 max_groups: 2
 device: cuda
 micro_batch_tokens: 8192
+adapter_math: bmm
 checkpoint_every_steps: 50
 keep_checkpoints: 3
 max_attempts: 5
@@ -53,6 +54,7 @@ def test_defaults_serve_one_machine(monkeypatch: pytest.MonkeyPatch, tmp_path: P
     assert config.max_groups is None and config.allowed_roots is None
     assert (config.keep_checkpoints, config.max_attempts, config.poll_interval_s) == (2, 3, 0.2)
     assert config.trust_remote_code is False
+    assert config.adapter_math == "auto"
 
 
 def test_full_file_round_trip(tmp_path: Path) -> None:
@@ -62,6 +64,7 @@ def test_full_file_round_trip(tmp_path: Path) -> None:
     assert config.queue_path() == Path("/srv/carpool/queue.sqlite")
     assert config.group_size == 4 and config.zero_stage == "auto" and config.device == "cuda"
     assert config.max_groups == 2 and config.micro_batch_tokens == 8192
+    assert config.engine_options()["adapter_math"] == "bmm"  # what a worker's Engine gets
     assert config.checkpoint_every_steps == 50 and config.keep_checkpoints == 3
     assert config.trust_remote_code is True
     assert config.allowed_roots == [Path("/data"), Path("/models")]
@@ -76,17 +79,22 @@ def test_every_problem_reported_at_once(tmp_path: Path) -> None:
     path = write(
         tmp_path,
         "group_sise: 2\ngroup_size: 0\nzero_stage: 2\npoll_interval_s: 0\n"
-        "allowed_roots: [/ok, 3.5, {a: 1}]\n",
+        "allowed_roots: [/ok, 3.5, {a: 1}]\nadapter_math: grouped\n",
     )
     with pytest.raises(OperatorConfigError) as info:
         load_operator_config(path)
     lines = str(info.value).splitlines()
     assert all(line.startswith(f"{path}: ") for line in lines), lines
     fields = [line.split(": ")[1] for line in lines]
-    assert {"group_sise", "group_size", "zero_stage", "poll_interval_s"} <= set(fields)
+    assert {"group_sise", "group_size", "zero_stage", "poll_interval_s", "adapter_math"} <= set(
+        fields
+    )
     assert "allowed_roots.1" in fields or "allowed_roots.2" in fields
     assert f"{path}: group_sise: unknown field" in lines
     assert any(line.startswith(f"{path}: zero_stage: ") and "3" in line for line in lines)
+    assert any(
+        line.startswith(f"{path}: adapter_math: ") and "grouped_mm" in line for line in lines
+    )
 
 
 def test_strict_counts(tmp_path: Path) -> None:

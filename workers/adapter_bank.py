@@ -3,7 +3,9 @@
 The base stays a plain transformers model: no wrapper modules are swapped in,
 so DeepSpeed can partition it and PEFT can later load our adapters into it.
 Each targeted nn.Linear gets a forward hook that adds, for every contiguous
-segment of rows belonging to one job, that job's `B(A(dropout(x))) * scaling`.
+segment of rows belonging to one job, that job's `B(A(dropout(x))) * scaling`:
+per segment in a plain loop (the reference), or for all segments at once
+(`carpool.workers.grouped_lora`), as the bank's `adapter_math` says.
 """
 
 from __future__ import annotations
@@ -16,7 +18,16 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+from carpool.workers.adapter_math import check_adapter_math, resolve_adapter_math
 from carpool.workers.base_model import linear_modules, match_target_modules
+from carpool.workers.grouped_lora import (
+    GroupPlan,
+    grouped_delta,
+    grouped_mm_unsupported,
+    on_device,
+    plan_group,
+    warn_once,
+)
 from torch import nn
 
 
@@ -193,34 +204,93 @@ _U32 = 0xFFFFFFFF
 
 
 def hashed_keep_mask(
-    seeds: Sequence[int], shape: torch.Size, keep: float, device: torch.device
+    seeds: Sequence[int],
+    shape: torch.Size,
+    keep: float | Sequence[float],
+    device: torch.device,
 ) -> torch.Tensor:
     """Bernoulli(keep) of [rows, seq, features] from a hash of (row seed, element index).
 
     Each element is hashed on its own (a 32-bit integer mixer, in int64 so that
     no product overflows), so the values of a position never depend on the
     tensor's size: the mask is prefix-stable and identical on every device.
+    `keep` is one probability for all rows or one per row.
     """
     _, seq_len, features = shape
     index = torch.arange(seq_len * features, dtype=torch.int64, device=device)
-    row_keys = torch.tensor([s & _U32 for s in seeds], dtype=torch.int64, device=device)
+    row_keys = on_device(torch.tensor([s & _U32 for s in seeds], dtype=torch.int64), device)
     h = ((index.view(1, -1) * 0x9E3779B1) & _U32) ^ row_keys.view(-1, 1)
     for multiplier in (0x7FEB352D, 0x68E31DA5):  # odd and below 2**31: products fit in int64
         h ^= h >> 16
         h = (h * multiplier) & _U32
     h ^= h >> 15
-    return ((h >> 8) < int(keep * (1 << 24))).view(len(seeds), seq_len, features)
+    if isinstance(keep, float):
+        threshold = int(keep * (1 << 24))
+    else:
+        threshold = on_device(torch.tensor([int(k * (1 << 24)) for k in keep]), device).view(-1, 1)
+    return ((h >> 8) < threshold).view(len(seeds), seq_len, features)
+
+
+def segments_dropout_mask(
+    dropped: Sequence[tuple[JobAdapter, int] | None],
+    segments: Sequence[Segment],
+    shape: torch.Size,
+    like: torch.Tensor,
+) -> torch.Tensor:
+    """The inverted-dropout mask of all rows, [rows, seq, features], in `like`'s dtype.
+
+    `dropped` gives per segment its (adapter, module index), or None for rows
+    kept whole. Every segment's rows get exactly `dropout_mask`'s values. On an
+    accelerator it is one hashed mask over all rows (per-row keep), not one per job.
+    """
+    if like.device.type != "cpu":
+        return hashed_segments_mask(dropped, segments, shape, like)
+    parts = []
+    for seg, d in zip(segments, dropped, strict=True):
+        seg_shape = torch.Size([seg.end - seg.start, *shape[1:]])
+        if d is None:
+            parts.append(like.new_ones(()).expand(seg_shape))
+        else:
+            parts.append(dropout_mask(d[0], d[1], seg.row_ids, seg_shape, like))
+    return torch.cat(parts)
+
+
+def hashed_segments_mask(
+    dropped: Sequence[tuple[JobAdapter, int] | None],
+    segments: Sequence[Segment],
+    shape: torch.Size,
+    like: torch.Tensor,
+) -> torch.Tensor:
+    """`segments_dropout_mask` on an accelerator: one `hashed_keep_mask` for all rows."""
+    seeds: list[int] = []
+    keeps: list[float] = []
+    for seg, d in zip(segments, dropped, strict=True):
+        if d is None:  # keep 1.0: every element kept, divided by 1
+            seeds += [0] * (seg.end - seg.start)
+            keeps += [1.0] * (seg.end - seg.start)
+        else:
+            adapter, module_index = d
+            seeds += [_row_seed(adapter, row_id, module_index) for row_id in seg.row_ids]
+            keeps += [1.0 - adapter.dropout] * (seg.end - seg.start)
+    kept = hashed_keep_mask(seeds, shape, keeps, like.device)
+    keep = on_device(torch.tensor(keeps, dtype=like.dtype), like.device)
+    return kept.to(dtype=like.dtype) / keep.view(-1, 1, 1)
 
 
 class AdapterBank:
     """Holds the adapters of every job on one base and applies them per row."""
 
-    def __init__(self, base: nn.Module) -> None:
+    def __init__(self, base: nn.Module, adapter_math: str = "auto") -> None:
+        """`adapter_math`: `loop` (one pair of matmuls per job segment, the reference),
+        `bmm` or `grouped_mm` (one computation over all segments; see grouped_lora),
+        or `auto`, the path measured fastest on the device."""
         self.base = base
+        self.adapter_math = check_adapter_math(adapter_math)
         self.adapters: dict[str, JobAdapter] = {}
         self._linears = linear_modules(base)
         self._hooks: dict[str, torch.utils.hooks.RemovableHandle] = {}
         self._segments: tuple[Segment, ...] | None = None
+        self._plans: dict[tuple, GroupPlan] = {}  # this route's, shared by modules alike
 
     # -- membership -----------------------------------------------------------------
     def add(self, adapter: JobAdapter) -> None:
@@ -255,6 +325,7 @@ class AdapterBank:
             yield
         finally:
             self._segments = None
+            self._plans = {}
 
     def _make_hook(self, module_name: str):
         def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
@@ -266,26 +337,82 @@ class AdapterBank:
 
     def _add_lora(self, module_name: str, x: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
         """Add each routed job's LoRA term to its own rows of `output`."""
-        if not any(module_name in self.adapters[s.job].modules for s in self._segments):
+        weights = [self.adapters[s.job].modules.get(module_name) for s in self._segments]
+        if all(w is None for w in weights):
             return output
+        lora_dtype = adapter_dtype(x.dtype)  # the LoRA path runs in the adapters' dtype
+        path = self._path(module_name, lora_dtype, x.device)
+        x = x.to(lora_dtype)
+        if path == "loop":
+            delta = self._loop_delta(weights, x, output)
+        else:
+            delta = self._grouped_delta(weights, x, path)
+        # In place is safe and saves a full-size tensor: a linear's backward
+        # needs its input, not its output. Adding the adapters' float32 delta
+        # to a bf16 output computes in float32 and rounds once, as PEFT does;
+        # rounding the delta to bf16 first made 1 in 8 inputs differ from PEFT.
+        return output.add_(delta)
+
+    def _path(self, module_name: str, dtype: torch.dtype, device: torch.device) -> str:
+        path = resolve_adapter_math(self.adapter_math, device.type)
+        if path == "grouped_mm":
+            linear = self._linears[module_name]
+            reason = grouped_mm_unsupported(dtype, device, linear.in_features, linear.out_features)
+            if reason is not None:
+                warn_once(f"adapter_math grouped_mm falls back to bmm: {reason}")
+                return "bmm"
+        return path
+
+    def _loop_delta(
+        self, weights: list[LoraWeights | None], x: torch.Tensor, output: torch.Tensor
+    ) -> torch.Tensor:
+        """The reference: two matmuls per job segment."""
         # One split and one cat: slicing x per segment would make each slice's
         # backward fill a zero tensor of x's full size (measured: 3x slower), and
         # in-place adds into row slices of `output` cost full-size copies too.
-        lora_dtype = adapter_dtype(x.dtype)  # the LoRA path runs in the adapters' dtype
-        pieces = x.to(lora_dtype).split([s.end - s.start for s in self._segments])
+        pieces = x.split([s.end - s.start for s in self._segments])
         parts = []
-        for seg, xs in zip(self._segments, pieces, strict=True):
+        for seg, w, xs in zip(self._segments, weights, pieces, strict=True):
             adapter = self.adapters[seg.job]
-            w = adapter.modules.get(module_name)
             if w is None:
                 shape = (seg.end - seg.start, *output.shape[1:])
-                parts.append(output.new_zeros(shape, dtype=lora_dtype))
+                parts.append(output.new_zeros(shape, dtype=x.dtype))
                 continue
             if adapter.dropout > 0 and torch.is_grad_enabled():
                 xs = xs * dropout_mask(adapter, w.module_index, seg.row_ids, xs.shape, xs)
             # Scale the rank-r activations: the cheapest place to apply it.
             parts.append(F.linear(F.linear(xs, w.lora_A) * adapter.scaling, w.lora_B))
-        delta = parts[0] if len(parts) == 1 else torch.cat(parts)
-        # In place is safe and saves a full-size tensor: a linear's backward
-        # needs its input, not its output.
-        return output.add_(delta.to(output.dtype))
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+    def _grouped_delta(
+        self, weights: list[LoraWeights | None], x: torch.Tensor, path: str
+    ) -> torch.Tensor:
+        """One computation over all segments (grouped_lora), dropout masked per row first."""
+        segments = self._segments
+        adapters = [self.adapters[s.job] for s in segments]
+        if torch.is_grad_enabled():
+            dropped = [
+                (a, w.module_index) if w is not None and a.dropout > 0 else None
+                for a, w in zip(adapters, weights, strict=True)
+            ]
+            if any(d is not None for d in dropped):
+                x = x * segments_dropout_mask(dropped, segments, x.shape, x)
+        ranks = tuple(0 if w is None else w.lora_A.shape[0] for w in weights)
+        # grouped_mm's strides must be 16-byte multiples: pad ranks to match.
+        r_align = 16 // x.element_size() if path == "grouped_mm" else 1
+        tokens_per_row = math.prod(x.shape[1:-1])
+        key = (ranks, r_align, tokens_per_row, x.dtype, x.device)
+        plan = self._plans.get(key)
+        if plan is None:
+            plan = self._plans[key] = plan_group(
+                ranks,
+                [a.scaling for a in adapters],
+                [s.end - s.start for s in segments],
+                tokens_per_row,
+                r_align,
+                x.dtype,
+                x.device,
+            )
+        a = [None if w is None else w.lora_A for w in weights]
+        b = [None if w is None else w.lora_B for w in weights]
+        return grouped_delta(x, a, b, plan, path)

@@ -53,6 +53,7 @@ class Engine:
         zero_options: dict | None = None,
         gradient_checkpointing: bool = False,
         loss_chunk_tokens: int | None = None,
+        adapter_math: str = "auto",
     ) -> None:
         """`micro_batch_tokens` caps padded tokens per forward/backward (None: one per round).
 
@@ -69,6 +70,9 @@ class Engine:
         `loss_chunk_tokens` computes the loss through the frozen output layer
         that many tokens at a time, never holding the whole batch's logits
         (ignored, with a warning, where the model or ZeRO-3 does not allow it).
+
+        `adapter_math` chooses how the bank computes the LoRA terms: `loop`,
+        `bmm`, `grouped_mm` or `auto` (see `carpool.workers.grouped_lora`).
         """
         if zero_stage not in (0, 3):
             raise ValueError(f"zero_stage must be 0 or 3, got {zero_stage}")
@@ -102,7 +106,7 @@ class Engine:
             enable_gradient_checkpointing(self.base)
         self.loss_chunk_tokens = self._check_loss_chunking(loss_chunk_tokens)
         self.tokenizer = load_tokenizer(base_model, trust_remote_code=trust_remote_code)
-        self.bank = AdapterBank(self.base)
+        self.bank = AdapterBank(self.base, adapter_math=adapter_math)
         self.jobs: dict[str, TrainingJob] = {}
 
     # -- jobs joining and leaving ---------------------------------------------------------
