@@ -20,10 +20,14 @@ ADAPTER_MATHS: tuple[str, ...] = get_args(AdapterMath)
 #   0.88-0.90x; K=8 x 4 rows x 128 tokens (2 segments): 0.96-1.07x, parity.
 #   `grouped_mm` matched it (0.87-0.93x; 0.98x) but for two runs at 1.47x and
 #   3.22x, and has no float64 kernel on CPU; on CPU it runs one mm per group.
+#   Yet `auto` keeps "loop" on CPU for now: a 600-step job preempted and resumed
+#   in a group of two ranks (tests/test_group_integration.py) drifted past the 1e-4
+#   bar against one rank under bmm, where the loop stays within it. Until that
+#   drift is explained, the default path is the one every long test pins.
 # - anything else (cuda): "bmm". The LoRA math runs in float32 beside a bf16
 #   base (`adapter_dtype`) and torch's fast `_grouped_mm` kernel takes bf16
 #   only; `bmm` is one launch per matmul whatever K. Not yet measured on a GPU.
-_AUTO = {"cpu": "bmm"}
+_AUTO = {"cpu": "loop"}
 _AUTO_ELSEWHERE = "bmm"
 
 
