@@ -182,6 +182,9 @@ class RayWorkerGroup:
         remove_placement_group(self.placement)
 
 
+_EVAL_GAUGES_KEPT = 256  # jobs whose last eval loss is re-exported
+
+
 class RayMetrics:
     """carpool's metrics on the Ray node's Prometheus endpoint, tagged by job and group.
 
@@ -205,6 +208,7 @@ class RayMetrics:
             "carpool_job_grad_norm", "gradient norm of the last step, before clipping", tags
         )
         self.eval_loss = ray_metrics.Gauge("carpool_job_eval_loss", "loss on the eval rows", tags)
+        self._last_eval: dict[str, tuple[float, str]] = {}  # job -> (eval loss, group)
         self.tokens = ray_metrics.Counter("carpool_job_tokens_total", "tokens trained", tags)
         self.states = ray_metrics.Gauge("carpool_jobs", "jobs by state", ("state",))
         self.depth = ray_metrics.Gauge("carpool_queue_depth", "queued jobs")
@@ -212,6 +216,10 @@ class RayMetrics:
     def job_progress(self, job_id: str, group_id: str, result: JobRoundResult) -> None:
         if result.eval_loss is not None:  # rare: pushed at once, never throttled away
             self.eval_loss.set(result.eval_loss, tags={"job": job_id, "group": group_id})
+            self._last_eval.pop(job_id, None)  # re-inserted last: the newest stay
+            self._last_eval[job_id] = (result.eval_loss, group_id)
+            while len(self._last_eval) > _EVAL_GAUGES_KEPT:
+                self._last_eval.pop(next(iter(self._last_eval)))
         tokens = self._unpushed_tokens.get(job_id, 0) + result.tokens
         now = time.monotonic()
         finished = result.step >= result.total_steps
@@ -235,6 +243,10 @@ class RayMetrics:
         if now - self._last_push.get("", 0.0) < self.interval_s:
             return
         self._last_push[""] = now
+        # An eval loss is set once per evaluation, often long before a scrape; set
+        # the latest ones again so a finished job's last eval loss stays exported.
+        for job_id, (value, group_id) in self._last_eval.items():
+            self.eval_loss.set(value, tags={"job": job_id, "group": group_id})
         for state, n in counts.items():
             self.states.set(n, tags={"state": state.value})
         self.depth.set(counts.get(JobState.QUEUED, 0))

@@ -91,12 +91,30 @@ def test_jobs_queue_group_cancel_and_metrics(
         assert evaluated["learning_rate"] == 1e-2 and evaluated["grad_norm"] > 0
         assert evaluated["tokens_seen"] > 0
         assert sum("eval_loss" in line for line in client.logs(ids["b"])) == 2
+        # ...and on the Ray node's Prometheus endpoint, read while b's series is fresh:
+        # Ray exports every few seconds, and a gauge no job updates any more may not
+        # outlive the rest of this test.
+        import ray
+
+        node = next(n for n in ray.nodes() if n["Alive"])
+        url = f"http://{node['NodeManagerAddress']}:{node['MetricsExportPort']}/metrics"
+
+        def metric_lines() -> list[str]:
+            text = urllib.request.urlopen(url, timeout=5).read().decode()
+            # Ray prefixes application metrics with "ray_".
+            return [line for line in text.splitlines() if line.startswith("ray_carpool_")]
+
+        b_eval = f'job="{ids["b"]}"'
+        wait_for(
+            lambda: any(x.startswith("ray_carpool_job_eval_loss") and b_eval in x
+                        for x in metric_lines()),
+            timeout=90, what="b's eval loss on /metrics",
+        )  # fmt: skip
 
         # A job submitted while its base's group runs joins that group, no restart.
         long_id, doomed_id = client.submit([specs["long"], specs["doomed"]])
         wait_for(lambda: job(client, long_id)["step"] >= 5, what="long job running")
         group = group_of(client, long_id)
-        import ray
 
         actors_before = {a["name"] for a in ray.util.list_named_actors(all_namespaces=True)}
         # The dashboard's Actors page: classes a user understands, a repr saying what each is.
@@ -139,13 +157,8 @@ def test_jobs_queue_group_cancel_and_metrics(
         assert_same_adapter(client.fetch(long_id, tmp_path / "long"), engine_result(specs["long"]))
 
         # carpool's metrics reach the Ray node's Prometheus endpoint.
-        node = next(n for n in ray.nodes() if n["Alive"])
-        url = f"http://{node['NodeManagerAddress']}:{node['MetricsExportPort']}/metrics"
-
         def carpool_lines() -> list[str] | None:
-            text = urllib.request.urlopen(url, timeout=5).read().decode()
-            # Ray prefixes application metrics with "ray_".
-            lines = [line for line in text.splitlines() if line.startswith("ray_carpool_")]
+            lines = metric_lines()
             # Exported every few seconds: wait for the long job's own series.
             wanted = f'job="{long_id}"'
             counted = any(
@@ -155,8 +168,6 @@ def test_jobs_queue_group_cancel_and_metrics(
 
         lines = wait_for(carpool_lines, timeout=90, what="the long job's metrics on /metrics")
         assert any(line.startswith("ray_carpool_queue_depth") for line in lines), lines
-        b_eval = f'job="{ids["b"]}"'
-        assert any(x.startswith("ray_carpool_job_eval_loss") and b_eval in x for x in lines)
         for gauge in ("ray_carpool_job_learning_rate", "ray_carpool_job_grad_norm"):
             assert any(x.startswith(gauge) and f'job="{long_id}"' in x for x in lines), gauge
 

@@ -56,3 +56,12 @@ def test_throttled_steps_are_skipped_but_the_last_is_pushed(made) -> None:
     pushed = made["carpool_job_grad_norm"].values
     assert len(pushed) < 3 and pushed[-1] == (0.75, tags)  # the finished step is never skipped
     assert sum(n for n, _ in made["carpool_job_tokens_total"].values) == 30  # no token lost
+
+
+def test_a_finished_jobs_last_eval_loss_is_set_again_with_the_queue_state(made) -> None:
+    metrics = ray_runtime.RayMetrics(interval_s=0)
+    metrics.job_progress("j1", "g1", result(3, eval_loss=0.5))  # its last round
+    metrics.queue_state({ray_runtime.JobState.QUEUED: 0})
+    metrics.queue_state({ray_runtime.JobState.QUEUED: 0})
+    tags = {"job": "j1", "group": "g1"}
+    assert made["carpool_job_eval_loss"].values == [(0.5, tags)] * 3
