@@ -209,6 +209,7 @@ class RayMetrics:
         )
         self.eval_loss = ray_metrics.Gauge("carpool_job_eval_loss", "loss on the eval rows", tags)
         self._last_eval: dict[str, tuple[float, str]] = {}  # job -> (eval loss, group)
+        self._finished: dict[str, tuple[JobRoundResult, str]] = {}  # job -> (last round, group)
         self.tokens = ray_metrics.Counter("carpool_job_tokens_total", "tokens trained", tags)
         self.states = ray_metrics.Gauge("carpool_jobs", "jobs by state", ("state",))
         self.depth = ray_metrics.Gauge("carpool_queue_depth", "queued jobs")
@@ -232,6 +233,11 @@ class RayMetrics:
         self.step.set(result.step, tags=tags)
         self.learning_rate.set(result.learning_rate, tags=tags)
         self.grad_norm.set(result.grad_norm, tags=tags)
+        if finished:  # its gauges are never set again: keep them for the re-export below
+            self._finished.pop(job_id, None)
+            self._finished[job_id] = (result, group_id)
+            while len(self._finished) > _EVAL_GAUGES_KEPT:
+                self._finished.pop(next(iter(self._finished)))
         self.tokens.inc(tokens, tags=tags)
         self._unpushed_tokens.pop(job_id, None)
         self._last_push[job_id] = now
@@ -247,6 +253,13 @@ class RayMetrics:
         # the latest ones again so a finished job's last eval loss stays exported.
         for job_id, (value, group_id) in self._last_eval.items():
             self.eval_loss.set(value, tags={"job": job_id, "group": group_id})
+        for job_id, (r, group_id) in self._finished.items():  # the same for their last step
+            tags = {"job": job_id, "group": group_id}
+            self.loss.set(r.loss, tags=tags)
+            self.tps.set(r.tokens_per_second, tags=tags)
+            self.step.set(r.step, tags=tags)
+            self.learning_rate.set(r.learning_rate, tags=tags)
+            self.grad_norm.set(r.grad_norm, tags=tags)
         for state, n in counts.items():
             self.states.set(n, tags={"state": state.value})
         self.depth.set(counts.get(JobState.QUEUED, 0))
