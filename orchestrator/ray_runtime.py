@@ -182,7 +182,15 @@ class RayWorkerGroup:
         remove_placement_group(self.placement)
 
 
-_EVAL_GAUGES_KEPT = 256  # jobs whose last eval loss is re-exported
+_FINISHED_GAUGES_KEPT = 256  # jobs whose last figures are re-exported
+
+
+def _remember(table: dict, job_id: str, value: object) -> None:
+    """Put `value` under `job_id` as the newest entry, dropping the oldest past the cap."""
+    table.pop(job_id, None)
+    table[job_id] = value
+    while len(table) > _FINISHED_GAUGES_KEPT:
+        table.pop(next(iter(table)))
 
 
 class RayMetrics:
@@ -217,10 +225,7 @@ class RayMetrics:
     def job_progress(self, job_id: str, group_id: str, result: JobRoundResult) -> None:
         if result.eval_loss is not None:  # rare: pushed at once, never throttled away
             self.eval_loss.set(result.eval_loss, tags={"job": job_id, "group": group_id})
-            self._last_eval.pop(job_id, None)  # re-inserted last: the newest stay
-            self._last_eval[job_id] = (result.eval_loss, group_id)
-            while len(self._last_eval) > _EVAL_GAUGES_KEPT:
-                self._last_eval.pop(next(iter(self._last_eval)))
+            _remember(self._last_eval, job_id, (result.eval_loss, group_id))
         tokens = self._unpushed_tokens.get(job_id, 0) + result.tokens
         now = time.monotonic()
         finished = result.step >= result.total_steps
@@ -228,21 +233,20 @@ class RayMetrics:
             self._unpushed_tokens[job_id] = tokens
             return
         tags = {"job": job_id, "group": group_id}
+        self._set_step_gauges(result, tags)
+        self.tokens.inc(tokens, tags=tags)
+        self._unpushed_tokens.pop(job_id, None)
+        self._last_push[job_id] = now
+        if finished:  # its gauges are never set again: kept for the re-export in queue_state
+            self._last_push.pop(job_id, None)
+            _remember(self._finished, job_id, (result, group_id))
+
+    def _set_step_gauges(self, result: JobRoundResult, tags: dict[str, str]) -> None:
         self.loss.set(result.loss, tags=tags)
         self.tps.set(result.tokens_per_second, tags=tags)
         self.step.set(result.step, tags=tags)
         self.learning_rate.set(result.learning_rate, tags=tags)
         self.grad_norm.set(result.grad_norm, tags=tags)
-        if finished:  # its gauges are never set again: keep them for the re-export below
-            self._finished.pop(job_id, None)
-            self._finished[job_id] = (result, group_id)
-            while len(self._finished) > _EVAL_GAUGES_KEPT:
-                self._finished.pop(next(iter(self._finished)))
-        self.tokens.inc(tokens, tags=tags)
-        self._unpushed_tokens.pop(job_id, None)
-        self._last_push[job_id] = now
-        if finished:
-            self._last_push.pop(job_id, None)
 
     def queue_state(self, counts: dict[JobState, int]) -> None:
         now = time.monotonic()
@@ -253,13 +257,8 @@ class RayMetrics:
         # the latest ones again so a finished job's last eval loss stays exported.
         for job_id, (value, group_id) in self._last_eval.items():
             self.eval_loss.set(value, tags={"job": job_id, "group": group_id})
-        for job_id, (r, group_id) in self._finished.items():  # the same for their last step
-            tags = {"job": job_id, "group": group_id}
-            self.loss.set(r.loss, tags=tags)
-            self.tps.set(r.tokens_per_second, tags=tags)
-            self.step.set(r.step, tags=tags)
-            self.learning_rate.set(r.learning_rate, tags=tags)
-            self.grad_norm.set(r.grad_norm, tags=tags)
+        for job_id, (result, group_id) in self._finished.items():  # and their last step's
+            self._set_step_gauges(result, {"job": job_id, "group": group_id})
         for state, n in counts.items():
             self.states.set(n, tags={"state": state.value})
         self.depth.set(counts.get(JobState.QUEUED, 0))
