@@ -11,6 +11,7 @@ import torch
 import yaml
 from carpool.orchestrator.cli import main
 from carpool.orchestrator.demo import prepare
+from carpool.orchestrator.demo_base import Recipe
 from carpool.orchestrator.validation import validate_files
 from carpool.workers.peft_format import read_adapter
 from peft import PeftModel
@@ -72,7 +73,7 @@ def test_train_refuses_bad_specs_before_any_work(
 
 
 def test_demo_specs_are_valid(tmp_path: Path) -> None:
-    specs = prepare(tmp_path / "demo")
+    specs = prepare(tmp_path / "demo", Recipe(steps=2, batch_size=4))
     jobs = validate_files(specs)
     assert [j.name for j in jobs] == ["demo-shout", "demo-reverse", "demo-polite"]
     assert len({j.adapter.r for j in jobs}) == 3
