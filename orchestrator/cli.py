@@ -78,6 +78,7 @@ def positive_int(text: str) -> int:
 
 def _train_arguments(parser: argparse.ArgumentParser) -> None:
     from carpool.workers.adapter_math import ADAPTER_MATHS  # no torch: --help stays fast
+    from carpool.workers.batch_layout import BATCH_LAYOUTS
 
     parser.add_argument("specs", nargs="+", type=Path, metavar="JOB.yaml", help="job spec files")
     parser.add_argument("--out", type=Path, required=True, help="adapters go to OUT/<name>/")
@@ -87,7 +88,8 @@ def _train_arguments(parser: argparse.ArgumentParser) -> None:
     )  # fmt: skip
     parser.add_argument(
         "--micro-batch-tokens", type=positive_int, default=None,
-        help="cap on padded tokens per fused forward/backward (default: a whole round)",
+        help="cap on tokens (padded ones too, when padded) per fused forward/backward "
+        "(default: a whole round)",
     )  # fmt: skip
     parser.add_argument(
         "--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if present)"
@@ -104,6 +106,11 @@ def _train_arguments(parser: argparse.ArgumentParser) -> None:
         "--adapter-math", choices=ADAPTER_MATHS, default="auto",
         help="LoRA terms per job (loop) or for all jobs at once (bmm, grouped_mm); "
         "auto: the fastest measured on the device",
+    )  # fmt: skip
+    parser.add_argument(
+        "--batch-layout", choices=BATCH_LAYOUTS, default="auto",
+        help="rows of a micro-batch padded to the longest, or packed end to end; "
+        "auto: packed where the model allows it",
     )  # fmt: skip
 
 
@@ -129,6 +136,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             gradient_checkpointing=args.gradient_checkpointing,
             loss_chunk_tokens=args.loss_chunk_tokens,
             adapter_math=args.adapter_math,
+            batch_layout=args.batch_layout,
         )
     for name, path in outputs.items():
         print(f"{name}: {path}")

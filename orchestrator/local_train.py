@@ -37,6 +37,7 @@ def train_locally(
     gradient_checkpointing: bool = False,
     loss_chunk_tokens: int | None = None,
     adapter_math: str = "auto",
+    batch_layout: str = "auto",
 ) -> dict[str, Path]:
     """Train every job to completion; returns each finished job's adapter directory.
 
@@ -56,6 +57,7 @@ def train_locally(
             gradient_checkpointing=gradient_checkpointing,
             loss_chunk_tokens=loss_chunk_tokens,
             adapter_math=adapter_math,
+            batch_layout=batch_layout,
         )
         for config in configs:
             resume = checkpoint_dir / config.name if checkpoint_dir else None

@@ -14,6 +14,7 @@ from typing import Any, Literal
 import yaml
 from carpool.orchestrator.yaml_loader import load_yaml
 from carpool.workers.adapter_math import AdapterMath
+from carpool.workers.batch_layout import BatchLayout
 from pydantic import (
     BaseModel,
     ConfigDict,
@@ -63,6 +64,8 @@ class OperatorConfig(BaseModel):
     loss_chunk_tokens: StrictInt | None = Field(None, ge=1)
     # How the bank computes the LoRA terms (carpool.workers.adapter_math); auto: per device.
     adapter_math: AdapterMath = "auto"
+    # Rows of a micro-batch padded or packed end to end (carpool.workers.batch_layout).
+    batch_layout: BatchLayout = "auto"
     checkpoint_every_steps: StrictInt | None = Field(None, ge=1)
     # Checkpoints each running job keeps in the store (the newest); a job that
     # succeeded keeps none.
@@ -107,6 +110,7 @@ class OperatorConfig(BaseModel):
             "gradient_checkpointing": self.gradient_checkpointing,
             "loss_chunk_tokens": self.loss_chunk_tokens,
             "adapter_math": self.adapter_math,
+            "batch_layout": self.batch_layout,
         }
 
 

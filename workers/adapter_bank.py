@@ -26,6 +26,7 @@ from carpool.workers.grouped_lora import (
     grouped_mm_unsupported,
     on_device,
     plan_group,
+    plan_packed_group,
     warn_once,
 )
 from torch import nn
@@ -114,13 +115,20 @@ class Segment:
 
     `row_ids` are the rows' positions in the job's own data stream; dropout
     masks are seeded from them so a row's mask never depends on where in a
-    batch, micro-batch or run it lands.
+    batch, micro-batch or run it lands. `lengths` are the rows' real token
+    counts: a packed micro-batch (rows end to end) needs them to find its rows.
     """
 
     job: str
     start: int
     end: int
     row_ids: tuple[int, ...]
+    lengths: tuple[int, ...] = ()
+
+    @property
+    def tokens(self) -> int:
+        """The segment's positions in a packed micro-batch."""
+        return sum(self.lengths)
 
 
 def new_job_adapter(
@@ -277,6 +285,52 @@ def hashed_segments_mask(
     return kept.to(dtype=like.dtype) / keep.view(-1, 1, 1)
 
 
+def packed_dropout_mask(
+    dropped: Sequence[tuple[JobAdapter, int] | None],
+    segments: Sequence[Segment],
+    features: int,
+    like: torch.Tensor,
+) -> torch.Tensor:
+    """`segments_dropout_mask` for a packed micro-batch: [tokens, features].
+
+    Each row's mask is the first `length` positions of its padded mask (the
+    masks are prefix-stable), so packing never changes a row's mask.
+    """
+    if like.device.type == "cpu":
+        parts = []
+        for seg, d in zip(segments, dropped, strict=True):
+            for row_id, length in zip(seg.row_ids, seg.lengths, strict=True):
+                shape = torch.Size([1, length, features])
+                if d is None:
+                    parts.append(like.new_ones(()).expand(length, features))
+                else:
+                    parts.append(dropout_mask(d[0], d[1], [row_id], shape, like)[0])
+        return torch.cat(parts)
+    return hashed_packed_mask(dropped, segments, features, like)
+
+
+def hashed_packed_mask(
+    dropped: Sequence[tuple[JobAdapter, int] | None],
+    segments: Sequence[Segment],
+    features: int,
+    like: torch.Tensor,
+) -> torch.Tensor:
+    """`packed_dropout_mask` on an accelerator: one hashed mask over the rows, padded,
+    then its real positions picked out."""
+    lengths = [n for seg in segments for n in seg.lengths]
+    rows = [
+        Segment(seg.job, i, i + 1, (row_id,), (n,))
+        for seg in segments
+        for i, (row_id, n) in enumerate(zip(seg.row_ids, seg.lengths, strict=True))
+    ]
+    per_row = [d for seg, d in zip(segments, dropped, strict=True) for _ in seg.row_ids]
+    padded = hashed_segments_mask(
+        per_row, rows, torch.Size([len(rows), max(lengths), features]), like
+    )
+    real = torch.cat([torch.arange(n) + i * max(lengths) for i, n in enumerate(lengths)])
+    return padded.view(-1, features).index_select(0, on_device(real, like.device))
+
+
 class AdapterBank:
     """Holds the adapters of every job on one base and applies them per row."""
 
@@ -290,6 +344,7 @@ class AdapterBank:
         self._linears = linear_modules(base)
         self._hooks: dict[str, torch.utils.hooks.RemovableHandle] = {}
         self._segments: tuple[Segment, ...] | None = None
+        self._packed = False
         self._plans: dict[tuple, GroupPlan] = {}  # this route's, shared by modules alike
 
     # -- membership -----------------------------------------------------------------
@@ -315,16 +370,24 @@ class AdapterBank:
 
     # -- routing --------------------------------------------------------------------
     @contextlib.contextmanager
-    def route(self, segments: Sequence[Segment]) -> Iterator[None]:
-        """Within this block, base forwards apply each segment's job adapter."""
+    def route(self, segments: Sequence[Segment], packed: bool = False) -> Iterator[None]:
+        """Within this block, base forwards apply each segment's job adapter.
+
+        `packed`: the forwards see one sequence [1, tokens] holding every
+        segment's rows end to end (each segment's `lengths` say where they are).
+        """
         for seg in segments:
             if seg.job not in self.adapters:
                 raise KeyError(f"no adapter for job {seg.job!r}")
+            if packed and len(seg.lengths) != seg.end - seg.start:
+                raise ValueError(f"a packed route needs the row lengths of {seg.job!r}")
         self._segments = tuple(segments)
+        self._packed = packed
         try:
             yield
         finally:
             self._segments = None
+            self._packed = False
             self._plans = {}
 
     def _make_hook(self, module_name: str):
@@ -343,6 +406,8 @@ class AdapterBank:
         lora_dtype = adapter_dtype(x.dtype)  # the LoRA path runs in the adapters' dtype
         path = self._path(module_name, lora_dtype, x.device)
         x = x.to(lora_dtype)
+        if self._packed:  # [1, tokens, in]: each token is a row of one position
+            x = x.view(-1, 1, x.shape[-1])
         if path == "loop":
             delta = self._loop_delta(weights, x, output)
         else:
@@ -351,7 +416,7 @@ class AdapterBank:
         # needs its input, not its output. Adding the adapters' float32 delta
         # to a bf16 output computes in float32 and rounds once, as PEFT does;
         # rounding the delta to bf16 first made 1 in 8 inputs differ from PEFT.
-        return output.add_(delta)
+        return output.add_(delta.view_as(output))
 
     def _path(self, module_name: str, dtype: torch.dtype, device: torch.device) -> str:
         path = resolve_adapter_math(self.adapter_math, device.type)
@@ -370,16 +435,20 @@ class AdapterBank:
         # One split and one cat: slicing x per segment would make each slice's
         # backward fill a zero tensor of x's full size (measured: 3x slower), and
         # in-place adds into row slices of `output` cost full-size copies too.
-        pieces = x.split([s.end - s.start for s in self._segments])
+        sizes = [s.tokens if self._packed else s.end - s.start for s in self._segments]
+        pieces = x.split(sizes)
         parts = []
         for seg, w, xs in zip(self._segments, weights, pieces, strict=True):
             adapter = self.adapters[seg.job]
             if w is None:
-                shape = (seg.end - seg.start, *output.shape[1:])
-                parts.append(output.new_zeros(shape, dtype=x.dtype))
+                parts.append(xs.new_zeros((*xs.shape[:-1], output.shape[-1])))
                 continue
             if adapter.dropout > 0 and torch.is_grad_enabled():
-                xs = xs * dropout_mask(adapter, w.module_index, seg.row_ids, xs.shape, xs)
+                if self._packed:
+                    mask = packed_dropout_mask([(adapter, w.module_index)], [seg], xs.shape[-1], xs)
+                    xs = xs * mask.view_as(xs)
+                else:
+                    xs = xs * dropout_mask(adapter, w.module_index, seg.row_ids, xs.shape, xs)
             # Scale the rank-r activations: the cheapest place to apply it.
             parts.append(F.linear(F.linear(xs, w.lora_A) * adapter.scaling, w.lora_B))
         return parts[0] if len(parts) == 1 else torch.cat(parts)
@@ -396,17 +465,32 @@ class AdapterBank:
                 for a, w in zip(adapters, weights, strict=True)
             ]
             if any(d is not None for d in dropped):
-                x = x * segments_dropout_mask(dropped, segments, x.shape, x)
+                if self._packed:
+                    mask = packed_dropout_mask(dropped, segments, x.shape[-1], x)
+                    x = x * mask.view_as(x)
+                else:
+                    x = x * segments_dropout_mask(dropped, segments, x.shape, x)
         ranks = tuple(0 if w is None else w.lora_A.shape[0] for w in weights)
         # grouped_mm's strides must be 16-byte multiples: pad ranks to match.
         r_align = 16 // x.element_size() if path == "grouped_mm" else 1
         tokens_per_row = math.prod(x.shape[1:-1])
-        key = (ranks, r_align, tokens_per_row, x.dtype, x.device)
+        key = (ranks, r_align, tokens_per_row, path, x.dtype, x.device)
         plan = self._plans.get(key)
-        if plan is None:
+        scalings = [a.scaling for a in adapters]
+        if plan is None and self._packed:
+            plan = self._plans[key] = plan_packed_group(
+                ranks,
+                scalings,
+                [s.tokens for s in segments],
+                r_align,
+                x.dtype,
+                x.device,
+                for_bmm=path == "bmm",
+            )
+        elif plan is None:
             plan = self._plans[key] = plan_group(
                 ranks,
-                [a.scaling for a in adapters],
+                scalings,
                 [s.end - s.start for s in segments],
                 tokens_per_row,
                 r_align,

@@ -22,14 +22,22 @@ import torch
 import torch.nn.functional as F
 from carpool.workers.adapter_bank import AdapterBank, JobAdapter, Segment, new_job_adapter
 from carpool.workers.base_model import default_device, default_dtype, load_base, load_tokenizer
+from carpool.workers.batch_layout import check_batch_layout
 from carpool.workers.checkpoint import latest_checkpoint, load_checkpoint
 from carpool.workers.chunked_loss import chunked_token_losses, loss_precision, supports_chunked_loss
 from carpool.workers.data_parallel import DataParallel
 from carpool.workers.dataset import IGNORE_INDEX, TokenizedDataset, load_dataset
-from carpool.workers.fused_batch import FusedBatch, StepRow, collate, plan_micro_batches, step_rows
+from carpool.workers.fused_batch import (
+    FusedBatch,
+    StepRow,
+    collate,
+    plan_micro_batches,
+    step_rows,
+)
 from carpool.workers.gradient_checkpointing import enable_gradient_checkpointing
 from carpool.workers.job_spec import DatasetSpec, JobInputError, JobSpec
 from carpool.workers.peft_format import adapter_from_loaded, export_adapter, read_adapter
+from carpool.workers.row_attention import packed_unsupported, use_row_attention
 from carpool.workers.training_job import StepReport, TrainingJob
 from carpool.workers.zero3 import dummy_row, load_base_zero3, pad_micro_batches
 
@@ -54,8 +62,10 @@ class Engine:
         gradient_checkpointing: bool = False,
         loss_chunk_tokens: int | None = None,
         adapter_math: str = "auto",
+        batch_layout: str = "auto",
     ) -> None:
-        """`micro_batch_tokens` caps padded tokens per forward/backward (None: one per round).
+        """`micro_batch_tokens` caps tokens per forward/backward (None: one per round);
+        padded ones count in the padded layout.
 
         With `data_parallel`, this engine is one rank of a group: it trains its
         share of every job's rows and sums adapter gradients with the others.
@@ -73,6 +83,9 @@ class Engine:
 
         `adapter_math` chooses how the bank computes the LoRA terms: `loop`,
         `bmm`, `grouped_mm` or `auto` (see `carpool.workers.grouped_lora`).
+
+        `batch_layout` lays a micro-batch's rows out `padded` or `packed` (see
+        `carpool.workers.fused_batch`); `auto` packs where the model allows it.
         """
         if zero_stage not in (0, 3):
             raise ValueError(f"zero_stage must be 0 or 3, got {zero_stage}")
@@ -105,6 +118,7 @@ class Engine:
         if gradient_checkpointing:
             enable_gradient_checkpointing(self.base)
         self.loss_chunk_tokens = self._check_loss_chunking(loss_chunk_tokens)
+        self.packed = self._choose_layout(check_batch_layout(batch_layout))
         self.tokenizer = load_tokenizer(base_model, trust_remote_code=trust_remote_code)
         self.bank = AdapterBank(self.base, adapter_math=adapter_math)
         self.jobs: dict[str, TrainingJob] = {}
@@ -193,12 +207,12 @@ class Engine:
         ]
         losses: dict[str, float] = defaultdict(float)
         for micro in self._micro_batches(all_rows, filler_job=min(j.name for j in jobs)):
-            batch = collate(micro, self.tokenizer.pad_token_id, self.device)
+            batch = collate(micro, self.tokenizer.pad_token_id, self.device, self.packed)
             # Routed through the backward too: checkpointed layers rerun forward there.
-            with self.bank.route(batch.segments):
-                row_loss = self._forward_loss(batch)
-                row_loss.sum().backward()
-            _add_row_losses(losses, batch, row_loss)
+            with self.bank.route(batch.segments, packed=batch.packed):
+                token_loss = self._forward_loss(batch)
+                token_loss.sum().backward()
+            _add_segment_losses(losses, batch, token_loss)
         dp = self.data_parallel
         if dp:
             jobs = sorted(jobs, key=lambda j: j.name)  # the same order on every rank
@@ -247,9 +261,9 @@ class Engine:
         ]
         losses: dict[str, float] = defaultdict(float)
         for micro in self._micro_batches(rows, filler_job=jobs[0].name):
-            batch = collate(micro, self.tokenizer.pad_token_id, self.device)
-            with self.bank.route(batch.segments):
-                _add_row_losses(losses, batch, self._forward_loss(batch))
+            batch = collate(micro, self.tokenizer.pad_token_id, self.device, self.packed)
+            with self.bank.route(batch.segments, packed=batch.packed):
+                _add_segment_losses(losses, batch, self._forward_loss(batch))
         if self.data_parallel:
             losses = self.data_parallel.reduce_losses([j.name for j in jobs], losses)
         return {j.name: losses[j.name] for j in jobs}
@@ -257,13 +271,30 @@ class Engine:
     def _micro_batches(self, rows: list[StepRow], filler_job: str) -> list[list[StepRow]]:
         """This rank's share of `rows`, packed into micro-batches."""
         dp = self.data_parallel
-        micro_batches = plan_micro_batches(dp.shard(rows) if dp else rows, self.micro_batch_tokens)
+        micro_batches = plan_micro_batches(
+            dp.shard(rows) if dp else rows, self.micro_batch_tokens, self.packed
+        )
         if self.zero_stage == 3:
             # ZeRO-3 gathers are collectives: every rank runs as many passes as the busiest,
             # the extra ones over a zero-weight row of `filler_job`.
             filler = dummy_row(filler_job, self.tokenizer.pad_token_id)
             micro_batches = pad_micro_batches(micro_batches, dp, filler)
         return micro_batches
+
+    def _choose_layout(self, setting: str) -> bool:
+        """Whether micro-batches are packed: `packed` or `auto` where the model allows it."""
+        if setting == "padded":
+            return False
+        reason = packed_unsupported(self.base)
+        if reason is not None:
+            message = f"batch_layout {setting} keeps padded rows for {self.base_model}: {reason}"
+            if setting == "packed":
+                log.warning("%s", message)
+            else:
+                log.info("%s", message)
+            return False
+        use_row_attention(self.base)
+        return True
 
     def _check_loss_chunking(self, chunk_tokens: int | None) -> int | None:
         if chunk_tokens is None:
@@ -279,14 +310,16 @@ class Engine:
         return chunk_tokens
 
     def _forward_loss(self, batch: FusedBatch) -> torch.Tensor:
-        """Per-row loss, already divided by the row's job-step token count (call routed)."""
-        # Right padding under a causal mask: real tokens never attend to padding,
-        # so no attention mask is needed and padded positions carry no target.
+        """Each position's loss, already divided by its job-step token count, flattened
+        (call routed). Padding and every row's last position carry no target."""
+        # Padded: right padding under a causal mask, so real tokens never attend to
+        # padding and no attention mask is needed. Packed: row attention keeps rows apart.
+        inputs = {"input_ids": batch.input_ids, "position_ids": batch.position_ids}
         targets = batch.targets.flatten()
         # No job adapts the output layer (never a target), so it can be used as a frozen weight.
         if self.loss_chunk_tokens:
             decoder = self.base.get_decoder()
-            hidden = decoder(input_ids=batch.input_ids, use_cache=False).last_hidden_state
+            hidden = decoder(**inputs, use_cache=False).last_hidden_state
             ce = chunked_token_losses(
                 hidden.flatten(0, 1),
                 self.base.get_output_embeddings(),
@@ -294,14 +327,14 @@ class Engine:
                 self.loss_chunk_tokens,
             )
         else:
-            logits = self.base(input_ids=batch.input_ids, use_cache=False).logits
+            logits = self.base(**inputs, use_cache=False).logits
             ce = F.cross_entropy(
                 loss_precision(logits).flatten(0, 1),
                 targets,
                 ignore_index=IGNORE_INDEX,
                 reduction="none",
             )
-        return ce.view_as(batch.targets).sum(dim=1) * batch.row_scale
+        return ce * batch.token_scale.flatten()
 
     # -- outputs --------------------------------------------------------------------------
     @torch.no_grad()
@@ -331,8 +364,12 @@ def _job_input(job: str, source: str) -> Iterator[None]:
         raise JobInputError(job, source, str(e)) from e
 
 
-def _add_row_losses(losses: dict[str, float], batch: FusedBatch, row_loss: torch.Tensor) -> None:
-    """Sum a micro-batch's row losses into each job's total (one host sync)."""
-    values = row_loss.detach().double().tolist()  # float64 figures, whatever the dtype
-    for seg in batch.segments:
-        losses[seg.job] += sum(values[seg.start : seg.end])
+def _add_segment_losses(
+    losses: dict[str, float], batch: FusedBatch, token_loss: torch.Tensor
+) -> None:
+    """Sum a micro-batch's position losses into each job's total (one host sync)."""
+    # float64 sums, whatever the dtype.
+    sums = torch.zeros(len(batch.segments), dtype=torch.float64, device=token_loss.device)
+    sums.index_add_(0, batch.token_segment, token_loss.detach().double())
+    for seg, value in zip(batch.segments, sums.tolist(), strict=True):
+        losses[seg.job] += value

@@ -12,6 +12,11 @@ fixed number of operations whatever the number of jobs K:
   over the rows; `grouped_mm`: `torch._grouped_mm` runs one GEMM per segment
   of tokens in one call, nothing gathered.
 
+Packed micro-batches (one sequence of every row's real tokens) are planned per
+token (`plan_packed_group`): `grouped_mm` takes them as they are; `bmm` lays
+the segments' tokens out as [segments, longest segment, in] with one
+`index_select`, runs the two batched matmuls, and picks the real tokens back.
+
 Padding ranks with zeros is exact. A zero row j of A gives a zero column j of
 `h = x A^T`, which meets a zero column j of B in `h B^T`: it adds nothing. In
 the backward, dL/dh[:, j] = g B[:, j] = 0, so A's padded row gets a zero
@@ -80,6 +85,11 @@ class GroupPlan:
     row_scale: torch.Tensor  # [rows, 1, 1]: each row's job scaling, 0 where untargeted
     # Rows of cat(A..., zero row) per padded rank slot, segment-major; None: a plain stack.
     rank_index: torch.Tensor | None
+    # Packed bmm only: each [segment, slot] position's token in cat(x, zero row), the
+    # position of each token in that layout, and each segment's scaling as [segments, 1, 1].
+    segment_gather: torch.Tensor | None = None
+    segment_scatter: torch.Tensor | None = None
+    segment_scale: torch.Tensor | None = None
 
 
 def plan_group(
@@ -95,15 +105,6 @@ def plan_group(
 
     `r_align` rounds the padded rank up (grouped_mm's 16-byte strides).
     """
-    r_pad = -(-max(ranks) // r_align) * r_align
-    zero_row = sum(ranks)
-    rank_index = None
-    if any(r != r_pad for r in ranks):
-        index, offset = [], 0
-        for r in ranks:
-            index += [offset + j if j < r else zero_row for j in range(r_pad)]
-            offset += r
-        rank_index = on_device(torch.tensor(index), device)
     segment_of_row = [s for s, n in enumerate(rows) for _ in range(n)]
     scale_of_row = [scalings[s] if ranks[s] else 0.0 for s in segment_of_row]
     ends, end = [], 0
@@ -111,12 +112,63 @@ def plan_group(
         end += n * tokens_per_row
         ends.append(end)
     return GroupPlan(
-        r_pad=r_pad,
+        r_pad=_padded_rank(ranks, r_align),
         row_segment=on_device(torch.tensor(segment_of_row), device),
         token_ends=on_device(torch.tensor(ends, dtype=torch.int32), device),
         row_scale=on_device(torch.tensor(scale_of_row, dtype=dtype).view(-1, 1, 1), device),
-        rank_index=rank_index,
+        rank_index=_rank_index(ranks, _padded_rank(ranks, r_align), device),
     )
+
+
+def plan_packed_group(
+    ranks: Sequence[int],
+    scalings: Sequence[float],
+    segment_tokens: Sequence[int],
+    r_align: int,
+    dtype: torch.dtype,
+    device: torch.device,
+    for_bmm: bool,
+) -> GroupPlan:
+    """The plan for a packed micro-batch: each token is a "row" of one position.
+
+    `for_bmm` adds the index that lays segments out as [segments, longest, in].
+    """
+    plan = plan_group(ranks, scalings, segment_tokens, 1, r_align, dtype, device)
+    if not for_bmm:
+        return plan
+    total, longest = sum(segment_tokens), max(segment_tokens)
+    gather, scatter, start = [], [], 0
+    for s, n in enumerate(segment_tokens):
+        gather += list(range(start, start + n)) + [total] * (longest - n)  # total: the zero row
+        scatter += range(s * longest, s * longest + n)
+        start += n
+    scale = [scalings[s] if ranks[s] else 0.0 for s in range(len(ranks))]
+    return GroupPlan(
+        r_pad=plan.r_pad,
+        row_segment=plan.row_segment,
+        token_ends=plan.token_ends,
+        row_scale=plan.row_scale,
+        rank_index=plan.rank_index,
+        segment_gather=on_device(torch.tensor(gather), device),
+        segment_scatter=on_device(torch.tensor(scatter), device),
+        segment_scale=on_device(torch.tensor(scale, dtype=dtype).view(-1, 1, 1), device),
+    )
+
+
+def _padded_rank(ranks: Sequence[int], r_align: int) -> int:
+    return -(-max(ranks) // r_align) * r_align
+
+
+def _rank_index(ranks: Sequence[int], r_pad: int, device: torch.device) -> torch.Tensor | None:
+    """Rows of cat(A..., zero row) per padded rank slot; None when every rank is r_pad."""
+    if all(r == r_pad for r in ranks):
+        return None
+    zero_row = sum(ranks)
+    index, offset = [], 0
+    for r in ranks:
+        index += [offset + j if j < r else zero_row for j in range(r_pad)]
+        offset += r
+    return on_device(torch.tensor(index), device)
 
 
 def on_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -160,7 +212,13 @@ def grouped_delta(
     rows, in_features = x.shape[0], x.shape[-1]
     x3 = x.reshape(rows, -1, in_features)
     a_stack, b_stack = stack_a(a, plan), stack_b(b, plan)
-    if path == "bmm":
+    if path == "bmm" and plan.segment_gather is not None:
+        x2 = torch.cat([x3.reshape(-1, in_features), x3.new_zeros(1, in_features)])
+        laid_out = x2.index_select(0, plan.segment_gather).view(len(a), -1, in_features)
+        h = torch.bmm(laid_out, a_stack.transpose(1, 2)) * plan.segment_scale
+        delta = torch.bmm(h, b_stack.transpose(1, 2))  # [segments, longest, out]
+        delta = delta.view(-1, delta.shape[-1]).index_select(0, plan.segment_scatter)
+    elif path == "bmm":
         a_rows = a_stack.index_select(0, plan.row_segment)  # [rows, r_pad, in]
         # Scale the rank-r activations: the cheapest place to apply it.
         h = torch.bmm(x3, a_rows.transpose(1, 2)) * plan.row_scale
