@@ -9,7 +9,7 @@ controller's own work: reading the queue, planning, recording the round.
 Trials interleave the queue lengths (0, 1k, 10k, 0, 1k, 10k, ...); each
 length's figure is its best trial's mean tick. Target: flat, 10k within 10% of 0.
 
-    python benchmarks/controller_tick.py [--ticks 500] [--trials 3]
+    python benchmarks/controller_tick.py [--ticks 2000] [--trials 3]
 """
 
 from __future__ import annotations
@@ -112,7 +112,7 @@ def mean_tick_s(controller: Controller, ticks: int) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--ticks", type=int, default=500, help="ticks per trial")
+    parser.add_argument("--ticks", type=int, default=2000, help="ticks per trial")
     parser.add_argument("--trials", type=int, default=3)
     args = parser.parse_args()
 

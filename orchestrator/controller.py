@@ -145,11 +145,22 @@ class Controller:
         self.metrics.queue_state(dict(self.view.counts))
         return ran
 
-    def _refresh(self) -> None:
-        for record in self.view.refresh():
+    def _refresh(self) -> list[JobRecord]:
+        changed = self.view.refresh()
+        for record in changed:
             self._queue_changed = True
             if record.state in FINAL_STATES:
                 self._demands.pop(record.id, None)
+        return changed
+
+    def _prepare_while_rounds_run(self) -> None:
+        """Take in what changed and parse new jobs' demands while the groups compute, so
+        that between rounds only the scheduler itself is left to run. Reads only:
+        membership still changes between rounds alone."""
+        for record in self._refresh():
+            if record.state == JobState.QUEUED:
+                with contextlib.suppress(Exception):  # _decide fails the job, with the error
+                    self._demand(record)
 
     def _apply_cancellations(self) -> bool:
         """Stop running jobs whose cancel was requested; True if there was any."""
@@ -275,6 +286,8 @@ class Controller:
                 started.append((gid, group))
             except GroupFailedError:
                 self._group_failed(gid)
+        if started:
+            self._prepare_while_rounds_run()
         for gid, group in started:
             try:
                 results = group.handle.finish_round()

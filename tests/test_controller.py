@@ -1039,3 +1039,39 @@ def test_a_group_that_cannot_start_is_tried_again_with_nothing_else_changed(
     assert controller.tick() is True
     assert plans == [1, 1]
     assert queue.get(a).state == RUNNING
+
+
+def test_a_job_submitted_during_a_round_is_parsed_before_the_round_ends(
+    tmp_path, factory, spec, monkeypatch
+) -> None:
+    path = tmp_path / "queue.sqlite"
+    with JobQueue(path) as queue, JobQueue(path) as cli:
+        controller = make_controller(queue, factory)
+        (a,) = controller.submit([spec("a", steps=5)])
+        controller.tick()
+        (group,) = factory.groups
+        late = spec("late", steps=2)
+        start_round = group.start_round
+
+        def start_round_then_submit() -> None:  # once: `carpool submit` while a round runs
+            start_round()
+            monkeypatch.setattr(group, "start_round", start_round)
+            cli.submit([(late.name, late.model_dump(mode="json"), late.base_model, 0)])
+
+        monkeypatch.setattr(group, "start_round", start_round_then_submit)
+        parsed_after: list[str] = []  # the last group call before each spec is parsed
+        compute_demand = controller._compute_demand
+        monkeypatch.setattr(
+            controller,
+            "_compute_demand",
+            lambda record: parsed_after.append(factory.events[-1].call) or compute_demand(record),
+        )
+
+        controller.tick()
+        assert parsed_after == ["start_round"]  # while the group computes, not between rounds
+        (b,) = [r.id for r in queue.list() if r.name == "late"]
+        assert queue.get(b).state == QUEUED
+
+        controller.tick()
+        assert queue.get(b).state == RUNNING
+        assert parsed_after == ["start_round"]  # parsed once
