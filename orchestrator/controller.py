@@ -190,7 +190,7 @@ class Controller:
         )
         if not self._queue_changed and inputs == self._settled:
             return
-        self._queue_changed = False
+        self._queue_changed, self._settled = False, None  # a plan that raises is redone
         decisions = self._decide(slots)
         self._settled = None if decisions else inputs
         self._execute(decisions)

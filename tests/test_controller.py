@@ -1075,3 +1075,27 @@ def test_a_job_submitted_during_a_round_is_parsed_before_the_round_ends(
         controller.tick()
         assert queue.get(b).state == RUNNING
         assert parsed_after == ["start_round"]  # parsed once
+
+
+def test_a_plan_that_raised_is_made_again_on_the_next_tick(
+    queue, factory, spec, monkeypatch
+) -> None:
+    controller = make_controller(queue, factory, max_groups=0)
+    controller.submit([spec("a", steps=2)])
+    controller.tick()  # no slot: the plan decides nothing
+    calls: list[int] = []
+
+    def failing_once(queued, *args):
+        calls.append(len(queued))
+        if len(calls) == 1:
+            raise RuntimeError("bug")
+        return schedule(queued, *args)
+
+    monkeypatch.setattr(controller_module, "schedule", failing_once)
+    controller.submit([spec("b", steps=2)])
+    with pytest.raises(RuntimeError, match="bug"):
+        controller.tick()
+
+    controller.tick()  # nothing new since the failed plan, which still has to be made
+
+    assert calls == [2, 2]
