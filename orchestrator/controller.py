@@ -9,6 +9,11 @@ Each tick:
   3. every group with jobs runs one round, all groups in parallel, and the
      results (progress, checkpoints, finished adapters) go into the queue.
 Membership changes therefore always happen between rounds, never during one.
+
+The queue is read through a `QueueView` (only jobs whose state changed since the
+last read), and step 2 is skipped while the scheduler's inputs are those of a
+plan that decided nothing: it would decide nothing again. So a tick with nothing
+new costs the same with ten thousand jobs waiting as with none.
 """
 
 from __future__ import annotations
@@ -21,8 +26,9 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from carpool.orchestrator.engine_worker import JobAdmitted
-from carpool.orchestrator.job_queue import JobQueue, JobRecord, JobState
+from carpool.orchestrator.job_queue import FINAL_STATES, JobQueue, JobRecord, JobState
 from carpool.orchestrator.operator_config import OperatorConfig
+from carpool.orchestrator.queue_view import QueueView
 from carpool.orchestrator.scheduler import (
     AdmitJob,
     Capacity,
@@ -113,6 +119,9 @@ class Controller:
         self._demands: dict[str, JobDemand] = {}
         for record in queue.recover_running():
             log.info("[job %s] requeued after controller restart", record.id)
+        self.view = QueueView(queue)
+        self._queue_changed = True  # since the last plan
+        self._settled: tuple | None = None  # the inputs of the last plan, if it decided nothing
 
     # -- requests -----------------------------------------------------------------------
     def submit(self, specs: Sequence[JobSpec]) -> list[str]:
@@ -127,15 +136,38 @@ class Controller:
     # -- the loop -----------------------------------------------------------------------
     def tick(self) -> bool:
         """One pass of the loop; True if any group ran a round (so no need to pause)."""
-        self._apply_cancellations()
-        self._execute(self._decide())
+        self._refresh()
+        if self._apply_cancellations():
+            self._refresh()
+        self._plan()
         ran = self._run_rounds()
-        self.metrics.queue_state(self.queue.counts())
+        self._refresh()
+        self.metrics.queue_state(dict(self.view.counts))
         return ran
 
-    def _apply_cancellations(self) -> None:
-        for record in self.queue.list([JobState.RUNNING]):
+    def _refresh(self) -> list[JobRecord]:
+        changed = self.view.refresh()
+        for record in changed:
+            self._queue_changed = True
+            if record.state in FINAL_STATES:
+                self._demands.pop(record.id, None)
+        return changed
+
+    def _prepare_while_rounds_run(self) -> None:
+        """Take in what changed and parse new jobs' demands while the groups compute, so
+        that between rounds only the scheduler itself is left to run. Reads only:
+        membership still changes between rounds alone."""
+        for record in self._refresh():
+            if record.state == JobState.QUEUED:
+                with contextlib.suppress(Exception):  # _decide fails the job, with the error
+                    self._demand(record)
+
+    def _apply_cancellations(self) -> bool:
+        """Stop running jobs whose cancel was requested; True if there was any."""
+        cancelled = False
+        for record in list(self.view.running.values()):
             if record.cancel_requested and record.group in self.groups:
+                cancelled = True
                 group = self.groups[record.group]
                 group.jobs.pop(record.id, None)
                 try:
@@ -144,10 +176,28 @@ class Controller:
                     self._group_failed(record.group)
                 self._finish(record.id, JobState.CANCELLED)
                 self.queue.append_log(record.id, "cancelled")
+        return cancelled
 
-    def _decide(self) -> list:
+    def _plan(self) -> None:
+        """Decide and execute, unless nothing the scheduler reads changed since a plan
+        that decided nothing (a plan that did decide changed the world: plan again)."""
+        slots = self.free_group_slots(len(self.groups))
+        inputs = (
+            slots,
+            tuple((gid, tuple(g.jobs)) for gid, g in self.groups.items()),
+            (self.config.max_tokens_per_step, self.config.max_adapters_per_group),
+            self.config.max_memory_bytes,
+        )
+        if not self._queue_changed and inputs == self._settled:
+            return
+        self._queue_changed, self._settled = False, None  # a plan that raises is redone
+        decisions = self._decide(slots)
+        self._settled = None if decisions else inputs
+        self._execute(decisions)
+
+    def _decide(self, free_group_slots: int) -> list:
         demands = []
-        for record in self.queue.queued():
+        for record in list(self.view.queued.values()):
             try:
                 demands.append(self._demand(record))
             except Exception as e:  # e.g. the base model vanished since submission
@@ -161,7 +211,7 @@ class Controller:
             max_adapters_per_group=self.config.max_adapters_per_group,
             max_memory_bytes=self.config.max_memory_bytes,
         )
-        cluster = ClusterView(free_group_slots=self.free_group_slots(len(self.groups)))
+        cluster = ClusterView(free_group_slots=free_group_slots)
         return schedule(demands, views, cluster, capacity, _new_group_id)
 
     def _execute(self, decisions: list) -> None:
@@ -236,6 +286,8 @@ class Controller:
                 started.append((gid, group))
             except GroupFailedError:
                 self._group_failed(gid)
+        if started:
+            self._prepare_while_rounds_run()
         for gid, group in started:
             try:
                 results = group.handle.finish_round()

@@ -37,7 +37,7 @@ FINAL_STATES: frozenset[JobState] = frozenset(
 # Ids become directory and file names (checkpoints, adapters, logs): nothing
 # that could climb out of a directory or collide on a case-insensitive disk.
 
-SCHEMA_VERSION = 1  # PRAGMA user_version; bump with a migration step in _migrate
+SCHEMA_VERSION = 2  # PRAGMA user_version; bump with a step in _MIGRATIONS
 
 
 class UnknownJobError(KeyError):
@@ -81,6 +81,7 @@ class JobRecord:
     error: str | None
     cancel_requested: bool
     seq: int
+    state_seq: int  # when its state or cancel request last changed (see JobQueue.changed_since)
 
     @classmethod
     def from_row(cls, row: sqlite3.Row) -> JobRecord:
@@ -108,6 +109,18 @@ CREATE TABLE logs (
 );
 CREATE INDEX logs_by_job ON logs (job_id, n);
 """
+
+# Step n takes a file from schema n-1 to n; a new file gets _SCHEMA (schema 1) and
+# then every step, so files made by older carpools end up exactly like new ones.
+_MIGRATIONS: dict[int, tuple[str, ...]] = {
+    # state_seq: a counter over the whole queue, bumped by every change of a job's
+    # state or cancel request, so a reader fetches only what changed since its last read.
+    2: (
+        "ALTER TABLE jobs ADD COLUMN state_seq INTEGER NOT NULL DEFAULT 0",
+        "UPDATE jobs SET state_seq = seq",
+        "CREATE INDEX jobs_by_state_seq ON jobs (state_seq)",
+    ),
+}
 
 
 def _spec_json(spec: dict) -> str:
@@ -164,6 +177,10 @@ class JobQueue:
             for statement in _SCHEMA.split(";"):
                 if statement.strip():
                     db.execute(statement)
+            version = 1
+        for step in range(version + 1, SCHEMA_VERSION + 1):
+            for statement in _MIGRATIONS[step]:
+                db.execute(statement)
         db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
 
     def close(self) -> None:
@@ -210,6 +227,19 @@ class JobQueue:
             rows = self._conn.execute(sql + " ORDER BY priority DESC, seq ASC", args).fetchall()
         return [JobRecord.from_row(r) for r in rows]
 
+    def changed_since(self, state_seq: int) -> list[JobRecord]:
+        """Jobs whose state or cancel request changed after `state_seq`, oldest change first.
+
+        Writers are serialized and each change gets a number above every committed
+        one, so a reader that passes the last record's `state_seq` next time sees
+        every later change once, whichever process made it.
+        """
+        with self._lock:
+            rows = self._conn.execute(
+                "SELECT * FROM jobs WHERE state_seq > ? ORDER BY state_seq", (state_seq,)
+            ).fetchall()
+        return [JobRecord.from_row(r) for r in rows]
+
     def queued(self) -> list[JobRecord]:
         return self.list([JobState.QUEUED])
 
@@ -237,14 +267,16 @@ class JobQueue:
         """Queue (name, spec, base_model, priority) tuples: all of them or, on any error, none."""
         ids: list[str] = []
         with self._tx() as db:
+            state_seq = self._next_state_seq(db)
             for name, spec, base_model, priority in jobs:
                 job_id = new_job_id(name)
                 now = time.time()
                 db.execute(
                     "INSERT INTO jobs (id, name, spec, base_model, priority, state,"
-                    " submitted_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                    (job_id, name, _spec_json(spec), base_model, int(priority), "queued", now, now),
-                )
+                    " submitted_at, updated_at, state_seq) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (job_id, name, _spec_json(spec), base_model, int(priority), "queued", now, now,
+                     state_seq),
+                )  # fmt: skip
                 ids.append(job_id)
         return ids
 
@@ -263,6 +295,8 @@ class JobQueue:
         self, db: sqlite3.Connection, job_id: str, log: str | None, **columns: Any
     ) -> JobRecord:
         columns["updated_at"] = time.time()
+        if "state" in columns or "cancel_requested" in columns:
+            columns["state_seq"] = self._next_state_seq(db)
         assigns = ", ".join(f"{key} = ?" for key in columns)  # keys are ours, never user input
         db.execute(f"UPDATE jobs SET {assigns} WHERE id = ?", (*columns.values(), job_id))
         if log is not None:
@@ -364,6 +398,11 @@ class JobQueue:
             if job.state == JobState.RUNNING and not job.cancel_requested:
                 return self._set(db, job_id, "cancel requested", cancel_requested=1)
             return job
+
+    @staticmethod
+    def _next_state_seq(db: sqlite3.Connection) -> int:
+        # Inside the write transaction: no other writer can take the same number.
+        return db.execute("SELECT COALESCE(MAX(state_seq), 0) + 1 FROM jobs").fetchone()[0]
 
     @staticmethod
     def _log(db: sqlite3.Connection, job_id: str, line: str) -> None:

@@ -16,10 +16,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from carpool.orchestrator import controller as controller_module
 from carpool.orchestrator.controller import Controller, GroupFailedError
 from carpool.orchestrator.engine_worker import JobAdmitted
-from carpool.orchestrator.job_queue import JobQueue, JobState
+from carpool.orchestrator.job_queue import JobQueue, JobRecord, JobState
 from carpool.orchestrator.operator_config import OperatorConfig
+from carpool.orchestrator.scheduler import schedule
 from carpool.workers.job_spec import JobInputError, JobSpec
 from carpool.workers.rounds import JobRoundResult
 from carpool.workers.tiny_base import build_tiny_base
@@ -912,3 +914,188 @@ def test_what_admission_reports_goes_into_the_jobs_log(queue, factory, spec) -> 
     started = next(i for i, line in enumerate(lines) if "started in group" in line)
     assert "3 of 40 rows truncated" in lines[started + 1]
     assert not any("truncated" in line for line in queue.logs(plain))
+
+
+# -- planning only when something changed -----------------------------------------------
+
+
+@pytest.fixture
+def plans(monkeypatch) -> list[int]:
+    """How many queued jobs each call of the scheduler was given, call by call."""
+    calls: list[int] = []
+
+    def counting(queued, *args, **kwargs):
+        calls.append(len(queued))
+        return schedule(queued, *args, **kwargs)
+
+    monkeypatch.setattr(controller_module, "schedule", counting)
+    return calls
+
+
+@pytest.fixture
+def decoded(monkeypatch) -> list[str]:
+    """The id of every job record decoded from the queue file."""
+    ids: list[str] = []
+    from_row = JobRecord.from_row
+    monkeypatch.setattr(JobRecord, "from_row", lambda row: ids.append(row["id"]) or from_row(row))
+    return ids
+
+
+def full_slot(queue, factory, spec, waiting: int) -> tuple[Controller, str, list[str]]:
+    """One long job in the only slot, and `waiting` jobs of lower priority that cannot join it."""
+    controller = make_controller(queue, factory, max_groups=1, max_adapters_per_group=1)
+    (runner,) = controller.submit([spec("runner", steps=100, priority=1)])
+    waiters = controller.submit([spec(f"w{i}", steps=2) for i in range(waiting)])
+    controller.tick()
+    controller.tick()
+    assert queue.get(runner).state == RUNNING
+    return controller, runner, waiters
+
+
+def test_a_tick_with_nothing_changed_neither_plans_nor_reads_waiting_jobs(
+    queue, factory, spec, plans, decoded
+) -> None:
+    controller, runner, waiters = full_slot(queue, factory, spec, waiting=5)
+    plans.clear()
+    decoded.clear()
+
+    for _ in range(3):
+        assert controller.tick() is True
+
+    assert plans == []
+    assert set(decoded) == {runner}  # only the running job, whose progress is recorded
+    assert queue.get(runner).step == 5
+    assert all(queue.get(w).state == QUEUED for w in waiters)
+
+
+def test_a_job_submitted_through_another_connection_is_planned_on_the_next_tick(
+    tmp_path, factory, spec, plans
+) -> None:
+    path = tmp_path / "queue.sqlite"
+    with JobQueue(path) as queue, JobQueue(path) as cli:  # cli: `carpool submit` elsewhere
+        controller = make_controller(queue, factory)
+        controller.tick()
+        controller.tick()
+        assert plans == [0]  # nothing queued: planned once, then nothing changed
+
+        s = spec("a", steps=2)
+        (a,) = cli.submit([(s.name, s.model_dump(mode="json"), s.base_model, s.priority)])
+        controller.tick()
+
+        assert plans == [0, 1]
+        assert queue.get(a).state == RUNNING
+
+
+def test_a_cancel_from_another_connection_replans_and_frees_the_slot(
+    tmp_path, factory, spec, plans
+) -> None:
+    path = tmp_path / "queue.sqlite"
+    with JobQueue(path) as queue, JobQueue(path) as cli:
+        controller, runner, (waiter,) = full_slot(queue, factory, spec, waiting=1)
+        plans.clear()
+        controller.tick()
+        assert plans == []
+
+        cli.request_cancel(runner)
+        controller.tick()  # the runner leaves; the waiter takes its place before the round
+
+        assert plans == [1]
+        assert (queue.get(runner).state, queue.get(waiter).state) == (CANCELLED, RUNNING)
+        assert queue.get(waiter).step == 1
+
+
+def test_a_finish_replans_and_a_waiting_job_takes_the_slot(queue, factory, spec, plans) -> None:
+    controller = make_controller(queue, factory, max_groups=1, max_adapters_per_group=1)
+    first, second = controller.submit([spec("first", steps=3), spec("second", steps=2)])
+    controller.tick()
+    controller.tick()
+    assert plans == [2, 1]  # the second tick saw the first one's own admission
+    controller.tick()  # `first` finishes in this round
+    assert queue.get(first).state == SUCCEEDED
+    assert plans == [2, 1]
+
+    controller.tick()
+
+    assert plans == [2, 1, 1]
+    assert queue.get(second).state == RUNNING
+
+
+def test_a_group_that_cannot_start_is_tried_again_with_nothing_else_changed(
+    queue, spec, plans
+) -> None:
+    factory = FakeGroupFactory()
+    refusals = [GroupFailedError("no room for its ranks")]
+
+    def refusing_once(group_id: str, base_model: str) -> FakeGroup:
+        if refusals:
+            raise refusals.pop()
+        return factory(group_id, base_model)
+
+    controller = make_controller(queue, refusing_once)
+    (a,) = controller.submit([spec("a", steps=2)])
+    assert controller.tick() is False
+    assert queue.get(a).state == QUEUED
+
+    assert controller.tick() is True
+    assert plans == [1, 1]
+    assert queue.get(a).state == RUNNING
+
+
+def test_a_job_submitted_during_a_round_is_parsed_before_the_round_ends(
+    tmp_path, factory, spec, monkeypatch
+) -> None:
+    path = tmp_path / "queue.sqlite"
+    with JobQueue(path) as queue, JobQueue(path) as cli:
+        controller = make_controller(queue, factory)
+        (a,) = controller.submit([spec("a", steps=5)])
+        controller.tick()
+        (group,) = factory.groups
+        late = spec("late", steps=2)
+        start_round = group.start_round
+
+        def start_round_then_submit() -> None:  # once: `carpool submit` while a round runs
+            start_round()
+            monkeypatch.setattr(group, "start_round", start_round)
+            cli.submit([(late.name, late.model_dump(mode="json"), late.base_model, 0)])
+
+        monkeypatch.setattr(group, "start_round", start_round_then_submit)
+        parsed_after: list[str] = []  # the last group call before each spec is parsed
+        compute_demand = controller._compute_demand
+        monkeypatch.setattr(
+            controller,
+            "_compute_demand",
+            lambda record: parsed_after.append(factory.events[-1].call) or compute_demand(record),
+        )
+
+        controller.tick()
+        assert parsed_after == ["start_round"]  # while the group computes, not between rounds
+        (b,) = [r.id for r in queue.list() if r.name == "late"]
+        assert queue.get(b).state == QUEUED
+
+        controller.tick()
+        assert queue.get(b).state == RUNNING
+        assert parsed_after == ["start_round"]  # parsed once
+
+
+def test_a_plan_that_raised_is_made_again_on_the_next_tick(
+    queue, factory, spec, monkeypatch
+) -> None:
+    controller = make_controller(queue, factory, max_groups=0)
+    controller.submit([spec("a", steps=2)])
+    controller.tick()  # no slot: the plan decides nothing
+    calls: list[int] = []
+
+    def failing_once(queued, *args):
+        calls.append(len(queued))
+        if len(calls) == 1:
+            raise RuntimeError("bug")
+        return schedule(queued, *args)
+
+    monkeypatch.setattr(controller_module, "schedule", failing_once)
+    controller.submit([spec("b", steps=2)])
+    with pytest.raises(RuntimeError, match="bug"):
+        controller.tick()
+
+    controller.tick()  # nothing new since the failed plan, which still has to be made
+
+    assert calls == [2, 2]

@@ -405,3 +405,93 @@ def test_fresh_file_opened_by_many_processes_at_once(tmp_path: Path) -> None:
         with JobQueue(path) as q:
             assert len(q.queued()) == 6
     assert exit_codes == [0] * len(exit_codes)
+
+
+# -- reading only what changed -------------------------------------------------------------
+
+
+def test_changed_since_returns_each_state_change_once_in_commit_order(queue: JobQueue) -> None:
+    a, b = queue.submit([("a", {}, "m", 0), ("b", {}, "m", 0)])
+    first = queue.changed_since(0)
+    assert [(r.id, r.state) for r in first] == [(a, Q), (b, Q)]
+    seen = first[-1].state_seq
+
+    queue.mark_running(a, "g0")
+    queue.record_progress(a, step=1, total_steps=3, loss=1.0, tokens_per_second=1.0)
+    queue.record_checkpoint(a, "/ck", 1)
+    queue.append_log(b, "a line")
+    changed = queue.changed_since(seen)
+    # Progress, checkpoints and logs are no change of state: only the start is read.
+    assert [(r.id, r.state, r.step) for r in changed] == [(a, R, 1)]
+    seen = changed[-1].state_seq
+
+    queue.request_cancel(a)  # running: flagged only, but the controller must see the flag
+    queue.request_cancel(b)
+    changed = queue.changed_since(seen)
+    assert [(r.id, r.state, r.cancel_requested) for r in changed] == [(a, R, True), (b, C, False)]
+    assert queue.changed_since(changed[-1].state_seq) == []
+
+
+def test_changed_since_sees_writes_of_another_connection_to_the_same_file(tmp_path: Path) -> None:
+    path = tmp_path / "queue.db"
+    with JobQueue(path) as reader, JobQueue(path) as writer:
+        (a,) = reader.submit([("a", {}, "m", 0)])
+        seen = reader.changed_since(0)[-1].state_seq
+        (b,) = writer.submit([("b", {}, "m", 0)])
+        writer.request_cancel(a)
+        assert [(r.id, r.state) for r in reader.changed_since(seen)] == [(b, Q), (a, C)]
+
+
+# The schema of carpool's first queue files (user_version 1), as they were made.
+_SCHEMA_1 = """
+CREATE TABLE jobs (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT, id TEXT NOT NULL UNIQUE, name TEXT NOT NULL,
+    spec TEXT NOT NULL, base_model TEXT NOT NULL, priority INTEGER NOT NULL, state TEXT NOT NULL,
+    submitted_at REAL NOT NULL, updated_at REAL NOT NULL, attempts INTEGER NOT NULL DEFAULT 0,
+    group_id TEXT, checkpoint TEXT, checkpoint_step INTEGER NOT NULL DEFAULT 0,
+    step INTEGER NOT NULL DEFAULT 0, total_steps INTEGER, loss REAL, tokens_per_second REAL,
+    metrics TEXT NOT NULL DEFAULT '{}', error TEXT, cancel_requested INTEGER NOT NULL DEFAULT 0
+);
+CREATE INDEX jobs_by_state ON jobs (state, priority DESC, seq);
+CREATE TABLE logs (
+    n INTEGER PRIMARY KEY AUTOINCREMENT, job_id TEXT NOT NULL, time REAL NOT NULL, line TEXT NOT NULL
+);
+CREATE INDEX logs_by_job ON logs (job_id, n);
+PRAGMA user_version = 1;
+"""
+
+
+def test_a_queue_file_of_schema_1_is_migrated_in_place(tmp_path: Path) -> None:
+    path = tmp_path / "queue.db"
+    db = sqlite3.connect(path)
+    db.executescript(_SCHEMA_1)
+    for name, state in [("a", "queued"), ("b", "running"), ("c", "succeeded")]:
+        db.execute(
+            "INSERT INTO jobs (id, name, spec, base_model, priority, state, submitted_at,"
+            " updated_at, group_id) VALUES (?, ?, '{\"x\": 1}', 'm', 0, ?, 1.0, 1.0, ?)",
+            (f"{name}-1", name, state, "g0" if state == "running" else None),
+        )
+    db.execute("INSERT INTO logs (job_id, time, line) VALUES ('a-1', 1.0, 'queued')")
+    db.commit()
+    db.close()
+
+    with JobQueue(path) as q:
+        assert [(r.id, r.state, r.spec) for r in q.list()] == [
+            ("a-1", Q, {"x": 1}),
+            ("b-1", R, {"x": 1}),
+            ("c-1", S, {"x": 1}),
+        ]
+        assert q.logs("a-1")[0].endswith("queued")
+        # Every old job is read once by a reader starting from scratch, and changes after
+        # the migration come after them.
+        old = q.changed_since(0)
+        assert [r.id for r in old] == ["a-1", "b-1", "c-1"]
+        q.request_cancel("a-1")
+        (d,) = q.submit([("d", {}, "m", 0)])
+        changed = q.changed_since(old[-1].state_seq)
+        assert [(r.id, r.state) for r in changed] == [("a-1", C), (d, Q)]
+    with JobQueue(path) as q:  # reopening a migrated file changes nothing
+        assert [r.id for r in q.changed_since(0)] == ["b-1", "c-1", "a-1", d]
+    db = sqlite3.connect(path)
+    assert db.execute("PRAGMA user_version").fetchone()[0] == 2
+    db.close()
