@@ -20,6 +20,7 @@ import yaml
 from carpool.orchestrator.init_from import InitFromCheck, check_init_from
 from carpool.orchestrator.parsed_fields import ParsedFields, parse_fields, section_model
 from carpool.orchestrator.spec_paths import resolve_spec_paths
+from carpool.orchestrator.spec_problems import SpecProblem, SpecValidationError
 from carpool.orchestrator.yaml_loader import load_yaml
 from carpool.workers.base_model import (
     linear_module_shapes,
@@ -42,27 +43,6 @@ _SECTIONS: dict[tuple[str, ...], type[BaseModel]] = {
         if (model := section_model(info.annotation)) is not None
     },
 }
-
-
-@dataclass(frozen=True)
-class SpecProblem:
-    source: str  # the file (or other origin) of the spec
-    field: str  # dotted, e.g. "adapter.r"
-    message: str
-
-    def __str__(self) -> str:
-        return f"{self.source}: {self.field}: {self.message}"
-
-
-class SpecValidationError(ValueError):
-    """One or more problems in one or more specs; `str()` lists one per line."""
-
-    def __init__(self, problems: Sequence[SpecProblem]):
-        self.problems = list(problems)
-        super().__init__("\n".join(str(p) for p in self.problems))
-
-    def __reduce__(self):  # pickle with the problems, not the joined message
-        return (type(self), (self.problems,))
 
 
 @dataclass(frozen=True)
