@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from carpool.orchestrator.operator_config import OperatorConfig
-from carpool.orchestrator.validation import SpecProblem, SpecValidationError
+from carpool.orchestrator.spec_problems import SpecProblem, SpecValidationError
 from carpool.workers.job_spec import JobSpec
 
 

@@ -392,7 +392,7 @@ def _describe(error: Exception) -> str:
     the last lines it printed; anything else one line."""
     from carpool.orchestrator.local_ray import RayStartError
     from carpool.orchestrator.operator_config import OperatorConfigError
-    from carpool.orchestrator.validation import SpecValidationError
+    from carpool.orchestrator.spec_problems import SpecValidationError
 
     if isinstance(error, (SpecValidationError, OperatorConfigError)):
         return str(error)
@@ -405,7 +405,7 @@ def _describe(error: Exception) -> str:
 def _user_error(error: Exception) -> Exception | None:
     """The typed error the user can act on, unwrapped from Ray's task error; else None.
 
-    Imported late: these modules pull in torch.
+    Imported late, and none of these modules loads torch: an error costs no second of imports.
     """
     from carpool.orchestrator.client import ControllerNotRunningError, JobNotFinishedError
     from carpool.orchestrator.job_ids import InvalidJobIdError
@@ -413,7 +413,7 @@ def _user_error(error: Exception) -> Exception | None:
     from carpool.orchestrator.local_ray import RayStartError
     from carpool.orchestrator.operator_config import OperatorConfigError
     from carpool.orchestrator.ray_auth import MissingRayTokenError
-    from carpool.orchestrator.validation import SpecValidationError
+    from carpool.orchestrator.spec_problems import SpecValidationError
     from carpool.workers.dataset import DatasetError
     from carpool.workers.job_spec import JobInputError
 

@@ -20,6 +20,7 @@ import yaml
 from carpool.orchestrator.init_from import InitFromCheck, check_init_from
 from carpool.orchestrator.parsed_fields import ParsedFields, parse_fields, section_model
 from carpool.orchestrator.spec_paths import resolve_spec_paths
+from carpool.orchestrator.spec_problems import SpecProblem, SpecValidationError
 from carpool.orchestrator.yaml_loader import load_yaml
 from carpool.workers.base_model import (
     linear_module_shapes,
@@ -28,6 +29,7 @@ from carpool.workers.base_model import (
     unmatched_targets,
 )
 from carpool.workers.dataset import DatasetError, load_dataset
+from carpool.workers.dataset_cache import file_version
 from carpool.workers.job_spec import CROSS_FIELD, CrossFieldRule, JobSpec
 from pydantic import BaseModel, ValidationError
 
@@ -44,31 +46,21 @@ _SECTIONS: dict[tuple[str, ...], type[BaseModel]] = {
 
 
 @dataclass(frozen=True)
-class SpecProblem:
-    source: str  # the file (or other origin) of the spec
-    field: str  # dotted, e.g. "adapter.r"
-    message: str
+class _DatasetCheck:
+    """What reading a dataset file found: a problem, or how many rows and how many cut."""
 
-    def __str__(self) -> str:
-        return f"{self.source}: {self.field}: {self.message}"
-
-
-class SpecValidationError(ValueError):
-    """One or more problems in one or more specs; `str()` lists one per line."""
-
-    def __init__(self, problems: Sequence[SpecProblem]):
-        self.problems = list(problems)
-        super().__init__("\n".join(str(p) for p in self.problems))
-
-    def __reduce__(self):  # pickle with the problems, not the joined message
-        return (type(self), (self.problems,))
+    problem: str | None = None
+    rows: int = 0
+    truncated_rows: int = 0
 
 
-class BaseModelCache:
-    """Shapes and tokenizers of base models, loaded once per validation run."""
+class ValidationCache:
+    """What one validation run loads once: each base's shapes and tokenizer, and each
+    dataset file's check per base, format and max_seq_length (jobs often share a file)."""
 
     def __init__(self) -> None:
         self._loaded: dict[tuple[str, str], Any] = {}
+        self._datasets: dict[tuple, _DatasetCheck] = {}
 
     def _get(self, kind: str, name: str, load: Callable[[str], Any]) -> Any:
         if (kind, name) not in self._loaded:
@@ -86,6 +78,33 @@ class BaseModelCache:
 
     def tokenizer(self, name: str) -> Any:
         return self._get("tokenizer", name, load_tokenizer)
+
+    def dataset(
+        self, base: str, path: Path, data_format: str, max_seq_length: int
+    ) -> _DatasetCheck:
+        """The check of a dataset file read with `base`'s tokenizer; once per file version."""
+        # Only the counts are kept, never the rows: validation holds one file's rows at a time.
+        version = file_version(path)
+        if version is None:  # gone since it was found: nothing to key it by
+            return _read_dataset(path, data_format, self.tokenizer(base), max_seq_length)
+        key = (base, version, data_format, max_seq_length)
+        if key not in self._datasets:
+            self._datasets[key] = _read_dataset(
+                path, data_format, self.tokenizer(base), max_seq_length
+            )
+        return self._datasets[key]
+
+
+def _read_dataset(
+    path: Path, data_format: str, tokenizer: Any, max_seq_length: int
+) -> _DatasetCheck:
+    try:
+        data = load_dataset(path, data_format, tokenizer, max_seq_length)
+    except DatasetError as e:
+        return _DatasetCheck(problem=str(e))
+    except Exception as e:  # a tokenizer or reader failure is still the user's data problem
+        return _DatasetCheck(problem=f"{path}: cannot load: {e}")
+    return _DatasetCheck(rows=len(data.rows), truncated_rows=data.truncated_rows)
 
 
 def _load_shapes(name: str) -> dict[str, tuple[int, int]]:
@@ -194,23 +213,21 @@ def _dataset_problems(
     path: Path,
     data_format: str | None,
     max_seq_length: int | None,
-    tokenizer: Any,
+    base: _Base,
+    cache: ValidationCache,
     notes: _Found,
 ) -> _Found:
     if not path.is_file():
         what = "is a directory, not a file" if path.is_dir() else "file not found"
         return [(field, f"{what}: {path}")]
-    if tokenizer is None or data_format is None or max_seq_length is None:
+    if base.tokenizer is None or data_format is None or max_seq_length is None:
         return []  # reading the rows needs the tokenizer and valid settings
-    try:
-        data = load_dataset(path, data_format, tokenizer, max_seq_length)
-    except DatasetError as e:
-        return [(field, str(e))]
-    except Exception as e:  # a tokenizer or reader failure is still the user's data problem
-        return [(field, f"{path}: cannot load: {e}")]
-    if data.truncated_rows:
+    check = cache.dataset(base.name, path, data_format, max_seq_length)
+    if check.problem is not None:
+        return [(field, check.problem)]
+    if check.truncated_rows:
         message = (
-            f"{data.truncated_rows} of {len(data.rows)} rows are longer than "
+            f"{check.truncated_rows} of {check.rows} rows are longer than "
             f"max_seq_length={max_seq_length} and will be truncated"
         )
         notes.append((field, message))
@@ -224,22 +241,25 @@ class _Base:
     shapes: dict[str, tuple[int, int]] | None = None
     tokenizer: Any = None
     problems: tuple[tuple[str, str], ...] = ()
+    name: str | None = None
 
 
-def _load_base(name: str | None, cache: BaseModelCache) -> _Base:
+def _load_base(name: str | None, cache: ValidationCache) -> _Base:
     if name is None:
         return _Base()  # none that parsed: the schema reports it
     shapes = None
     try:
         shapes = cache.shapes(name)
-        return _Base(shapes, cache.tokenizer(name))
+        return _Base(shapes, cache.tokenizer(name), name=name)
     except Exception as e:
         first_line = (str(e).strip().splitlines() or [type(e).__name__])[0]
         what = "tokenizer" if shapes is not None else "model"
-        return _Base(shapes, None, (("base_model", f"cannot load {what}: {first_line}"),))
+        return _Base(shapes, None, (("base_model", f"cannot load {what}: {first_line}"),), name)
 
 
-def _resource_problems(fields: ParsedFields, base: _Base, notes: _Found) -> _Found:
+def _resource_problems(
+    fields: ParsedFields, base: _Base, cache: ValidationCache, notes: _Found
+) -> _Found:
     """What the base model and the data say about the fields that parsed."""
     problems = list(base.problems)
     targets = fields.get("adapter.target_modules")
@@ -251,7 +271,7 @@ def _resource_problems(fields: ParsedFields, base: _Base, notes: _Found) -> _Fou
             data_format = fields.get(f"{section}.format")
             max_seq_length = fields.get("training.max_seq_length")
             problems += _dataset_problems(
-                f"{section}.path", path, data_format, max_seq_length, base.tokenizer, notes
+                f"{section}.path", path, data_format, max_seq_length, base, cache, notes
             )
     return problems
 
@@ -263,7 +283,7 @@ def _check_init_from(fields: ParsedFields, base: _Base) -> InitFromCheck | None:
 
 
 def _check(
-    raw: Any, source: str, cache: BaseModelCache, notes: list[SpecProblem] | None = None
+    raw: Any, source: str, cache: ValidationCache, notes: list[SpecProblem] | None = None
 ) -> tuple[JobSpec | None, ParsedFields | None, list[SpecProblem]]:
     """(spec or None, what parsed, problems); what is worth knowing but no problem goes to `notes`."""
     if isinstance(raw, JobSpec):  # re-checked through the same path as YAML
@@ -289,7 +309,7 @@ def _check(
         found = _schema_problems(err)
     found += _rule_problems(fields)
     noted: _Found = []
-    found += _resource_problems(fields, base, noted)
+    found += _resource_problems(fields, base, cache, noted)
     if init is not None:
         found += init.problems
         noted += init.notes
@@ -302,14 +322,14 @@ def check_spec(
     spec_or_raw: JobSpec | Mapping[str, Any] | Any,
     source: str,
     *,
-    cache: BaseModelCache | None = None,
+    cache: ValidationCache | None = None,
 ) -> list[SpecProblem]:
     """Every problem of one spec (a JobSpec or raw parsed YAML); empty when it is valid."""
-    return _check(spec_or_raw, source, cache or BaseModelCache())[2]
+    return _check(spec_or_raw, source, cache or ValidationCache())[2]
 
 
 def _load_file(
-    path: Path, cache: BaseModelCache, notes: list[SpecProblem] | None = None
+    path: Path, cache: ValidationCache, notes: list[SpecProblem] | None = None
 ) -> tuple[JobSpec | None, ParsedFields | None, list[SpecProblem]]:
     """(spec or None, what parsed, problems) of one YAML file."""
     try:
@@ -332,9 +352,9 @@ def _load_file(
     return spec, fields, repeats + problems
 
 
-def load_spec_file(path: Path, *, cache: BaseModelCache | None = None) -> JobSpec:
+def load_spec_file(path: Path, *, cache: ValidationCache | None = None) -> JobSpec:
     """Read, resolve and check one job file; raise SpecValidationError with all its problems."""
-    spec, _, problems = _load_file(Path(path), cache or BaseModelCache())
+    spec, _, problems = _load_file(Path(path), cache or ValidationCache())
     if problems or spec is None:
         raise SpecValidationError(problems)
     return spec
@@ -345,7 +365,7 @@ def validate_files(paths: Sequence[Path], notes: list[SpecProblem] | None = None
 
     Findings that are no error (rows to be truncated, values taken from init_from) go to `notes`.
     """
-    cache = BaseModelCache()
+    cache = ValidationCache()
     specs: list[JobSpec] = []
     problems: list[SpecProblem] = []
     first_source: dict[str, str] = {}

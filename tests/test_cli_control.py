@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -32,6 +34,16 @@ def test_no_controller_is_one_line_and_exit_1(argv: list[str], capsys) -> None:
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "Traceback" not in err
     assert "no carpool" in err and "is up" in err
+
+
+def test_a_queue_command_that_fails_loads_no_torch() -> None:
+    """Telling the user no controller is up needs none of the training stack's imports."""
+    code = (
+        "import sys; from carpool.orchestrator.cli import main; "
+        "print(main(['status']), 'torch' in sys.modules, 'transformers' in sys.modules)"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.split() == ["1", "False", "False"]
 
 
 @pytest.mark.parametrize("argv", [["logs", "../etc/passwd"], ["cancel", "A/B"], ["status", ".."]])

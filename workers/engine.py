@@ -26,14 +26,9 @@ from carpool.workers.batch_layout import check_batch_layout
 from carpool.workers.checkpoint import latest_checkpoint, load_checkpoint
 from carpool.workers.chunked_loss import chunked_token_losses, loss_precision, supports_chunked_loss
 from carpool.workers.data_parallel import DataParallel
-from carpool.workers.dataset import IGNORE_INDEX, TokenizedDataset, load_dataset
-from carpool.workers.fused_batch import (
-    FusedBatch,
-    StepRow,
-    collate,
-    plan_micro_batches,
-    step_rows,
-)
+from carpool.workers.dataset import IGNORE_INDEX, TokenizedDataset
+from carpool.workers.dataset_cache import DatasetCache
+from carpool.workers.fused_batch import FusedBatch, StepRow, collate, plan_micro_batches, step_rows
 from carpool.workers.gradient_checkpointing import enable_gradient_checkpointing
 from carpool.workers.job_spec import DatasetSpec, JobInputError, JobSpec
 from carpool.workers.peft_format import adapter_from_loaded, export_adapter, read_adapter
@@ -120,6 +115,7 @@ class Engine:
         self.loss_chunk_tokens = self._check_loss_chunking(loss_chunk_tokens)
         self.packed = self._choose_layout(check_batch_layout(batch_layout))
         self.tokenizer = load_tokenizer(base_model, trust_remote_code=trust_remote_code)
+        self._datasets = DatasetCache(self.tokenizer)  # jobs sharing a file tokenize it once
         self.bank = AdapterBank(self.base, adapter_math=adapter_math)
         self.jobs: dict[str, TrainingJob] = {}
 
@@ -158,9 +154,7 @@ class Engine:
         return job
 
     def _load(self, data: DatasetSpec, config: JobSpec) -> TokenizedDataset:
-        return load_dataset(
-            Path(data.path), data.format, self.tokenizer, config.training.max_seq_length
-        )
+        return self._datasets.load(Path(data.path), data.format, config.training.max_seq_length)
 
     def _initial_adapter(self, config: JobSpec) -> JobAdapter:
         a, seed = config.adapter, config.training.seed

@@ -18,7 +18,6 @@ from typing import TypeVar
 import torch
 from carpool.workers.adapter_bank import JobAdapter, LoraWeights
 from carpool.workers.base_model import linear_modules
-from peft import LoraConfig
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
@@ -56,6 +55,8 @@ def export_adapter(
         if adapter.target_modules == "all-linear"
         else list(adapter.target_modules)
     )
+    from peft import LoraConfig  # late: only a finished job needs it, and it takes ~0.2 s
+
     config = LoraConfig(
         r=adapter.r,
         lora_alpha=adapter.lora_alpha,
