@@ -10,7 +10,7 @@ TORCH_INDEX ?=
 DEEPSPEED_SPEC ?= deepspeed==0.19.8
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-unit lint format bench clean
+.PHONY: install demo test test-unit lint format bench gpu-wheels clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -43,6 +43,13 @@ format: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/engine.py
+
+# Wheels benchmarks/gpu.sh installs on the GPU machine, which has no registry and no pydantic.
+gpu-wheels:
+	$(PYTHON) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
+		--implementation cp --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+		-d .whl pydantic==2.14.4 pydantic_core==2.50.5 annotated-types==0.8.0 \
+		typing-inspection==0.4.5 typing_extensions==4.16.0
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -63,6 +63,9 @@ def test_packed_collate_restarts_positions_and_never_targets_across_rows() -> No
     padded = collate(rows, pad_token_id=0, device=CPU)
     assert padded.position_ids is None and padded.input_ids.shape == (3, 4)
     assert padded.token_segment.tolist() == [0] * 8 + [1] * 4
+    # Rows that pad to (nearly) nothing stay padded: one attention call instead of one per row.
+    even = collate([row("a", 9, 0), row("b", 10, 1)], pad_token_id=0, device=CPU, packed=True)
+    assert not even.packed and even.input_ids.shape == (2, 10)
 
 
 def test_row_attention_keeps_rows_apart(tiny_base: Path) -> None:

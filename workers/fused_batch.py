@@ -104,14 +104,23 @@ def _first_fit_decreasing(rows: Sequence[StepRow], max_tokens: int) -> list[list
     return bins
 
 
+# Measured in BENCHMARKS.md ("Packed rows"): rows of equal length run faster padded.
+PACK_ABOVE_PADDING = 0.1
+
+
 def collate(
     rows: Sequence[StepRow], pad_token_id: int, device: torch.device, packed: bool = False
 ) -> FusedBatch:
-    """The rows as tensors, grouped by job into contiguous segments."""
+    """The rows as tensors, grouped by job into contiguous segments.
+
+    `packed` packs them unless padding would add at most `PACK_ABOVE_PADDING` of
+    their real tokens: then one batched attention call beats one per row.
+    """
     job_order = list(dict.fromkeys(r.job for r in rows))
     grouped = sorted(rows, key=lambda r: job_order.index(r.job))
     lengths = [len(r.row.input_ids) for r in grouped]
     seq = max(lengths)
+    packed = packed and len(grouped) * seq > (1 + PACK_ABOVE_PADDING) * sum(lengths)
     shape = (1, sum(lengths)) if packed else (len(grouped), seq)
     input_ids = torch.full(shape, pad_token_id, dtype=torch.long)
     targets = torch.full(shape, IGNORE_INDEX, dtype=torch.long)
