@@ -28,7 +28,8 @@ demo: $(STAMP)
 	$(PY) -m carpool.orchestrator.demo
 
 test: $(STAMP)
-	$(PY) -m pytest -q -p no:cacheprovider tests
+	# A crash at exit (after the summary) prints every thread's stack.
+	PYTHONFAULTHANDLER=1 $(PY) -m pytest -q -p no:cacheprovider tests
 
 test-unit: $(STAMP)
 	$(PY) -m pytest -q -m "not integration" tests
