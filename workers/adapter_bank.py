@@ -2,7 +2,7 @@
 
 The base stays a plain transformers model: no wrapper modules are swapped in,
 so DeepSpeed can partition it and PEFT can later load our adapters into it.
-Each targeted nn.Linear gets a forward hook that adds, for every contiguous
+Each targeted linear (nn.Linear, or GPT-2's Conv1D) gets a forward hook that adds, for every contiguous
 segment of rows belonging to one job, that job's `B(A(dropout(x))) * scaling`:
 per segment in a plain loop (the reference), or for all segments at once
 (`carpool.workers.grouped_lora`), as the bank's `adapter_math` says.
@@ -19,7 +19,13 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from carpool.workers.adapter_math import check_adapter_math, resolve_adapter_math
-from carpool.workers.base_model import linear_modules, match_target_modules
+from carpool.workers.base_model import (
+    TargetModule,
+    features,
+    is_fan_in_fan_out,
+    linear_modules,
+    match_target_modules,
+)
 from carpool.workers.grouped_lora import (
     GroupPlan,
     grouped_delta,
@@ -49,11 +55,12 @@ class LoraWeights:
     lora_A: nn.Parameter  # [r, in_features]
     lora_B: nn.Parameter  # [out_features, r]
     module_index: int  # position among the base's linears, to seed dropout masks
+    fan_in_fan_out: bool = False  # the base module stores its weight [in, out] (Conv1D)
 
     @classmethod
     def beside(
         cls,
-        linear: nn.Linear,
+        linear: TargetModule,
         a: torch.Tensor,
         b: torch.Tensor,
         module_index: int,
@@ -66,6 +73,7 @@ class LoraWeights:
             nn.Parameter(a.to(device=w.device, dtype=dtype), requires_grad=not freeze_lora_A),
             nn.Parameter(b.to(device=w.device, dtype=dtype)),
             module_index,
+            is_fan_in_fan_out(linear),
         )
 
 
@@ -85,6 +93,11 @@ class JobAdapter:
     @property
     def scaling(self) -> float:
         return self.lora_alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
+
+    @property
+    def fan_in_fan_out(self) -> bool:
+        """PEFT's flag for adapters on Conv1D modules (it only changes how PEFT merges)."""
+        return any(w.fan_in_fan_out for w in self.modules.values())
 
     def parameters(self) -> list[nn.Parameter]:
         return [p for w in self.modules.values() for p in (w.lora_A, w.lora_B)]
@@ -163,11 +176,12 @@ def new_job_adapter(
     )
     for mod_name in targets:
         linear = linears[mod_name]
-        a = torch.empty(r, linear.in_features, dtype=torch.float32)
+        in_features, out_features = features(linear)
+        a = torch.empty(r, in_features, dtype=torch.float32)
         # Same bound as nn.init.kaiming_uniform_(a=sqrt(5)), which PEFT uses.
-        bound = 1.0 / math.sqrt(linear.in_features)
+        bound = 1.0 / math.sqrt(in_features)
         a.uniform_(-bound, bound, generator=gen)
-        b = torch.zeros(linear.out_features, r, dtype=torch.float32)
+        b = torch.zeros(out_features, r, dtype=torch.float32)
         adapter.modules[mod_name] = LoraWeights.beside(linear, a, b, index[mod_name], freeze_lora_A)
     return adapter
 
@@ -421,8 +435,7 @@ class AdapterBank:
     def _path(self, module_name: str, dtype: torch.dtype, device: torch.device) -> str:
         path = resolve_adapter_math(self.adapter_math, device.type)
         if path == "grouped_mm":
-            linear = self._linears[module_name]
-            reason = grouped_mm_unsupported(dtype, device, linear.in_features, linear.out_features)
+            reason = grouped_mm_unsupported(dtype, device, *features(self._linears[module_name]))
             if reason is not None:
                 warn_once(f"adapter_math grouped_mm falls back to bmm: {reason}")
                 return "bmm"

@@ -7,6 +7,11 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
+from transformers.pytorch_utils import Conv1D
+
+# What a LoRA adapter can target: nn.Linear, and GPT-2's Conv1D (a linear with its
+# weight stored [in, out]), the two classes PEFT's `all-linear` takes.
+TargetModule = nn.Linear | Conv1D
 
 
 def default_dtype(device: torch.device) -> torch.dtype:
@@ -51,14 +56,26 @@ def load_tokenizer(
     return tokenizer
 
 
-def linear_modules(model: nn.Module) -> dict[str, nn.Linear]:
-    """Every nn.Linear except the output head, by qualified name."""
+def linear_modules(model: nn.Module) -> dict[str, TargetModule]:
+    """Every nn.Linear and Conv1D except the output head, by qualified name."""
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     return {
         name: module
         for name, module in model.named_modules()
-        if isinstance(module, nn.Linear) and module is not head
+        if isinstance(module, (nn.Linear, Conv1D)) and module is not head
     }
+
+
+def features(module: TargetModule) -> tuple[int, int]:
+    """(in_features, out_features): what a LoRA pair on `module` maps from and to."""
+    if isinstance(module, Conv1D):
+        return module.nx, module.nf
+    return module.in_features, module.out_features
+
+
+def is_fan_in_fan_out(module: TargetModule) -> bool:
+    """Whether the module stores its weight [in, out] (PEFT's `fan_in_fan_out`)."""
+    return isinstance(module, Conv1D)
 
 
 def linear_module_shapes(
@@ -68,7 +85,7 @@ def linear_module_shapes(
     config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
-    return {name: (m.in_features, m.out_features) for name, m in linear_modules(model).items()}
+    return {name: features(m) for name, m in linear_modules(model).items()}
 
 
 def module_matches(name: str, key: str) -> bool:

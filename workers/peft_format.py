@@ -17,7 +17,7 @@ from typing import TypeVar
 
 import torch
 from carpool.workers.adapter_bank import JobAdapter, LoraWeights
-from carpool.workers.base_model import linear_modules
+from carpool.workers.base_model import features, linear_modules
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
@@ -63,6 +63,8 @@ def export_adapter(
         lora_dropout=adapter.dropout,
         target_modules=targets,
         use_rslora=adapter.use_rslora,
+        # Conv1D targets (GPT-2): PEFT loads them with this set, and would warn without it.
+        fan_in_fan_out=adapter.fan_in_fan_out,
         bias="none",
         task_type="CAUSAL_LM",
         base_model_name_or_path=base_model,
@@ -255,7 +257,7 @@ def adapter_from_loaded(
         dropout=dropout,
         seed=seed,
     )
-    base_shapes = {n: (m.in_features, m.out_features) for n, m in linears.items()}
+    base_shapes = {n: features(m) for n, m in linears.items()}
     shapes = {m: (tuple(a.shape), tuple(b.shape)) for m, (a, b) in loaded.weights.items()}
     if why := base_misfit(loaded.r, shapes, base_shapes):
         raise AdapterFormatError(f"adapter does not fit the base: {why}")

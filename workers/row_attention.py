@@ -37,6 +37,8 @@ def packed_unsupported(model: nn.Module) -> str | None:
     text = config.get_text_config()
     for field in ("sliding_window", "attn_logit_softcapping", "alibi", "position_embedding_type"):
         value = getattr(text, field, None)
+        if field == "sliding_window" and getattr(text, "use_sliding_window", None) is False:
+            continue  # Qwen2/Qwen3 carry a window they never apply unless this is on
         if value not in (None, False, "rope"):
             return f"its config sets {field}={value!r}, which per-row attention would ignore"
     return None

@@ -1,4 +1,4 @@
-"""Build a tiny Llama-shaped base model and its tokenizer on local disk.
+"""Build a tiny base model (Llama-shaped, or of another family) and its tokenizer on local disk.
 
 No hub is reachable from tests, benchmarks or the demo, so they make a small
 random-init model and a BPE tokenizer trained on local text, save both with
@@ -10,10 +10,11 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
 
 SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<unk>"]
 
@@ -64,9 +65,59 @@ def train_tokenizer(corpus: Iterable[str], vocab_size: int = 512) -> PreTrainedT
     return fast
 
 
+FAMILIES = ("llama", "qwen2", "qwen3", "mistral", "phi3", "gemma2", "olmo2", "gpt2")
+
+
+def family_config(
+    family: str,
+    *,
+    hidden_size: int,
+    num_layers: int,
+    num_heads: int,
+    num_kv_heads: int,
+    intermediate_size: int,
+    max_position_embeddings: int,
+) -> dict[str, Any]:
+    """A config dict (with `model_type`) of `family`'s shape at the given sizes.
+
+    head_dim is set where a family's default is a fixed number (Qwen3, Gemma-2:
+    128, 256) rather than hidden_size / num_heads.
+    """
+    if family not in FAMILIES:
+        raise ValueError(f"unknown family {family!r}; one of {', '.join(FAMILIES)}")
+    head_dim = hidden_size // num_heads
+    if family == "gpt2":  # GPT-2 names its sizes its own way and has no grouped KV heads
+        return dict(
+            model_type="gpt2",
+            n_embd=hidden_size,
+            n_layer=num_layers,
+            n_head=num_heads,
+            n_inner=intermediate_size,
+            n_positions=max_position_embeddings,
+        )
+    config: dict[str, Any] = dict(
+        model_type=family,
+        hidden_size=hidden_size,
+        intermediate_size=intermediate_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=num_heads,
+        num_key_value_heads=num_kv_heads,
+        max_position_embeddings=max_position_embeddings,
+        tie_word_embeddings=False,
+    )
+    if family in ("qwen3", "gemma2", "mistral"):
+        config["head_dim"] = head_dim
+    if family == "gemma2":
+        config["query_pre_attn_scalar"] = head_dim
+    if family == "mistral":
+        config["sliding_window"] = None  # as Mistral-7B-v0.3; a window keeps rows padded
+    return config
+
+
 def build_tiny_base(
     out_dir: str | Path,
     *,
+    family: str = "llama",
     hidden_size: int = 64,
     num_layers: int = 2,
     num_heads: int = 4,
@@ -77,8 +128,11 @@ def build_tiny_base(
     corpus: Iterable[str] | None = None,
     seed: int = 0,
 ) -> Path:
-    """Write a random-init Llama model and a trained tokenizer to `out_dir`.
+    """Write a random-init model of `family` (see FAMILIES) and a trained tokenizer to `out_dir`.
 
+    Every family gets the byte-level BPE tokenizer: for Qwen2 or GPT-2 bases
+    `AutoTokenizer` picks the family's own BPE class and rebuilds it from
+    tokenizer.json, which only a byte-level BPE survives intact.
     Returns `out_dir`. Does nothing if a model is already saved there.
     """
     out = Path(out_dir)
@@ -87,21 +141,24 @@ def build_tiny_base(
     out.mkdir(parents=True, exist_ok=True)
     text = list(corpus) if corpus is not None else []
     tokenizer = train_tokenizer(_DEFAULT_CORPUS + text, vocab_size=vocab_size)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
+    shape = family_config(
+        family,
         hidden_size=hidden_size,
+        num_layers=num_layers,
+        num_heads=num_heads,
+        num_kv_heads=num_kv_heads,
         intermediate_size=intermediate_size,
-        num_hidden_layers=num_layers,
-        num_attention_heads=num_heads,
-        num_key_value_heads=num_kv_heads,
         max_position_embeddings=max_position_embeddings,
+    )
+    config = AutoConfig.for_model(
+        **shape,
+        vocab_size=len(tokenizer),
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
-        tie_word_embeddings=False,
     )
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(config)
+    model = AutoModelForCausalLM.from_config(config)
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     return out
