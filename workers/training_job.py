@@ -51,6 +51,9 @@ def build_optimizer(adapter: JobAdapter, config: JobSpec) -> torch.optim.AdamW:
         betas=(t.adam_beta1, t.adam_beta2),
         eps=t.adam_epsilon,
         weight_decay=t.weight_decay,
+        # One multi-tensor update per job instead of ~12 ops per tensor: measured 1.45-1.6x
+        # faster on CPU at K=32-64 (BENCHMARKS.md), the default on CUDA already.
+        foreach=True,
     )
 
 
