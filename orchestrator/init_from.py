@@ -62,7 +62,9 @@ def check_init_from(
     except AdapterFormatError as e:
         check.problems.append((_FIELD, str(e)))
         return check
-    misfit = base_misfit(header.r, header.shapes, base_shapes) if base_shapes is not None else None
+    misfit = (
+        base_misfit(header.ranks(), header.shapes, base_shapes) if base_shapes is not None else None
+    )
     if misfit:
         check.problems.append((_FIELD, misfit))
     # Without the base, the adapter's own modules are all there is to select from.
