@@ -6,6 +6,11 @@ module name or a dotted suffix of it (`mlp.down_proj` matches
 matches wins, and a module no key matches keeps the adapter's `r` or
 `lora_alpha`. The same semantics here mean an exported adapter loads in PEFT
 with the shapes and scaling it was trained with.
+
+PEFT writes `adapter_config.json` with sorted keys, so a loaded config meets
+its pattern keys in sorted order, not the order they were trained with: where
+that changes which key wins, the export spells the patterns out per module
+(`order_free`).
 """
 
 from __future__ import annotations
@@ -35,12 +40,35 @@ def key_matches(key: str, module: str) -> bool:
     return re.match(rf"(.*\.)?({key})$", module) is not None
 
 
+def pattern_key(pattern: Iterable[str], module: str) -> str | None:
+    """The first key of `pattern` that matches `module`, or None."""
+    return next((key for key in pattern if key_matches(key, module)), None)
+
+
 def pattern_value(pattern: Mapping[str, V], module: str, default: V) -> V:
     """The value of the first key of `pattern` that matches `module`, else `default`."""
-    for key, value in pattern.items():
-        if key_matches(key, module):
-            return value
-    return default
+    key = pattern_key(pattern, module)
+    return default if key is None else pattern[key]
+
+
+def order_free(pattern: Mapping[str, V], modules: Sequence[str], default: V) -> dict[str, V]:
+    """`pattern`, or an equivalent whose result on `modules` does not depend on key order.
+
+    Where sorting the keys changes some module's value, each module whose value
+    is not `default` gets a key of its own: its full name, escaped, which
+    selects that module alone.
+    """
+    ordered = dict(sorted(pattern.items()))
+    if all(
+        pattern_value(pattern, m, default) == pattern_value(ordered, m, default) for m in modules
+    ):
+        return dict(pattern)
+    out = {}
+    for m in modules:
+        value = pattern_value(pattern, m, default)
+        if value != default:
+            out[re.escape(m)] = value
+    return out
 
 
 def unmatched_keys(pattern: Iterable[str], modules: Sequence[str]) -> list[str]:

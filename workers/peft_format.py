@@ -19,7 +19,7 @@ from typing import TypeVar
 import torch
 from carpool.workers.adapter_bank import JobAdapter, LoraWeights
 from carpool.workers.base_model import linear_modules
-from carpool.workers.lora_patterns import key_problem, lora_scaling, pattern_value
+from carpool.workers.lora_patterns import key_problem, lora_scaling, order_free, pattern_value
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
@@ -65,8 +65,8 @@ def export_adapter(
         lora_dropout=adapter.dropout,
         target_modules=targets,
         use_rslora=adapter.use_rslora,
-        rank_pattern=dict(adapter.rank_pattern),
-        alpha_pattern=dict(adapter.alpha_pattern),
+        rank_pattern=order_free(adapter.rank_pattern, list(adapter.modules), adapter.r),
+        alpha_pattern=order_free(adapter.alpha_pattern, list(adapter.modules), adapter.lora_alpha),
         bias="none",
         task_type="CAUSAL_LM",
         base_model_name_or_path=base_model,
