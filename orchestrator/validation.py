@@ -197,7 +197,8 @@ def _target_problems(shapes: dict[str, tuple[int, int]], adapter: ParsedFields) 
     problems = []
     missing = ", ".join(map(repr, unmatched_targets(names, targets)))
     if missing:
-        message = f"the base model has no module {missing} (its linear modules end in: {_suffixes(names)})"
+        shown = _suffixes(names)
+        message = f"the base model has no module {missing} (its linear modules end in: {shown})"
         problems.append(("adapter.target_modules", message))
     targeted = match_target_modules(names, targets)
     for field in ("rank_pattern", "alpha_pattern"):
