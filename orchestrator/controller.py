@@ -42,7 +42,7 @@ from carpool.orchestrator.scheduler import (
 )
 from carpool.workers.base_model import linear_module_shapes, match_target_modules
 from carpool.workers.checkpoint import checkpoint_step
-from carpool.workers.job_spec import JobInputError, JobSpec
+from carpool.workers.job_spec import AdapterSpec, JobInputError, JobSpec
 from carpool.workers.rounds import JobRoundResult
 
 log = logging.getLogger("carpool.controller")
@@ -424,20 +424,23 @@ class Controller:
             self._shapes[config.base_model] = linear_module_shapes(
                 config.base_model, trust_remote_code=self.config.trust_remote_code
             )
-        shapes = self._shapes[config.base_model]
-        a = config.adapter
-        params = sum(
-            a.r * (shapes[m][0] + shapes[m][1])
-            for m in match_target_modules(list(shapes), a.target_modules)
-        )
         return JobDemand(
             id=record.id,
             base_model=config.base_model,
             priority=record.priority,
             seq=record.seq,
             tokens_per_step=config.training.batch_size * config.training.max_seq_length,
-            memory_bytes=params * _BYTES_PER_ADAPTER_PARAM,
+            memory_bytes=adapter_memory_bytes(config.adapter, self._shapes[config.base_model]),
         )
+
+
+def adapter_memory_bytes(adapter: AdapterSpec, shapes: dict[str, tuple[int, int]]) -> int:
+    """A job's adapter and optimizer state, in bytes: each targeted module at its own rank."""
+    params = sum(
+        adapter.rank_of(m) * (shapes[m][0] + shapes[m][1])
+        for m in match_target_modules(list(shapes), adapter.target_modules)
+    )
+    return params * _BYTES_PER_ADAPTER_PARAM
 
 
 def _new_group_id(base_model: str) -> str:

@@ -14,7 +14,10 @@ would be silently overruled. Here, before anything is queued:
 `target_modules` agree when they select the same modules of the base: the
 adapter's are the modules it has weights for, whatever its config spells
 (suffixes, full names, a regex, PEFT's expansion of "all-linear"), and the
-spec's are what its names or "all-linear" select in the base.
+spec's are what its names or "all-linear" select in the base. `rank_pattern`
+and `alpha_pattern` agree when they give each of the adapter's modules the
+same value (an export may spell them out per module); an adapter without them
+takes nothing from a spec that leaves them out.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from typing import Any
 
 from carpool.orchestrator.parsed_fields import ParsedFields
 from carpool.workers.base_model import match_target_modules, unmatched_targets
+from carpool.workers.lora_patterns import pattern_value
 from carpool.workers.peft_format import (
     AdapterFormatError,
     AdapterHeader,
@@ -32,8 +36,17 @@ from carpool.workers.peft_format import (
     read_adapter_header,
 )
 
-DEFINING_FIELDS = ("r", "lora_alpha", "target_modules", "use_rslora")
+DEFINING_FIELDS = (
+    "r",
+    "lora_alpha",
+    "target_modules",
+    "use_rslora",
+    "rank_pattern",
+    "alpha_pattern",
+)
 _FIELD = "adapter.init_from"
+# Each pattern and the field whose value a module no key matches keeps.
+_PATTERN_DEFAULTS = {"rank_pattern": "r", "alpha_pattern": "lora_alpha"}
 
 
 @dataclass
@@ -62,7 +75,9 @@ def check_init_from(
     except AdapterFormatError as e:
         check.problems.append((_FIELD, str(e)))
         return check
-    misfit = base_misfit(header.r, header.shapes, base_shapes) if base_shapes is not None else None
+    misfit = (
+        base_misfit(header.ranks(), header.shapes, base_shapes) if base_shapes is not None else None
+    )
     if misfit:
         check.problems.append((_FIELD, misfit))
     # Without the base, the adapter's own modules are all there is to select from.
@@ -72,6 +87,8 @@ def check_init_from(
         del declared["target_modules"]
     for key, value in declared.items():
         if key not in adapter.given:
+            if value == {}:  # no pattern: the spec's default says the same, nothing to note
+                continue
             check.taken[key] = value
             note = f"not in the spec; taken from init_from: {_show(value)}"
             check.notes.append((f"adapter.{key}", note))
@@ -81,6 +98,12 @@ def check_init_from(
         given = adapter.get(key)
         if key == "target_modules":
             agree = _same_modules(given, list(header.shapes), universe, base_shapes is not None)
+        elif key in _PATTERN_DEFAULTS:
+            default = getattr(header, _PATTERN_DEFAULTS[key])
+            agree = all(
+                pattern_value(given, m, default) == pattern_value(value, m, default)
+                for m in header.shapes
+            )
         else:
             agree = given == value
         if not agree:
@@ -96,6 +119,8 @@ def _declared(header: AdapterHeader, universe: Sequence[str]) -> dict[str, Any]:
         "lora_alpha": header.lora_alpha,
         "target_modules": _target_names(list(header.shapes), universe),
         "use_rslora": header.use_rslora,
+        "rank_pattern": header.rank_pattern,
+        "alpha_pattern": header.alpha_pattern,
     }
 
 
@@ -125,4 +150,6 @@ def _show(value: Any) -> str:
         return str(int(value))
     if isinstance(value, list | tuple):
         return "[" + ", ".join(map(str, value)) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k}: {_show(v)}" for k, v in value.items()) + "}"
     return str(value)

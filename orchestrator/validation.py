@@ -31,6 +31,7 @@ from carpool.workers.base_model import (
 from carpool.workers.dataset import DatasetError, load_dataset
 from carpool.workers.dataset_cache import file_version
 from carpool.workers.job_spec import CROSS_FIELD, CrossFieldRule, JobSpec
+from carpool.workers.lora_patterns import pattern_key, unmatched_keys
 from pydantic import BaseModel, ValidationError
 
 TOP_LEVEL = "(top level)"
@@ -184,27 +185,56 @@ def _rule_problems(fields: ParsedFields) -> _Found:
     return found
 
 
-def _target_problems(
-    shapes: dict[str, tuple[int, int]], targets: list[str] | str, r: int | None
-) -> _Found:
+def _suffixes(names: Sequence[str]) -> str:
+    suffixes = sorted({n.rsplit(".", 1)[-1] for n in names})
+    return ", ".join(suffixes[:12]) + (", ..." if len(suffixes) > 12 else "")
+
+
+def _target_problems(shapes: dict[str, tuple[int, int]], adapter: ParsedFields) -> _Found:
+    """What the base's linear modules say about the adapter's targets, ranks and patterns."""
     names = list(shapes)
+    targets = adapter.get("target_modules")
     problems = []
     missing = ", ".join(map(repr, unmatched_targets(names, targets)))
     if missing:
-        suffixes = sorted({n.rsplit(".", 1)[-1] for n in names})
-        shown = ", ".join(suffixes[:12]) + (", ..." if len(suffixes) > 12 else "")
+        shown = _suffixes(names)
         message = f"the base model has no module {missing} (its linear modules end in: {shown})"
         problems.append(("adapter.target_modules", message))
-    if r is not None:
-        # A rank above min(in, out) adds parameters without adding expressiveness.
-        too_big: dict[str, tuple[int, int]] = {}
-        for name in match_target_modules(names, targets):
-            if r > min(shapes[name]):
-                too_big.setdefault(name.rsplit(".", 1)[-1], shapes[name])
-        if too_big:
-            listed = ", ".join(f"{k} ({i}x{o})" for k, (i, o) in too_big.items())
-            message = f"r={r} exceeds min(in_features, out_features) of targeted modules: {listed}"
-            problems.append(("adapter.r", message))
+    targeted = match_target_modules(names, targets)
+    for field in ("rank_pattern", "alpha_pattern"):
+        # PEFT ignores such a key silently; here it is most likely a typo.
+        for key in unmatched_keys(adapter.get(field) or {}, targeted):
+            message = f"key {key!r} matches no targeted module (they end in: {_suffixes(targeted)})"
+            problems.append((f"adapter.{field}", message))
+    problems += _rank_problems(shapes, targeted, adapter.get("r"), adapter.get("rank_pattern"))
+    return problems
+
+
+def _rank_problems(
+    shapes: dict[str, tuple[int, int]],
+    targeted: Sequence[str],
+    r: int | None,
+    rank_pattern: dict[str, int] | None,
+) -> _Found:
+    """Ranks above min(in, out) of their module: parameters that add no expressiveness."""
+    too_big: dict[str, dict[str, tuple[int, int, int]]] = {"r": {}, "rank_pattern": {}}
+    for name in targeted:
+        key = pattern_key(rank_pattern or {}, name)
+        rank = r if key is None else (rank_pattern or {})[key]
+        if rank is not None and rank > min(shapes[name]):
+            field = "r" if key is None else "rank_pattern"
+            too_big[field].setdefault(name.rsplit(".", 1)[-1], (rank, *shapes[name]))
+    problems = []
+    if too_big["r"]:
+        listed = ", ".join(f"{k} ({i}x{o})" for k, (_, i, o) in too_big["r"].items())
+        message = f"r={r} exceeds min(in_features, out_features) of targeted modules: {listed}"
+        problems.append(("adapter.r", message))
+    if too_big["rank_pattern"]:
+        listed = ", ".join(
+            f"{k} (r={n}, {i}x{o})" for k, (n, i, o) in too_big["rank_pattern"].items()
+        )
+        message = f"ranks exceed min(in_features, out_features) of targeted modules: {listed}"
+        problems.append(("adapter.rank_pattern", message))
     return problems
 
 
@@ -262,9 +292,8 @@ def _resource_problems(
 ) -> _Found:
     """What the base model and the data say about the fields that parsed."""
     problems = list(base.problems)
-    targets = fields.get("adapter.target_modules")
-    if base.shapes is not None and targets is not None:
-        problems += _target_problems(base.shapes, targets, fields.get("adapter.r"))
+    if base.shapes is not None and fields.get("adapter.target_modules") is not None:
+        problems += _target_problems(base.shapes, fields.get("adapter"))
     for section in ("dataset", "eval_dataset"):
         path = fields.get(f"{section}.path")
         if path is not None:

@@ -60,7 +60,7 @@ def test_dropout_gradients_match_plain_per_row_reference(
             i = seg.start + offset
             mask = dropout_mask(adapter, w.module_index, [row_id], x[i : i + 1].shape, x)[0]
             assert 0.2 < (mask == 0).float().mean() < 0.7  # dropout really drops
-            y = x[i] @ linear.weight.T + ((x[i] * mask) @ w.lora_A.T @ w.lora_B.T) * adapter.scaling
+            y = x[i] @ linear.weight.T + ((x[i] * mask) @ w.lora_A.T @ w.lora_B.T) * w.scaling
             total = total + (y * upstream[i]).sum()
     total.backward()
     torch.testing.assert_close(fused["x"], x.grad)

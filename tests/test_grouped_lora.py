@@ -166,7 +166,7 @@ def test_cpu_masks_are_the_loops_masks(tiny_base: Path) -> None:
     shape = torch.Size([1, 5, linear.in_features])
     mask = dropout_mask(c, w.module_index, SEGMENTS[2].row_ids, shape, x)
     # Row 5 through c alone, by hand, against the grouped hook's value for that row.
-    by_hand = linear(x[5:6]) + ((x[5:6] * mask) @ w.lora_A.T @ w.lora_B.T) * c.scaling
+    by_hand = linear(x[5:6]) + ((x[5:6] * mask) @ w.lora_A.T @ w.lora_B.T) * w.scaling
     bank.adapter_math = "bmm"
     with torch.enable_grad(), bank.route(SEGMENTS):
         got = linear(x)[5:6]

@@ -13,7 +13,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -35,6 +35,7 @@ from carpool.workers.grouped_lora import (
     plan_packed_group,
     warn_once,
 )
+from carpool.workers.lora_patterns import lora_scaling, pattern_value
 from torch import nn
 
 
@@ -55,6 +56,7 @@ class LoraWeights:
     lora_A: nn.Parameter  # [r, in_features]
     lora_B: nn.Parameter  # [out_features, r]
     module_index: int  # position among the base's linears, to seed dropout masks
+    scaling: float  # this module's own: its r and lora_alpha may differ from the job's
     fan_in_fan_out: bool = False  # the base module stores its weight [in, out] (Conv1D)
 
     @classmethod
@@ -64,6 +66,7 @@ class LoraWeights:
         a: torch.Tensor,
         b: torch.Tensor,
         module_index: int,
+        scaling: float,
         freeze_lora_A: bool = False,
     ) -> LoraWeights:
         """Parameters from A and B, on the linear's device and in the adapters' dtype."""
@@ -73,26 +76,29 @@ class LoraWeights:
             nn.Parameter(a.to(device=w.device, dtype=dtype), requires_grad=not freeze_lora_A),
             nn.Parameter(b.to(device=w.device, dtype=dtype)),
             module_index,
+            scaling,
             is_fan_in_fan_out(linear),
         )
 
 
 @dataclass
 class JobAdapter:
-    """All of one job's LoRA weights, keyed by the base's module names."""
+    """All of one job's LoRA weights, keyed by the base's module names.
+
+    `r`, `lora_alpha` and the patterns are as declared, for export; each
+    module's own rank is its weights' shape and its scaling is on its weights.
+    """
 
     name: str
     r: int
     lora_alpha: float
     use_rslora: bool
-    target_modules: tuple[str, ...] | str  # as declared, for export
+    target_modules: tuple[str, ...] | str
     dropout: float
     seed: int
     modules: dict[str, LoraWeights] = field(default_factory=dict)
-
-    @property
-    def scaling(self) -> float:
-        return self.lora_alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
+    rank_pattern: dict[str, int] = field(default_factory=dict)
+    alpha_pattern: dict[str, float] = field(default_factory=dict)
 
     @property
     def fan_in_fan_out(self) -> bool:
@@ -155,11 +161,14 @@ def new_job_adapter(
     target_modules: Sequence[str] | str,
     seed: int,
     freeze_lora_A: bool = False,
+    rank_pattern: Mapping[str, int] | None = None,
+    alpha_pattern: Mapping[str, float] | None = None,
 ) -> JobAdapter:
     """A fresh adapter with PEFT's default init: A Kaiming-uniform, B zero.
 
     A's values come from a generator seeded by the job's seed alone, in model
-    order, so the same spec gives the same start wherever it runs.
+    order, so the same spec gives the same start wherever it runs. Each module
+    takes its r and lora_alpha from the patterns where a key matches it.
     """
     linears = linear_modules(base)
     index = {n: i for i, n in enumerate(linears)}
@@ -173,16 +182,23 @@ def new_job_adapter(
         target_modules=target_modules if isinstance(target_modules, str) else tuple(target_modules),
         dropout=dropout,
         seed=seed,
+        rank_pattern=dict(rank_pattern or {}),
+        alpha_pattern=dict(alpha_pattern or {}),
     )
     for mod_name in targets:
         linear = linears[mod_name]
         in_features, out_features = features(linear)
-        a = torch.empty(r, in_features, dtype=torch.float32)
+        rank = pattern_value(adapter.rank_pattern, mod_name, r)
+        alpha = pattern_value(adapter.alpha_pattern, mod_name, lora_alpha)
+        a = torch.empty(rank, in_features, dtype=torch.float32)
         # Same bound as nn.init.kaiming_uniform_(a=sqrt(5)), which PEFT uses.
         bound = 1.0 / math.sqrt(in_features)
         a.uniform_(-bound, bound, generator=gen)
-        b = torch.zeros(out_features, r, dtype=torch.float32)
-        adapter.modules[mod_name] = LoraWeights.beside(linear, a, b, index[mod_name], freeze_lora_A)
+        b = torch.zeros(out_features, rank, dtype=torch.float32)
+        scaling = lora_scaling(alpha, rank, use_rslora)
+        adapter.modules[mod_name] = LoraWeights.beside(
+            linear, a, b, index[mod_name], scaling, freeze_lora_A
+        )
     return adapter
 
 
@@ -463,7 +479,7 @@ class AdapterBank:
                 else:
                     xs = xs * dropout_mask(adapter, w.module_index, seg.row_ids, xs.shape, xs)
             # Scale the rank-r activations: the cheapest place to apply it.
-            parts.append(F.linear(F.linear(xs, w.lora_A) * adapter.scaling, w.lora_B))
+            parts.append(F.linear(F.linear(xs, w.lora_A) * w.scaling, w.lora_B))
         return parts[0] if len(parts) == 1 else torch.cat(parts)
 
     def _grouped_delta(
@@ -484,12 +500,13 @@ class AdapterBank:
                 else:
                     x = x * segments_dropout_mask(dropped, segments, x.shape, x)
         ranks = tuple(0 if w is None else w.lora_A.shape[0] for w in weights)
+        # Per module, not per job: rank_pattern / alpha_pattern give modules their own.
+        scalings = tuple(0.0 if w is None else w.scaling for w in weights)
         # grouped_mm's strides must be 16-byte multiples: pad ranks to match.
         r_align = 16 // x.element_size() if path == "grouped_mm" else 1
         tokens_per_row = math.prod(x.shape[1:-1])
-        key = (ranks, r_align, tokens_per_row, path, x.dtype, x.device)
+        key = (ranks, scalings, r_align, tokens_per_row, path, x.dtype, x.device)
         plan = self._plans.get(key)
-        scalings = [a.scaling for a in adapters]
         if plan is None and self._packed:
             plan = self._plans[key] = plan_packed_group(
                 ranks,

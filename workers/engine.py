@@ -178,6 +178,8 @@ class Engine:
             target_modules=a.target_modules,
             seed=seed,
             freeze_lora_A=a.freeze_lora_A,
+            rank_pattern=a.rank_pattern,
+            alpha_pattern=a.alpha_pattern,
         )
 
     def remove_job(self, name: str) -> TrainingJob:

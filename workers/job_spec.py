@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal
 
+from carpool.workers.lora_patterns import key_problem, lora_scaling, pattern_value
 from pydantic import (
     AfterValidator,
     BaseModel,
@@ -79,10 +80,48 @@ def _names_or_all_linear(value: Any) -> Any:
     raise ValueError('must be a non-empty list of module names, or the string "all-linear"')
 
 
+def _pattern(value: Any, what: str, valid: Callable[[Any], bool]) -> dict[str, Any]:
+    """A mapping of PEFT pattern keys to values, checked as a whole so each message names its key."""
+    if not isinstance(value, dict):
+        raise ValueError(f"must be a mapping of module-name patterns to {what}")
+    for key, item in value.items():
+        if not isinstance(key, str):
+            raise ValueError(f"key {key!r} must be a string (a module-name pattern)")
+        if problem := key_problem(key):
+            raise ValueError(problem)
+        if not valid(item):
+            raise ValueError(f"{key!r} must map to {what}, got {item!r}")
+    return value
+
+
+def _positive_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 1
+
+
+def _positive_number(v: Any) -> bool:
+    if isinstance(v, str):  # PyYAML reads `1e2` (no dot) as a string, as for lora_alpha
+        try:
+            v = float(v)
+        except ValueError:
+            return False
+    return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) and v > 0
+
+
+def _rank_pattern(value: Any) -> dict[str, int]:
+    return _pattern(value, "a whole number >= 1", _positive_int)
+
+
+def _alpha_pattern(value: Any) -> dict[str, float]:
+    return {k: float(v) for k, v in _pattern(value, "a number > 0", _positive_number).items()}
+
+
 JobName = Annotated[str, AfterValidator(_job_name)]
 DatasetPath = Annotated[Path, AfterValidator(_dataset_path)]
 # A list of module-name suffixes (PEFT's matching) or "all-linear".
 TargetModules = Annotated[list[str] | Literal["all-linear"], BeforeValidator(_names_or_all_linear)]
+# Per-module r / lora_alpha, keyed like PEFT's (`carpool.workers.lora_patterns`).
+RankPattern = Annotated[dict[str, int], BeforeValidator(_rank_pattern)]
+AlphaPattern = Annotated[dict[str, float], BeforeValidator(_alpha_pattern)]
 
 
 # -- rules across fields: (problem or None) from parsed values ------------------------------
@@ -151,12 +190,17 @@ class AdapterSpec(_SpecModel):
     loraplus_lr_ratio: float | None = Field(None, gt=0)  # LoRA+: B's LR = ratio x LR
     freeze_lora_A: bool = False  # LoRA-FA: A stays at its initial value
     init_from: Path | None = None  # a PEFT LoRA adapter directory to start from
+    rank_pattern: RankPattern = Field(default_factory=dict)  # module pattern -> its own r
+    alpha_pattern: AlphaPattern = Field(default_factory=dict)  # module pattern -> its lora_alpha
 
-    @property
-    def scaling(self) -> float:
-        if self.use_rslora:
-            return self.lora_alpha / math.sqrt(self.r)
-        return self.lora_alpha / self.r
+    def rank_of(self, module: str) -> int:
+        """The r of the targeted module named `module`: its rank_pattern entry, else r."""
+        return pattern_value(self.rank_pattern, module, self.r)
+
+    def scaling_of(self, module: str) -> float:
+        """The module's LoRA scaling, from its own r and lora_alpha as PEFT computes it."""
+        alpha = pattern_value(self.alpha_pattern, module, self.lora_alpha)
+        return lora_scaling(alpha, self.rank_of(module), self.use_rslora)
 
 
 class TrainingSpec(_SpecModel):

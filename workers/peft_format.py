@@ -3,14 +3,15 @@
 A directory with `adapter_config.json` (written through `peft.LoraConfig`)
 and `adapter_model.safetensors` whose keys are PEFT's
 `base_model.model.<module>.lora_{A,B}.weight`, so
-`PeftModel.from_pretrained(base, dir)` loads it with no conversion.
+`PeftModel.from_pretrained(base, dir)` loads it with no conversion. Per-module
+ranks and alphas travel as PEFT's `rank_pattern` / `alpha_pattern`.
 """
 
 from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
@@ -18,6 +19,7 @@ from typing import TypeVar
 import torch
 from carpool.workers.adapter_bank import JobAdapter, LoraWeights
 from carpool.workers.base_model import features, linear_modules
+from carpool.workers.lora_patterns import key_problem, lora_scaling, order_free, pattern_value
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
@@ -65,6 +67,8 @@ def export_adapter(
         use_rslora=adapter.use_rslora,
         # Conv1D targets (GPT-2): PEFT loads them with this set, and would warn without it.
         fan_in_fan_out=adapter.fan_in_fan_out,
+        rank_pattern=order_free(adapter.rank_pattern, list(adapter.modules), adapter.r),
+        alpha_pattern=order_free(adapter.alpha_pattern, list(adapter.modules), adapter.lora_alpha),
         bias="none",
         task_type="CAUSAL_LM",
         base_model_name_or_path=base_model,
@@ -87,6 +91,12 @@ class AdapterHeader:
     use_rslora: bool
     target_modules: tuple[str, ...] | str
     shapes: dict[str, tuple[Shape, Shape]]  # module -> (lora_A's shape, lora_B's shape)
+    rank_pattern: dict[str, int]
+    alpha_pattern: dict[str, float]
+
+    def ranks(self) -> dict[str, int]:
+        """The r the config declares for each module the adapter has weights for."""
+        return {m: pattern_value(self.rank_pattern, m, self.r) for m in self.shapes}
 
 
 @dataclass(frozen=True)
@@ -98,6 +108,12 @@ class LoadedAdapter:
     use_rslora: bool
     target_modules: tuple[str, ...] | str
     weights: dict[str, tuple[torch.Tensor, torch.Tensor]]  # module -> (A, B)
+    rank_pattern: dict[str, int]
+    alpha_pattern: dict[str, float]
+
+    def ranks(self) -> dict[str, int]:
+        """The r the config declares for each module the adapter has weights for."""
+        return {m: pattern_value(self.rank_pattern, m, self.r) for m in self.weights}
 
 
 def unsupported_kind(config: dict) -> str | None:
@@ -112,10 +128,30 @@ def unsupported_kind(config: dict) -> str | None:
         return "a DoRA adapter (use_dora: true); only plain LoRA adapters are supported yet"
     if config.get("lora_bias"):
         return "a LoRA adapter with biases (lora_bias: true); only plain LoRA is supported yet"
-    for key in ("rank_pattern", "alpha_pattern"):
-        if config.get(key):
-            return f"{key} (a rank or alpha per module) is not supported yet"
     return None
+
+
+def _is_count(v: object) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 1
+
+
+def _is_positive(v: object) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool) and v > 0
+
+
+def _read_pattern(
+    cfg: dict, key: str, valid: Callable[[object], bool], what: str, config_path: Path
+) -> dict:
+    """The config's `rank_pattern` / `alpha_pattern` (absent or null: none), checked."""
+    pattern = cfg.get(key) or {}
+    if not isinstance(pattern, dict):
+        raise AdapterFormatError(f"{config_path}: {key} must be a mapping, got {pattern!r}")
+    for k, v in pattern.items():
+        if why := key_problem(k):
+            raise AdapterFormatError(f"{config_path}: {key}: {why}")
+        if not valid(v):
+            raise AdapterFormatError(f"{config_path}: {key}[{k!r}] must be {what}, got {v!r}")
+    return pattern
 
 
 def _read_config(config_path: Path) -> dict:
@@ -132,6 +168,11 @@ def _read_config(config_path: Path) -> dict:
         raise AdapterFormatError(f"{config_path}: r must be a whole number >= 1, got {r!r}")
     if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or alpha <= 0:
         raise AdapterFormatError(f"{config_path}: lora_alpha must be a number > 0, got {alpha!r}")
+    cfg["rank_pattern"] = _read_pattern(
+        cfg, "rank_pattern", _is_count, "a whole number >= 1", config_path
+    )
+    alphas = _read_pattern(cfg, "alpha_pattern", _is_positive, "a number > 0", config_path)
+    cfg["alpha_pattern"] = {k: float(v) for k, v in alphas.items()}
     return cfg
 
 
@@ -182,6 +223,8 @@ def read_adapter_header(path: str | Path) -> AdapterHeader:
         use_rslora=bool(cfg.get("use_rslora", False)),
         target_modules=targets if isinstance(targets, str) else tuple(targets),
         shapes=by_module,
+        rank_pattern=cfg["rank_pattern"],
+        alpha_pattern=cfg["alpha_pattern"],
     )
 
 
@@ -195,6 +238,8 @@ def read_adapter(path: str | Path) -> LoadedAdapter:
         use_rslora=header.use_rslora,
         target_modules=header.target_modules,
         weights=_by_module(load_file(str(weights_path)).items(), weights_path),
+        rank_pattern=header.rank_pattern,
+        alpha_pattern=header.alpha_pattern,
     )
 
 
@@ -207,7 +252,7 @@ def _module_misfit(r: int, a: Shape, b: Shape, base: tuple[int, int]) -> str | N
     if len(a) != 2 or len(b) != 2:
         return f"lora_A is {_dims(a)} and lora_B is {_dims(b)}, not matrices"
     if a[0] != r or b[1] != r:
-        return f"lora_A is {_dims(a)} and lora_B is {_dims(b)} but the adapter's r is {r}"
+        return f"lora_A is {_dims(a)} and lora_B is {_dims(b)} but its config gives it r={r}"
     if a[1] != in_features:
         return f"lora_A is {_dims(a)} but the base's module takes {in_features} inputs"
     if b[0] != out_features:
@@ -216,10 +261,13 @@ def _module_misfit(r: int, a: Shape, b: Shape, base: tuple[int, int]) -> str | N
 
 
 def base_misfit(
-    r: int, shapes: dict[str, tuple[Shape, Shape]], base_shapes: dict[str, tuple[int, int]]
+    ranks: Mapping[str, int],
+    shapes: dict[str, tuple[Shape, Shape]],
+    base_shapes: dict[str, tuple[int, int]],
 ) -> str | None:
     """Why an adapter's tensors do not fit a base's linear modules, or None when they do.
 
+    `ranks` is the r its config declares per module (`AdapterHeader.ranks`);
     `base_shapes` maps each linear module to (in_features, out_features). One
     line: the first module that does not fit, in model order, and how many more.
     """
@@ -228,7 +276,7 @@ def base_misfit(
     for module in sorted(shapes, key=lambda m: (order.get(m, len(order)), m)):
         if module not in base_shapes:
             misfits.append(f"{module}: the base has no such linear module")
-        elif why := _module_misfit(r, *shapes[module], base_shapes[module]):
+        elif why := _module_misfit(ranks[module], *shapes[module], base_shapes[module]):
             misfits.append(f"{module}: {why}")
     if not misfits:
         return None
@@ -245,7 +293,11 @@ def adapter_from_loaded(
     seed: int,
     freeze_lora_A: bool = False,
 ) -> JobAdapter:
-    """A JobAdapter on `base` starting from a loaded PEFT adapter's weights."""
+    """A JobAdapter on `base` starting from a loaded PEFT adapter's weights.
+
+    Each module's r is its tensors' (checked against the config's) and its
+    scaling uses the lora_alpha the config's alpha_pattern gives it.
+    """
     linears = linear_modules(base)
     index = {n: i for i, n in enumerate(linears)}
     adapter = JobAdapter(
@@ -256,14 +308,18 @@ def adapter_from_loaded(
         target_modules=loaded.target_modules,
         dropout=dropout,
         seed=seed,
+        rank_pattern=dict(loaded.rank_pattern),
+        alpha_pattern=dict(loaded.alpha_pattern),
     )
     base_shapes = {n: features(m) for n, m in linears.items()}
     shapes = {m: (tuple(a.shape), tuple(b.shape)) for m, (a, b) in loaded.weights.items()}
-    if why := base_misfit(loaded.r, shapes, base_shapes):
+    if why := base_misfit(loaded.ranks(), shapes, base_shapes):
         raise AdapterFormatError(f"adapter does not fit the base: {why}")
     for module in sorted(loaded.weights, key=index.__getitem__):
         a, b = loaded.weights[module]
+        alpha = pattern_value(loaded.alpha_pattern, module, loaded.lora_alpha)
+        scaling = lora_scaling(alpha, a.shape[0], loaded.use_rslora)
         adapter.modules[module] = LoraWeights.beside(
-            linears[module], a, b, index[module], freeze_lora_A
+            linears[module], a, b, index[module], scaling, freeze_lora_A
         )
     return adapter

@@ -43,6 +43,8 @@ def peft_model_with(base_path: Path, config: JobSpec, init: dict[str, torch.Tens
         lora_dropout=a.lora_dropout,
         target_modules=targets,
         use_rslora=a.use_rslora,
+        rank_pattern=dict(a.rank_pattern),
+        alpha_pattern=dict(a.alpha_pattern),
     )
     model = get_peft_model(base, lora)
     modules = {k.rsplit(".", 1)[0] for k in init}
