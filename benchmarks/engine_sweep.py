@@ -62,6 +62,9 @@ def table_line(result: dict) -> str:
     if result.get("gpu") and result["gpu"][1]:
         achieved = result["flops_per_round"] * fused / result["tokens_per_round"]
         cells.append(f"{achieved / result['gpu'][1]:>6.1%}")
+    # Other fused ways of the same run (--adapter-math, --batch-layout lists): time vs the first.
+    others = [label for label in tps if "fused" in label and label != fused_label]
+    cells += [f"{label}: {fused / tps[label]:.2f}x time" for label in others]
     return " ".join(cells)
 
 
