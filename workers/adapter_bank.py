@@ -25,6 +25,7 @@ from carpool.workers.base_model import (
     is_fan_in_fan_out,
     linear_modules,
     match_target_modules,
+    weight_dtype,
 )
 from carpool.workers.grouped_lora import (
     GroupPlan,
@@ -36,6 +37,7 @@ from carpool.workers.grouped_lora import (
     warn_once,
 )
 from carpool.workers.lora_patterns import lora_scaling, pattern_value
+from carpool.workers.quantization import is_4bit
 from torch import nn
 
 
@@ -71,7 +73,7 @@ class LoraWeights:
     ) -> LoraWeights:
         """Parameters from A and B, on the linear's device and in the adapters' dtype."""
         w = linear.weight
-        dtype = adapter_dtype(w.dtype)
+        dtype = adapter_dtype(weight_dtype(linear))
         return cls(
             nn.Parameter(a.to(device=w.device, dtype=dtype), requires_grad=not freeze_lora_A),
             nn.Parameter(b.to(device=w.device, dtype=dtype)),
@@ -446,7 +448,14 @@ class AdapterBank:
         # needs its input, not its output. Adding the adapters' float32 delta
         # to a bf16 output computes in float32 and rounds once, as PEFT does;
         # rounding the delta to bf16 first made 1 in 8 inputs differ from PEFT.
+        if self._quantized(module_name):
+            # PEFT's Linear4bit rounds the delta to the output's dtype, then adds out of
+            # place: bitsandbytes' output may be a view its backward does not expect changed.
+            return output + delta.view_as(output).to(output.dtype)
         return output.add_(delta.view_as(output))
+
+    def _quantized(self, module_name: str) -> bool:
+        return is_4bit(self._linears[module_name])
 
     def _path(self, module_name: str, dtype: torch.dtype, device: torch.device) -> str:
         path = resolve_adapter_math(self.adapter_math, device.type)

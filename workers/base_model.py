@@ -5,11 +5,14 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+from carpool.workers.job_spec import QuantizationSpec
+from carpool.workers.quantization import bitsandbytes_config, is_4bit
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 from transformers.pytorch_utils import Conv1D
 
-# What a LoRA adapter can target: nn.Linear, and GPT-2's Conv1D (a linear with its
+# What a LoRA adapter can target: nn.Linear (bitsandbytes' Linear4bit is one, with
+# in/out features as attributes), and GPT-2's Conv1D (a linear with its
 # weight stored [in, out]), the two classes PEFT's `all-linear` takes.
 TargetModule = nn.Linear | Conv1D
 
@@ -29,18 +32,33 @@ def load_base(
     device: torch.device | None = None,
     dtype: torch.dtype | None = None,
     trust_remote_code: bool = False,
+    quantization: QuantizationSpec | None = None,
 ) -> nn.Module:
     """Load a causal LM, frozen and in eval mode.
 
     Eval mode because the base is shared: its own dropout would draw from one
     RNG stream for all jobs and make a job's result depend on its neighbours.
     LoRA dropout is applied per job by the adapter bank instead.
+
+    With `quantization`, its linears load as bitsandbytes 4-bit modules (the
+    output head and the rest stay in `dtype`), straight onto `device`.
     """
     device = device or default_device()
-    model = AutoModelForCausalLM.from_pretrained(
-        name_or_path, dtype=dtype or default_dtype(device), trust_remote_code=trust_remote_code
-    )
-    model.to(device)
+    dtype = dtype or default_dtype(device)
+    if quantization is None:
+        model = AutoModelForCausalLM.from_pretrained(
+            name_or_path, dtype=dtype, trust_remote_code=trust_remote_code
+        )
+        model.to(device)
+    else:
+        # A 4-bit model is placed while it loads: `.to()` after quantizing is refused.
+        model = AutoModelForCausalLM.from_pretrained(
+            name_or_path,
+            dtype=dtype,
+            quantization_config=bitsandbytes_config(quantization),
+            device_map={"": device},
+            trust_remote_code=trust_remote_code,
+        )
     model.eval()
     model.requires_grad_(False)
     return model
@@ -71,6 +89,14 @@ def features(module: TargetModule) -> tuple[int, int]:
     if isinstance(module, Conv1D):
         return module.nx, module.nf
     return module.in_features, module.out_features
+
+
+def weight_dtype(module: TargetModule) -> torch.dtype:
+    """The module's weight dtype as its adapters see it: a 4-bit module's weights are
+    packed uint8, and the adapters beside them are float32, as PEFT keeps them."""
+    if is_4bit(module):
+        return torch.float32
+    return module.weight.dtype
 
 
 def is_fan_in_fan_out(module: TargetModule) -> bool:

@@ -30,8 +30,9 @@ from carpool.workers.dataset import IGNORE_INDEX, TokenizedDataset
 from carpool.workers.dataset_cache import DatasetCache
 from carpool.workers.fused_batch import FusedBatch, StepRow, collate, plan_micro_batches, step_rows
 from carpool.workers.gradient_checkpointing import enable_gradient_checkpointing
-from carpool.workers.job_spec import DatasetSpec, JobInputError, JobSpec
+from carpool.workers.job_spec import DatasetSpec, JobInputError, JobSpec, QuantizationSpec
 from carpool.workers.peft_format import adapter_from_loaded, export_adapter, read_adapter
+from carpool.workers.quantization import describe
 from carpool.workers.row_attention import packed_unsupported, use_row_attention
 from carpool.workers.training_job import StepReport, TrainingJob
 from carpool.workers.zero3 import dummy_row, load_base_zero3, pad_micro_batches
@@ -58,6 +59,7 @@ class Engine:
         loss_chunk_tokens: int | None = None,
         adapter_math: str = "auto",
         batch_layout: str = "auto",
+        quantization: QuantizationSpec | None = None,
     ) -> None:
         """`micro_batch_tokens` caps tokens per forward/backward (None: one per round);
         padded ones count in the padded layout.
@@ -81,11 +83,18 @@ class Engine:
 
         `batch_layout` lays a micro-batch's rows out `padded` or `packed` (see
         `carpool.workers.fused_batch`); `auto` packs where the model allows it.
+
+        `quantization` loads the base in 4 bits (QLoRA); only jobs whose
+        `base_quantization` equals it may join.
         """
         if zero_stage not in (0, 3):
             raise ValueError(f"zero_stage must be 0 or 3, got {zero_stage}")
         if zero_stage == 3 and data_parallel is None:
             raise ValueError("zero_stage=3 partitions the base across a group: pass data_parallel")
+        if zero_stage == 3 and quantization is not None:
+            # DeepSpeed partitions float parameters; bitsandbytes' packed 4-bit ones it cannot.
+            raise ValueError("base_quantization cannot run with zero_stage=3: use zero_stage 0")
+        self.quantization = quantization
         self.base_model = base_model
         self.device = torch.device(device) if device is not None else default_device()
         self.dtype = dtype or default_dtype(self.device)
@@ -109,6 +118,7 @@ class Engine:
                 device=self.device,
                 dtype=self.dtype,
                 trust_remote_code=trust_remote_code,
+                quantization=quantization,
             )
         if gradient_checkpointing:
             enable_gradient_checkpointing(self.base)
@@ -133,6 +143,12 @@ class Engine:
         """
         if config.name in self.jobs:
             raise ValueError(f"a job named {config.name!r} is already on this engine")
+        if config.base_quantization != self.quantization:
+            raise ValueError(
+                f"job {config.name!r} asks for base_quantization "
+                f"{describe(config.base_quantization)}; this engine's base has "
+                f"{describe(self.quantization)}"
+            )
         if dataset is None:
             with _job_input(config.name, "dataset"):
                 dataset = self._load(config.dataset, config)

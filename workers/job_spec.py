@@ -246,9 +246,23 @@ class TrainingSpec(_SpecModel):
         return max(0, min(self.batch_size, total_rows - step * self.batch_size))
 
 
+class QuantizationSpec(_SpecModel):
+    """QLoRA: the frozen base loaded in 4 bits by bitsandbytes (BitsAndBytesConfig's names).
+
+    Defaults are the QLoRA paper's. Jobs share a base only at the same quantization.
+    """
+
+    load_in_4bit: Literal[True] = True  # the one kind supported: 4-bit weights
+    bnb_4bit_quant_type: Literal["nf4", "fp4"] = "nf4"
+    bnb_4bit_use_double_quant: bool = True  # quantize the quantization constants too
+    # The dtype the 4-bit weights are dequantized to for each matmul.
+    bnb_4bit_compute_dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
+
+
 class JobSpec(_SpecModel):
     name: JobName
     base_model: str = Field(min_length=1)  # local path or hub id
+    base_quantization: QuantizationSpec | None = None  # None: the base in its own precision
     dataset: DatasetSpec
     adapter: AdapterSpec = AdapterSpec()
     # Required: its defaults alone set neither max_steps nor num_epochs.

@@ -14,7 +14,7 @@ import torch
 from carpool.workers.dataset import IGNORE_INDEX, TokenizedRow
 from carpool.workers.job_spec import JobSpec
 from peft import LoraConfig, get_peft_model
-from transformers import AutoModelForCausalLM, get_scheduler
+from transformers import AutoModelForCausalLM, BitsAndBytesConfig, get_scheduler
 
 _HF_SCHEDULER = {"constant": "constant_with_warmup", "linear": "linear", "cosine": "cosine"}
 
@@ -33,8 +33,26 @@ def pad_rows(rows: list[TokenizedRow], pad_id: int) -> dict[str, torch.Tensor]:
 
 
 def peft_model_with(base_path: Path, config: JobSpec, init: dict[str, torch.Tensor]):
-    """A PeftModel whose adapter starts from `init` ({"<module>.lora_A": ...})."""
-    base = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32)
+    """A PeftModel whose adapter starts from `init` ({"<module>.lora_A": ...}).
+
+    A job with `base_quantization` gets its base in 4 bits, as a QLoRA user loads it
+    (no `prepare_model_for_kbit_training`: it would upcast and change the base)."""
+    if config.base_quantization is None:
+        base = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32)
+    else:
+        base = AutoModelForCausalLM.from_pretrained(
+            base_path,
+            dtype=torch.float32,
+            device_map={"": "cpu"},
+            quantization_config=BitsAndBytesConfig(
+                load_in_4bit=True,
+                bnb_4bit_quant_type=config.base_quantization.bnb_4bit_quant_type,
+                bnb_4bit_use_double_quant=config.base_quantization.bnb_4bit_use_double_quant,
+                bnb_4bit_compute_dtype=getattr(
+                    torch, config.base_quantization.bnb_4bit_compute_dtype
+                ),
+            ),
+        )
     a = config.adapter
     targets = a.target_modules if isinstance(a.target_modules, str) else list(a.target_modules)
     lora = LoraConfig(
