@@ -1,4 +1,4 @@
-"""What the operator allows a job to read: path roots and dataset size.
+"""What the operator allows a job: path roots, dataset size, a quantized base beside ZeRO-3.
 
 Checked twice: by the client before submitting (so the user sees every
 problem at once) and by the controller before queueing (a client is not
@@ -44,6 +44,10 @@ def admission_problems(spec: JobSpec, config: OperatorConfig, source: str) -> li
                 problems.append(
                     SpecProblem(source, field, f"{value} is outside the allowed roots ({allowed})")
                 )
+    if spec.base_quantization is not None and config.zero_stage == 3:
+        # DeepSpeed partitions float parameters; a 4-bit base's are packed bitsandbytes ones.
+        message = "a 4-bit base cannot be partitioned by ZeRO-3 (the operator's zero_stage is 3)"
+        problems.append(SpecProblem(source, "base_quantization", message))
     cap = config.max_dataset_bytes
     for field, value in datasets.items():
         dataset = Path(value)

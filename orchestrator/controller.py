@@ -42,7 +42,7 @@ from carpool.orchestrator.scheduler import (
 )
 from carpool.workers.base_model import linear_module_shapes, match_target_modules
 from carpool.workers.checkpoint import checkpoint_step
-from carpool.workers.job_spec import AdapterSpec, JobInputError, JobSpec
+from carpool.workers.job_spec import AdapterSpec, JobInputError, JobSpec, QuantizationSpec
 from carpool.workers.rounds import JobRoundResult
 
 log = logging.getLogger("carpool.controller")
@@ -67,7 +67,8 @@ class WorkerGroup(Protocol):
     def shutdown(self) -> None: ...
 
 
-GroupFactory = Callable[[str, str], WorkerGroup]
+# (group id, base model, its quantization) -> a started group holding that base.
+GroupFactory = Callable[[str, str, QuantizationSpec | None], WorkerGroup]
 
 
 class CheckpointStore(Protocol):
@@ -93,6 +94,7 @@ class NoMetrics:
 class _Group:
     handle: WorkerGroup
     jobs: dict[str, JobDemand]
+    quantization: QuantizationSpec | None = None  # the base's, as the group was started
 
 
 class Controller:
@@ -203,7 +205,7 @@ class Controller:
             except Exception as e:  # e.g. the base model vanished since submission
                 self._finish(record.id, JobState.FAILED, error=f"cannot schedule: {e}")
         views = [
-            GroupView(gid, g.handle.base_model, tuple(g.jobs.values()))
+            GroupView(gid, g.handle.base_model, tuple(g.jobs.values()), g.quantization)
             for gid, g in self.groups.items()
         ]
         capacity = Capacity(
@@ -224,11 +226,13 @@ class Controller:
                 self.groups.pop(decision.group_id).handle.shutdown()
             elif isinstance(decision, StartGroup):
                 try:
-                    handle = self.group_factory(decision.group_id, decision.base_model)
+                    handle = self.group_factory(
+                        decision.group_id, decision.base_model, decision.quantization
+                    )
                 except GroupFailedError as e:  # no room for its ranks: jobs stay queued
                     log.warning("cannot start group %s: %s", decision.group_id, e)
                     continue
-                self.groups[decision.group_id] = _Group(handle, {})
+                self.groups[decision.group_id] = _Group(handle, {}, decision.quantization)
             elif isinstance(decision, AdmitJob):
                 self._admit(decision)
 
@@ -431,6 +435,7 @@ class Controller:
             seq=record.seq,
             tokens_per_step=config.training.batch_size * config.training.max_seq_length,
             memory_bytes=adapter_memory_bytes(config.adapter, self._shapes[config.base_model]),
+            quantization=config.base_quantization,
         )
 
 

@@ -29,7 +29,7 @@ from carpool.workers.base_model import default_dtype
 from carpool.workers.checkpoint import save_checkpoint
 from carpool.workers.data_parallel import DataParallel
 from carpool.workers.engine import Engine
-from carpool.workers.job_spec import JobSpec
+from carpool.workers.job_spec import JobSpec, QuantizationSpec
 from carpool.workers.peft_format import export_adapter
 from carpool.workers.rounds import JobOutputs, JobRoundResult, finish_job, run_round
 from carpool.workers.training_job import TrainingJob
@@ -98,13 +98,15 @@ class EngineWorker:
         zero_stage: int | str = 0,
         engine_options: Mapping[str, Any] | None = None,
         keep_checkpoints: int = 2,
+        quantization: QuantizationSpec | None = None,
     ) -> None:
         """With `world_size` > 1 (or ZeRO-3), joins the group's torch.distributed
         process group at `init_method` (gloo on CPU, NCCL on GPU) before loading
         the base. `zero_stage` is 0, 3 or "auto" (3 when the base would not fit
         comfortably on one device). `engine_options` go to `Engine` as they are
         (`OperatorConfig.engine_options`: micro-batch size, memory settings).
-        Each job keeps its newest `keep_checkpoints` checkpoints in the store."""
+        Each job keeps its newest `keep_checkpoints` checkpoints in the store.
+        `quantization` loads the base in 4 bits (the jobs' `base_quantization`)."""
         self.group_id = group_id
         self.rank = rank
         self.world_size = world_size
@@ -116,7 +118,12 @@ class EngineWorker:
         # The ranks' adapters are replicas: the leader alone writes them.
         self._writes: JobOutputs | None = self.outputs if self.is_leader else None
         if zero_stage == "auto":
-            zero_stage = _auto_zero_stage(base_model, device or "cpu", trust_remote_code)
+            # ZeRO-3 cannot partition a 4-bit base, which is a quarter of the size anyway.
+            zero_stage = (
+                0
+                if quantization is not None
+                else _auto_zero_stage(base_model, device or "cpu", trust_remote_code)
+            )
         data_parallel = None
         if world_size > 1 or zero_stage == 3:
             backend = "nccl" if device and device.startswith("cuda") else "gloo"
@@ -130,6 +137,7 @@ class EngineWorker:
             trust_remote_code=trust_remote_code,
             data_parallel=data_parallel,
             zero_stage=zero_stage,
+            quantization=quantization,
             **(engine_options or {}),
         )
         log.info("group %s rank %d/%d: zero_stage=%s", group_id, rank, world_size, zero_stage)

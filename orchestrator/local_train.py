@@ -1,6 +1,6 @@
 """`carpool train`: run validated jobs fused, in this process, without Ray.
 
-Jobs are grouped by base model; each group runs on one engine, every job's
+Jobs are grouped by base model and its quantization; each group runs on one engine, every job's
 rows fused into the same forward/backward. A job's PEFT adapter is written to
 `<out>/<name>/` the moment it finishes.
 """
@@ -12,16 +12,19 @@ from pathlib import Path
 
 from carpool.orchestrator.progress import JobProgressRow
 from carpool.workers.engine import Engine
-from carpool.workers.job_spec import JobSpec
+from carpool.workers.job_spec import JobSpec, QuantizationSpec
 from carpool.workers.rounds import LocalOutputs, finish_job, run_round
 
 ProgressFn = Callable[[JobProgressRow], None]
 
 
-def group_by_base(configs: Sequence[JobSpec]) -> dict[str, list[JobSpec]]:
-    groups: dict[str, list[JobSpec]] = {}
+def group_by_base(
+    configs: Sequence[JobSpec],
+) -> dict[tuple[str, QuantizationSpec | None], list[JobSpec]]:
+    """Jobs by (base model, base_quantization): one engine, one copy of the base, per key."""
+    groups: dict[tuple[str, QuantizationSpec | None], list[JobSpec]] = {}
     for config in configs:
-        groups.setdefault(config.base_model, []).append(config)
+        groups.setdefault((config.base_model, config.base_quantization), []).append(config)
     return groups
 
 
@@ -49,9 +52,10 @@ def train_locally(
     notice = on_notice or (lambda text: None)
     outputs = LocalOutputs(out_dir, checkpoint_dir)
     adapters: dict[str, Path] = {}
-    for base, configs in group_by_base(specs).items():
+    for (base, quantization), configs in group_by_base(specs).items():
         engine = Engine(
             base,
+            quantization=quantization,
             device=device,
             micro_batch_tokens=micro_batch_tokens,
             gradient_checkpointing=gradient_checkpointing,

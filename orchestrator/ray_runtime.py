@@ -23,7 +23,7 @@ from carpool.orchestrator.controller import Controller, GroupFailedError
 from carpool.orchestrator.engine_worker import EngineWorker, JobAdmitted, admit_on_all_ranks
 from carpool.orchestrator.job_queue import JobQueue, JobRecord, JobState
 from carpool.orchestrator.operator_config import OperatorConfig
-from carpool.workers.job_spec import JobSpec
+from carpool.workers.job_spec import JobSpec, QuantizationSpec
 from carpool.workers.rounds import JobRoundResult
 from ray.exceptions import ActorDiedError, ActorUnavailableError, GetTimeoutError, RayActorError
 from ray.util import metrics as ray_metrics
@@ -86,7 +86,13 @@ class RayWorkerGroup:
     rounds); results and checkpoint URIs come from rank 0.
     """
 
-    def __init__(self, group_id: str, base_model: str, config: OperatorConfig) -> None:
+    def __init__(
+        self,
+        group_id: str,
+        base_model: str,
+        config: OperatorConfig,
+        quantization: QuantizationSpec | None = None,
+    ) -> None:
         self.group_id = group_id
         self.base_model = base_model
         gpu = _use_gpu(config)
@@ -135,6 +141,7 @@ class RayWorkerGroup:
                 init_method=init_method,
                 zero_stage=config.zero_stage,
                 engine_options=config.engine_options(),
+                quantization=quantization,
                 keep_checkpoints=config.keep_checkpoints,
             )
             for rank in range(n)
@@ -296,7 +303,9 @@ class CarpoolController:
         self.controller = Controller(
             self.queue,
             self.config,
-            group_factory=lambda gid, base: RayWorkerGroup(gid, base, self.config),
+            group_factory=lambda gid, base, quantization: RayWorkerGroup(
+                gid, base, self.config, quantization
+            ),
             free_group_slots=free_group_slots(self.config),
             checkpoints=ArtifactStore(self.config.storage_root()),
             metrics=RayMetrics(),

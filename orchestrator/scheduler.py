@@ -5,8 +5,9 @@ Following Ray Train v2, policies only decide and the controller executes:
 jobs, worker groups, free slots, per-group capacity) and returns decision
 objects, so it can be tested without Ray and replayed from a logged state.
 
-Jobs with the same base model share a worker group: one copy of the base, one
-fused batch. Policy, in the order `schedule` applies it to each queued job
+Jobs with the same base model at the same quantization (`base_quantization`)
+share a worker group: one copy of the base, one fused batch. A 4-bit copy and a
+full-precision copy of one base are different bases here. Policy, in the order `schedule` applies it to each queued job
 (priority high to low, first-come within a priority):
 
 1. join the fullest group of its base that still fits (fewer groups, more fusion);
@@ -25,6 +26,13 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from carpool.workers.job_spec import QuantizationSpec
+
+# What jobs must share to share a group: the base model and its quantization.
+BaseKey = tuple[str, "QuantizationSpec | None"]
 
 
 @dataclass(frozen=True)
@@ -37,15 +45,21 @@ class JobDemand:
     seq: int  # submission order: first-come within a priority
     tokens_per_step: int  # batch_size * max_seq_length, an upper bound of padded tokens
     memory_bytes: int  # adapter + optimizer state estimate
+    quantization: QuantizationSpec | None = None  # the job's base_quantization
+
+    @property
+    def base(self) -> BaseKey:
+        return (self.base_model, self.quantization)
 
 
 @dataclass(frozen=True)
 class GroupView:
-    """A worker group holding one copy of `base_model` and the jobs running on it."""
+    """A worker group holding one copy of `base_model` (at `quantization`) and its jobs."""
 
     id: str
     base_model: str
     jobs: tuple[JobDemand, ...]
+    quantization: QuantizationSpec | None = None
 
 
 @dataclass(frozen=True)
@@ -72,6 +86,7 @@ class ClusterView:
 class StartGroup:
     group_id: str
     base_model: str
+    quantization: QuantizationSpec | None = None
 
 
 @dataclass(frozen=True)
@@ -117,8 +132,13 @@ class _PlanGroup:
 
     id: str
     base_model: str
+    quantization: QuantizationSpec | None
     jobs: list[JobDemand]
     order: int  # input order, then creation order: the final tie-break
+
+    @property
+    def base(self) -> BaseKey:
+        return (self.base_model, self.quantization)
 
     def idle(self) -> bool:
         return not self.jobs
@@ -140,18 +160,19 @@ class _Planner:
         new_group_id: Callable[[str], str],
     ) -> None:
         self.groups = [
-            _PlanGroup(g.id, g.base_model, list(g.jobs), i) for i, g in enumerate(groups)
+            _PlanGroup(g.id, g.base_model, g.quantization, list(g.jobs), i)
+            for i, g in enumerate(groups)
         ]
         self.slots = slots
         self.capacity = capacity
         self.new_group_id = new_group_id
         self._next_order = len(self.groups)
 
-    def stop_idle(self, keep_bases: set[str]) -> list[Decision]:
+    def stop_idle(self, keep_bases: set[BaseKey]) -> list[Decision]:
         """Stop idle groups whose base no queued job wants; each gives its slot back."""
         stops: list[Decision] = []
         for group in list(self.groups):
-            if group.idle() and group.base_model not in keep_bases:
+            if group.idle() and group.base not in keep_bases:
                 self.groups.remove(group)
                 self.slots += 1
                 stops.append(StopGroup(group.id))
@@ -173,9 +194,7 @@ class _Planner:
 
     def _join(self, job: JobDemand) -> list[Decision] | None:
         candidates = [
-            g
-            for g in self.groups
-            if g.base_model == job.base_model and fits(job, g.jobs, self.capacity)
+            g for g in self.groups if g.base == job.base and fits(job, g.jobs, self.capacity)
         ]
         if not candidates:
             return None
@@ -192,17 +211,17 @@ class _Planner:
 
     def _start(self, job: JobDemand) -> list[Decision]:
         group_id = self.new_group_id(job.base_model)
-        group = _PlanGroup(group_id, job.base_model, [job], self._next_order)
+        group = _PlanGroup(group_id, job.base_model, job.quantization, [job], self._next_order)
         self._next_order += 1
         self.groups.append(group)
         self.slots -= 1
-        return [StartGroup(group.id, job.base_model), AdmitJob(job.id, group.id)]
+        return [StartGroup(group.id, *job.base), AdmitJob(job.id, group.id)]
 
     def _evict_same_base(self, job: JobDemand) -> list[Decision] | None:
         """Evict lower-priority jobs from one group of its base: least important, then fewest."""
         options: list[tuple[tuple[int, int, int], _PlanGroup, list[JobDemand]]] = []
         for group in self.groups:
-            if group.base_model != job.base_model:
+            if group.base != job.base:
                 continue
             remaining = list(group.jobs)
             victims: list[JobDemand] = []
@@ -230,7 +249,7 @@ class _Planner:
         options = [
             g
             for g in self.groups
-            if g.base_model != job.base_model and all(j.priority < job.priority for j in g.jobs)
+            if g.base != job.base and all(j.priority < job.priority for j in g.jobs)
         ]
         if not options:
             return None
@@ -269,10 +288,10 @@ def schedule(
     left idle by this plan. `new_group_id` is called only for groups started.
     """
     planner = _Planner(groups, cluster.free_group_slots, capacity, new_group_id)
-    decisions = planner.stop_idle({j.base_model for j in queued})
+    decisions = planner.stop_idle({j.base for j in queued})
 
     blocked_priority: int | None = None  # priority of the first job that could not be placed
-    waiting_bases: set[str] = set()
+    waiting_bases: set[BaseKey] = set()
     for job in sorted(queued, key=lambda j: (-j.priority, j.seq)):
         # Strict priority: a job ranked below a blocked one starts no group. With the rules
         # above this is already implied (slots never grow in this loop, and a whole group a
@@ -281,7 +300,7 @@ def schedule(
         may_start = blocked_priority is None or job.priority >= blocked_priority
         placed = planner.place(job, may_start)
         if placed is None:
-            waiting_bases.add(job.base_model)
+            waiting_bases.add(job.base)
             if blocked_priority is None:
                 blocked_priority = job.priority
             continue

@@ -22,7 +22,7 @@ from carpool.orchestrator.engine_worker import JobAdmitted
 from carpool.orchestrator.job_queue import JobQueue, JobRecord, JobState
 from carpool.orchestrator.operator_config import OperatorConfig
 from carpool.orchestrator.scheduler import schedule
-from carpool.workers.job_spec import JobInputError, JobSpec
+from carpool.workers.job_spec import JobInputError, JobSpec, QuantizationSpec
 from carpool.workers.rounds import JobRoundResult
 from carpool.workers.tiny_base import build_tiny_base
 
@@ -217,7 +217,9 @@ class FakeGroupFactory:
         """The index-th group created fails in finish_round of that round (0: from its start)."""
         self._fail_at[index] = at_round
 
-    def __call__(self, group_id: str, base_model: str) -> FakeGroup:
+    def __call__(
+        self, group_id: str, base_model: str, quantization: QuantizationSpec | None = None
+    ) -> FakeGroup:
         group = FakeGroup(
             group_id,
             base_model,
@@ -1026,10 +1028,12 @@ def test_a_group_that_cannot_start_is_tried_again_with_nothing_else_changed(
     factory = FakeGroupFactory()
     refusals = [GroupFailedError("no room for its ranks")]
 
-    def refusing_once(group_id: str, base_model: str) -> FakeGroup:
+    def refusing_once(
+        group_id: str, base_model: str, quantization: QuantizationSpec | None
+    ) -> FakeGroup:
         if refusals:
             raise refusals.pop()
-        return factory(group_id, base_model)
+        return factory(group_id, base_model, quantization)
 
     controller = make_controller(queue, refusing_once)
     (a,) = controller.submit([spec("a", steps=2)])

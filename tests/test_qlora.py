@@ -6,10 +6,25 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from carpool.orchestrator.admission import admission_problems
+from carpool.orchestrator.local_train import group_by_base
+from carpool.orchestrator.operator_config import OperatorConfig
+from carpool.orchestrator.scheduler import (
+    AdmitJob,
+    Capacity,
+    ClusterView,
+    JobDemand,
+    StartGroup,
+    schedule,
+)
+from carpool.orchestrator.validation import check_spec
+from carpool.workers import quantization
+from carpool.workers.engine import Engine
 from carpool.workers.job_spec import AdapterSpec, JobSpec, QuantizationSpec
 
-from tests.helpers.jobs import changed, job
+from tests.helpers.jobs import changed, job, randomize_b
 from tests.helpers.peft_reference import max_relative_difference, train_reference
+from tests.helpers.round_driver import train_to_end
 
 # float32 compute keeps the comparison exact on CPU; the 4-bit weights are what is tested.
 NF4 = QuantizationSpec(
@@ -47,10 +62,6 @@ def test_4bit_jobs_fused_match_peft_on_the_same_4bit_base(
     tiny_base: Path, datasets: dict[str, Path]
 ) -> None:
     pytest.importorskip("bitsandbytes")
-    from carpool.workers.engine import Engine
-
-    from tests.helpers.jobs import randomize_b
-    from tests.helpers.round_driver import train_to_end
 
     configs = two_4bit_jobs(tiny_base, datasets)
     engine = Engine(str(tiny_base), device="cpu", quantization=NF4)
@@ -68,3 +79,95 @@ def test_4bit_jobs_fused_match_peft_on_the_same_4bit_base(
         )
         assert max_relative_difference(expected, got) <= 1e-4, config.name
         assert max_relative_difference(starts[config.name], got) > 1e-3, config.name
+
+
+def test_an_engine_refuses_a_job_of_another_quantization(
+    tiny_base: Path, datasets: dict[str, Path]
+) -> None:
+    full_precision = Engine(str(tiny_base), device="cpu")
+    with pytest.raises(
+        ValueError, match="base_quantization 4-bit nf4.*this engine's base has none"
+    ):
+        full_precision.add_job(two_4bit_jobs(tiny_base, datasets)[0])
+    assert not full_precision.jobs
+
+
+def test_4bit_and_full_precision_jobs_of_one_base_never_share_a_group(
+    tiny_base: Path, datasets: dict[str, Path]
+) -> None:
+    four_bit = two_4bit_jobs(tiny_base, datasets)
+    plain = [changed(c, name=f"{c.name}-fp", base_quantization=None) for c in four_bit]
+    bf16 = changed(
+        four_bit[0],
+        name="bf16",
+        base_quantization=NF4.model_copy(update={"bnb_4bit_compute_dtype": "bfloat16"}),
+    )
+    groups = group_by_base([four_bit[0], plain[0], four_bit[1], plain[1], bf16])
+    assert {k: [c.name for c in v] for k, v in groups.items()} == {
+        (str(tiny_base), NF4): ["text", "qa"],
+        (str(tiny_base), None): ["text-fp", "qa-fp"],
+        (str(tiny_base), bf16.base_quantization): ["bf16"],
+    }
+
+    def demand(id: str, seq: int, q: QuantizationSpec | None) -> JobDemand:
+        return JobDemand(id, "base", 0, seq, 10, 10, quantization=q)
+
+    queued = [demand("q1", 0, NF4), demand("f1", 1, None), demand("q2", 2, NF4)]
+    ids = iter(["g1", "g2"])
+    out = schedule(queued, [], ClusterView(2), Capacity(1000, 8, 1000), lambda base: next(ids))
+    assert out == [
+        StartGroup("g1", "base", NF4),
+        AdmitJob("q1", "g1"),
+        StartGroup("g2", "base", None),
+        AdmitJob("f1", "g2"),
+        AdmitJob("q2", "g1"),
+    ]
+
+
+def raw_spec(base: Path, data: Path, quantization: object) -> dict:
+    return {
+        "name": "q",
+        "base_model": str(base),
+        "dataset": {"path": str(data)},
+        "training": {"max_steps": 1},
+        "base_quantization": quantization,
+    }
+
+
+def test_validation_names_the_quantization_field(
+    tiny_base: Path, datasets: dict[str, Path]
+) -> None:
+    bad = {
+        "load_in_4bit": False,
+        "bnb_4bit_quant_type": "int3",
+        "bnb_4bit_compute_dtype": "float64",
+        "bnb_4bit_use_double_qant": True,
+    }
+    problems = check_spec(raw_spec(tiny_base, datasets["text"], bad), "q.yaml")
+    assert sorted(p.field for p in problems) == [
+        f"base_quantization.{name}"
+        for name in (
+            "bnb_4bit_compute_dtype",
+            "bnb_4bit_quant_type",
+            "bnb_4bit_use_double_qant",
+            "load_in_4bit",
+        )
+    ]
+    good = {"load_in_4bit": True, "bnb_4bit_quant_type": "fp4"}
+    assert check_spec(raw_spec(tiny_base, datasets["text"], good), "q.yaml") == []
+
+
+def test_a_missing_bitsandbytes_is_named_by_the_field(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(quantization.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(quantization.QuantizationUnavailableError, match="base_quantization"):
+        quantization.bitsandbytes_config(NF4)
+
+
+def test_zero3_refuses_a_4bit_base(tiny_base: Path, datasets: dict[str, Path]) -> None:
+    config = two_4bit_jobs(tiny_base, datasets)[0]
+    problems = admission_problems(config, OperatorConfig(zero_stage=3), "q.yaml")
+    assert [p.field for p in problems] == ["base_quantization"]
+    assert "ZeRO-3" in problems[0].message
+    assert admission_problems(config, OperatorConfig(zero_stage=0), "q.yaml") == []
+    with pytest.raises(ValueError, match="base_quantization cannot run with zero_stage=3"):
+        Engine(str(tiny_base), device="cpu", zero_stage=3, quantization=NF4, data_parallel=None)

@@ -89,11 +89,11 @@ class Engine:
         """
         if zero_stage not in (0, 3):
             raise ValueError(f"zero_stage must be 0 or 3, got {zero_stage}")
-        if zero_stage == 3 and data_parallel is None:
-            raise ValueError("zero_stage=3 partitions the base across a group: pass data_parallel")
         if zero_stage == 3 and quantization is not None:
             # DeepSpeed partitions float parameters; bitsandbytes' packed 4-bit ones it cannot.
             raise ValueError("base_quantization cannot run with zero_stage=3: use zero_stage 0")
+        if zero_stage == 3 and data_parallel is None:
+            raise ValueError("zero_stage=3 partitions the base across a group: pass data_parallel")
         self.quantization = quantization
         self.base_model = base_model
         self.device = torch.device(device) if device is not None else default_device()
