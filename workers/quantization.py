@@ -2,6 +2,8 @@
 
 bitsandbytes is an optional extra (`carpool[quantization]`): nothing here imports
 it until a quantized base is loaded, so a full-precision install never needs it.
+On a CPU with AVX512-BF16, importing bitsandbytes 0.50 tries the optional `kernels`
+package (a hub download); without that package it falls back to its own kernels.
 """
 
 from __future__ import annotations
