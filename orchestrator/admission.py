@@ -44,6 +44,10 @@ def admission_problems(spec: JobSpec, config: OperatorConfig, source: str) -> li
                 problems.append(
                     SpecProblem(source, field, f"{value} is outside the allowed roots ({allowed})")
                 )
+    if spec.adapter.use_dora and config.zero_stage == 3:
+        # With zero_stage auto the engine refuses it when it does partition the base.
+        message = "DoRA reads each module's whole weight, which zero_stage 3 partitions"
+        problems.append(SpecProblem(source, "adapter.use_dora", message))
     cap = config.max_dataset_bytes
     for field, value in datasets.items():
         dataset = Path(value)

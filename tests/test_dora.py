@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from carpool.orchestrator.admission import admission_problems
+from carpool.orchestrator.operator_config import OperatorConfig
 from carpool.orchestrator.validation import check_spec
 from carpool.workers.checkpoint import save_checkpoint
 from carpool.workers.dora import base_row_norms_sq, weight_norm
@@ -207,7 +209,13 @@ def test_bad_use_dora_names_the_field_and_zero3_refuses_it(
     with pytest.raises(ValidationError) as caught:
         AdapterSpec(use_dora="sometimes")
     assert caught.value.errors()[0]["loc"] == ("use_dora",)
+    spec = dora_job(tiny_base, datasets["text"])
+    problems = admission_problems(spec, OperatorConfig(zero_stage=3), "job.yaml")
+    assert [(p.field, "zero_stage 3" in p.message) for p in problems] == [
+        ("adapter.use_dora", True)
+    ]
+    assert admission_problems(spec, OperatorConfig(zero_stage=0), "job.yaml") == []
     engine = Engine(str(tiny_base), device="cpu")
     engine.zero_stage = 3  # as a partitioned engine; admission reads only this
     with pytest.raises(JobInputError, match="use_dora: DoRA is not supported .* ZeRO-3"):
-        engine.add_job(dora_job(tiny_base, datasets["text"]))
+        engine.add_job(spec)
