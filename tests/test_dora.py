@@ -25,6 +25,7 @@ from carpool.workers.data_parallel import DataParallel
 from carpool.workers.dora import base_row_norms_sq, weight_norm
 from carpool.workers.engine import Engine
 from carpool.workers.job_spec import AdapterSpec, JobInputError, JobSpec
+from carpool.workers.tiny_base import build_tiny_base
 from carpool.workers.training_job import build_optimizer
 from peft import PeftModel
 from pydantic import ValidationError
@@ -254,3 +255,19 @@ def test_two_ranks_equal_one(tiny_base: Path, datasets: dict[str, Path], tmp_pat
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True)["dora"] for r in range(2)]
     assert max_relative_difference(expected, ranks[0]) <= 1e-9
     assert all(torch.equal(ranks[0][k], ranks[1][k]) for k in expected)
+
+
+def test_conv1d_targets_of_gpt2_match_single_job_peft(
+    datasets: dict[str, Path], tmp_path: Path
+) -> None:
+    """GPT-2 stores its weights [in, out] (Conv1D): the norm is still per output channel."""
+    base = build_tiny_base(tmp_path / "gpt2", family="gpt2", hidden_size=32, intermediate_size=64)
+    adapter = AdapterSpec(**DORA, target_modules=["c_attn", "c_fc"])
+    config = job("dora", base, datasets["text"], adapter, max_steps=4, max_seq_length=24)
+    engine = Engine(str(base), device="cpu")
+    engine.add_job(config)
+    start = perturb(engine, "dora", seed=1)
+    finished = train_to_end(engine)
+    rows = list(finished["dora"].dataset.rows)
+    expected = train_reference(base, config, rows, start, 4, engine.tokenizer.pad_token_id)
+    assert max_relative_difference(expected, finished["dora"].adapter.named_tensors()) <= 1e-4
