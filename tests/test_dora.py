@@ -17,9 +17,11 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from carpool.orchestrator.admission import admission_problems
+from carpool.orchestrator.controller import adapter_memory_bytes
 from carpool.orchestrator.local_ray import free_port
 from carpool.orchestrator.operator_config import OperatorConfig
 from carpool.orchestrator.validation import check_spec
+from carpool.workers.base_model import linear_module_shapes
 from carpool.workers.checkpoint import save_checkpoint
 from carpool.workers.data_parallel import DataParallel
 from carpool.workers.dora import base_row_norms_sq, weight_norm
@@ -91,6 +93,15 @@ def test_magnitude_starts_as_peft_and_goes_with_b_under_loraplus(
     assert groups[1]["lr"] == 4 * groups[0]["lr"]
     assert [p.ndim for p in groups[0]["params"]] == [2] * 6
     assert sorted(p.ndim for p in groups[1]["params"]) == [1] * 6 + [2] * 6
+
+
+def test_size_estimate_counts_the_magnitudes(tiny_base: Path) -> None:
+    shapes = linear_module_shapes(str(tiny_base))
+    dora = AdapterSpec(**DORA, target_modules=["q_proj"])
+    plain = dora.model_copy(update={"use_dora": False})
+    outputs = sum(out for name, (_, out) in shapes.items() if name.endswith("q_proj"))
+    extra = adapter_memory_bytes(dora, shapes) - adapter_memory_bytes(plain, shapes)
+    assert extra == outputs * 4 * 4  # float32 weight, gradient and AdamW's two moments
 
 
 def test_fused_dora_beside_lora_matches_single_job_peft(
