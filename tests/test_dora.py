@@ -145,12 +145,14 @@ def test_alone_beside_others_split_and_resumed_agree(
         micro_batch_tokens: int | None = None,
         resume: bool = False,
         batch_layout: str = "auto",
+        adapter_math: str = "loop",
     ):
         engine = Engine(
             str(tiny_base),
             device="cpu",
             micro_batch_tokens=micro_batch_tokens,
             batch_layout=batch_layout,
+            adapter_math=adapter_math,
         )
         engine.add_job(config)
         start = perturb(engine, "dora", seed=0)
@@ -171,6 +173,7 @@ def test_alone_beside_others_split_and_resumed_agree(
         dict(micro_batch_tokens=40),
         dict(resume=True),
         dict(batch_layout="padded"),  # the rest run packed on this base
+        dict(beside=True, adapter_math="bmm"),  # a DoRA job with dropout: by segment
     )
     for way in ways:
         assert max_relative_difference(alone, train(**way)[1]) <= 1e-6, way

@@ -547,6 +547,23 @@ class AdapterBank:
             return F.linear(F.linear(xs, w.lora_A) * w.scaling, w.lora_B)
         return self._dora_term(module_name, w, xs, out_s, dropped)
 
+    def _dora_norm(self, module_name: str, w: LoraWeights, dtype: torch.dtype) -> torch.Tensor:
+        """||W + s B A|| per output channel of this job's module, detached."""
+        weight = out_in_weight(self._linears[module_name])
+        key = (module_name, dtype, weight.device)
+        row_norms_sq = self._row_norms_sq.get(key)
+        if row_norms_sq is None:  # the base is frozen: once per module
+            row_norms_sq = self._row_norms_sq[key] = base_row_norms_sq(weight, dtype)
+        return weight_norm(weight, row_norms_sq, w.lora_A, w.lora_B, w.scaling)
+
+    def _without_bias(
+        self, module_name: str, out: torch.Tensor, dtype: torch.dtype
+    ) -> torch.Tensor:
+        """W x from the base's output: the output less the module's bias, in `dtype`."""
+        bias = self._linears[module_name].bias
+        out = out.to(dtype)
+        return out if bias is None else out - bias.to(dtype)
+
     def _dora_term(
         self,
         module_name: str,
@@ -556,18 +573,10 @@ class AdapterBank:
         dropped: bool,
     ) -> torch.Tensor:
         """DoRA's term of one segment; `out_s` is the base's output for its rows."""
-        linear = self._linears[module_name]
-        weight = out_in_weight(linear)
-        key = (module_name, xs.dtype, xs.device)
-        row_norms_sq = self._row_norms_sq.get(key)
-        if row_norms_sq is None:  # the base is frozen: once per module
-            row_norms_sq = self._row_norms_sq[key] = base_row_norms_sq(weight, xs.dtype)
-        norm = weight_norm(weight, row_norms_sq, w.lora_A, w.lora_B, w.scaling)
-        base_out = None
-        if not dropped:  # W x is the base's output less its bias: no second matmul
-            base_out = out_s.to(xs.dtype)
-            if linear.bias is not None:
-                base_out = base_out - linear.bias.to(xs.dtype)
+        weight = out_in_weight(self._linears[module_name])
+        norm = self._dora_norm(module_name, w, xs.dtype)
+        # Without dropout W x is the base's output less its bias: no second matmul.
+        base_out = None if dropped else self._without_bias(module_name, out_s, xs.dtype)
         return dora_term(xs, base_out, weight, norm, w.magnitude, w.lora_A, w.lora_B, w.scaling)
 
     def _grouped_delta_with_dora(
@@ -578,8 +587,47 @@ class AdapterBank:
         output: torch.Tensor,
         path: str,
     ) -> torch.Tensor:
+        """DoRA beside LoRA in one grouped computation.
+
+        DoRA's term is m/n * (s B A x) + (m/n - 1) * W x: the grouped LoRA terms
+        of every segment, scaled per row by m/n (1 for rows of plain LoRA jobs,
+        whose term is then left exactly as it was), plus (m/n - 1) times the
+        base's output less its bias. A DoRA job with active dropout needs W x' on
+        its masked rows, a matmul of its own: its segments go through the loop.
+        """
+        segments = self._segments
+        dora = [w is not None and w.magnitude is not None for w in weights]
+        if torch.is_grad_enabled() and any(
+            d and self.adapters[s.job].dropout > 0 for s, d in zip(segments, dora, strict=True)
+        ):
+            warn_once(f"adapter_math {path}: DoRA jobs with lora_dropout go through the loop")
+            return self._grouped_delta_dora_by_segment(module_name, weights, x, output, path)
+        lora = self._grouped_delta(weights, x, path)
+        out_features = output.shape[-1]
+        ones = x.new_ones(out_features)
+        scales = torch.stack(
+            [
+                w.magnitude / self._dora_norm(module_name, w, x.dtype) if d else ones
+                for w, d in zip(weights, dora, strict=True)
+            ]
+        )
+        sizes = torch.tensor(self._segment_sizes())
+        row_segment = on_device(torch.repeat_interleave(torch.arange(len(sizes)), sizes), x.device)
+        scale = scales.index_select(0, row_segment).view(-1, *[1] * (x.dim() - 2), out_features)
+        base = output.view(*x.shape[:-1], out_features)
+        return scale * lora.view_as(base) + (scale - 1) * self._without_bias(
+            module_name, base, x.dtype
+        )
+
+    def _grouped_delta_dora_by_segment(
+        self,
+        module_name: str,
+        weights: list[LoraWeights | None],
+        x: torch.Tensor,
+        output: torch.Tensor,
+        path: str,
+    ) -> torch.Tensor:
         """Plain LoRA segments grouped as usual; DoRA segments one by one, as in the loop."""
-        warn_once(f"adapter_math {path}: segments of DoRA jobs are computed by the loop")
         plain = [None if w is None or w.magnitude is not None else w for w in weights]
         sizes = self._segment_sizes()
         parts: list[torch.Tensor | None] = [None] * len(weights)
