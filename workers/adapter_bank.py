@@ -5,7 +5,9 @@ so DeepSpeed can partition it and PEFT can later load our adapters into it.
 Each targeted linear (nn.Linear, or GPT-2's Conv1D) gets a forward hook that adds, for every contiguous
 segment of rows belonging to one job, that job's `B(A(dropout(x))) * scaling`:
 per segment in a plain loop (the reference), or for all segments at once
-(`carpool.workers.grouped_lora`), as the bank's `adapter_math` says.
+(`carpool.workers.grouped_lora`), as the bank's `adapter_math` says. A DoRA
+job's term also rescales its rows by its magnitude over the adapted weight's
+norm (`carpool.workers.dora`).
 """
 
 from __future__ import annotations
