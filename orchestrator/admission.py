@@ -48,6 +48,10 @@ def admission_problems(spec: JobSpec, config: OperatorConfig, source: str) -> li
         # DeepSpeed partitions float parameters; a 4-bit base's are packed bitsandbytes ones.
         message = "a 4-bit base cannot be partitioned by ZeRO-3 (the operator's zero_stage is 3)"
         problems.append(SpecProblem(source, "base_quantization", message))
+    if spec.adapter.use_dora and config.zero_stage == 3:
+        # With zero_stage auto the engine refuses it when it does partition the base.
+        message = "DoRA reads each module's whole weight, which zero_stage 3 partitions"
+        problems.append(SpecProblem(source, "adapter.use_dora", message))
     cap = config.max_dataset_bytes
     for field, value in datasets.items():
         dataset = Path(value)

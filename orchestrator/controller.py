@@ -440,9 +440,11 @@ class Controller:
 
 
 def adapter_memory_bytes(adapter: AdapterSpec, shapes: dict[str, tuple[int, int]]) -> int:
-    """A job's adapter and optimizer state, in bytes: each targeted module at its own rank."""
+    """A job's adapter and optimizer state, in bytes: each targeted module at its own rank,
+    with DoRA's magnitude (one per output channel)."""
     params = sum(
         adapter.rank_of(m) * (shapes[m][0] + shapes[m][1])
+        + (shapes[m][1] if adapter.use_dora else 0)
         for m in match_target_modules(list(shapes), adapter.target_modules)
     )
     return params * _BYTES_PER_ADAPTER_PARAM

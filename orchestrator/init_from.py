@@ -4,8 +4,8 @@ The engine starts such a job from the adapter's own weights, rank, alpha,
 targets and scaling (`workers.peft_format`), so a spec that says otherwise
 would be silently overruled. Here, before anything is queued:
 
-- the adapter must be a kind the bank can start from (plain LoRA today, not
-  DoRA) and its tensors must fit the base's modules, shape for shape;
+- the adapter must be a kind the bank can start from (LoRA or DoRA) and its
+  tensors must fit the base's modules, shape for shape;
 - each field that defines the adapter (`DEFINING_FIELDS`) must agree with the
   adapter's value; a field the spec leaves out takes the adapter's value,
   written into the spec and reported as a note. Training choices such as
@@ -41,6 +41,7 @@ DEFINING_FIELDS = (
     "lora_alpha",
     "target_modules",
     "use_rslora",
+    "use_dora",
     "rank_pattern",
     "alpha_pattern",
 )
@@ -76,7 +77,9 @@ def check_init_from(
         check.problems.append((_FIELD, str(e)))
         return check
     misfit = (
-        base_misfit(header.ranks(), header.shapes, base_shapes) if base_shapes is not None else None
+        base_misfit(header.ranks(), header.shapes, base_shapes, header.magnitude_shapes)
+        if base_shapes is not None
+        else None
     )
     if misfit:
         check.problems.append((_FIELD, misfit))
@@ -87,7 +90,8 @@ def check_init_from(
         del declared["target_modules"]
     for key, value in declared.items():
         if key not in adapter.given:
-            if value == {}:  # no pattern: the spec's default says the same, nothing to note
+            # No pattern, or not DoRA: the spec's default says the same, nothing to note.
+            if value == {} or (key == "use_dora" and value is False):
                 continue
             check.taken[key] = value
             note = f"not in the spec; taken from init_from: {_show(value)}"
@@ -119,6 +123,7 @@ def _declared(header: AdapterHeader, universe: Sequence[str]) -> dict[str, Any]:
         "lora_alpha": header.lora_alpha,
         "target_modules": _target_names(list(header.shapes), universe),
         "use_rslora": header.use_rslora,
+        "use_dora": header.use_dora,
         "rank_pattern": header.rank_pattern,
         "alpha_pattern": header.alpha_pattern,
     }

@@ -123,7 +123,7 @@ CASES: list[tuple[str, Case, str, str]] = [
     ("rows-lack-format-fields", _dataset(TEXT_ROW, fmt="prompt_completion"), "dataset.path", "prompt"),
     ("format-unknown", _set("dataset.format", "csv"), "dataset.format", "text"),
     ("init-from-missing", _set("adapter.init_from", "/nonexistent/adapter"), "adapter.init_from", "adapter"),
-    ("init-from-dora", _init_from(use_dora=True), "adapter.init_from", "DoRA"),
+    ("init-from-lora-bias", _init_from(lora_bias=True), "adapter.init_from", "lora_bias"),
     ("init-from-other-base", _init_from(hidden_size=128), "adapter.init_from", "lora_A is 4x128 but the base's module takes 64 inputs"),
     ("init-from-alpha-conflict", _both(_init_from(), _set("adapter.lora_alpha", 4)), "adapter.lora_alpha", "conflicts with init_from's lora_alpha 16"),
     ("eval-steps-without-eval-data", _set("training.eval_steps", 5), "training.eval_steps", "eval_dataset"),

@@ -41,6 +41,7 @@ def adapters(tiny_base: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[
     made = {
         "plain": save_peft_adapter(tiny_base, root / "plain", **qv),
         "dora": save_peft_adapter(tiny_base, root / "dora", **qv, use_dora=True),
+        "lora-bias": save_peft_adapter(tiny_base, root / "lora-bias", **qv, lora_bias=True),
         "other-base": save_peft_adapter(wider, root / "other-base", **qv),
         "all-linear": save_peft_adapter(tiny_base, root / "all", r=4, target_modules="all-linear"),
         "regex": save_peft_adapter(
@@ -71,7 +72,13 @@ def _problems(spec: dict) -> list[tuple[str, str]]:
 
 # (case id, adapter used, the spec's adapter section beside init_from, (field, message) expected)
 REFUSED = [
-    ("dora", "dora", {}, [("adapter.init_from", "a DoRA adapter (use_dora: true)")]),
+    ("lora-bias", "lora-bias", {}, [("adapter.init_from", "with biases (lora_bias: true)")]),
+    (
+        "dora-as-lora",
+        "dora",
+        {"use_dora": False},
+        [("adapter.use_dora", "false conflicts with init_from's use_dora true")],
+    ),
     (
         "other-base",
         "other-base",
@@ -263,14 +270,14 @@ def test_every_problem_of_a_file_at_once(adapters: dict, tmp_path: Path, dataset
 
 
 def test_refused_at_submit(adapters: dict, tiny_base: Path, datasets: dict, tmp_path: Path, capsys):
-    section = {"lora_alpha": 4, "init_from": str(adapters["dora"])}
+    section = {"lora_alpha": 4, "init_from": str(adapters["lora-bias"])}
     path = tmp_path / "job.yaml"
     path.write_text(yaml.safe_dump(_spec(tiny_base, datasets["text"], section)))
     with pytest.raises(SpecValidationError):
         validate_files([path])
     assert main(["submit", str(path)]) == 1
     err = capsys.readouterr().err
-    assert f"{path}: adapter.init_from: " in err and "DoRA" in err and "no carpool" not in err
+    assert f"{path}: adapter.init_from: " in err and "lora_bias" in err and "no carpool" not in err
 
 
 def test_the_engine_refuses_what_validation_refuses(
@@ -278,8 +285,8 @@ def test_the_engine_refuses_what_validation_refuses(
 ) -> None:
     from carpool.workers.job_spec import JobInputError, JobSpec
 
-    with pytest.raises(AdapterFormatError, match="DoRA"):
-        read_adapter(adapters["dora"])
+    with pytest.raises(AdapterFormatError, match="lora_bias"):
+        read_adapter(adapters["lora-bias"])
     engine = Engine(str(tiny_base), device="cpu")
     for name in ("other-base", "foreign"):
         raw = _spec(tiny_base, datasets["text"], {"init_from": str(adapters[name])})

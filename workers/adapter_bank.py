@@ -5,7 +5,9 @@ so DeepSpeed can partition it and PEFT can later load our adapters into it.
 Each targeted linear (nn.Linear, or GPT-2's Conv1D) gets a forward hook that adds, for every contiguous
 segment of rows belonging to one job, that job's `B(A(dropout(x))) * scaling`:
 per segment in a plain loop (the reference), or for all segments at once
-(`carpool.workers.grouped_lora`), as the bank's `adapter_math` says.
+(`carpool.workers.grouped_lora`), as the bank's `adapter_math` says. A DoRA
+job's term also rescales its rows by its magnitude over the adapted weight's
+norm (`carpool.workers.dora`).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from carpool.workers.base_model import (
     match_target_modules,
     weight_dtype,
 )
+from carpool.workers.dora import base_row_norms_sq, dora_term, weight_norm
 from carpool.workers.grouped_lora import (
     GroupPlan,
     grouped_delta,
@@ -39,6 +42,8 @@ from carpool.workers.grouped_lora import (
 from carpool.workers.lora_patterns import lora_scaling, pattern_value
 from carpool.workers.quantization import is_4bit
 from torch import nn
+
+MAGNITUDE = "lora_magnitude_vector"  # PEFT's name for DoRA's magnitude
 
 
 def adapter_dtype(base_dtype: torch.dtype) -> torch.dtype:
@@ -60,6 +65,7 @@ class LoraWeights:
     module_index: int  # position among the base's linears, to seed dropout masks
     scaling: float  # this module's own: its r and lora_alpha may differ from the job's
     fan_in_fan_out: bool = False  # the base module stores its weight [in, out] (Conv1D)
+    magnitude: nn.Parameter | None = None  # DoRA's [out_features]; None for plain LoRA
 
     @classmethod
     def beside(
@@ -70,8 +76,10 @@ class LoraWeights:
         module_index: int,
         scaling: float,
         freeze_lora_A: bool = False,
+        magnitude: torch.Tensor | None = None,
     ) -> LoraWeights:
-        """Parameters from A and B, on the linear's device and in the adapters' dtype."""
+        """Parameters from A, B (and DoRA's magnitude), on the linear's device and in the
+        adapters' dtype."""
         w = linear.weight
         dtype = adapter_dtype(weight_dtype(linear))
         return cls(
@@ -80,7 +88,21 @@ class LoraWeights:
             module_index,
             scaling,
             is_fan_in_fan_out(linear),
+            None if magnitude is None else nn.Parameter(magnitude.to(device=w.device, dtype=dtype)),
         )
+
+
+def out_in_weight(linear: TargetModule) -> torch.Tensor:
+    """The module's weight as [out_features, in_features] (Conv1D stores it transposed)."""
+    return linear.weight.T if is_fan_in_fan_out(linear) else linear.weight
+
+
+def initial_magnitude(linear: TargetModule) -> torch.Tensor:
+    """DoRA's starting magnitude: ||W + s B A|| per output channel with B = 0, i.e. ||W_i||,
+    as PEFT initialises it."""
+    with torch.no_grad():
+        w = out_in_weight(linear)
+        return torch.linalg.norm(w.to(adapter_dtype(w.dtype)), dim=1)
 
 
 @dataclass
@@ -101,6 +123,7 @@ class JobAdapter:
     modules: dict[str, LoraWeights] = field(default_factory=dict)
     rank_pattern: dict[str, int] = field(default_factory=dict)
     alpha_pattern: dict[str, float] = field(default_factory=dict)
+    use_dora: bool = False  # every module then has a magnitude
 
     @property
     def fan_in_fan_out(self) -> bool:
@@ -108,14 +131,23 @@ class JobAdapter:
         return any(w.fan_in_fan_out for w in self.modules.values())
 
     def parameters(self) -> list[nn.Parameter]:
-        return [p for w in self.modules.values() for p in (w.lora_A, w.lora_B)]
+        """Every module's A and B, and with DoRA its magnitude."""
+        out = []
+        for w in self.modules.values():
+            out += (
+                [w.lora_A, w.lora_B] if w.magnitude is None else [w.lora_A, w.lora_B, w.magnitude]
+            )
+        return out
 
     def named_tensors(self) -> dict[str, torch.Tensor]:
-        """{"<module>.lora_A": A, "<module>.lora_B": B}, detached."""
+        """{"<module>.lora_A": A, "<module>.lora_B": B} (and "<module>.lora_magnitude_vector"
+        with DoRA), detached."""
         out = {}
         for name, w in self.modules.items():
             out[f"{name}.lora_A"] = w.lora_A.detach()
             out[f"{name}.lora_B"] = w.lora_B.detach()
+            if w.magnitude is not None:
+                out[f"{name}.{MAGNITUDE}"] = w.magnitude.detach()
         return out
 
     def load_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
@@ -128,6 +160,8 @@ class JobAdapter:
             for name, w in self.modules.items():
                 w.lora_A.copy_(tensors[f"{name}.lora_A"])
                 w.lora_B.copy_(tensors[f"{name}.lora_B"])
+                if w.magnitude is not None:
+                    w.magnitude.copy_(tensors[f"{name}.{MAGNITUDE}"])
 
 
 @dataclass(frozen=True)
@@ -165,8 +199,10 @@ def new_job_adapter(
     freeze_lora_A: bool = False,
     rank_pattern: Mapping[str, int] | None = None,
     alpha_pattern: Mapping[str, float] | None = None,
+    use_dora: bool = False,
 ) -> JobAdapter:
-    """A fresh adapter with PEFT's default init: A Kaiming-uniform, B zero.
+    """A fresh adapter with PEFT's default init: A Kaiming-uniform, B zero (and with DoRA
+    the magnitude ||W_i||).
 
     A's values come from a generator seeded by the job's seed alone, in model
     order, so the same spec gives the same start wherever it runs. Each module
@@ -186,6 +222,7 @@ def new_job_adapter(
         seed=seed,
         rank_pattern=dict(rank_pattern or {}),
         alpha_pattern=dict(alpha_pattern or {}),
+        use_dora=use_dora,
     )
     for mod_name in targets:
         linear = linears[mod_name]
@@ -198,8 +235,9 @@ def new_job_adapter(
         a.uniform_(-bound, bound, generator=gen)
         b = torch.zeros(out_features, rank, dtype=torch.float32)
         scaling = lora_scaling(alpha, rank, use_rslora)
+        magnitude = initial_magnitude(linear) if use_dora else None
         adapter.modules[mod_name] = LoraWeights.beside(
-            linear, a, b, index[mod_name], scaling, freeze_lora_A
+            linear, a, b, index[mod_name], scaling, freeze_lora_A, magnitude
         )
     return adapter
 
@@ -378,6 +416,7 @@ class AdapterBank:
         self._segments: tuple[Segment, ...] | None = None
         self._packed = False
         self._plans: dict[tuple, GroupPlan] = {}  # this route's, shared by modules alike
+        self._row_norms_sq: dict[tuple, torch.Tensor] = {}  # DoRA: ||W_i||^2 per module
 
     # -- membership -----------------------------------------------------------------
     def add(self, adapter: JobAdapter) -> None:
@@ -431,7 +470,7 @@ class AdapterBank:
         return hook
 
     def _add_lora(self, module_name: str, x: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
-        """Add each routed job's LoRA term to its own rows of `output`."""
+        """Add each routed job's LoRA (or DoRA) term to its own rows of `output`."""
         weights = [self.adapters[s.job].modules.get(module_name) for s in self._segments]
         if all(w is None for w in weights):
             return output
@@ -440,10 +479,16 @@ class AdapterBank:
         x = x.to(lora_dtype)
         if self._packed:  # [1, tokens, in]: each token is a row of one position
             x = x.view(-1, 1, x.shape[-1])
+        dora = any(w is not None and w.magnitude is not None for w in weights)
         if path == "loop":
-            delta = self._loop_delta(weights, x, output)
+            delta = self._loop_delta(module_name, weights, x, output)
+        elif dora:
+            delta = self._grouped_delta_with_dora(module_name, weights, x, output, path)
         else:
             delta = self._grouped_delta(weights, x, path)
+        if dora:
+            # DoRA's term is built from views of `output`, which autograd saved: not in place.
+            return (output + delta.view_as(output)).to(output.dtype)
         # In place is safe and saves a full-size tensor: a linear's backward
         # needs its input, not its output. Adding the adapters' float32 delta
         # to a bf16 output computes in float32 and rounds once, as PEFT does;
@@ -466,29 +511,146 @@ class AdapterBank:
                 return "bmm"
         return path
 
+    def _segment_sizes(self) -> list[int]:
+        """Each segment's length along dim 0 of the hooked input as the bank views it."""
+        return [s.tokens if self._packed else s.end - s.start for s in self._segments]
+
     def _loop_delta(
-        self, weights: list[LoraWeights | None], x: torch.Tensor, output: torch.Tensor
+        self,
+        module_name: str,
+        weights: list[LoraWeights | None],
+        x: torch.Tensor,
+        output: torch.Tensor,
     ) -> torch.Tensor:
-        """The reference: two matmuls per job segment."""
+        """The reference: two matmuls per job segment (DoRA's term for DoRA jobs)."""
         # One split and one cat: slicing x per segment would make each slice's
         # backward fill a zero tensor of x's full size (measured: 3x slower), and
         # in-place adds into row slices of `output` cost full-size copies too.
-        sizes = [s.tokens if self._packed else s.end - s.start for s in self._segments]
-        pieces = x.split(sizes)
+        sizes = self._segment_sizes()
+        outs = output.view(*x.shape[:-1], output.shape[-1]).split(sizes)
         parts = []
-        for seg, w, xs in zip(self._segments, weights, pieces, strict=True):
-            adapter = self.adapters[seg.job]
+        for seg, w, xs, out_s in zip(self._segments, weights, x.split(sizes), outs, strict=True):
             if w is None:
                 parts.append(xs.new_zeros((*xs.shape[:-1], output.shape[-1])))
-                continue
-            if adapter.dropout > 0 and torch.is_grad_enabled():
-                if self._packed:
-                    mask = packed_dropout_mask([(adapter, w.module_index)], [seg], xs.shape[-1], xs)
-                    xs = xs * mask.view_as(xs)
-                else:
-                    xs = xs * dropout_mask(adapter, w.module_index, seg.row_ids, xs.shape, xs)
+            else:
+                parts.append(self._segment_term(module_name, seg, w, xs, out_s))
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+    def _segment_term(
+        self,
+        module_name: str,
+        seg: Segment,
+        w: LoraWeights,
+        xs: torch.Tensor,
+        out_s: torch.Tensor,
+    ) -> torch.Tensor:
+        """One segment's term: its dropout mask, then LoRA's B A x s or DoRA's term."""
+        adapter = self.adapters[seg.job]
+        dropped = adapter.dropout > 0 and torch.is_grad_enabled()
+        if dropped:
+            if self._packed:
+                mask = packed_dropout_mask([(adapter, w.module_index)], [seg], xs.shape[-1], xs)
+                xs = xs * mask.view_as(xs)
+            else:
+                xs = xs * dropout_mask(adapter, w.module_index, seg.row_ids, xs.shape, xs)
+        if w.magnitude is None:
             # Scale the rank-r activations: the cheapest place to apply it.
-            parts.append(F.linear(F.linear(xs, w.lora_A) * w.scaling, w.lora_B))
+            return F.linear(F.linear(xs, w.lora_A) * w.scaling, w.lora_B)
+        return self._dora_term(module_name, w, xs, out_s, dropped)
+
+    def _dora_norm(self, module_name: str, w: LoraWeights, dtype: torch.dtype) -> torch.Tensor:
+        """||W + s B A|| per output channel of this job's module, detached."""
+        weight = out_in_weight(self._linears[module_name])
+        key = (module_name, dtype, weight.device)
+        row_norms_sq = self._row_norms_sq.get(key)
+        if row_norms_sq is None:  # the base is frozen: once per module
+            row_norms_sq = self._row_norms_sq[key] = base_row_norms_sq(weight, dtype)
+        return weight_norm(weight, row_norms_sq, w.lora_A, w.lora_B, w.scaling)
+
+    def _without_bias(
+        self, module_name: str, out: torch.Tensor, dtype: torch.dtype
+    ) -> torch.Tensor:
+        """W x from the base's output: the output less the module's bias, in `dtype`."""
+        bias = self._linears[module_name].bias
+        out = out.to(dtype)
+        return out if bias is None else out - bias.to(dtype)
+
+    def _dora_term(
+        self,
+        module_name: str,
+        w: LoraWeights,
+        xs: torch.Tensor,
+        out_s: torch.Tensor,
+        dropped: bool,
+    ) -> torch.Tensor:
+        """DoRA's term of one segment; `out_s` is the base's output for its rows."""
+        weight = out_in_weight(self._linears[module_name])
+        norm = self._dora_norm(module_name, w, xs.dtype)
+        # Without dropout W x is the base's output less its bias: no second matmul.
+        base_out = None if dropped else self._without_bias(module_name, out_s, xs.dtype)
+        return dora_term(xs, base_out, weight, norm, w.magnitude, w.lora_A, w.lora_B, w.scaling)
+
+    def _grouped_delta_with_dora(
+        self,
+        module_name: str,
+        weights: list[LoraWeights | None],
+        x: torch.Tensor,
+        output: torch.Tensor,
+        path: str,
+    ) -> torch.Tensor:
+        """DoRA beside LoRA in one grouped computation.
+
+        DoRA's term is m/n * (s B A x) + (m/n - 1) * W x: the grouped LoRA terms
+        of every segment, scaled per row by m/n (1 for rows of plain LoRA jobs,
+        whose term is then left exactly as it was), plus (m/n - 1) times the
+        base's output less its bias. A DoRA job with active dropout needs W x' on
+        its masked rows, a matmul of its own: its segments go through the loop.
+        """
+        segments = self._segments
+        dora = [w is not None and w.magnitude is not None for w in weights]
+        if torch.is_grad_enabled() and any(
+            d and self.adapters[s.job].dropout > 0 for s, d in zip(segments, dora, strict=True)
+        ):
+            warn_once(f"adapter_math {path}: DoRA jobs with lora_dropout go through the loop")
+            return self._grouped_delta_dora_by_segment(module_name, weights, x, output, path)
+        lora = self._grouped_delta(weights, x, path)
+        out_features = output.shape[-1]
+        ones = x.new_ones(out_features)
+        scales = torch.stack(
+            [
+                w.magnitude / self._dora_norm(module_name, w, x.dtype) if d else ones
+                for w, d in zip(weights, dora, strict=True)
+            ]
+        )
+        sizes = torch.tensor(self._segment_sizes())
+        row_segment = on_device(torch.repeat_interleave(torch.arange(len(sizes)), sizes), x.device)
+        scale = scales.index_select(0, row_segment).view(-1, *[1] * (x.dim() - 2), out_features)
+        base = output.view(*x.shape[:-1], out_features)
+        return scale * lora.view_as(base) + (scale - 1) * self._without_bias(
+            module_name, base, x.dtype
+        )
+
+    def _grouped_delta_dora_by_segment(
+        self,
+        module_name: str,
+        weights: list[LoraWeights | None],
+        x: torch.Tensor,
+        output: torch.Tensor,
+        path: str,
+    ) -> torch.Tensor:
+        """Plain LoRA segments grouped as usual; DoRA segments one by one, as in the loop."""
+        plain = [None if w is None or w.magnitude is not None else w for w in weights]
+        sizes = self._segment_sizes()
+        parts: list[torch.Tensor | None] = [None] * len(weights)
+        if any(w is not None for w in plain):
+            parts = list(self._grouped_delta(plain, x, path).split(sizes))
+        outs = output.view(*x.shape[:-1], output.shape[-1]).split(sizes)
+        pieces = zip(self._segments, weights, x.split(sizes), outs, strict=True)
+        for i, (seg, w, xs, out_s) in enumerate(pieces):
+            if w is not None and w.magnitude is not None:
+                parts[i] = self._segment_term(module_name, seg, w, xs, out_s)
+            elif parts[i] is None:
+                parts[i] = xs.new_zeros((*xs.shape[:-1], output.shape[-1]))
         return parts[0] if len(parts) == 1 else torch.cat(parts)
 
     def _grouped_delta(

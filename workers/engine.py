@@ -174,6 +174,9 @@ class Engine:
 
     def _initial_adapter(self, config: JobSpec) -> JobAdapter:
         a, seed = config.adapter, config.training.seed
+        if a.use_dora and self.zero_stage == 3:
+            # DoRA's weight norm reads each module's whole weight, which ZeRO-3 partitions.
+            raise ValueError("use_dora: DoRA is not supported on a base partitioned by ZeRO-3")
         if a.init_from is not None:
             loaded = read_adapter(a.init_from)
             return adapter_from_loaded(
@@ -196,6 +199,7 @@ class Engine:
             freeze_lora_A=a.freeze_lora_A,
             rank_pattern=a.rank_pattern,
             alpha_pattern=a.alpha_pattern,
+            use_dora=a.use_dora,
         )
 
     def remove_job(self, name: str) -> TrainingJob:

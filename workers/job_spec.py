@@ -187,6 +187,7 @@ class AdapterSpec(_SpecModel):
     lora_dropout: float = Field(0.0, ge=0, lt=1)
     target_modules: TargetModules = ["q_proj", "v_proj"]
     use_rslora: bool = False  # scaling alpha/sqrt(r) instead of alpha/r
+    use_dora: bool = False  # DoRA: a trained magnitude per output channel times the direction
     loraplus_lr_ratio: float | None = Field(None, gt=0)  # LoRA+: B's LR = ratio x LR
     freeze_lora_A: bool = False  # LoRA-FA: A stays at its initial value
     init_from: Path | None = None  # a PEFT LoRA adapter directory to start from

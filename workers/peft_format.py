@@ -2,7 +2,8 @@
 
 A directory with `adapter_config.json` (written through `peft.LoraConfig`)
 and `adapter_model.safetensors` whose keys are PEFT's
-`base_model.model.<module>.lora_{A,B}.weight`, so
+`base_model.model.<module>.lora_{A,B}.weight` (and, for DoRA,
+`base_model.model.<module>.lora_magnitude_vector`), so
 `PeftModel.from_pretrained(base, dir)` loads it with no conversion. Per-module
 ranks and alphas travel as PEFT's `rank_pattern` / `alpha_pattern`.
 """
@@ -12,12 +13,12 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
 
 import torch
-from carpool.workers.adapter_bank import JobAdapter, LoraWeights
+from carpool.workers.adapter_bank import MAGNITUDE, JobAdapter, LoraWeights
 from carpool.workers.base_model import features, linear_modules
 from carpool.workers.lora_patterns import key_problem, lora_scaling, order_free, pattern_value
 from safetensors import safe_open
@@ -28,6 +29,10 @@ CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 _PREFIX = "base_model.model."
 _KEY = re.compile(r"^base_model\.model\.(?P<module>.+)\.lora_(?P<ab>[AB])(?:\.[^.]+)?\.weight$")
+# DoRA's magnitude: PEFT saves it without `.weight` (older versions with it).
+_MAGNITUDE_KEY = re.compile(
+    r"^base_model\.model\.(?P<module>.+)\.lora_magnitude_vector(?:\.weight)?$"
+)
 T = TypeVar("T")
 
 
@@ -40,6 +45,8 @@ def peft_state_dict(adapter: JobAdapter) -> dict[str, torch.Tensor]:
     for module, w in adapter.modules.items():
         out[f"{_PREFIX}{module}.lora_A.weight"] = w.lora_A.detach().contiguous()
         out[f"{_PREFIX}{module}.lora_B.weight"] = w.lora_B.detach().contiguous()
+        if w.magnitude is not None:
+            out[f"{_PREFIX}{module}.{MAGNITUDE}"] = w.magnitude.detach().contiguous()
     return out
 
 
@@ -49,7 +56,7 @@ def export_adapter(
     *,
     base_model: str,
 ) -> Path:
-    """Write `adapter` as a PEFT LoRA adapter directory."""
+    """Write `adapter` as a PEFT LoRA (or DoRA) adapter directory."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     targets = (
@@ -65,6 +72,7 @@ def export_adapter(
         lora_dropout=adapter.dropout,
         target_modules=targets,
         use_rslora=adapter.use_rslora,
+        use_dora=adapter.use_dora,
         # Conv1D targets (GPT-2): PEFT loads them with this set, and would warn without it.
         fan_in_fan_out=adapter.fan_in_fan_out,
         rank_pattern=order_free(adapter.rank_pattern, list(adapter.modules), adapter.r),
@@ -93,6 +101,8 @@ class AdapterHeader:
     shapes: dict[str, tuple[Shape, Shape]]  # module -> (lora_A's shape, lora_B's shape)
     rank_pattern: dict[str, int]
     alpha_pattern: dict[str, float]
+    use_dora: bool = False
+    magnitude_shapes: dict[str, Shape] = field(default_factory=dict)  # DoRA: module -> shape
 
     def ranks(self) -> dict[str, int]:
         """The r the config declares for each module the adapter has weights for."""
@@ -110,6 +120,8 @@ class LoadedAdapter:
     weights: dict[str, tuple[torch.Tensor, torch.Tensor]]  # module -> (A, B)
     rank_pattern: dict[str, int]
     alpha_pattern: dict[str, float]
+    use_dora: bool = False
+    magnitudes: dict[str, torch.Tensor] = field(default_factory=dict)  # DoRA: module -> m
 
     def ranks(self) -> dict[str, int]:
         """The r the config declares for each module the adapter has weights for."""
@@ -119,13 +131,11 @@ class LoadedAdapter:
 def unsupported_kind(config: dict) -> str | None:
     """Why carpool cannot start from the adapter `config` describes, or None if it can.
 
-    The bank trains plain LoRA; as it learns more kinds (DoRA, ...) they pass here.
+    The bank trains LoRA and DoRA; as it learns more kinds they pass here.
     """
     peft_type = config.get("peft_type", "LORA")
     if peft_type != "LORA":
         return f"peft_type is {peft_type!r}, not LORA"
-    if config.get("use_dora"):
-        return "a DoRA adapter (use_dora: true); only plain LoRA adapters are supported yet"
     if config.get("lora_bias"):
         return "a LoRA adapter with biases (lora_bias: true); only plain LoRA is supported yet"
     return None
@@ -176,10 +186,17 @@ def _read_config(config_path: Path) -> dict:
     return cfg
 
 
-def _by_module(items: Iterable[tuple[str, T]], weights_path: Path) -> dict[str, tuple[T, T]]:
-    """PEFT's `...<module>.lora_A.weight` / `lora_B.weight` entries as module -> (A, B)."""
+def _by_module(
+    items: Iterable[tuple[str, T]], weights_path: Path, use_dora: bool
+) -> tuple[dict[str, tuple[T, T]], dict[str, T]]:
+    """PEFT's `...<module>.lora_A.weight` / `lora_B.weight` entries as module -> (A, B),
+    and with `use_dora` its `lora_magnitude_vector` entries as module -> m."""
     pairs: dict[str, dict[str, T]] = {}
+    magnitudes: dict[str, T] = {}
     for key, value in items:
+        if use_dora and (found := _MAGNITUDE_KEY.match(key)):
+            magnitudes[found["module"]] = value
+            continue
         match = _KEY.match(key)
         if match is None:
             raise AdapterFormatError(f"{weights_path}: unexpected tensor {key!r}")
@@ -191,7 +208,13 @@ def _by_module(items: Iterable[tuple[str, T]], weights_path: Path) -> dict[str, 
         out[module] = (ab["A"], ab["B"])
     if not out:
         raise AdapterFormatError(f"{weights_path}: holds no LoRA weights")
-    return out
+    if use_dora and set(magnitudes) != set(out):
+        lacking = sorted(set(out) - set(magnitudes)) or sorted(set(magnitudes) - set(out))
+        raise AdapterFormatError(
+            f"{weights_path}: a DoRA adapter needs lora_A, lora_B and {MAGNITUDE} for each "
+            f"module; {lacking[0]} has not all three"
+        )
+    return out, magnitudes
 
 
 def read_adapter_header(path: str | Path) -> AdapterHeader:
@@ -215,7 +238,8 @@ def read_adapter_header(path: str | Path) -> AdapterHeader:
             shapes = [(key, tuple(f.get_slice(key).get_shape())) for key in keys]
     except Exception as e:  # safetensors raises its own error types for a damaged file
         raise AdapterFormatError(f"{weights_path}: cannot read: {e}") from e
-    by_module = _by_module(shapes, weights_path)
+    use_dora = bool(cfg.get("use_dora", False))
+    by_module, magnitude_shapes = _by_module(shapes, weights_path, use_dora)
     targets = cfg.get("target_modules") or sorted({m.rsplit(".", 1)[-1] for m in by_module})
     return AdapterHeader(
         r=cfg["r"],
@@ -225,6 +249,8 @@ def read_adapter_header(path: str | Path) -> AdapterHeader:
         shapes=by_module,
         rank_pattern=cfg["rank_pattern"],
         alpha_pattern=cfg["alpha_pattern"],
+        use_dora=use_dora,
+        magnitude_shapes=magnitude_shapes,
     )
 
 
@@ -232,14 +258,19 @@ def read_adapter(path: str | Path) -> LoadedAdapter:
     """Read a PEFT LoRA adapter directory (safetensors only: no pickles)."""
     header = read_adapter_header(path)
     weights_path = Path(path) / WEIGHTS_FILE
+    weights, magnitudes = _by_module(
+        load_file(str(weights_path)).items(), weights_path, header.use_dora
+    )
     return LoadedAdapter(
         r=header.r,
         lora_alpha=header.lora_alpha,
         use_rslora=header.use_rslora,
         target_modules=header.target_modules,
-        weights=_by_module(load_file(str(weights_path)).items(), weights_path),
+        weights=weights,
         rank_pattern=header.rank_pattern,
         alpha_pattern=header.alpha_pattern,
+        use_dora=header.use_dora,
+        magnitudes=magnitudes,
     )
 
 
@@ -247,8 +278,14 @@ def _dims(shape: Shape) -> str:
     return "x".join(map(str, shape))
 
 
-def _module_misfit(r: int, a: Shape, b: Shape, base: tuple[int, int]) -> str | None:
+def _module_misfit(
+    r: int, a: Shape, b: Shape, base: tuple[int, int], magnitude: Shape | None
+) -> str | None:
     in_features, out_features = base
+    if magnitude is not None and magnitude != (out_features,):
+        return (
+            f"{MAGNITUDE} is {_dims(magnitude)} but the base's module gives {out_features} outputs"
+        )
     if len(a) != 2 or len(b) != 2:
         return f"lora_A is {_dims(a)} and lora_B is {_dims(b)}, not matrices"
     if a[0] != r or b[1] != r:
@@ -264,11 +301,13 @@ def base_misfit(
     ranks: Mapping[str, int],
     shapes: dict[str, tuple[Shape, Shape]],
     base_shapes: dict[str, tuple[int, int]],
+    magnitude_shapes: Mapping[str, Shape] | None = None,
 ) -> str | None:
     """Why an adapter's tensors do not fit a base's linear modules, or None when they do.
 
     `ranks` is the r its config declares per module (`AdapterHeader.ranks`);
-    `base_shapes` maps each linear module to (in_features, out_features). One
+    `base_shapes` maps each linear module to (in_features, out_features);
+    `magnitude_shapes` a DoRA adapter's magnitude shape per module. One
     line: the first module that does not fit, in model order, and how many more.
     """
     order = {name: i for i, name in enumerate(base_shapes)}
@@ -276,7 +315,12 @@ def base_misfit(
     for module in sorted(shapes, key=lambda m: (order.get(m, len(order)), m)):
         if module not in base_shapes:
             misfits.append(f"{module}: the base has no such linear module")
-        elif why := _module_misfit(ranks[module], *shapes[module], base_shapes[module]):
+        elif why := _module_misfit(
+            ranks[module],
+            *shapes[module],
+            base_shapes[module],
+            (magnitude_shapes or {}).get(module),
+        ):
             misfits.append(f"{module}: {why}")
     if not misfits:
         return None
@@ -310,16 +354,24 @@ def adapter_from_loaded(
         seed=seed,
         rank_pattern=dict(loaded.rank_pattern),
         alpha_pattern=dict(loaded.alpha_pattern),
+        use_dora=loaded.use_dora,
     )
     base_shapes = {n: features(m) for n, m in linears.items()}
     shapes = {m: (tuple(a.shape), tuple(b.shape)) for m, (a, b) in loaded.weights.items()}
-    if why := base_misfit(loaded.ranks(), shapes, base_shapes):
+    magnitude_shapes = {m: tuple(v.shape) for m, v in loaded.magnitudes.items()}
+    if why := base_misfit(loaded.ranks(), shapes, base_shapes, magnitude_shapes):
         raise AdapterFormatError(f"adapter does not fit the base: {why}")
     for module in sorted(loaded.weights, key=index.__getitem__):
         a, b = loaded.weights[module]
         alpha = pattern_value(loaded.alpha_pattern, module, loaded.lora_alpha)
         scaling = lora_scaling(alpha, a.shape[0], loaded.use_rslora)
         adapter.modules[module] = LoraWeights.beside(
-            linears[module], a, b, index[module], scaling, freeze_lora_A
+            linears[module],
+            a,
+            b,
+            index[module],
+            scaling,
+            freeze_lora_A,
+            loaded.magnitudes.get(module),
         )
     return adapter

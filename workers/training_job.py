@@ -34,10 +34,15 @@ class StepReport:
 
 
 def build_optimizer(adapter: JobAdapter, config: JobSpec) -> torch.optim.AdamW:
-    """AdamW over the job's trainable adapter weights; LoRA+ gives B its own LR."""
+    """AdamW over the job's trainable adapter weights; LoRA+ gives B its own LR.
+
+    DoRA's magnitudes go with B, as PEFT's `create_loraplus_optimizer` puts every
+    1-d parameter in B's group.
+    """
     t = config.training
     a_params = [w.lora_A for w in adapter.modules.values() if w.lora_A.requires_grad]
     b_params = [w.lora_B for w in adapter.modules.values()]
+    b_params += [w.magnitude for w in adapter.modules.values() if w.magnitude is not None]
     ratio = config.adapter.loraplus_lr_ratio
     if ratio is None:
         groups = [{"params": a_params + b_params}]

@@ -33,7 +33,8 @@ def pad_rows(rows: list[TokenizedRow], pad_id: int) -> dict[str, torch.Tensor]:
 
 
 def peft_model_with(base_path: Path, config: JobSpec, init: dict[str, torch.Tensor]):
-    """A PeftModel whose adapter starts from `init` ({"<module>.lora_A": ...}).
+    """A PeftModel whose adapter starts from `init` ({"<module>.lora_A": ...}, and
+    "<module>.lora_magnitude_vector" for DoRA).
 
     A job with `base_quantization` gets its base in 4 bits, as a QLoRA user loads it
     (no `prepare_model_for_kbit_training`: it would upcast and change the base)."""
@@ -61,16 +62,20 @@ def peft_model_with(base_path: Path, config: JobSpec, init: dict[str, torch.Tens
         lora_dropout=a.lora_dropout,
         target_modules=targets,
         use_rslora=a.use_rslora,
+        use_dora=a.use_dora,
         rank_pattern=dict(a.rank_pattern),
         alpha_pattern=dict(a.alpha_pattern),
     )
     model = get_peft_model(base, lora)
     modules = {k.rsplit(".", 1)[0] for k in init}
+    magnitude = "lora_magnitude_vector"
     with torch.no_grad():
         for name in modules:
             layer = model.base_model.model.get_submodule(name)
             layer.lora_A["default"].weight.copy_(init[f"{name}.lora_A"])
             layer.lora_B["default"].weight.copy_(init[f"{name}.lora_B"])
+            if f"{name}.{magnitude}" in init:
+                layer.lora_magnitude_vector["default"].weight.copy_(init[f"{name}.{magnitude}"])
     peft_modules = {n for n, m in model.base_model.model.named_modules() if hasattr(m, "lora_A")}
     assert peft_modules == modules, "PEFT and carpool target different modules"
     return model
@@ -82,6 +87,9 @@ def adapter_tensors(model) -> dict[str, torch.Tensor]:
         if hasattr(m, "lora_A"):
             out[f"{name}.lora_A"] = m.lora_A["default"].weight.detach().clone()
             out[f"{name}.lora_B"] = m.lora_B["default"].weight.detach().clone()
+            if "default" in m.lora_magnitude_vector:
+                magnitude = m.lora_magnitude_vector["default"].weight
+                out[f"{name}.lora_magnitude_vector"] = magnitude.detach().clone()
     return out
 
 
