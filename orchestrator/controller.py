@@ -44,11 +44,13 @@ from carpool.workers.base_model import linear_module_shapes, match_target_module
 from carpool.workers.checkpoint import checkpoint_step
 from carpool.workers.job_spec import AdapterSpec, JobInputError, JobSpec, QuantizationSpec
 from carpool.workers.rounds import JobRoundResult
+from carpool.workers.vera import vera_parameter_count
 
 log = logging.getLogger("carpool.controller")
 
 # Weights, gradients and AdamW's two moments, in float32.
 _BYTES_PER_ADAPTER_PARAM = 4 * 4
+_BYTES_PER_FROZEN_PARAM = 4  # float32, no gradient or optimizer state
 _PROGRESS_LOG_EVERY = 10
 
 
@@ -441,11 +443,17 @@ class Controller:
 
 def adapter_memory_bytes(adapter: AdapterSpec, shapes: dict[str, tuple[int, int]]) -> int:
     """A job's adapter and optimizer state, in bytes: each targeted module at its own rank,
-    with DoRA's magnitude (one per output channel)."""
+    with DoRA's magnitude (one per output channel). VeRA: its two vectors per module with
+    their optimizer state, plus the frozen projections once (an upper bound: jobs with the
+    same key may share them)."""
+    targets = match_target_modules(list(shapes), adapter.target_modules)
+    if adapter.peft_type == "VERA":
+        vectors, frozen = vera_parameter_count([shapes[m] for m in targets], adapter.r)
+        return vectors * _BYTES_PER_ADAPTER_PARAM + frozen * _BYTES_PER_FROZEN_PARAM
     params = sum(
         adapter.rank_of(m) * (shapes[m][0] + shapes[m][1])
         + (shapes[m][1] if adapter.use_dora else 0)
-        for m in match_target_modules(list(shapes), adapter.target_modules)
+        for m in targets
     )
     return params * _BYTES_PER_ADAPTER_PARAM
 

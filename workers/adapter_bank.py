@@ -7,7 +7,8 @@ segment of rows belonging to one job, that job's `B(A(dropout(x))) * scaling`:
 per segment in a plain loop (the reference), or for all segments at once
 (`carpool.workers.grouped_lora`), as the bank's `adapter_math` says. A DoRA
 job's term also rescales its rows by its magnitude over the adapted weight's
-norm (`carpool.workers.dora`).
+norm (`carpool.workers.dora`). A VeRA job's modules hold `VeraWeights` instead
+(`carpool.workers.vera`); the grouped paths send its segments through the loop.
 """
 
 from __future__ import annotations
@@ -41,6 +42,15 @@ from carpool.workers.grouped_lora import (
 )
 from carpool.workers.lora_patterns import lora_scaling, pattern_value
 from carpool.workers.quantization import is_4bit
+from carpool.workers.vera import (
+    LAMBDA_B,
+    LAMBDA_D,
+    VeraSettings,
+    VeraWeights,
+    projections,
+    vera_term,
+    vera_weights,
+)
 from torch import nn
 
 MAGNITUDE = "lora_magnitude_vector"  # PEFT's name for DoRA's magnitude
@@ -120,10 +130,12 @@ class JobAdapter:
     target_modules: tuple[str, ...] | str
     dropout: float
     seed: int
-    modules: dict[str, LoraWeights] = field(default_factory=dict)
+    modules: dict[str, LoraWeights | VeraWeights] = field(default_factory=dict)
     rank_pattern: dict[str, int] = field(default_factory=dict)
     alpha_pattern: dict[str, float] = field(default_factory=dict)
     use_dora: bool = False  # every module then has a magnitude
+    peft_type: str = "LORA"  # or "VERA": every module then holds VeraWeights
+    vera: VeraSettings | None = None  # VeRA's options and shared projections
 
     @property
     def fan_in_fan_out(self) -> bool:
@@ -131,9 +143,12 @@ class JobAdapter:
         return any(w.fan_in_fan_out for w in self.modules.values())
 
     def parameters(self) -> list[nn.Parameter]:
-        """Every module's A and B, and with DoRA its magnitude."""
+        """Every module's A and B, and with DoRA its magnitude (VeRA: its two vectors)."""
         out = []
         for w in self.modules.values():
+            if isinstance(w, VeraWeights):
+                out += w.parameters()
+                continue
             out += (
                 [w.lora_A, w.lora_B] if w.magnitude is None else [w.lora_A, w.lora_B, w.magnitude]
             )
@@ -144,6 +159,10 @@ class JobAdapter:
         with DoRA), detached."""
         out = {}
         for name, w in self.modules.items():
+            if isinstance(w, VeraWeights):
+                out[f"{name}.{LAMBDA_D}"] = w.lambda_d.detach()
+                out[f"{name}.{LAMBDA_B}"] = w.lambda_b.detach()
+                continue
             out[f"{name}.lora_A"] = w.lora_A.detach()
             out[f"{name}.lora_B"] = w.lora_B.detach()
             if w.magnitude is not None:
@@ -158,6 +177,10 @@ class JobAdapter:
             raise ValueError(f"adapter tensors do not match: missing {missing}, unexpected {extra}")
         with torch.no_grad():
             for name, w in self.modules.items():
+                if isinstance(w, VeraWeights):
+                    w.lambda_d.copy_(tensors[f"{name}.{LAMBDA_D}"])
+                    w.lambda_b.copy_(tensors[f"{name}.{LAMBDA_B}"])
+                    continue
                 w.lora_A.copy_(tensors[f"{name}.lora_A"])
                 w.lora_B.copy_(tensors[f"{name}.lora_B"])
                 if w.magnitude is not None:
@@ -240,6 +263,54 @@ def new_job_adapter(
             linear, a, b, index[mod_name], scaling, freeze_lora_A, magnitude
         )
     return adapter
+
+
+def new_vera_adapter(
+    base: nn.Module,
+    name: str,
+    *,
+    r: int,
+    dropout: float,
+    target_modules: Sequence[str] | str,
+    seed: int,
+    d_initial: float,
+    projection_prng_key: int,
+    save_projection: bool,
+) -> JobAdapter:
+    """A fresh VeRA adapter: PEFT's projections for the key, sized to the largest targeted
+    module, and its starting vectors on every targeted module."""
+    linears = linear_modules(base)
+    index = {n: i for i, n in enumerate(linears)}
+    targets = match_target_modules(list(linears), target_modules)
+    if not targets:
+        raise ValueError("target_modules: no module of the base matches")
+    shapes = {m: features(linears[m]) for m in targets}
+    first = linears[targets[0]]
+    max_in = max(i for i, _ in shapes.values())
+    max_out = max(o for _, o in shapes.values())
+    dtype = adapter_dtype(weight_dtype(first))
+    shared = projections(projection_prng_key, r, max_out, max_in, first.weight.device, dtype)
+    adapter = JobAdapter(
+        name=name,
+        r=r,
+        lora_alpha=1.0,  # unused by VeRA: its scale is in lambda_b and lambda_d
+        use_rslora=False,
+        target_modules=target_modules if isinstance(target_modules, str) else tuple(target_modules),
+        dropout=dropout,
+        seed=seed,
+        peft_type="VERA",
+        vera=VeraSettings(d_initial, projection_prng_key, save_projection, shared),
+    )
+    for mod_name in targets:
+        in_f, out_f = shapes[mod_name]
+        adapter.modules[mod_name] = vera_weights(
+            shared, in_f, out_f, d_initial, index[mod_name], is_fan_in_fan_out(linears[mod_name])
+        )
+    return adapter
+
+
+def _is_dora(w: LoraWeights | VeraWeights | None) -> bool:
+    return isinstance(w, LoraWeights) and w.magnitude is not None
 
 
 def _row_seed(adapter: JobAdapter, row_id: int, module_index: int) -> int:
@@ -479,9 +550,12 @@ class AdapterBank:
         x = x.to(lora_dtype)
         if self._packed:  # [1, tokens, in]: each token is a row of one position
             x = x.view(-1, 1, x.shape[-1])
-        dora = any(w is not None and w.magnitude is not None for w in weights)
+        dora = any(_is_dora(w) for w in weights)
         if path == "loop":
             delta = self._loop_delta(module_name, weights, x, output)
+        elif any(isinstance(w, VeraWeights) for w in weights):
+            warn_once(f"adapter_math {path}: VeRA jobs go through the loop")
+            delta = self._grouped_delta_some_by_segment(module_name, weights, x, output, path)
         elif dora:
             delta = self._grouped_delta_with_dora(module_name, weights, x, output, path)
         else:
@@ -518,7 +592,7 @@ class AdapterBank:
     def _loop_delta(
         self,
         module_name: str,
-        weights: list[LoraWeights | None],
+        weights: list[LoraWeights | VeraWeights | None],
         x: torch.Tensor,
         output: torch.Tensor,
     ) -> torch.Tensor:
@@ -540,7 +614,7 @@ class AdapterBank:
         self,
         module_name: str,
         seg: Segment,
-        w: LoraWeights,
+        w: LoraWeights | VeraWeights,
         xs: torch.Tensor,
         out_s: torch.Tensor,
     ) -> torch.Tensor:
@@ -553,6 +627,8 @@ class AdapterBank:
                 xs = xs * mask.view_as(xs)
             else:
                 xs = xs * dropout_mask(adapter, w.module_index, seg.row_ids, xs.shape, xs)
+        if isinstance(w, VeraWeights):
+            return vera_term(xs, w)
         if w.magnitude is None:
             # Scale the rank-r activations: the cheapest place to apply it.
             return F.linear(F.linear(xs, w.lora_A) * w.scaling, w.lora_B)
@@ -593,7 +669,7 @@ class AdapterBank:
     def _grouped_delta_with_dora(
         self,
         module_name: str,
-        weights: list[LoraWeights | None],
+        weights: list[LoraWeights | VeraWeights | None],
         x: torch.Tensor,
         output: torch.Tensor,
         path: str,
@@ -607,12 +683,12 @@ class AdapterBank:
         its masked rows, a matmul of its own: its segments go through the loop.
         """
         segments = self._segments
-        dora = [w is not None and w.magnitude is not None for w in weights]
+        dora = [_is_dora(w) for w in weights]
         if torch.is_grad_enabled() and any(
             d and self.adapters[s.job].dropout > 0 for s, d in zip(segments, dora, strict=True)
         ):
             warn_once(f"adapter_math {path}: DoRA jobs with lora_dropout go through the loop")
-            return self._grouped_delta_dora_by_segment(module_name, weights, x, output, path)
+            return self._grouped_delta_some_by_segment(module_name, weights, x, output, path)
         lora = self._grouped_delta(weights, x, path)
         out_features = output.shape[-1]
         ones = x.new_ones(out_features)
@@ -630,16 +706,17 @@ class AdapterBank:
             module_name, base, x.dtype
         )
 
-    def _grouped_delta_dora_by_segment(
+    def _grouped_delta_some_by_segment(
         self,
         module_name: str,
-        weights: list[LoraWeights | None],
+        weights: list[LoraWeights | VeraWeights | None],
         x: torch.Tensor,
         output: torch.Tensor,
         path: str,
     ) -> torch.Tensor:
-        """Plain LoRA segments grouped as usual; DoRA segments one by one, as in the loop."""
-        plain = [None if w is None or w.magnitude is not None else w for w in weights]
+        """Plain LoRA segments grouped as usual; DoRA and VeRA segments one by one, as in
+        the loop."""
+        plain = [w if isinstance(w, LoraWeights) and w.magnitude is None else None for w in weights]
         sizes = self._segment_sizes()
         parts: list[torch.Tensor | None] = [None] * len(weights)
         if any(w is not None for w in plain):
@@ -647,14 +724,14 @@ class AdapterBank:
         outs = output.view(*x.shape[:-1], output.shape[-1]).split(sizes)
         pieces = zip(self._segments, weights, x.split(sizes), outs, strict=True)
         for i, (seg, w, xs, out_s) in enumerate(pieces):
-            if w is not None and w.magnitude is not None:
+            if w is not None and plain[i] is None:
                 parts[i] = self._segment_term(module_name, seg, w, xs, out_s)
             elif parts[i] is None:
                 parts[i] = xs.new_zeros((*xs.shape[:-1], output.shape[-1]))
         return parts[0] if len(parts) == 1 else torch.cat(parts)
 
     def _grouped_delta(
-        self, weights: list[LoraWeights | None], x: torch.Tensor, path: str
+        self, weights: list[LoraWeights | VeraWeights | None], x: torch.Tensor, path: str
     ) -> torch.Tensor:
         """One computation over all segments (grouped_lora), dropout masked per row first."""
         segments = self._segments

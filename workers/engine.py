@@ -20,7 +20,13 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from carpool.workers.adapter_bank import AdapterBank, JobAdapter, Segment, new_job_adapter
+from carpool.workers.adapter_bank import (
+    AdapterBank,
+    JobAdapter,
+    Segment,
+    new_job_adapter,
+    new_vera_adapter,
+)
 from carpool.workers.base_model import default_device, default_dtype, load_base, load_tokenizer
 from carpool.workers.batch_layout import check_batch_layout
 from carpool.workers.checkpoint import latest_checkpoint, load_checkpoint
@@ -177,6 +183,20 @@ class Engine:
         if a.use_dora and self.zero_stage == 3:
             # DoRA's weight norm reads each module's whole weight, which ZeRO-3 partitions.
             raise ValueError("use_dora: DoRA is not supported on a base partitioned by ZeRO-3")
+        if a.peft_type == "VERA":
+            if a.init_from is not None:
+                raise ValueError("init_from is not supported yet for peft_type VERA")
+            return new_vera_adapter(
+                self.base,
+                config.name,
+                r=a.r,
+                dropout=a.vera_dropout,
+                target_modules=a.target_modules,
+                seed=seed,
+                d_initial=a.d_initial,
+                projection_prng_key=a.projection_prng_key,
+                save_projection=a.save_projection,
+            )
         if a.init_from is not None:
             loaded = read_adapter(a.init_from)
             return adapter_from_loaded(

@@ -133,6 +133,49 @@ def steps_xor_epochs(max_steps: int | None, num_epochs: float | None) -> str | N
     return "set only one of max_steps or num_epochs, not both"
 
 
+def _peft_type(value: Any) -> Any:
+    if value == "ADALORA":
+        raise ValueError("ADALORA is not supported yet; use LORA or VERA")
+    if value not in ("LORA", "VERA"):
+        raise ValueError(f"must be LORA or VERA, got {value!r}")
+    return value
+
+
+PeftType = Annotated[Literal["LORA", "VERA"], BeforeValidator(_peft_type)]
+# LoRA-only options with their defaults, and VeRA's (PEFT's VeraConfig defaults): a value
+# other than the default on a job of the other kind is an error, not a silent no-op.
+LORA_ONLY: dict[str, Any] = {
+    "lora_alpha": 16,
+    "lora_dropout": 0.0,
+    "use_rslora": False,
+    "use_dora": False,
+    "loraplus_lr_ratio": None,
+    "freeze_lora_A": False,
+    "init_from": None,
+    "rank_pattern": {},
+    "alpha_pattern": {},
+}
+VERA_ONLY: dict[str, Any] = {
+    "vera_dropout": 0.0,
+    "d_initial": 0.1,
+    "projection_prng_key": 0,
+    "save_projection": True,
+}
+
+
+def _kind_rule(name: str, default: Any, kind: str) -> CrossFieldRule:
+    """`name` set (not its default) on a job whose peft_type is not `kind` is an error."""
+
+    def check(peft_type: str, value: Any) -> str | None:
+        if peft_type == kind or value == default:
+            return None
+        if name == "init_from":
+            return "init_from is not supported yet for peft_type VERA"
+        return f"{name} is a {kind} option; this job's adapter.peft_type is {peft_type}"
+
+    return CrossFieldRule(name, ("peft_type", name), check)
+
+
 def eval_needs_dataset(eval_steps: int | None, eval_dataset: object) -> str | None:
     if eval_steps is not None and eval_dataset is None:
         return "eval_steps needs an eval_dataset"
@@ -193,6 +236,28 @@ class AdapterSpec(_SpecModel):
     init_from: Path | None = None  # a PEFT LoRA adapter directory to start from
     rank_pattern: RankPattern = Field(default_factory=dict)  # module pattern -> its own r
     alpha_pattern: AlphaPattern = Field(default_factory=dict)  # module pattern -> its lora_alpha
+    # VERA: frozen shared random projections, trained vectors per module (far fewer weights).
+    peft_type: PeftType = "LORA"
+    vera_dropout: float = Field(0.0, ge=0, lt=1)
+    d_initial: float = 0.1  # lambda_d's starting value
+    projection_prng_key: StrictInt = 0  # seeds the shared projections, as PEFT draws them
+    save_projection: bool = True  # export the projections beside the vectors
+
+    cross_field_rules = tuple(
+        _kind_rule(name, default, "LORA") for name, default in LORA_ONLY.items()
+    ) + tuple(_kind_rule(name, default, "VERA") for name, default in VERA_ONLY.items())
+
+    @property
+    def variant(self) -> str:
+        """The adapter's kind in a word: `lora`, `lora+dora` or `vera`."""
+        if self.peft_type == "VERA":
+            return "vera"
+        return "lora+dora" if self.use_dora else "lora"
+
+    @property
+    def dropout(self) -> float:
+        """The dropout on the adapter's input, whichever kind it is."""
+        return self.vera_dropout if self.peft_type == "VERA" else self.lora_dropout
 
     def rank_of(self, module: str) -> int:
         """The r of the targeted module named `module`: its rank_pattern entry, else r."""

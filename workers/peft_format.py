@@ -5,7 +5,10 @@ and `adapter_model.safetensors` whose keys are PEFT's
 `base_model.model.<module>.lora_{A,B}.weight` (and, for DoRA,
 `base_model.model.<module>.lora_magnitude_vector`), so
 `PeftModel.from_pretrained(base, dir)` loads it with no conversion. Per-module
-ranks and alphas travel as PEFT's `rank_pattern` / `alpha_pattern`.
+ranks and alphas travel as PEFT's `rank_pattern` / `alpha_pattern`. A VeRA
+adapter is written through `peft.VeraConfig`, with PEFT's
+`<module>.vera_lambda_{d,b}` keys and, with `save_projection`, the shared
+`base_model.vera_A` / `base_model.vera_B`.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import torch
 from carpool.workers.adapter_bank import MAGNITUDE, JobAdapter, LoraWeights
 from carpool.workers.base_model import features, linear_modules
 from carpool.workers.lora_patterns import key_problem, lora_scaling, order_free, pattern_value
+from carpool.workers.vera import LAMBDA_B, LAMBDA_D, VeraWeights
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
@@ -42,7 +46,14 @@ class AdapterFormatError(ValueError):
 
 def peft_state_dict(adapter: JobAdapter) -> dict[str, torch.Tensor]:
     out = {}
+    if adapter.vera is not None and adapter.vera.save_projection:
+        out["base_model.vera_A"] = adapter.vera.shared.vera_A.contiguous()
+        out["base_model.vera_B"] = adapter.vera.shared.vera_B.contiguous()
     for module, w in adapter.modules.items():
+        if isinstance(w, VeraWeights):
+            out[f"{_PREFIX}{module}.{LAMBDA_D}"] = w.lambda_d.detach().contiguous()
+            out[f"{_PREFIX}{module}.{LAMBDA_B}"] = w.lambda_b.detach().contiguous()
+            continue
         out[f"{_PREFIX}{module}.lora_A.weight"] = w.lora_A.detach().contiguous()
         out[f"{_PREFIX}{module}.lora_B.weight"] = w.lora_B.detach().contiguous()
         if w.magnitude is not None:
@@ -66,25 +77,49 @@ def export_adapter(
     )
     from peft import LoraConfig  # late: only a finished job needs it, and it takes ~0.2 s
 
-    config = LoraConfig(
-        r=adapter.r,
-        lora_alpha=adapter.lora_alpha,
-        lora_dropout=adapter.dropout,
-        target_modules=targets,
-        use_rslora=adapter.use_rslora,
-        use_dora=adapter.use_dora,
-        # Conv1D targets (GPT-2): PEFT loads them with this set, and would warn without it.
-        fan_in_fan_out=adapter.fan_in_fan_out,
-        rank_pattern=order_free(adapter.rank_pattern, list(adapter.modules), adapter.r),
-        alpha_pattern=order_free(adapter.alpha_pattern, list(adapter.modules), adapter.lora_alpha),
-        bias="none",
-        task_type="CAUSAL_LM",
-        base_model_name_or_path=base_model,
+    config = (
+        _vera_config(adapter, targets, base_model)
+        if adapter.vera
+        else LoraConfig(
+            r=adapter.r,
+            lora_alpha=adapter.lora_alpha,
+            lora_dropout=adapter.dropout,
+            target_modules=targets,
+            use_rslora=adapter.use_rslora,
+            use_dora=adapter.use_dora,
+            # Conv1D targets (GPT-2): PEFT loads them with this set, and would warn without it.
+            fan_in_fan_out=adapter.fan_in_fan_out,
+            rank_pattern=order_free(adapter.rank_pattern, list(adapter.modules), adapter.r),
+            alpha_pattern=order_free(
+                adapter.alpha_pattern, list(adapter.modules), adapter.lora_alpha
+            ),
+            bias="none",
+            task_type="CAUSAL_LM",
+            base_model_name_or_path=base_model,
+        )
     )
     config.save_pretrained(str(out))
     tensors = {k: v.cpu() for k, v in peft_state_dict(adapter).items()}
     save_file(tensors, str(out / WEIGHTS_FILE), metadata={"format": "pt"})
     return out
+
+
+def _vera_config(adapter: JobAdapter, targets: list[str], base_model: str):
+    from peft import VeraConfig
+
+    assert adapter.vera is not None
+    return VeraConfig(
+        r=adapter.r,
+        target_modules=targets,
+        vera_dropout=adapter.dropout,
+        d_initial=adapter.vera.d_initial,
+        projection_prng_key=adapter.vera.projection_prng_key,
+        save_projection=adapter.vera.save_projection,
+        fan_in_fan_out=adapter.fan_in_fan_out,
+        bias="none",
+        task_type="CAUSAL_LM",
+        base_model_name_or_path=base_model,
+    )
 
 
 Shape = tuple[int, ...]

@@ -40,9 +40,12 @@ def build_optimizer(adapter: JobAdapter, config: JobSpec) -> torch.optim.AdamW:
     1-d parameter in B's group.
     """
     t = config.training
-    a_params = [w.lora_A for w in adapter.modules.values() if w.lora_A.requires_grad]
-    b_params = [w.lora_B for w in adapter.modules.values()]
-    b_params += [w.magnitude for w in adapter.modules.values() if w.magnitude is not None]
+    if adapter.peft_type == "VERA":  # LoRA+ is a LoRA option: one group of the vectors
+        a_params, b_params = [], adapter.parameters()
+    else:
+        a_params = [w.lora_A for w in adapter.modules.values() if w.lora_A.requires_grad]
+        b_params = [w.lora_B for w in adapter.modules.values()]
+        b_params += [w.magnitude for w in adapter.modules.values() if w.magnitude is not None]
     ratio = config.adapter.loraplus_lr_ratio
     if ratio is None:
         groups = [{"params": a_params + b_params}]

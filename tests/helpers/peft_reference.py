@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from carpool.workers.dataset import IGNORE_INDEX, TokenizedRow
 from carpool.workers.job_spec import JobSpec
-from peft import LoraConfig, get_peft_model
+from peft import LoraConfig, VeraConfig, get_peft_model
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig, get_scheduler
 
 _HF_SCHEDULER = {"constant": "constant_with_warmup", "linear": "linear", "cosine": "cosine"}
@@ -56,6 +56,8 @@ def peft_model_with(base_path: Path, config: JobSpec, init: dict[str, torch.Tens
         )
     a = config.adapter
     targets = a.target_modules if isinstance(a.target_modules, str) else list(a.target_modules)
+    if a.peft_type == "VERA":
+        return _vera_model_with(base, a, targets, init)
     lora = LoraConfig(
         r=a.r,
         lora_alpha=a.lora_alpha,
@@ -81,9 +83,35 @@ def peft_model_with(base_path: Path, config: JobSpec, init: dict[str, torch.Tens
     return model
 
 
+def _vera_model_with(base, a, targets, init: dict[str, torch.Tensor]):
+    vera = VeraConfig(
+        r=a.r,
+        target_modules=targets,
+        vera_dropout=a.vera_dropout,
+        d_initial=a.d_initial,
+        projection_prng_key=a.projection_prng_key,
+        save_projection=a.save_projection,
+    )
+    model = get_peft_model(base, vera)
+    modules = {k.rsplit(".", 1)[0] for k in init}
+    with torch.no_grad():
+        for name in modules:
+            layer = model.base_model.model.get_submodule(name)
+            layer.vera_lambda_d["default"].copy_(init[f"{name}.vera_lambda_d"])
+            layer.vera_lambda_b["default"].copy_(init[f"{name}.vera_lambda_b"])
+    peft_modules = {
+        n for n, m in model.base_model.model.named_modules() if hasattr(m, "vera_lambda_d")
+    }
+    assert peft_modules == modules, "PEFT and carpool target different modules"
+    return model
+
+
 def adapter_tensors(model) -> dict[str, torch.Tensor]:
     out = {}
     for name, m in model.base_model.model.named_modules():
+        if hasattr(m, "vera_lambda_d"):
+            out[f"{name}.vera_lambda_d"] = m.vera_lambda_d["default"].detach().clone()
+            out[f"{name}.vera_lambda_b"] = m.vera_lambda_b["default"].detach().clone()
         if hasattr(m, "lora_A"):
             out[f"{name}.lora_A"] = m.lora_A["default"].weight.detach().clone()
             out[f"{name}.lora_B"] = m.lora_B["default"].weight.detach().clone()

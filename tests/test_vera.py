@@ -1,0 +1,216 @@
+"""VeRA (`peft_type: VERA`): shared frozen projections, two trained vectors per module.
+
+The projections equal PEFT's for the same key; fused training of a VeRA job
+beside a plain LoRA job equals PEFT's own single-job VeRA loop on every
+adapter-math path; a VeRA job alone, beside others, split into micro-batches
+and resumed from a checkpoint ends the same; the export loads in PEFT with the
+same logits; schema and validation errors name the field.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from carpool.orchestrator.controller import adapter_memory_bytes
+from carpool.orchestrator.validation import check_spec
+from carpool.workers.base_model import linear_module_shapes
+from carpool.workers.checkpoint import save_checkpoint
+from carpool.workers.engine import Engine
+from carpool.workers.job_spec import AdapterSpec, JobInputError, JobSpec
+from carpool.workers.vera import LAMBDA_B, LAMBDA_D
+from peft import PeftModel
+from pydantic import ValidationError
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+from tests.helpers.jobs import STEPS, job
+from tests.helpers.peft_reference import (
+    max_relative_difference,
+    peft_model_with,
+    train_reference,
+)
+from tests.helpers.round_driver import train_to_end
+
+VERA = dict(peft_type="VERA", r=4, d_initial=0.5, projection_prng_key=7)
+TARGETS = ["q_proj", "v_proj", "down_proj"]  # different in and out sizes: slices differ
+
+
+def vera_job(base: Path, data: Path, name: str = "vera", **training: object) -> JobSpec:
+    adapter = AdapterSpec(**VERA, target_modules=TARGETS)
+    return job(name, base, data, adapter, learning_rate=2e-2, **training)
+
+
+def perturb(engine: Engine, name: str, seed: int) -> dict[str, torch.Tensor]:
+    """lambda_b off zero (and lambda_d off d_initial): step 1 moves both vectors."""
+    adapter = engine.jobs[name].adapter
+    gen = torch.Generator().manual_seed(seed)
+    start = {}
+    for key, tensor in adapter.named_tensors().items():
+        if key.endswith("lora_B") or key.endswith(LAMBDA_B):
+            tensor = torch.randn(tensor.shape, generator=gen) * 0.05
+        elif key.endswith(LAMBDA_D):
+            tensor = tensor * (1 + 0.1 * torch.randn(tensor.shape, generator=gen))
+        start[key] = tensor.clone()
+    adapter.load_tensors(start)
+    return start
+
+
+def test_projections_and_start_equal_peft(tiny_base: Path, datasets: dict[str, Path]) -> None:
+    config = vera_job(tiny_base, datasets["text"])
+    engine = Engine(str(tiny_base), device="cpu")
+    engine.add_job(config)
+    ours = engine.jobs["vera"].adapter
+    peft = peft_model_with(tiny_base, config, ours.named_tensors())
+    torch.testing.assert_close(ours.vera.shared.vera_A, peft.base_model.vera_A["default"])
+    torch.testing.assert_close(ours.vera.shared.vera_B, peft.base_model.vera_B["default"])
+    layer = peft.base_model.model.get_submodule("model.layers.0.mlp.down_proj")
+    w = ours.modules["model.layers.0.mlp.down_proj"]
+    torch.testing.assert_close(w.lambda_d, layer.vera_lambda_d["default"])
+    assert float(w.lambda_b.detach().abs().max()) == 0.0
+    # A second job with the same key and shapes shares the projections' memory.
+    engine.add_job(vera_job(tiny_base, datasets["text"], name="twin"))
+    assert engine.jobs["twin"].adapter.vera.shared is ours.vera.shared
+    assert len(ours.parameters()) == 2 * 6
+
+
+def test_size_estimate_counts_vectors_and_projections_once(tiny_base: Path) -> None:
+    shapes = linear_module_shapes(str(tiny_base))
+    vera = AdapterSpec(peft_type="VERA", r=4, target_modules=["q_proj"])
+    lora = AdapterSpec(r=4, target_modules=["q_proj"])
+    q = [s for name, s in shapes.items() if name.endswith("q_proj")]
+    vectors = sum(4 + out for _, out in q)
+    projections = 4 * (max(i for i, _ in q) + max(o for _, o in q))
+    assert adapter_memory_bytes(vera, shapes) == vectors * 16 + projections * 4
+    assert adapter_memory_bytes(vera, shapes) < adapter_memory_bytes(lora, shapes)
+
+
+def test_fused_vera_beside_lora_matches_single_job_peft(
+    tiny_base: Path, datasets: dict[str, Path], adapter_math: str
+) -> None:
+    configs = [
+        vera_job(tiny_base, datasets["prompt_completion"], batch_size=3),
+        job(
+            "plain", tiny_base, datasets["text"], AdapterSpec(r=4, lora_alpha=8), max_seq_length=24
+        ),
+    ]
+    engine = Engine(str(tiny_base), device="cpu", adapter_math=adapter_math)
+    starts = {}
+    for i, config in enumerate(configs):
+        engine.add_job(config)
+        starts[config.name] = perturb(engine, config.name, seed=i)
+    finished = train_to_end(engine)
+    for config in configs:
+        rows = list(finished[config.name].dataset.rows)
+        expected = train_reference(
+            tiny_base, config, rows, starts[config.name], STEPS, engine.tokenizer.pad_token_id
+        )
+        got = finished[config.name].adapter.named_tensors()
+        assert max_relative_difference(expected, got) <= 1e-4, config.name
+        assert max_relative_difference(starts[config.name], got) > 1e-3, config.name
+
+
+def test_alone_beside_others_split_and_resumed_agree(
+    tiny_base: Path, datasets: dict[str, Path], tmp_path: Path
+) -> None:
+    config = vera_job(tiny_base, datasets["messages"], max_steps=6, batch_size=3)
+    config = config.model_copy(
+        update={"adapter": config.adapter.model_copy(update={"vera_dropout": 0.2})}
+    )
+    other = job("other", tiny_base, datasets["text"], AdapterSpec(r=2), max_steps=6)
+
+    def train(
+        *,
+        beside: bool = False,
+        micro_batch_tokens: int | None = None,
+        resume: bool = False,
+        adapter_math: str = "loop",
+    ):
+        engine = Engine(
+            str(tiny_base),
+            device="cpu",
+            micro_batch_tokens=micro_batch_tokens,
+            adapter_math=adapter_math,
+        )
+        engine.add_job(config)
+        start = perturb(engine, "vera", seed=0)
+        if beside:
+            engine.add_job(other)
+        if resume:
+            train_to_end(engine, max_rounds=3)
+            save_checkpoint(engine.jobs["vera"], tmp_path / "ckpt")
+            engine = Engine(str(tiny_base), device="cpu")
+            engine.add_job(config, resume_from=tmp_path / "ckpt")
+            assert engine.jobs["vera"].step == 3
+        return start, train_to_end(engine)["vera"].adapter.named_tensors()
+
+    start, alone = train()
+    assert max_relative_difference(start, alone) > 1e-3
+    ways = (
+        dict(beside=True),
+        dict(micro_batch_tokens=40),
+        dict(resume=True),
+        dict(beside=True, adapter_math="bmm"),
+    )
+    for way in ways:
+        assert max_relative_difference(alone, train(**way)[1]) <= 1e-6, way
+
+
+@pytest.mark.parametrize("save_projection", [True, False])
+def test_export_loads_in_peft_with_the_same_logits(
+    tiny_base: Path, datasets: dict[str, Path], tmp_path: Path, save_projection: bool
+) -> None:
+    config = vera_job(tiny_base, datasets["text"], max_steps=2)
+    config = config.model_copy(
+        update={"adapter": config.adapter.model_copy(update={"save_projection": save_projection})}
+    )
+    engine = Engine(str(tiny_base), device="cpu")
+    engine.add_job(config)
+    perturb(engine, "vera", seed=3)
+    while engine.active_jobs():
+        engine.train_round()
+    out = engine.export("vera", tmp_path / "out")
+    saved_config = json.loads((out / "adapter_config.json").read_text())
+    assert saved_config["peft_type"] == "VERA"
+    assert saved_config["projection_prng_key"] == 7 and saved_config["d_initial"] == 0.5
+    saved = load_file(str(out / "adapter_model.safetensors"))
+    assert f"base_model.model.model.layers.0.self_attn.q_proj.{LAMBDA_D}" in saved
+    assert ("base_model.vera_A" in saved) is save_projection
+    base = AutoModelForCausalLM.from_pretrained(tiny_base, dtype=torch.float32)
+    peft_model = PeftModel.from_pretrained(base, out).eval()
+    ids = torch.randint(3, 200, (2, 9))
+    with torch.no_grad():
+        expected = peft_model(input_ids=ids).logits
+    torch.testing.assert_close(engine.logits("vera", ids), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_errors_name_the_field(tiny_base: Path, datasets: dict[str, Path]) -> None:
+    with pytest.raises(ValidationError) as caught:
+        AdapterSpec(peft_type="ADALORA")
+    assert caught.value.errors()[0]["loc"] == ("peft_type",)
+    assert "not supported yet" in str(caught.value)
+    raw = vera_job(tiny_base, datasets["text"]).model_dump(mode="json", exclude_unset=True)
+    assert check_spec(raw, "vera.yaml") == []
+    raw["adapter"].update(use_dora=True, rank_pattern={"q_proj": 2}, lora_alpha=4)
+    problems = check_spec(raw, "vera.yaml")
+    assert sorted(p.field for p in problems) == [
+        "adapter.lora_alpha",
+        "adapter.rank_pattern",
+        "adapter.use_dora",
+    ], problems
+    assert all("peft_type is VERA" in p.message for p in problems)
+    lora = job("plain", tiny_base, datasets["text"], AdapterSpec(r=2))
+    raw = lora.model_dump(mode="json", exclude_unset=True)
+    raw["adapter"].update(d_initial=0.3, vera_dropout=0.1)
+    problems = check_spec(raw, "plain.yaml")
+    assert sorted(p.field for p in problems) == ["adapter.d_initial", "adapter.vera_dropout"]
+    # init_from is refused on a VeRA job, by validation and by the engine.
+    vera = vera_job(tiny_base, datasets["text"])
+    bad = vera.model_copy(
+        update={"adapter": vera.adapter.model_copy(update={"init_from": Path("x")})}
+    )
+    engine = Engine(str(tiny_base), device="cpu")
+    with pytest.raises(JobInputError, match="init_from is not supported yet for peft_type VERA"):
+        engine.add_job(bad)
