@@ -232,15 +232,20 @@ def cmd_status(args: argparse.Namespace) -> int:
     if args.watch:
         return _watch(client, args.job)
     records = client.status(args.job)
+    from carpool.workers.job_spec import adapter_variant  # late: the CLI starts fast
+
     if args.json:
         print(json.dumps(records, indent=2))
         return 0
-    print(f"{'JOB':<30} {'STATE':<10} {'STEP':>11} {'LOSS':>8} {'EVAL':>8} {'TOK/S':>9} GROUP")
+    print(
+        f"{'JOB':<30} {'STATE':<10} {'KIND':<9} {'STEP':>11} {'LOSS':>8} {'EVAL':>8} {'TOK/S':>9} GROUP"
+    )
     for r in records:
         step = f"{r['step']}/{_fmt(r['total_steps'])}"
         evaluated = _fmt(r["metrics"].get("eval_loss"), ".4f")
         print(
-            f"{r['id']:<30} {r['state']:<10} {step:>11} {_fmt(r['loss'], '.4f'):>8} "
+            f"{r['id']:<30} {r['state']:<10} {adapter_variant(r['spec'].get('adapter') or {}):<9} "
+            f"{step:>11} {_fmt(r['loss'], '.4f'):>8} "
             f"{evaluated:>8} {_fmt(r['tokens_per_second'], ',.0f'):>9} {_fmt(r['group'])}"
         )
         if r["error"]:

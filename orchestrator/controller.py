@@ -265,7 +265,8 @@ class Controller:
             )
             return
         how = f"resumed from step {admitted.step}" if record.checkpoint else "started"
-        self.queue.append_log(record.id, f"{how} in group {decision.group_id}")
+        variant = self.job_config(record).adapter.variant
+        self.queue.append_log(record.id, f"{how} in group {decision.group_id} ({variant})")
         for notice in admitted.notices:
             self.queue.append_log(record.id, notice)
         if admitted.adapter is not None:  # resumed from its final checkpoint: nothing to train

@@ -19,7 +19,7 @@ from carpool.orchestrator.validation import check_spec
 from carpool.workers.base_model import linear_module_shapes
 from carpool.workers.checkpoint import save_checkpoint
 from carpool.workers.engine import Engine
-from carpool.workers.job_spec import AdapterSpec, JobInputError, JobSpec
+from carpool.workers.job_spec import AdapterSpec, JobInputError, JobSpec, adapter_variant
 from carpool.workers.vera import LAMBDA_B, LAMBDA_D
 from peft import PeftModel
 from pydantic import ValidationError
@@ -214,3 +214,10 @@ def test_errors_name_the_field(tiny_base: Path, datasets: dict[str, Path]) -> No
     engine = Engine(str(tiny_base), device="cpu")
     with pytest.raises(JobInputError, match="init_from is not supported yet for peft_type VERA"):
         engine.add_job(bad)
+
+
+def test_variant_names_the_kind() -> None:
+    assert AdapterSpec().variant == "lora"
+    assert AdapterSpec(use_dora=True).variant == "lora+dora"
+    assert AdapterSpec(peft_type="VERA").variant == "vera"
+    assert adapter_variant({}) == "lora"  # a stored spec from before peft_type

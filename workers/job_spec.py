@@ -176,6 +176,13 @@ def _kind_rule(name: str, default: Any, kind: str) -> CrossFieldRule:
     return CrossFieldRule(name, ("peft_type", name), check)
 
 
+def adapter_variant(adapter: dict[str, Any]) -> str:
+    """`lora`, `lora+dora` or `vera`, from an adapter section as a dict (a stored spec's)."""
+    if adapter.get("peft_type", "LORA") == "VERA":
+        return "vera"
+    return "lora+dora" if adapter.get("use_dora") else "lora"
+
+
 def eval_needs_dataset(eval_steps: int | None, eval_dataset: object) -> str | None:
     if eval_steps is not None and eval_dataset is None:
         return "eval_steps needs an eval_dataset"
@@ -250,9 +257,7 @@ class AdapterSpec(_SpecModel):
     @property
     def variant(self) -> str:
         """The adapter's kind in a word: `lora`, `lora+dora` or `vera`."""
-        if self.peft_type == "VERA":
-            return "vera"
-        return "lora+dora" if self.use_dora else "lora"
+        return adapter_variant(self.model_dump())
 
     @property
     def dropout(self) -> float:
