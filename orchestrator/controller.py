@@ -40,6 +40,7 @@ from carpool.orchestrator.scheduler import (
     StopGroup,
     schedule,
 )
+from carpool.workers.adalora import adalora_parameter_count
 from carpool.workers.base_model import linear_module_shapes, match_target_modules
 from carpool.workers.checkpoint import checkpoint_step
 from carpool.workers.job_spec import AdapterSpec, JobInputError, JobSpec, QuantizationSpec
@@ -446,8 +447,12 @@ def adapter_memory_bytes(adapter: AdapterSpec, shapes: dict[str, tuple[int, int]
     """A job's adapter and optimizer state, in bytes: each targeted module at its own rank,
     with DoRA's magnitude (one per output channel). VeRA: its two vectors per module with
     their optimizer state, plus the frozen projections once (an upper bound: jobs with the
-    same key may share them)."""
+    same key may share them). AdaLoRA: init_r triplets per module, each weight with two
+    float32 importance averages besides its optimizer state."""
     targets = match_target_modules(list(shapes), adapter.target_modules)
+    if adapter.peft_type == "ADALORA":
+        params = adalora_parameter_count([shapes[m] for m in targets], adapter.init_r)
+        return params * (_BYTES_PER_ADAPTER_PARAM + 2 * _BYTES_PER_FROZEN_PARAM)
     if adapter.peft_type == "VERA":
         vectors, frozen = vera_parameter_count([shapes[m] for m in targets], adapter.r)
         return vectors * _BYTES_PER_ADAPTER_PARAM + frozen * _BYTES_PER_FROZEN_PARAM

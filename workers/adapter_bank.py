@@ -8,7 +8,8 @@ per segment in a plain loop (the reference), or for all segments at once
 (`carpool.workers.grouped_lora`), as the bank's `adapter_math` says. A DoRA
 job's term also rescales its rows by its magnitude over the adapted weight's
 norm (`carpool.workers.dora`). A VeRA job's modules hold `VeraWeights` instead
-(`carpool.workers.vera`); the grouped paths send its segments through the loop.
+(`carpool.workers.vera`), an AdaLoRA job's `AdaLoraWeights` (`carpool.workers.adalora`);
+the grouped paths send the segments of both through the loop.
 """
 
 from __future__ import annotations
@@ -21,6 +22,13 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+from carpool.workers.adalora import (
+    AdaLoraSchedule,
+    AdaLoraWeights,
+    RankAllocator,
+    adalora_term,
+    adalora_weights,
+)
 from carpool.workers.adapter_math import check_adapter_math, resolve_adapter_math
 from carpool.workers.base_model import (
     TargetModule,
@@ -130,12 +138,13 @@ class JobAdapter:
     target_modules: tuple[str, ...] | str
     dropout: float
     seed: int
-    modules: dict[str, LoraWeights | VeraWeights] = field(default_factory=dict)
+    modules: dict[str, LoraWeights | VeraWeights | AdaLoraWeights] = field(default_factory=dict)
     rank_pattern: dict[str, int] = field(default_factory=dict)
     alpha_pattern: dict[str, float] = field(default_factory=dict)
     use_dora: bool = False  # every module then has a magnitude
     peft_type: str = "LORA"  # or "VERA": every module then holds VeraWeights
     vera: VeraSettings | None = None  # VeRA's options and shared projections
+    adalora: RankAllocator | None = None  # ADALORA: its schedule, scores and rank pattern
 
     @property
     def fan_in_fan_out(self) -> bool:
@@ -146,7 +155,7 @@ class JobAdapter:
         """Every module's A and B, and with DoRA its magnitude (VeRA: its two vectors)."""
         out = []
         for w in self.modules.values():
-            if isinstance(w, VeraWeights):
+            if isinstance(w, VeraWeights | AdaLoraWeights):
                 out += w.parameters()
                 continue
             out += (
@@ -163,9 +172,11 @@ class JobAdapter:
                 out[f"{name}.{LAMBDA_D}"] = w.lambda_d.detach()
                 out[f"{name}.{LAMBDA_B}"] = w.lambda_b.detach()
                 continue
+            if isinstance(w, AdaLoraWeights):
+                out[f"{name}.lora_E"] = w.lora_E.detach()
             out[f"{name}.lora_A"] = w.lora_A.detach()
             out[f"{name}.lora_B"] = w.lora_B.detach()
-            if w.magnitude is not None:
+            if getattr(w, "magnitude", None) is not None:
                 out[f"{name}.{MAGNITUDE}"] = w.magnitude.detach()
         return out
 
@@ -181,9 +192,11 @@ class JobAdapter:
                     w.lambda_d.copy_(tensors[f"{name}.{LAMBDA_D}"])
                     w.lambda_b.copy_(tensors[f"{name}.{LAMBDA_B}"])
                     continue
+                if isinstance(w, AdaLoraWeights):
+                    w.lora_E.copy_(tensors[f"{name}.lora_E"])
                 w.lora_A.copy_(tensors[f"{name}.lora_A"])
                 w.lora_B.copy_(tensors[f"{name}.lora_B"])
-                if w.magnitude is not None:
+                if getattr(w, "magnitude", None) is not None:
                     w.magnitude.copy_(tensors[f"{name}.{MAGNITUDE}"])
 
 
@@ -309,7 +322,53 @@ def new_vera_adapter(
     return adapter
 
 
-def _is_dora(w: LoraWeights | VeraWeights | None) -> bool:
+def new_adalora_adapter(
+    base: nn.Module,
+    name: str,
+    *,
+    lora_alpha: float,
+    dropout: float,
+    target_modules: Sequence[str] | str,
+    seed: int,
+    schedule: AdaLoraSchedule,
+) -> JobAdapter:
+    """A fresh AdaLoRA adapter: init_r SVD triplets per targeted module, A and B drawn in
+    model order from a generator seeded by the job's seed, E zero."""
+    linears = linear_modules(base)
+    index = {n: i for i, n in enumerate(linears)}
+    targets = match_target_modules(list(linears), target_modules)
+    if not targets:
+        raise ValueError("target_modules: no module of the base matches")
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    adapter = JobAdapter(
+        name=name,
+        r=schedule.init_r,
+        lora_alpha=lora_alpha,
+        use_rslora=False,
+        target_modules=target_modules if isinstance(target_modules, str) else tuple(target_modules),
+        dropout=dropout,
+        seed=seed,
+        peft_type="ADALORA",
+        adalora=RankAllocator(schedule),
+    )
+    for mod_name in targets:
+        linear = linears[mod_name]
+        in_f, out_f = features(linear)
+        adapter.modules[mod_name] = adalora_weights(
+            in_f,
+            out_f,
+            schedule.init_r,
+            lora_alpha,
+            gen,
+            index[mod_name],
+            linear.weight.device,
+            adapter_dtype(weight_dtype(linear)),
+            is_fan_in_fan_out(linear),
+        )
+    return adapter
+
+
+def _is_dora(w: LoraWeights | VeraWeights | AdaLoraWeights | None) -> bool:
     return isinstance(w, LoraWeights) and w.magnitude is not None
 
 
@@ -553,8 +612,8 @@ class AdapterBank:
         dora = any(_is_dora(w) for w in weights)
         if path == "loop":
             delta = self._loop_delta(module_name, weights, x, output)
-        elif any(isinstance(w, VeraWeights) for w in weights):
-            warn_once(f"adapter_math {path}: VeRA jobs go through the loop")
+        elif any(isinstance(w, VeraWeights | AdaLoraWeights) for w in weights):
+            warn_once(f"adapter_math {path}: VeRA and AdaLoRA jobs go through the loop")
             delta = self._grouped_delta_some_by_segment(module_name, weights, x, output, path)
         elif dora:
             delta = self._grouped_delta_with_dora(module_name, weights, x, output, path)
@@ -592,7 +651,7 @@ class AdapterBank:
     def _loop_delta(
         self,
         module_name: str,
-        weights: list[LoraWeights | VeraWeights | None],
+        weights: list[LoraWeights | VeraWeights | AdaLoraWeights | None],
         x: torch.Tensor,
         output: torch.Tensor,
     ) -> torch.Tensor:
@@ -614,7 +673,7 @@ class AdapterBank:
         self,
         module_name: str,
         seg: Segment,
-        w: LoraWeights | VeraWeights,
+        w: LoraWeights | VeraWeights | AdaLoraWeights,
         xs: torch.Tensor,
         out_s: torch.Tensor,
     ) -> torch.Tensor:
@@ -629,6 +688,8 @@ class AdapterBank:
                 xs = xs * dropout_mask(adapter, w.module_index, seg.row_ids, xs.shape, xs)
         if isinstance(w, VeraWeights):
             return vera_term(xs, w)
+        if isinstance(w, AdaLoraWeights):
+            return adalora_term(xs, w)
         if w.magnitude is None:
             # Scale the rank-r activations: the cheapest place to apply it.
             return F.linear(F.linear(xs, w.lora_A) * w.scaling, w.lora_B)
@@ -669,7 +730,7 @@ class AdapterBank:
     def _grouped_delta_with_dora(
         self,
         module_name: str,
-        weights: list[LoraWeights | VeraWeights | None],
+        weights: list[LoraWeights | VeraWeights | AdaLoraWeights | None],
         x: torch.Tensor,
         output: torch.Tensor,
         path: str,
@@ -709,7 +770,7 @@ class AdapterBank:
     def _grouped_delta_some_by_segment(
         self,
         module_name: str,
-        weights: list[LoraWeights | VeraWeights | None],
+        weights: list[LoraWeights | VeraWeights | AdaLoraWeights | None],
         x: torch.Tensor,
         output: torch.Tensor,
         path: str,
@@ -731,7 +792,10 @@ class AdapterBank:
         return parts[0] if len(parts) == 1 else torch.cat(parts)
 
     def _grouped_delta(
-        self, weights: list[LoraWeights | VeraWeights | None], x: torch.Tensor, path: str
+        self,
+        weights: list[LoraWeights | VeraWeights | AdaLoraWeights | None],
+        x: torch.Tensor,
+        path: str,
     ) -> torch.Tensor:
         """One computation over all segments (grouped_lora), dropout masked per row first."""
         segments = self._segments

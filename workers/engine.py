@@ -20,10 +20,12 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from carpool.workers.adalora import schedule_of
 from carpool.workers.adapter_bank import (
     AdapterBank,
     JobAdapter,
     Segment,
+    new_adalora_adapter,
     new_job_adapter,
     new_vera_adapter,
 )
@@ -183,6 +185,18 @@ class Engine:
         if a.use_dora and self.zero_stage == 3:
             # DoRA's weight norm reads each module's whole weight, which ZeRO-3 partitions.
             raise ValueError("use_dora: DoRA is not supported on a base partitioned by ZeRO-3")
+        if a.peft_type == "ADALORA":
+            if a.init_from is not None:
+                raise ValueError("init_from is not supported yet for peft_type ADALORA")
+            return new_adalora_adapter(
+                self.base,
+                config.name,
+                lora_alpha=a.lora_alpha,
+                dropout=a.lora_dropout,
+                target_modules=a.target_modules,
+                seed=seed,
+                schedule=schedule_of(a),
+            )
         if a.peft_type == "VERA":
             if a.init_from is not None:
                 raise ValueError("init_from is not supported yet for peft_type VERA")
@@ -254,6 +268,12 @@ class Engine:
             jobs = sorted(jobs, key=lambda j: j.name)  # the same order on every rank
             dp.reduce_gradients([j.adapter for j in jobs])
             losses = dp.reduce_losses([j.name for j in jobs], losses)
+        for j in jobs:
+            # After the gradients' reduction: every rank adds the same term once.
+            penalty = j.regularizer()
+            if penalty is not None:
+                penalty.backward()
+                losses[j.name] += float(penalty.detach())
         # One host sync for every job's gradient check and norm, not one per job.
         stats = torch.stack([j.gradient_stats() for j in jobs]).tolist()
         reports = {}

@@ -134,19 +134,16 @@ def steps_xor_epochs(max_steps: int | None, num_epochs: float | None) -> str | N
 
 
 def _peft_type(value: Any) -> Any:
-    if value == "ADALORA":
-        raise ValueError("ADALORA is not supported yet; use LORA or VERA")
-    if value not in ("LORA", "VERA"):
-        raise ValueError(f"must be LORA or VERA, got {value!r}")
+    if value not in ("LORA", "VERA", "ADALORA"):
+        raise ValueError(f"must be LORA, VERA or ADALORA, got {value!r}")
     return value
 
 
-PeftType = Annotated[Literal["LORA", "VERA"], BeforeValidator(_peft_type)]
-# LoRA-only options with their defaults, and VeRA's (PEFT's VeraConfig defaults): a value
-# other than the default on a job of the other kind is an error, not a silent no-op.
+PeftType = Annotated[Literal["LORA", "VERA", "ADALORA"], BeforeValidator(_peft_type)]
+# Options of some kinds only, with their defaults (VeRA's and AdaLoRA's are PEFT's): a value
+# other than the default on a job of another kind is an error, not a silent no-op.
+LORA_AND_ADALORA: dict[str, Any] = {"lora_alpha": 16, "lora_dropout": 0.0}
 LORA_ONLY: dict[str, Any] = {
-    "lora_alpha": 16,
-    "lora_dropout": 0.0,
     "use_rslora": False,
     "use_dora": False,
     "loraplus_lr_ratio": None,
@@ -161,25 +158,54 @@ VERA_ONLY: dict[str, Any] = {
     "projection_prng_key": 0,
     "save_projection": True,
 }
+ADALORA_ONLY: dict[str, Any] = {
+    "init_r": 12,
+    "target_r": 8,
+    "tinit": 0,
+    "tfinal": 0,
+    "deltaT": 1,
+    "beta1": 0.85,
+    "beta2": 0.85,
+    "orth_reg_weight": 0.5,
+    "total_step": None,
+}
 
 
-def _kind_rule(name: str, default: Any, kind: str) -> CrossFieldRule:
-    """`name` set (not its default) on a job whose peft_type is not `kind` is an error."""
+def _kind_rule(name: str, default: Any, *kinds: str) -> CrossFieldRule:
+    """`name` set (not its default) on a job whose peft_type is not one of `kinds` is an
+    error."""
 
     def check(peft_type: str, value: Any) -> str | None:
-        if peft_type == kind or value == default:
+        if peft_type in kinds or value == default:
             return None
         if name == "init_from":
-            return "init_from is not supported yet for peft_type VERA"
-        return f"{name} is a {kind} option; this job's adapter.peft_type is {peft_type}"
+            return f"init_from is not supported yet for peft_type {peft_type}"
+        if name == "r" and peft_type == "ADALORA":
+            return "r is not used by ADALORA; set init_r and target_r"
+        return (
+            f"{name} is a {' or '.join(kinds)} option; this job's adapter.peft_type is {peft_type}"
+        )
 
     return CrossFieldRule(name, ("peft_type", name), check)
 
 
+def adalora_schedule(peft_type: str, total_step: int | None, tinit: int, tfinal: int) -> str | None:
+    """PEFT's checks on AdaLoRA's budget schedule."""
+    if peft_type != "ADALORA":
+        return None
+    if total_step is None:
+        return "ADALORA needs total_step (the steps its rank budget is planned over)"
+    if tinit >= total_step - tfinal:
+        return f"tinit ({tinit}) must be below total_step - tfinal ({total_step - tfinal})"
+    return None
+
+
 def adapter_variant(adapter: dict[str, Any]) -> str:
-    """`lora`, `lora+dora` or `vera`, from an adapter section as a dict (a stored spec's)."""
-    if adapter.get("peft_type", "LORA") == "VERA":
-        return "vera"
+    """`lora`, `lora+dora`, `vera` or `adalora`, from an adapter section as a dict (a
+    stored spec's)."""
+    kind = adapter.get("peft_type", "LORA")
+    if kind in ("VERA", "ADALORA"):
+        return kind.lower()
     return "lora+dora" if adapter.get("use_dora") else "lora"
 
 
@@ -249,14 +275,34 @@ class AdapterSpec(_SpecModel):
     d_initial: float = 0.1  # lambda_d's starting value
     projection_prng_key: StrictInt = 0  # seeds the shared projections, as PEFT draws them
     save_projection: bool = True  # export the projections beside the vectors
+    # ADALORA: SVD-form updates whose ranks are pruned from init_r toward target_r on average,
+    # by importance, over PEFT's schedule (tinit warm-up, tfinal fixed, total_step in all).
+    init_r: StrictInt = Field(12, ge=1)
+    target_r: StrictInt = Field(8, ge=0)
+    tinit: StrictInt = Field(0, ge=0)
+    tfinal: StrictInt = Field(0, ge=0)
+    deltaT: StrictInt = Field(1, ge=1)  # noqa: N815 (PEFT's name)
+    beta1: float = Field(0.85, gt=0, lt=1)
+    beta2: float = Field(0.85, gt=0, lt=1)
+    orth_reg_weight: float = Field(0.5, ge=0)
+    total_step: StrictInt | None = Field(None, ge=1)
 
-    cross_field_rules = tuple(
-        _kind_rule(name, default, "LORA") for name, default in LORA_ONLY.items()
-    ) + tuple(_kind_rule(name, default, "VERA") for name, default in VERA_ONLY.items())
+    cross_field_rules = (
+        (_kind_rule("r", 8, "LORA", "VERA"),)  # AdaLoRA's ranks are init_r and target_r
+        + tuple(_kind_rule(n, d, "LORA", "ADALORA") for n, d in LORA_AND_ADALORA.items())
+        + tuple(_kind_rule(name, default, "LORA") for name, default in LORA_ONLY.items())
+        + tuple(_kind_rule(name, default, "VERA") for name, default in VERA_ONLY.items())
+        + tuple(_kind_rule(n, d, "ADALORA") for n, d in ADALORA_ONLY.items())
+        + (
+            CrossFieldRule(
+                "total_step", ("peft_type", "total_step", "tinit", "tfinal"), adalora_schedule
+            ),
+        )
+    )
 
     @property
     def variant(self) -> str:
-        """The adapter's kind in a word: `lora`, `lora+dora` or `vera`."""
+        """The adapter's kind in a word: `lora`, `lora+dora`, `vera` or `adalora`."""
         return adapter_variant(self.model_dump())
 
     @property

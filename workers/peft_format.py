@@ -8,7 +8,9 @@ and `adapter_model.safetensors` whose keys are PEFT's
 ranks and alphas travel as PEFT's `rank_pattern` / `alpha_pattern`. A VeRA
 adapter is written through `peft.VeraConfig`, with PEFT's
 `<module>.vera_lambda_{d,b}` keys and, with `save_projection`, the shared
-`base_model.vera_A` / `base_model.vera_B`.
+`base_model.vera_A` / `base_model.vera_B`. An AdaLoRA adapter is written
+through `peft.AdaLoraConfig` with its `rank_pattern`, and `<module>.lora_{A,E,B}`
+keys cut to the ranks kept, as PEFT saves them.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from pathlib import Path
 from typing import TypeVar
 
 import torch
+from carpool.workers.adalora import AdaLoraWeights
 from carpool.workers.adapter_bank import MAGNITUDE, JobAdapter, LoraWeights
 from carpool.workers.base_model import features, linear_modules
 from carpool.workers.lora_patterns import key_problem, lora_scaling, order_free, pattern_value
@@ -54,11 +57,28 @@ def peft_state_dict(adapter: JobAdapter) -> dict[str, torch.Tensor]:
             out[f"{_PREFIX}{module}.{LAMBDA_D}"] = w.lambda_d.detach().contiguous()
             out[f"{_PREFIX}{module}.{LAMBDA_B}"] = w.lambda_b.detach().contiguous()
             continue
+        if isinstance(w, AdaLoraWeights):
+            out.update(_adalora_tensors(adapter, module, w))
+            continue
         out[f"{_PREFIX}{module}.lora_A.weight"] = w.lora_A.detach().contiguous()
         out[f"{_PREFIX}{module}.lora_B.weight"] = w.lora_B.detach().contiguous()
         if w.magnitude is not None:
             out[f"{_PREFIX}{module}.{MAGNITUDE}"] = w.magnitude.detach().contiguous()
     return out
+
+
+def _adalora_tensors(adapter: JobAdapter, module: str, w: AdaLoraWeights) -> dict:
+    """A module's triplets without the ranks the allocator pruned (PEFT's
+    `resize_state_dict_by_rank_pattern`)."""
+    pattern = adapter.adalora.rank_pattern if adapter.adalora else None
+    keep = slice(None)
+    if pattern is not None:
+        keep = torch.tensor(pattern[f"{module}.lora_E"], device=w.lora_E.device)
+    return {
+        f"{_PREFIX}{module}.lora_A": w.lora_A.detach()[keep].contiguous(),
+        f"{_PREFIX}{module}.lora_E": w.lora_E.detach()[keep].contiguous(),
+        f"{_PREFIX}{module}.lora_B": w.lora_B.detach()[:, keep].contiguous(),
+    }
 
 
 def export_adapter(
@@ -80,6 +100,8 @@ def export_adapter(
     config = (
         _vera_config(adapter, targets, base_model)
         if adapter.vera
+        else _adalora_config(adapter, targets, base_model)
+        if adapter.adalora
         else LoraConfig(
             r=adapter.r,
             lora_alpha=adapter.lora_alpha,
@@ -102,6 +124,32 @@ def export_adapter(
     tensors = {k: v.cpu() for k, v in peft_state_dict(adapter).items()}
     save_file(tensors, str(out / WEIGHTS_FILE), metadata={"format": "pt"})
     return out
+
+
+def _adalora_config(adapter: JobAdapter, targets: list[str], base_model: str):
+    from peft import AdaLoraConfig
+
+    assert adapter.adalora is not None
+    s = adapter.adalora.schedule
+    return AdaLoraConfig(
+        init_r=s.init_r,
+        target_r=s.target_r,
+        tinit=s.tinit,
+        tfinal=s.tfinal,
+        deltaT=s.deltaT,
+        beta1=s.beta1,
+        beta2=s.beta2,
+        orth_reg_weight=s.orth_reg_weight,
+        total_step=s.total_step,
+        rank_pattern=adapter.adalora.rank_pattern,
+        lora_alpha=adapter.lora_alpha,
+        lora_dropout=adapter.dropout,
+        target_modules=targets,
+        fan_in_fan_out=adapter.fan_in_fan_out,
+        bias="none",
+        task_type="CAUSAL_LM",
+        base_model_name_or_path=base_model,
+    )
 
 
 def _vera_config(adapter: JobAdapter, targets: list[str], base_model: str):

@@ -12,6 +12,7 @@ import math
 from dataclasses import dataclass
 
 import torch
+from carpool.workers.adalora import orthogonality_loss
 from carpool.workers.adapter_bank import JobAdapter
 from carpool.workers.dataset import TokenizedDataset, TokenizedRow
 from carpool.workers.job_spec import JobSpec
@@ -40,7 +41,7 @@ def build_optimizer(adapter: JobAdapter, config: JobSpec) -> torch.optim.AdamW:
     1-d parameter in B's group.
     """
     t = config.training
-    if adapter.peft_type == "VERA":  # LoRA+ is a LoRA option: one group of the vectors
+    if adapter.peft_type in ("VERA", "ADALORA"):  # LoRA+ is a LoRA option: one group
         a_params, b_params = [], adapter.parameters()
     else:
         a_params = [w.lora_A for w in adapter.modules.values() if w.lora_A.requires_grad]
@@ -176,6 +177,14 @@ class TrainingJob:
         return [self.row_at(i) for i in ids], ids
 
     # -- stepping ---------------------------------------------------------------------
+    def regularizer(self) -> torch.Tensor | None:
+        """The step's loss term on the adapter's weights alone (AdaLoRA's orthogonality
+        penalty, as PEFT adds it to the loss while training), or None."""
+        allocator = self.adapter.adalora
+        if allocator is None or allocator.schedule.orth_reg_weight == 0:
+            return None
+        return allocator.schedule.orth_reg_weight * orthogonality_loss(self.adapter.modules)
+
     def finish_step(self, loss: float, rows: list[TokenizedRow], grad_norm: float) -> StepReport:
         """Clip, step AdamW and the schedule, and advance the data position.
 
@@ -188,6 +197,8 @@ class TrainingJob:
         lr = self.learning_rate
         self.optimizer.step()
         self.scheduler.step()
+        if self.adapter.adalora is not None:  # where PEFT's docs call it: before zero_grad
+            self.adapter.adalora.update_and_allocate(self.adapter.modules, self.step)
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
         self.rows_consumed += len(rows)
@@ -219,6 +230,7 @@ class TrainingJob:
             "last_loss": self.last_loss,
             "optimizer": self.optimizer.state_dict(),
             "scheduler": scheduler,
+            **({"adalora": self.adapter.adalora.state_dict()} if self.adapter.adalora else {}),
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -227,6 +239,8 @@ class TrainingJob:
         self.tokens_seen = int(state["tokens_seen"])
         self.last_loss = state["last_loss"]
         self.optimizer.load_state_dict(state["optimizer"])
+        if self.adapter.adalora is not None:
+            self.adapter.adalora.load_state_dict(state["adalora"])
         self.scheduler.load_state_dict(
             {**state["scheduler"], "lr_lambdas": [None] * len(self.optimizer.param_groups)}
         )

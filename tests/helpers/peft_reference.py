@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from carpool.workers.dataset import IGNORE_INDEX, TokenizedRow
 from carpool.workers.job_spec import JobSpec
-from peft import LoraConfig, VeraConfig, get_peft_model
+from peft import AdaLoraConfig, LoraConfig, VeraConfig, get_peft_model
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig, get_scheduler
 
 _HF_SCHEDULER = {"constant": "constant_with_warmup", "linear": "linear", "cosine": "cosine"}
@@ -58,6 +58,8 @@ def peft_model_with(base_path: Path, config: JobSpec, init: dict[str, torch.Tens
     targets = a.target_modules if isinstance(a.target_modules, str) else list(a.target_modules)
     if a.peft_type == "VERA":
         return _vera_model_with(base, a, targets, init)
+    if a.peft_type == "ADALORA":
+        return _adalora_model_with(base, a, targets, init)
     lora = LoraConfig(
         r=a.r,
         lora_alpha=a.lora_alpha,
@@ -106,13 +108,46 @@ def _vera_model_with(base, a, targets, init: dict[str, torch.Tensor]):
     return model
 
 
+def _adalora_model_with(base, a, targets, init: dict[str, torch.Tensor]):
+    config = AdaLoraConfig(
+        init_r=a.init_r,
+        target_r=a.target_r,
+        tinit=a.tinit,
+        tfinal=a.tfinal,
+        deltaT=a.deltaT,
+        beta1=a.beta1,
+        beta2=a.beta2,
+        orth_reg_weight=a.orth_reg_weight,
+        total_step=a.total_step,
+        lora_alpha=a.lora_alpha,
+        lora_dropout=a.lora_dropout,
+        target_modules=targets,
+        # As PEFT documents it: a task type gives PeftModelForCausalLM, whose forward goes
+        # through AdaLoraModel.forward and so adds the orthogonality penalty to the loss.
+        task_type="CAUSAL_LM",
+    )
+    model = get_peft_model(base, config)
+    modules = {k.rsplit(".", 1)[0] for k in init}
+    with torch.no_grad():
+        for name in modules:
+            layer = model.base_model.model.get_submodule(name)
+            for kind in ("lora_A", "lora_E", "lora_B"):
+                getattr(layer, kind)["default"].copy_(init[f"{name}.{kind}"])
+    peft_modules = {n for n, m in model.base_model.model.named_modules() if hasattr(m, "lora_E")}
+    assert peft_modules == modules, "PEFT and carpool target different modules"
+    return model
+
+
 def adapter_tensors(model) -> dict[str, torch.Tensor]:
     out = {}
     for name, m in model.base_model.model.named_modules():
         if hasattr(m, "vera_lambda_d"):
             out[f"{name}.vera_lambda_d"] = m.vera_lambda_d["default"].detach().clone()
             out[f"{name}.vera_lambda_b"] = m.vera_lambda_b["default"].detach().clone()
-        if hasattr(m, "lora_A"):
+        if hasattr(m, "lora_E"):  # AdaLoRA: parameters, not linears
+            for kind in ("lora_A", "lora_E", "lora_B"):
+                out[f"{name}.{kind}"] = getattr(m, kind)["default"].detach().clone()
+        elif hasattr(m, "lora_A"):
             out[f"{name}.lora_A"] = m.lora_A["default"].weight.detach().clone()
             out[f"{name}.lora_B"] = m.lora_B["default"].weight.detach().clone()
             if "default" in m.lora_magnitude_vector:
@@ -147,7 +182,8 @@ def train_reference(
         num_training_steps=steps,
     )
     cursor = 0
-    for _ in range(steps):
+    adalora = config.adapter.peft_type == "ADALORA"
+    for step in range(steps):
         batch = [rows[(cursor + i) % len(rows)] for i in range(t.batch_size)]
         cursor += t.batch_size
         loss = model(**pad_rows(batch, pad_id)).loss
@@ -156,6 +192,8 @@ def train_reference(
             torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm)
         opt.step()
         sched.step()
+        if adalora:  # as PEFT documents it: after the step, before zero_grad
+            model.base_model.update_and_allocate(step)
         opt.zero_grad()
     return adapter_tensors(model)
 

@@ -1,0 +1,187 @@
+"""AdaLoRA (`peft_type: ADALORA`): SVD-form updates whose ranks a per-job allocator prunes.
+
+Fused training of an AdaLoRA job beside a plain LoRA job equals PEFT's own
+single-job AdaLoRA loop (orthogonality penalty in the loss, `update_and_allocate`
+after each step) with ranks actually pruned; alone, beside others, split into
+micro-batches and resumed from a checkpoint end the same; the export loads in
+PEFT with the same logits; schema errors name the field.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from carpool.orchestrator.controller import adapter_memory_bytes
+from carpool.orchestrator.validation import check_spec
+from carpool.workers.base_model import linear_module_shapes
+from carpool.workers.checkpoint import save_checkpoint
+from carpool.workers.engine import Engine
+from carpool.workers.job_spec import AdapterSpec, JobInputError, JobSpec, adapter_variant
+from peft import PeftModel
+from pydantic import ValidationError
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+from tests.helpers.jobs import job
+from tests.helpers.peft_reference import max_relative_difference, train_reference
+from tests.helpers.round_driver import train_to_end
+
+STEPS = 8
+# Budget falls from 4 to 2 ranks per module over steps 2-5, fixed from step 6.
+ADALORA = dict(
+    peft_type="ADALORA", init_r=4, target_r=2, tinit=1, tfinal=2, total_step=STEPS, lora_alpha=8
+)
+TARGETS = ["q_proj", "v_proj", "down_proj"]
+
+
+def adalora_job(base: Path, data: Path, name: str = "ada", **training: object) -> JobSpec:
+    adapter = AdapterSpec(**ADALORA, target_modules=TARGETS)
+    return job(name, base, data, adapter, learning_rate=2e-2, max_steps=STEPS, **training)
+
+
+def perturb(engine: Engine, name: str, seed: int) -> dict[str, torch.Tensor]:
+    """E (and LoRA's B) off zero, so step 1 gives every weight a gradient and a score."""
+    adapter = engine.jobs[name].adapter
+    gen = torch.Generator().manual_seed(seed)
+    start = {}
+    for key, tensor in adapter.named_tensors().items():
+        if key.endswith("lora_B") and adapter.peft_type == "LORA":
+            tensor = torch.randn(tensor.shape, generator=gen) * 0.05
+        elif key.endswith("lora_E"):
+            tensor = torch.randn(tensor.shape, generator=gen) * 0.5
+        start[key] = tensor.clone()
+    adapter.load_tensors(start)
+    return start
+
+
+def test_start_and_size_estimate(tiny_base: Path, datasets: dict[str, Path]) -> None:
+    engine = Engine(str(tiny_base), device="cpu")
+    engine.add_job(adalora_job(tiny_base, datasets["text"]))
+    w = engine.jobs["ada"].adapter.modules["model.layers.0.mlp.down_proj"]
+    assert w.lora_A.shape[0] == 4 and w.lora_B.shape[1] == 4 and w.lora_E.shape == (4, 1)
+    assert float(w.lora_E.detach().abs().max()) == 0.0
+    assert 0.01 < float(w.lora_A.detach().std()) < 0.03  # PEFT's normal(0, 0.02)
+    shapes = linear_module_shapes(str(tiny_base))
+    spec = AdapterSpec(peft_type="ADALORA", init_r=4, total_step=8, target_modules=["q_proj"])
+    q = [s for name, s in shapes.items() if name.endswith("q_proj")]
+    assert adapter_memory_bytes(spec, shapes) == sum(4 * (i + 1 + o) for i, o in q) * 24
+
+
+def test_fused_adalora_beside_lora_matches_single_job_peft(
+    tiny_base: Path, datasets: dict[str, Path]
+) -> None:
+    configs = [
+        adalora_job(tiny_base, datasets["prompt_completion"], batch_size=3),
+        job("plain", tiny_base, datasets["text"], AdapterSpec(r=4, lora_alpha=8), max_steps=STEPS),
+    ]
+    engine = Engine(str(tiny_base), device="cpu", adapter_math="bmm")
+    starts = {}
+    for i, config in enumerate(configs):
+        engine.add_job(config)
+        starts[config.name] = perturb(engine, config.name, seed=i)
+    finished = train_to_end(engine)
+    pattern = finished["ada"].adapter.adalora.rank_pattern
+    kept = [sum(v) for v in pattern.values()]
+    assert sum(kept) == 2 * len(kept) and min(kept) < 4  # pruned to the target budget
+    for config in configs:
+        rows = list(finished[config.name].dataset.rows)
+        expected = train_reference(
+            tiny_base, config, rows, starts[config.name], STEPS, engine.tokenizer.pad_token_id
+        )
+        got = finished[config.name].adapter.named_tensors()
+        assert max_relative_difference(expected, got) <= 1e-4, config.name
+
+
+def test_alone_beside_others_split_and_resumed_agree(
+    tiny_base: Path, datasets: dict[str, Path], tmp_path: Path
+) -> None:
+    config = adalora_job(tiny_base, datasets["messages"], batch_size=3)
+    config = config.model_copy(
+        update={"adapter": config.adapter.model_copy(update={"lora_dropout": 0.2})}
+    )
+    other = job("other", tiny_base, datasets["text"], AdapterSpec(r=2), max_steps=6)
+
+    def train(*, beside: bool = False, micro_batch_tokens: int | None = None, resume: bool = False):
+        engine = Engine(str(tiny_base), device="cpu", micro_batch_tokens=micro_batch_tokens)
+        engine.add_job(config)
+        perturb(engine, "ada", seed=0)
+        if beside:
+            engine.add_job(other)
+        if resume:
+            train_to_end(engine, max_rounds=4)
+            save_checkpoint(engine.jobs["ada"], tmp_path / "ckpt")
+            engine = Engine(str(tiny_base), device="cpu")
+            engine.add_job(config, resume_from=tmp_path / "ckpt")
+            assert engine.jobs["ada"].adapter.adalora.exp_avg_ipt
+        job_ = train_to_end(engine)["ada"]
+        return job_.adapter.named_tensors(), job_.adapter.adalora.rank_pattern
+
+    alone, pattern = train()
+    for way in (dict(beside=True), dict(micro_batch_tokens=40), dict(resume=True)):
+        tensors, their_pattern = train(**way)
+        # Summation order alone differs (micro-batches): far inside PEFT's 1e-4.
+        assert max_relative_difference(alone, tensors) <= 1e-5, way
+        assert their_pattern == pattern, way
+
+
+def test_export_loads_in_peft_with_the_same_logits(
+    tiny_base: Path, datasets: dict[str, Path], tmp_path: Path
+) -> None:
+    engine = Engine(str(tiny_base), device="cpu")
+    engine.add_job(adalora_job(tiny_base, datasets["text"]))
+    perturb(engine, "ada", seed=3)
+    while engine.active_jobs():
+        engine.train_round()
+    out = engine.export("ada", tmp_path / "out")
+    saved_config = json.loads((out / "adapter_config.json").read_text())
+    assert saved_config["peft_type"] == "ADALORA" and saved_config["init_r"] == 4
+    key = "model.layers.0.self_attn.q_proj.lora_E"
+    kept = sum(saved_config["rank_pattern"][key])
+    saved = load_file(str(out / "adapter_model.safetensors"))
+    assert saved[f"base_model.model.{key}"].shape == (kept, 1)
+    base = AutoModelForCausalLM.from_pretrained(tiny_base, dtype=torch.float32)
+    peft_model = PeftModel.from_pretrained(base, out).eval()
+    ids = torch.randint(3, 200, (2, 9))
+    with torch.no_grad():
+        expected = peft_model(input_ids=ids).logits
+    torch.testing.assert_close(engine.logits("ada", ids), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_errors_name_the_field(tiny_base: Path, datasets: dict[str, Path]) -> None:
+    with pytest.raises(ValidationError, match="ADALORA needs total_step"):
+        AdapterSpec(peft_type="ADALORA")
+    with pytest.raises(ValidationError, match="tinit"):
+        AdapterSpec(peft_type="ADALORA", total_step=5, tinit=3, tfinal=2)
+    raw = adalora_job(tiny_base, datasets["text"]).model_dump(mode="json", exclude_unset=True)
+    assert check_spec(raw, "ada.yaml") == []
+    del raw["adapter"]["total_step"]
+    assert [p.field for p in check_spec(raw, "ada.yaml")] == ["adapter.total_step"]
+    raw["adapter"]["total_step"] = STEPS
+    raw["adapter"].update(r=4, use_dora=True, d_initial=0.3, beta1=1.5)
+    problems = check_spec(raw, "ada.yaml")
+    assert sorted(p.field for p in problems) == [
+        "adapter.beta1",
+        "adapter.d_initial",
+        "adapter.r",
+        "adapter.use_dora",
+    ], problems
+    lora = job("plain", tiny_base, datasets["text"], AdapterSpec(r=2))
+    raw = lora.model_dump(mode="json", exclude_unset=True)
+    raw["adapter"].update(init_r=6, total_step=10)
+    problems = check_spec(raw, "plain.yaml")
+    assert sorted(p.field for p in problems) == ["adapter.init_r", "adapter.total_step"]
+    assert all("ADALORA option" in p.message for p in problems)
+    ada = adalora_job(tiny_base, datasets["text"])
+    bad = ada.model_copy(
+        update={"adapter": ada.adapter.model_copy(update={"init_from": Path("x")})}
+    )
+    with pytest.raises(JobInputError, match="not supported yet for peft_type ADALORA"):
+        Engine(str(tiny_base), device="cpu").add_job(bad)
+
+
+def test_variant_names_the_kind() -> None:
+    assert AdapterSpec(peft_type="ADALORA", total_step=5).variant == "adalora"
+    assert adapter_variant({"peft_type": "ADALORA"}) == "adalora"
