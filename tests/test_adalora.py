@@ -10,6 +10,7 @@ PEFT with the same logits; schema errors name the field.
 from __future__ import annotations
 
 import json
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -28,6 +29,7 @@ from transformers import AutoModelForCausalLM
 from tests.helpers.jobs import job
 from tests.helpers.peft_reference import max_relative_difference, train_reference
 from tests.helpers.round_driver import train_to_end
+from tests.helpers.two_ranks import train_on_one_rank, train_on_two_ranks
 
 STEPS = 8
 # Budget falls from 4 to 2 ranks per module over steps 2-5, fixed from step 6.
@@ -185,3 +187,15 @@ def test_errors_name_the_field(tiny_base: Path, datasets: dict[str, Path]) -> No
 def test_variant_names_the_kind() -> None:
     assert AdapterSpec(peft_type="ADALORA", total_step=5).variant == "adalora"
     assert adapter_variant({"peft_type": "ADALORA"}) == "adalora"
+
+
+@pytest.mark.integration
+def test_two_ranks_equal_one(tiny_base: Path, datasets: dict[str, Path], tmp_path: Path) -> None:
+    """The orthogonality penalty is added after the gradients' all-reduce (once, not once
+    per rank), so every rank's allocator scores the same gradients and prunes alike."""
+    configs = [adalora_job(tiny_base, datasets["messages"], batch_size=5)]
+    prepare = partial(perturb, name="ada", seed=0)
+    ranks = train_on_two_ranks(tiny_base, configs, tmp_path, prepare)
+    expected = train_on_one_rank(tiny_base, configs, prepare)["ada"]
+    assert max_relative_difference(expected, ranks[0]["ada"]) <= 1e-9
+    assert all(torch.equal(ranks[0]["ada"][k], ranks[1]["ada"][k]) for k in expected)

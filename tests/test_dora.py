@@ -14,16 +14,12 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 from carpool.orchestrator.admission import admission_problems
 from carpool.orchestrator.controller import adapter_memory_bytes
-from carpool.orchestrator.local_ray import free_port
 from carpool.orchestrator.operator_config import OperatorConfig
 from carpool.orchestrator.validation import check_spec
 from carpool.workers.base_model import linear_module_shapes
 from carpool.workers.checkpoint import save_checkpoint
-from carpool.workers.data_parallel import DataParallel
 from carpool.workers.dora import base_row_norms_sq, weight_norm
 from carpool.workers.engine import Engine
 from carpool.workers.job_spec import AdapterSpec, JobInputError, JobSpec
@@ -42,6 +38,7 @@ from tests.helpers.peft_reference import (
     train_reference,
 )
 from tests.helpers.round_driver import train_to_end
+from tests.helpers.two_ranks import train_on_one_rank, train_on_two_ranks
 
 MAGNITUDE = "lora_magnitude_vector"
 DORA = dict(r=4, lora_alpha=8, use_dora=True, use_rslora=True)
@@ -240,18 +237,6 @@ def test_bad_use_dora_names_the_field_and_zero3_refuses_it(
         engine.add_job(spec)
 
 
-def _group_rank(rank: int, port: int, base: Path, configs: list[JobSpec], out: Path) -> None:
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
-    try:
-        engine = Engine(str(base), device="cpu", dtype=torch.float64, data_parallel=DataParallel())
-        for config in configs:
-            engine.add_job(config)
-        adapters = {n: j.adapter.named_tensors() for n, j in train_to_end(engine).items()}
-        torch.save(adapters, out / f"rank{rank}.pt")
-    finally:
-        dist.destroy_process_group()
-
-
 @pytest.mark.integration
 def test_two_ranks_equal_one(tiny_base: Path, datasets: dict[str, Path], tmp_path: Path) -> None:
     """The magnitudes' gradients are all-reduced with A's and B's (float64, as
@@ -261,12 +246,8 @@ def test_two_ranks_equal_one(tiny_base: Path, datasets: dict[str, Path], tmp_pat
         update={"adapter": dora.adapter.model_copy(update={"lora_dropout": 0.1})}
     )
     configs = [dora, job("plain", tiny_base, datasets["text"], AdapterSpec(r=2), max_steps=3)]
-    mp.spawn(_group_rank, args=(free_port(), tiny_base, configs, tmp_path), nprocs=2, join=True)
-    single = Engine(str(tiny_base), device="cpu", dtype=torch.float64)
-    for config in configs:
-        single.add_job(config)
-    expected = train_to_end(single)["dora"].adapter.named_tensors()
-    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True)["dora"] for r in range(2)]
+    ranks = [r["dora"] for r in train_on_two_ranks(tiny_base, configs, tmp_path)]
+    expected = train_on_one_rank(tiny_base, configs)["dora"]
     assert max_relative_difference(expected, ranks[0]) <= 1e-9
     assert all(torch.equal(ranks[0][k], ranks[1][k]) for k in expected)
 

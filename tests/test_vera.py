@@ -10,6 +10,7 @@ same logits; schema and validation errors name the field.
 from __future__ import annotations
 
 import json
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -33,6 +34,7 @@ from tests.helpers.peft_reference import (
     train_reference,
 )
 from tests.helpers.round_driver import train_to_end
+from tests.helpers.two_ranks import train_on_one_rank, train_on_two_ranks
 
 VERA = dict(peft_type="VERA", r=4, d_initial=0.5, projection_prng_key=7)
 TARGETS = ["q_proj", "v_proj", "down_proj"]  # different in and out sizes: slices differ
@@ -220,3 +222,19 @@ def test_variant_names_the_kind() -> None:
     assert AdapterSpec(use_dora=True).variant == "lora+dora"
     assert AdapterSpec(peft_type="VERA").variant == "vera"
     assert adapter_variant({}) == "lora"  # a stored spec from before peft_type
+
+
+@pytest.mark.integration
+def test_two_ranks_equal_one(tiny_base: Path, datasets: dict[str, Path], tmp_path: Path) -> None:
+    """The lambdas' gradients are all-reduced like LoRA's; the shared projections are
+    drawn from projection_prng_key on each rank, so they agree without being sent."""
+    vera = vera_job(tiny_base, datasets["messages"], max_steps=3, batch_size=5)
+    vera = vera.model_copy(
+        update={"adapter": vera.adapter.model_copy(update={"vera_dropout": 0.1})}
+    )
+    configs = [vera, job("plain", tiny_base, datasets["text"], AdapterSpec(r=2), max_steps=3)]
+    prepare = partial(perturb, name="vera", seed=0)
+    ranks = [r["vera"] for r in train_on_two_ranks(tiny_base, configs, tmp_path, prepare)]
+    expected = train_on_one_rank(tiny_base, configs, prepare)["vera"]
+    assert max_relative_difference(expected, ranks[0]) <= 1e-9
+    assert all(torch.equal(ranks[0][k], ranks[1][k]) for k in expected)

@@ -1,0 +1,53 @@
+"""Train the same jobs on two gloo ranks and on one, in float64, to compare the adapters.
+
+`prepare` (module-level, so spawn can pickle it) runs on each engine after the
+jobs are added, e.g. to move weights off their zero start the same way on every rank.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from carpool.orchestrator.local_ray import free_port
+from carpool.workers.data_parallel import DataParallel
+from carpool.workers.engine import Engine
+from carpool.workers.job_spec import JobSpec
+
+from tests.helpers.round_driver import train_to_end
+
+Prepare = Callable[[Engine], object] | None
+Tensors = dict[str, dict[str, torch.Tensor]]
+
+
+def _trained(engine: Engine, configs: list[JobSpec], prepare: Prepare) -> Tensors:
+    for config in configs:
+        engine.add_job(config)
+    if prepare is not None:
+        prepare(engine)
+    return {n: j.adapter.named_tensors() for n, j in train_to_end(engine).items()}
+
+
+def _rank(rank: int, port: int, base: Path, configs: list[JobSpec], out: Path, prepare: Prepare):
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        engine = Engine(str(base), device="cpu", dtype=torch.float64, data_parallel=DataParallel())
+        torch.save(_trained(engine, configs, prepare), out / f"rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def train_on_two_ranks(
+    base: Path, configs: list[JobSpec], out: Path, prepare: Prepare = None
+) -> list[Tensors]:
+    """Each rank's finished adapters, by job name."""
+    mp.spawn(_rank, args=(free_port(), base, configs, out, prepare), nprocs=2, join=True)
+    return [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(2)]
+
+
+def train_on_one_rank(base: Path, configs: list[JobSpec], prepare: Prepare = None) -> Tensors:
+    engine = Engine(str(base), device="cpu", dtype=torch.float64)
+    return _trained(engine, configs, prepare)
