@@ -180,7 +180,11 @@ def test_errors_name_the_field(tiny_base: Path, datasets: dict[str, Path]) -> No
     bad = ada.model_copy(
         update={"adapter": ada.adapter.model_copy(update={"init_from": Path("x")})}
     )
-    with pytest.raises(JobInputError, match="not supported yet for peft_type ADALORA"):
+    raw = bad.model_dump(mode="json", exclude_unset=True)
+    problems = check_spec(raw, "ada.yaml")
+    assert {p.field for p in problems} == {"adapter.init_from"}, problems
+    assert any("PEFT cannot continue training a saved AdaLoRA" in p.message for p in problems)
+    with pytest.raises(JobInputError, match="init_from is not supported for peft_type ADALORA"):
         Engine(str(tiny_base), device="cpu").add_job(bad)
 
 

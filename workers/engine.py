@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from carpool.workers.adalora import schedule_of
+from carpool.workers.adalora import INIT_FROM_REFUSED, schedule_of
 from carpool.workers.adapter_bank import (
     AdapterBank,
     JobAdapter,
@@ -187,7 +187,7 @@ class Engine:
             raise ValueError("use_dora: DoRA is not supported on a base partitioned by ZeRO-3")
         if a.peft_type == "ADALORA":
             if a.init_from is not None:
-                raise ValueError("init_from is not supported yet for peft_type ADALORA")
+                raise ValueError(INIT_FROM_REFUSED)
             return new_adalora_adapter(
                 self.base,
                 config.name,

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal
 
+from carpool.workers.adalora import INIT_FROM_REFUSED
 from carpool.workers.lora_patterns import key_problem, lora_scaling, pattern_value
 from pydantic import (
     AfterValidator,
@@ -178,6 +179,8 @@ def _kind_rule(name: str, default: Any, *kinds: str) -> CrossFieldRule:
     def check(peft_type: str, value: Any) -> str | None:
         if peft_type in kinds or value == default:
             return None
+        if name == "init_from" and peft_type == "ADALORA":
+            return INIT_FROM_REFUSED
         if name == "init_from":
             return f"init_from is not supported yet for peft_type {peft_type}"
         if name == "r" and peft_type == "ADALORA":
