@@ -4,12 +4,15 @@ The engine starts such a job from the adapter's own weights, rank, alpha,
 targets and scaling (`workers.peft_format`), so a spec that says otherwise
 would be silently overruled. Here, before anything is queued:
 
-- the adapter must be a kind the bank can start from (LoRA or DoRA) and its
-  tensors must fit the base's modules, shape for shape;
+- the adapter must be of the job's kind (a LORA job starts from LoRA or DoRA,
+  a VERA job from VeRA) and its tensors must fit the base's modules, shape
+  for shape;
 - each field that defines the adapter (`DEFINING_FIELDS`) must agree with the
   adapter's value; a field the spec leaves out takes the adapter's value,
   written into the spec and reported as a note. Training choices such as
-  `lora_dropout` or `freeze_lora_A` are the spec's to make.
+  `lora_dropout` or `freeze_lora_A` are the spec's to make. A VERA job's
+  defining fields are r, target_modules, projection_prng_key, d_initial and
+  save_projection; its vera_dropout is taken from the adapter only when left out.
 
 `target_modules` agree when they select the same modules of the base: the
 adapter's are the modules it has weights for, whatever its config spells
@@ -22,12 +25,13 @@ takes nothing from a spec that leaves them out.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from carpool.orchestrator.parsed_fields import ParsedFields
 from carpool.workers.base_model import match_target_modules, unmatched_targets
+from carpool.workers.job_spec import VERA_ONLY
 from carpool.workers.lora_patterns import pattern_value
 from carpool.workers.peft_format import (
     AdapterFormatError,
@@ -35,6 +39,7 @@ from carpool.workers.peft_format import (
     base_misfit,
     read_adapter_header,
 )
+from carpool.workers.vera_format import VeraHeader, read_vera_header, vera_misfit
 
 DEFINING_FIELDS = (
     "r",
@@ -70,6 +75,8 @@ def check_init_from(
     of the base, or None when the base could not be read (a problem reported
     elsewhere); then only what does not need the base is checked.
     """
+    if adapter.get("peft_type") == "VERA":
+        return _check_vera(adapter, base_shapes)
     check = InitFromCheck()
     try:
         header = read_adapter_header(adapter.get("init_from"))
@@ -81,17 +88,55 @@ def check_init_from(
         if base_shapes is not None
         else None
     )
+    # No pattern, or not DoRA: the spec's default says the same, nothing to note.
+    quiet = {"rank_pattern": {}, "alpha_pattern": {}, "use_dora": False}
+    defaults = {k: getattr(header, f) for k, f in _PATTERN_DEFAULTS.items()}
+    _compare(check, adapter, _declared, header, misfit, base_shapes, quiet, defaults)
+    return check
+
+
+def _check_vera(
+    adapter: ParsedFields, base_shapes: dict[str, tuple[int, int]] | None
+) -> InitFromCheck:
+    """As for LoRA, with VeraConfig's fields; vera_dropout is taken when left out, but a
+    spec's own is a training choice, as lora_dropout is."""
+    check = InitFromCheck()
+    try:
+        header = read_vera_header(adapter.get("init_from"))
+    except AdapterFormatError as e:
+        check.problems.append((_FIELD, str(e)))
+        return check
+    misfit = vera_misfit(header, base_shapes) if base_shapes is not None else None
+    _compare(check, adapter, _vera_declared, header, misfit, base_shapes, VERA_ONLY, {})
+    if "vera_dropout" not in adapter.given and header.vera_dropout != VERA_ONLY["vera_dropout"]:
+        check.taken["vera_dropout"] = header.vera_dropout
+        note = f"not in the spec; taken from init_from: {_show(header.vera_dropout)}"
+        check.notes.append(("adapter.vera_dropout", note))
+    return check
+
+
+def _compare(
+    check: InitFromCheck,
+    adapter: ParsedFields,
+    declare: Callable[[Any, Sequence[str]], dict[str, Any]],
+    header: AdapterHeader | VeraHeader,
+    misfit: str | None,
+    base_shapes: dict[str, tuple[int, int]] | None,
+    quiet: dict[str, Any],
+    pattern_defaults: dict[str, Any],
+) -> None:
+    """Take the adapter's defining values the spec leaves out (but those equal to `quiet`'s
+    defaults) and report the spec's that disagree, each on its field."""
     if misfit:
         check.problems.append((_FIELD, misfit))
     # Without the base, the adapter's own modules are all there is to select from.
     universe = list(base_shapes) if base_shapes is not None else list(header.shapes)
-    declared = _declared(header, universe)
+    declared = declare(header, universe)
     if misfit:  # its modules are not the base's; as targets they would only repeat that
         del declared["target_modules"]
     for key, value in declared.items():
         if key not in adapter.given:
-            # No pattern, or not DoRA: the spec's default says the same, nothing to note.
-            if value == {} or (key == "use_dora" and value is False):
+            if key in quiet and value == quiet[key]:
                 continue
             check.taken[key] = value
             note = f"not in the spec; taken from init_from: {_show(value)}"
@@ -102,8 +147,8 @@ def check_init_from(
         given = adapter.get(key)
         if key == "target_modules":
             agree = _same_modules(given, list(header.shapes), universe, base_shapes is not None)
-        elif key in _PATTERN_DEFAULTS:
-            default = getattr(header, _PATTERN_DEFAULTS[key])
+        elif key in pattern_defaults:
+            default = pattern_defaults[key]
             agree = all(
                 pattern_value(given, m, default) == pattern_value(value, m, default)
                 for m in header.shapes
@@ -113,7 +158,17 @@ def check_init_from(
         if not agree:
             message = f"{_show(given)} conflicts with init_from's {key} {_show(value)}"
             check.problems.append((f"adapter.{key}", message))
-    return check
+
+
+def _vera_declared(header: VeraHeader, universe: Sequence[str]) -> dict[str, Any]:
+    """A VeRA adapter's defining fields, as a spec would write them."""
+    return {
+        "r": header.r,
+        "target_modules": _target_names(list(header.shapes), universe),
+        "projection_prng_key": header.projection_prng_key,
+        "d_initial": header.d_initial,
+        "save_projection": header.save_projection,
+    }
 
 
 def _declared(header: AdapterHeader, universe: Sequence[str]) -> dict[str, Any]:

@@ -4,7 +4,8 @@ The projections equal PEFT's for the same key; fused training of a VeRA job
 beside a plain LoRA job equals PEFT's own single-job VeRA loop on every
 adapter-math path; a VeRA job alone, beside others, split into micro-batches
 and resumed from a checkpoint ends the same; the export loads in PEFT with the
-same logits; schema and validation errors name the field.
+same logits; a job started from that export (`init_from`) begins at its vectors
+and continues as PEFT does; schema and validation errors name the field.
 """
 
 from __future__ import annotations
@@ -15,8 +16,9 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from carpool.orchestrator.controller import adapter_memory_bytes
-from carpool.orchestrator.validation import check_spec
+from carpool.orchestrator.validation import check_spec, validate_files
 from carpool.workers.base_model import linear_module_shapes
 from carpool.workers.checkpoint import save_checkpoint
 from carpool.workers.engine import Engine
@@ -24,13 +26,14 @@ from carpool.workers.job_spec import AdapterSpec, JobInputError, JobSpec, adapte
 from carpool.workers.vera import LAMBDA_B, LAMBDA_D
 from peft import PeftModel
 from pydantic import ValidationError
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
 from tests.helpers.jobs import STEPS, job
 from tests.helpers.peft_reference import (
     max_relative_difference,
     peft_model_with,
+    save_peft_adapter,
     train_reference,
 )
 from tests.helpers.round_driver import train_to_end
@@ -188,7 +191,7 @@ def test_export_loads_in_peft_with_the_same_logits(
     torch.testing.assert_close(engine.logits("vera", ids), expected, rtol=1e-5, atol=1e-5)
 
 
-def test_errors_name_the_field(tiny_base: Path, datasets: dict[str, Path]) -> None:
+def test_errors_name_the_field(tiny_base: Path, datasets: dict[str, Path], tmp_path: Path) -> None:
     with pytest.raises(ValidationError) as caught:
         AdapterSpec(peft_type="IA3")
     assert caught.value.errors()[0]["loc"] == ("peft_type",)
@@ -207,14 +210,107 @@ def test_errors_name_the_field(tiny_base: Path, datasets: dict[str, Path]) -> No
     raw["adapter"].update(d_initial=0.3, vera_dropout=0.1)
     problems = check_spec(raw, "plain.yaml")
     assert sorted(p.field for p in problems) == ["adapter.d_initial", "adapter.vera_dropout"]
-    # init_from is refused on a VeRA job, by validation and by the engine.
+    # Each kind starts only from its own kind's adapter, refused on adapter.init_from.
+    lora_dir = save_peft_adapter(tiny_base, tmp_path / "lora", r=2, target_modules=["q_proj"])
+    raw = vera_job(tiny_base, datasets["text"]).model_dump(mode="json", exclude_unset=True)
+    raw["adapter"]["init_from"] = str(lora_dir)
+    problems = check_spec(raw, "vera.yaml")
+    assert [p.field for p in problems] == ["adapter.init_from"], problems
+    assert "peft_type is 'LORA', not VERA" in problems[0].message
+    vera_dir = exported_vera(tiny_base, datasets["text"], tmp_path / "vera")
+    raw = lora.model_dump(mode="json", exclude_unset=True)
+    raw["adapter"]["init_from"] = str(vera_dir)
+    problems = check_spec(raw, "plain.yaml")
+    assert [p.field for p in problems] == ["adapter.init_from"], problems
+    assert "peft_type is 'VERA', not LORA" in problems[0].message
+    engine = Engine(str(tiny_base), device="cpu")
     vera = vera_job(tiny_base, datasets["text"])
     bad = vera.model_copy(
-        update={"adapter": vera.adapter.model_copy(update={"init_from": Path("x")})}
+        update={"adapter": vera.adapter.model_copy(update={"init_from": lora_dir})}
     )
-    engine = Engine(str(tiny_base), device="cpu")
-    with pytest.raises(JobInputError, match="init_from is not supported yet for peft_type VERA"):
+    with pytest.raises(JobInputError, match="init_from.*not VERA"):
         engine.add_job(bad)
+
+
+def exported_vera(base: Path, data: Path, out: Path, **adapter: object) -> Path:
+    """A VeRA job trained 2 steps from perturbed vectors, exported."""
+    config = vera_job(base, data, max_steps=2)
+    config = config.model_copy(update={"adapter": config.adapter.model_copy(update=adapter)})
+    engine = Engine(str(base), device="cpu")
+    engine.add_job(config)
+    perturb(engine, "vera", seed=5)
+    while engine.active_jobs():
+        engine.train_round()
+    return engine.export("vera", out)
+
+
+def test_init_from_continues_like_peft(
+    tiny_base: Path, datasets: dict[str, Path], tmp_path: Path
+) -> None:
+    out = exported_vera(tiny_base, datasets["text"], tmp_path / "out", vera_dropout=0.1)
+    # A spec leaving the adapter's fields out takes them, each noted; a differing one is
+    # reported on its field.
+    raw = job("next", tiny_base, datasets["text"], AdapterSpec(peft_type="VERA"), max_seq_length=24)
+    raw = raw.model_dump(mode="json", exclude_unset=True)
+    raw["adapter"]["init_from"] = str(out)
+    raw["training"]["max_steps"] = 4
+    path = tmp_path / "next.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    notes: list = []
+    [config] = validate_files([path], notes)
+    a = config.adapter
+    assert (a.r, a.projection_prng_key, a.d_initial, a.vera_dropout) == (4, 7, 0.5, 0.1)
+    assert set(a.target_modules) == set(TARGETS)
+    noted = {n.field for n in notes}
+    assert {"adapter.r", "adapter.d_initial", "adapter.projection_prng_key"} <= noted, notes
+    assert "adapter.vera_dropout" in noted
+    conflicting = {**raw, "adapter": {**raw["adapter"], "projection_prng_key": 3, "r": 4}}
+    problems = check_spec(conflicting, "next.yaml")
+    assert [p.field for p in problems] == ["adapter.projection_prng_key"], problems
+    assert "conflicts with init_from's projection_prng_key 7" in problems[0].message
+    # Dropout masks are drawn differently from PEFT's: compare without them.
+    config = config.model_copy(update={"adapter": a.model_copy(update={"vera_dropout": 0.0})})
+    engine = Engine(str(tiny_base), device="cpu")
+    engine.add_job(config)
+    adapter = engine.jobs["next"].adapter
+    saved = load_file(str(out / "adapter_model.safetensors"))
+    start = {k: v.clone() for k, v in adapter.named_tensors().items()}
+    assert set(start) == {k.removeprefix("base_model.model.") for k in saved if "lambda" in k}
+    for key, tensor in start.items():
+        assert torch.equal(tensor, saved[f"base_model.model.{key}"]), key
+    # The saved projections are the key's: the cached copy is shared, not a second one.
+    engine.add_job(vera_job(tiny_base, datasets["text"], name="twin"))
+    assert adapter.vera.shared is engine.jobs["twin"].adapter.vera.shared
+    engine.remove_job("twin")
+    finished = train_to_end(engine)
+    rows = list(finished["next"].dataset.rows)
+    expected = train_reference(tiny_base, config, rows, start, 4, engine.tokenizer.pad_token_id)
+    got = finished["next"].adapter.named_tensors()
+    assert max_relative_difference(expected, got) <= 1e-4
+    assert max_relative_difference(start, got) > 1e-3
+
+
+def test_init_from_own_saved_projections(
+    tiny_base: Path, datasets: dict[str, Path], tmp_path: Path
+) -> None:
+    """Saved projections other than the key's are this job's own, as PEFT loads them."""
+    out = exported_vera(tiny_base, datasets["text"], tmp_path / "out")
+    path = out / "adapter_model.safetensors"
+    saved = load_file(str(path))
+    saved["base_model.vera_A"] = saved["base_model.vera_A"] * 1.5
+    save_file(saved, str(path), metadata={"format": "pt"})
+    vera = vera_job(tiny_base, datasets["text"], name="next")
+    config = vera.model_copy(update={"adapter": vera.adapter.model_copy(update={"init_from": out})})
+    engine = Engine(str(tiny_base), device="cpu")
+    engine.add_job(config)
+    shared = engine.jobs["next"].adapter.vera.shared
+    assert torch.equal(shared.vera_A, saved["base_model.vera_A"])
+    base = AutoModelForCausalLM.from_pretrained(tiny_base, dtype=torch.float32)
+    peft_model = PeftModel.from_pretrained(base, out).eval()
+    ids = torch.randint(3, 200, (2, 9))
+    with torch.no_grad():
+        expected = peft_model(input_ids=ids).logits
+    torch.testing.assert_close(engine.logits("next", ids), expected, rtol=1e-5, atol=1e-5)
 
 
 def test_variant_names_the_kind() -> None:

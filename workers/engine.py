@@ -43,6 +43,7 @@ from carpool.workers.peft_format import adapter_from_loaded, export_adapter, rea
 from carpool.workers.quantization import describe
 from carpool.workers.row_attention import packed_unsupported, use_row_attention
 from carpool.workers.training_job import StepReport, TrainingJob
+from carpool.workers.vera_format import read_vera_adapter, vera_adapter_from_loaded
 from carpool.workers.zero3 import dummy_row, load_base_zero3, pad_micro_batches
 
 log = logging.getLogger("carpool.engine")
@@ -199,7 +200,10 @@ class Engine:
             )
         if a.peft_type == "VERA":
             if a.init_from is not None:
-                raise ValueError("init_from is not supported yet for peft_type VERA")
+                loaded = read_vera_adapter(a.init_from)
+                return vera_adapter_from_loaded(
+                    self.base, config.name, loaded, dropout=a.vera_dropout, seed=seed
+                )
             return new_vera_adapter(
                 self.base,
                 config.name,

@@ -149,7 +149,6 @@ LORA_ONLY: dict[str, Any] = {
     "use_dora": False,
     "loraplus_lr_ratio": None,
     "freeze_lora_A": False,
-    "init_from": None,
     "rank_pattern": {},
     "alpha_pattern": {},
 }
@@ -181,8 +180,6 @@ def _kind_rule(name: str, default: Any, *kinds: str) -> CrossFieldRule:
             return None
         if name == "init_from" and peft_type == "ADALORA":
             return INIT_FROM_REFUSED
-        if name == "init_from":
-            return f"init_from is not supported yet for peft_type {peft_type}"
         if name == "r" and peft_type == "ADALORA":
             return "r is not used by ADALORA; set init_r and target_r"
         return (
@@ -269,7 +266,7 @@ class AdapterSpec(_SpecModel):
     use_dora: bool = False  # DoRA: a trained magnitude per output channel times the direction
     loraplus_lr_ratio: float | None = Field(None, gt=0)  # LoRA+: B's LR = ratio x LR
     freeze_lora_A: bool = False  # LoRA-FA: A stays at its initial value
-    init_from: Path | None = None  # a PEFT LoRA adapter directory to start from
+    init_from: Path | None = None  # a PEFT adapter directory of the job's kind to start from
     rank_pattern: RankPattern = Field(default_factory=dict)  # module pattern -> its own r
     alpha_pattern: AlphaPattern = Field(default_factory=dict)  # module pattern -> its lora_alpha
     # VERA: frozen shared random projections, trained vectors per module (far fewer weights).
@@ -292,6 +289,7 @@ class AdapterSpec(_SpecModel):
 
     cross_field_rules = (
         (_kind_rule("r", 8, "LORA", "VERA"),)  # AdaLoRA's ranks are init_r and target_r
+        + (_kind_rule("init_from", None, "LORA", "VERA"),)
         + tuple(_kind_rule(n, d, "LORA", "ADALORA") for n, d in LORA_AND_ADALORA.items())
         + tuple(_kind_rule(name, default, "LORA") for name, default in LORA_ONLY.items())
         + tuple(_kind_rule(name, default, "VERA") for name, default in VERA_ONLY.items())

@@ -211,14 +211,15 @@ class LoadedAdapter:
         return {m: pattern_value(self.rank_pattern, m, self.r) for m in self.weights}
 
 
-def unsupported_kind(config: dict) -> str | None:
-    """Why carpool cannot start from the adapter `config` describes, or None if it can.
+def unsupported_kind(config: dict, kind: str = "LORA") -> str | None:
+    """Why a `kind` job cannot start from the adapter `config` describes, or None if it can.
 
-    The bank trains LoRA and DoRA; as it learns more kinds they pass here.
+    A LORA job starts from LoRA or DoRA, a VERA job from VeRA: each kind's
+    weights mean nothing to another's.
     """
     peft_type = config.get("peft_type", "LORA")
-    if peft_type != "LORA":
-        return f"peft_type is {peft_type!r}, not LORA"
+    if peft_type != kind:
+        return f"peft_type is {peft_type!r}, not {kind}"
     if config.get("lora_bias"):
         return "a LoRA adapter with biases (lora_bias: true); only plain LoRA is supported yet"
     return None
@@ -247,15 +248,21 @@ def _read_pattern(
     return pattern
 
 
-def _read_config(config_path: Path) -> dict:
+def load_config(config_path: Path, kind: str) -> dict:
+    """An adapter's config as a dict, refused unless a `kind` job can start from it."""
     try:
         cfg = json.loads(config_path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise AdapterFormatError(f"{config_path}: cannot read: {e}") from e
     if not isinstance(cfg, dict):
         raise AdapterFormatError(f"{config_path}: not a JSON object")
-    if why := unsupported_kind(cfg):
+    if why := unsupported_kind(cfg, kind):
         raise AdapterFormatError(f"{config_path}: {why}")
+    return cfg
+
+
+def _read_config(config_path: Path) -> dict:
+    cfg = load_config(config_path, "LORA")
     r, alpha = cfg.get("r"), cfg.get("lora_alpha")
     if not isinstance(r, int) or isinstance(r, bool) or r < 1:
         raise AdapterFormatError(f"{config_path}: r must be a whole number >= 1, got {r!r}")
@@ -300,12 +307,8 @@ def _by_module(
     return out, magnitudes
 
 
-def read_adapter_header(path: str | Path) -> AdapterHeader:
-    """Check a PEFT LoRA adapter directory and read its config and tensor shapes.
-
-    Only the safetensors header is read, so checking a large adapter is cheap.
-    The engine's `read_adapter` applies the same checks.
-    """
+def adapter_files(path: str | Path) -> tuple[Path, Path]:
+    """An adapter directory's config and safetensors weights, checked to be there."""
     root = Path(path)
     if not root.is_dir():
         raise AdapterFormatError(f"not a directory: {root}")
@@ -314,13 +317,28 @@ def read_adapter_header(path: str | Path) -> AdapterHeader:
         raise AdapterFormatError(f"no {CONFIG_FILE} in {root} (not a PEFT adapter)")
     if not weights_path.is_file():
         raise AdapterFormatError(f"{root}: no {WEIGHTS_FILE} (only safetensors adapters are read)")
-    cfg = _read_config(config_path)
+    return config_path, weights_path
+
+
+def tensor_shapes(weights_path: Path) -> list[tuple[str, Shape]]:
+    """Each tensor's key and shape, from the safetensors header alone."""
     try:
         with safe_open(str(weights_path), framework="pt") as f:
             keys = f.keys()  # safe_open is not iterable itself
-            shapes = [(key, tuple(f.get_slice(key).get_shape())) for key in keys]
+            return [(key, tuple(f.get_slice(key).get_shape())) for key in keys]
     except Exception as e:  # safetensors raises its own error types for a damaged file
         raise AdapterFormatError(f"{weights_path}: cannot read: {e}") from e
+
+
+def read_adapter_header(path: str | Path) -> AdapterHeader:
+    """Check a PEFT LoRA adapter directory and read its config and tensor shapes.
+
+    Only the safetensors header is read, so checking a large adapter is cheap.
+    The engine's `read_adapter` applies the same checks.
+    """
+    config_path, weights_path = adapter_files(path)
+    cfg = _read_config(config_path)
+    shapes = tensor_shapes(weights_path)
     use_dora = bool(cfg.get("use_dora", False))
     by_module, magnitude_shapes = _by_module(shapes, weights_path, use_dora)
     targets = cfg.get("target_modules") or sorted({m.rsplit(".", 1)[-1] for m in by_module})
