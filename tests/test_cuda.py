@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from carpool.workers.adapter_bank import hashed_keep_mask
 from carpool.workers.base_model import load_base
+from carpool.workers.dropout_masks import hashed_keep_mask
 from carpool.workers.engine import Engine
 from carpool.workers.job_spec import AdapterSpec
 from carpool.workers.row_attention import use_row_attention

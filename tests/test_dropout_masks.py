@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import carpool.workers.adapter_bank as adapter_bank
+import carpool.workers.dropout_masks as dropout_masks
 import pytest
 import torch
-from carpool.workers.adapter_bank import JobAdapter, hashed_keep_mask
+from carpool.workers.adapter_bank import JobAdapter
+from carpool.workers.dropout_masks import hashed_keep_mask
 from carpool.workers.engine import Engine
 from carpool.workers.job_spec import AdapterSpec
 
@@ -46,7 +47,7 @@ def test_hashed_masks_of_different_seeds_are_independent() -> None:
 def test_row_seeds_depend_on_job_seed_row_and_module() -> None:
     a = JobAdapter("a", 4, 8, False, ("q_proj",), dropout=0.3, seed=5)
     b = JobAdapter("b", 4, 8, False, ("q_proj",), dropout=0.3, seed=6)
-    seed = adapter_bank._row_seed
+    seed = dropout_masks.row_seed
     assert seed(a, 0, 3) == seed(JobAdapter("other-name", 2, 1, True, "all-linear", 0.1, 5), 0, 3)
     assert len({seed(a, 0, 3), seed(a, 0, 4), seed(a, 1, 3), seed(b, 0, 3)}) == 4
 
@@ -55,14 +56,14 @@ def test_training_with_hashed_masks_does_not_depend_on_neighbours(
     tiny_base: Path, datasets: dict[str, Path], monkeypatch: pytest.MonkeyPatch, adapter_math: str
 ) -> None:
     """The accelerator path, forced on CPU: the invariant holds with its masks too."""
-    host_mask = adapter_bank.dropout_mask
+    host_mask = dropout_masks.dropout_mask
 
     def hashed(adapter, module_index, row_ids, shape, like):
-        seeds = [adapter_bank._row_seed(adapter, r, module_index) for r in row_ids]
+        seeds = [dropout_masks.row_seed(adapter, r, module_index) for r in row_ids]
         keep = 1.0 - adapter.dropout
         return hashed_keep_mask(seeds, shape, keep, like.device).to(like.dtype) / keep
 
-    monkeypatch.setattr(adapter_bank, "dropout_mask", hashed)
+    monkeypatch.setattr(dropout_masks, "dropout_mask", hashed)
     target = job(
         "target", tiny_base, datasets["prompt_completion"],
         AdapterSpec(r=4, target_modules="all-linear", lora_dropout=0.2),
@@ -86,5 +87,5 @@ def test_training_with_hashed_masks_does_not_depend_on_neighbours(
     # The bar of the other invariant tests (float32 sums in another order); masks that differ
     # must land above it (below).
     assert max_relative_difference(alone, beside) <= 1e-4
-    monkeypatch.setattr(adapter_bank, "dropout_mask", host_mask)
+    monkeypatch.setattr(dropout_masks, "dropout_mask", host_mask)
     assert max_relative_difference(alone, train([target])) > 1e-4  # the masks really differ

@@ -7,9 +7,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from carpool.workers.adapter_bank import AdapterBank, Segment, dropout_mask, new_job_adapter
+from carpool.workers.adapter_bank import AdapterBank, Segment, new_job_adapter
 from carpool.workers.base_model import load_base
 from carpool.workers.checkpoint import save_checkpoint
+from carpool.workers.dropout_masks import dropout_mask
 from carpool.workers.engine import Engine
 from carpool.workers.job_spec import AdapterSpec
 from carpool.workers.peft_format import AdapterFormatError, read_adapter

@@ -6,7 +6,7 @@ import logging
 from collections import Counter
 from pathlib import Path
 
-import carpool.workers.adapter_bank as adapter_bank
+import carpool.workers.dropout_masks as dropout_masks
 import carpool.workers.grouped_lora as grouped_lora
 import pytest
 import torch
@@ -14,13 +14,11 @@ from carpool.workers.adapter_bank import (
     AdapterBank,
     JobAdapter,
     Segment,
-    dropout_mask,
-    hashed_keep_mask,
-    hashed_segments_mask,
     new_job_adapter,
 )
 from carpool.workers.adapter_math import resolve_adapter_math
 from carpool.workers.base_model import load_base
+from carpool.workers.dropout_masks import dropout_mask, hashed_keep_mask, hashed_segments_mask
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from tests.helpers.peft_reference import max_relative_difference
@@ -145,8 +143,8 @@ def test_one_hashed_mask_for_all_segments_equals_per_segment_masks() -> None:
     like = torch.empty(0)
     mask = hashed_segments_mask([(a, 3), None, (b, 3)], segments, shape, like)
     keep_a, keep_b = 1 - a.dropout, 1 - b.dropout
-    seeds_a = [adapter_bank._row_seed(a, row, 3) for row in (4, 9)]
-    seeds_b = [adapter_bank._row_seed(b, row, 3) for row in (1, 2, 3)]
+    seeds_a = [dropout_masks.row_seed(a, row, 3) for row in (4, 9)]
+    seeds_b = [dropout_masks.row_seed(b, row, 3) for row in (1, 2, 3)]
     expected_a = hashed_keep_mask(seeds_a, torch.Size([2, 7, 32]), keep_a, CPU).float() / keep_a
     expected_b = hashed_keep_mask(seeds_b, torch.Size([3, 7, 32]), keep_b, CPU).float() / keep_b
     assert torch.equal(mask[0:2], expected_a)

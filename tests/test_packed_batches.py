@@ -5,17 +5,13 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-import carpool.workers.adapter_bank as adapter_bank
+import carpool.workers.dropout_masks as dropout_masks
 import pytest
 import torch
-from carpool.workers.adapter_bank import (
-    JobAdapter,
-    Segment,
-    hashed_keep_mask,
-    hashed_packed_mask,
-)
+from carpool.workers.adapter_bank import JobAdapter, Segment
 from carpool.workers.base_model import load_base
 from carpool.workers.dataset import IGNORE_INDEX, TokenizedRow
+from carpool.workers.dropout_masks import hashed_keep_mask, hashed_packed_mask
 from carpool.workers.engine import Engine
 from carpool.workers.fused_batch import StepRow, collate, plan_micro_batches
 from carpool.workers.job_spec import AdapterSpec
@@ -128,7 +124,7 @@ def test_hashed_packed_mask_is_each_rows_padded_mask() -> None:
     assert mask.shape == (13, 16)
     expected = []
     for adapter, row_id, length in [(a, 3, 5), (a, 9, 2), (b, 4, 6)]:
-        seed = [adapter_bank._row_seed(adapter, row_id, 2)]
+        seed = [dropout_masks.row_seed(adapter, row_id, 2)]
         keep = 1.0 - adapter.dropout
         expected.append(
             hashed_keep_mask(seed, torch.Size([1, 8, 16]), keep, CPU)[0, :length].double() / keep

@@ -15,11 +15,11 @@ the grouped paths send the segments of both through the loop.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import math
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
+import carpool.workers.dropout_masks as masks
 import torch
 import torch.nn.functional as F
 from carpool.workers.adalora import (
@@ -372,165 +372,6 @@ def _is_dora(w: LoraWeights | VeraWeights | AdaLoraWeights | None) -> bool:
     return isinstance(w, LoraWeights) and w.magnitude is not None
 
 
-def _row_seed(adapter: JobAdapter, row_id: int, module_index: int) -> int:
-    """A 63-bit seed of (job seed, row id, module): the only inputs a row's mask has."""
-    key = f"{adapter.seed}:{row_id}:{module_index}".encode()
-    return int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "little") >> 1
-
-
-def dropout_mask(
-    adapter: JobAdapter,
-    module_index: int,
-    row_ids: Sequence[int],
-    shape: torch.Size,
-    like: torch.Tensor,
-) -> torch.Tensor:
-    """Inverted-dropout mask for a segment, [rows, seq, in_features], in `like`'s dtype.
-
-    Each row's mask depends only on its seed (job seed, row id, module) and is
-    prefix-stable: a longer padded batch only extends it, so padding and batch
-    composition never change it. On CPU it comes from a per-row generator; on
-    an accelerator from a counter-based hash computed there, since generating
-    [rows, seq, features] numbers on the host and copying them over would cost
-    more than the LoRA matmuls it masks.
-    """
-    seeds = [_row_seed(adapter, row_id, module_index) for row_id in row_ids]
-    keep = 1.0 - adapter.dropout
-    if like.device.type == "cpu":
-        _, seq_len, features = shape
-        masks = []
-        for seed in seeds:
-            gen = torch.Generator(device="cpu").manual_seed(seed)
-            masks.append(torch.rand(seq_len, features, generator=gen) < keep)
-        kept = torch.stack(masks)
-    else:
-        kept = hashed_keep_mask(seeds, shape, keep, like.device)
-    return kept.to(dtype=like.dtype) / keep
-
-
-_U32 = 0xFFFFFFFF
-
-
-def hashed_keep_mask(
-    seeds: Sequence[int],
-    shape: torch.Size,
-    keep: float | Sequence[float],
-    device: torch.device,
-) -> torch.Tensor:
-    """Bernoulli(keep) of [rows, seq, features] from a hash of (row seed, element index).
-
-    Each element is hashed on its own (a 32-bit integer mixer, in int64 so that
-    no product overflows), so the values of a position never depend on the
-    tensor's size: the mask is prefix-stable and identical on every device.
-    `keep` is one probability for all rows or one per row.
-    """
-    _, seq_len, features = shape
-    index = torch.arange(seq_len * features, dtype=torch.int64, device=device)
-    row_keys = on_device(torch.tensor([s & _U32 for s in seeds], dtype=torch.int64), device)
-    h = ((index.view(1, -1) * 0x9E3779B1) & _U32) ^ row_keys.view(-1, 1)
-    for multiplier in (0x7FEB352D, 0x68E31DA5):  # odd and below 2**31: products fit in int64
-        h ^= h >> 16
-        h = (h * multiplier) & _U32
-    h ^= h >> 15
-    if isinstance(keep, float):
-        threshold = int(keep * (1 << 24))
-    else:
-        threshold = on_device(torch.tensor([int(k * (1 << 24)) for k in keep]), device).view(-1, 1)
-    return ((h >> 8) < threshold).view(len(seeds), seq_len, features)
-
-
-def segments_dropout_mask(
-    dropped: Sequence[tuple[JobAdapter, int] | None],
-    segments: Sequence[Segment],
-    shape: torch.Size,
-    like: torch.Tensor,
-) -> torch.Tensor:
-    """The inverted-dropout mask of all rows, [rows, seq, features], in `like`'s dtype.
-
-    `dropped` gives per segment its (adapter, module index), or None for rows
-    kept whole. Every segment's rows get exactly `dropout_mask`'s values. On an
-    accelerator it is one hashed mask over all rows (per-row keep), not one per job.
-    """
-    if like.device.type != "cpu":
-        return hashed_segments_mask(dropped, segments, shape, like)
-    parts = []
-    for seg, d in zip(segments, dropped, strict=True):
-        seg_shape = torch.Size([seg.end - seg.start, *shape[1:]])
-        if d is None:
-            parts.append(like.new_ones(()).expand(seg_shape))
-        else:
-            parts.append(dropout_mask(d[0], d[1], seg.row_ids, seg_shape, like))
-    return torch.cat(parts)
-
-
-def hashed_segments_mask(
-    dropped: Sequence[tuple[JobAdapter, int] | None],
-    segments: Sequence[Segment],
-    shape: torch.Size,
-    like: torch.Tensor,
-) -> torch.Tensor:
-    """`segments_dropout_mask` on an accelerator: one `hashed_keep_mask` for all rows."""
-    seeds: list[int] = []
-    keeps: list[float] = []
-    for seg, d in zip(segments, dropped, strict=True):
-        if d is None:  # keep 1.0: every element kept, divided by 1
-            seeds += [0] * (seg.end - seg.start)
-            keeps += [1.0] * (seg.end - seg.start)
-        else:
-            adapter, module_index = d
-            seeds += [_row_seed(adapter, row_id, module_index) for row_id in seg.row_ids]
-            keeps += [1.0 - adapter.dropout] * (seg.end - seg.start)
-    kept = hashed_keep_mask(seeds, shape, keeps, like.device)
-    keep = on_device(torch.tensor(keeps, dtype=like.dtype), like.device)
-    return kept.to(dtype=like.dtype) / keep.view(-1, 1, 1)
-
-
-def packed_dropout_mask(
-    dropped: Sequence[tuple[JobAdapter, int] | None],
-    segments: Sequence[Segment],
-    features: int,
-    like: torch.Tensor,
-) -> torch.Tensor:
-    """`segments_dropout_mask` for a packed micro-batch: [tokens, features].
-
-    Each row's mask is the first `length` positions of its padded mask (the
-    masks are prefix-stable), so packing never changes a row's mask.
-    """
-    if like.device.type == "cpu":
-        parts = []
-        for seg, d in zip(segments, dropped, strict=True):
-            for row_id, length in zip(seg.row_ids, seg.lengths, strict=True):
-                shape = torch.Size([1, length, features])
-                if d is None:
-                    parts.append(like.new_ones(()).expand(length, features))
-                else:
-                    parts.append(dropout_mask(d[0], d[1], [row_id], shape, like)[0])
-        return torch.cat(parts)
-    return hashed_packed_mask(dropped, segments, features, like)
-
-
-def hashed_packed_mask(
-    dropped: Sequence[tuple[JobAdapter, int] | None],
-    segments: Sequence[Segment],
-    features: int,
-    like: torch.Tensor,
-) -> torch.Tensor:
-    """`packed_dropout_mask` on an accelerator: one hashed mask over the rows, padded,
-    then its real positions picked out."""
-    lengths = [n for seg in segments for n in seg.lengths]
-    rows = [
-        Segment(seg.job, i, i + 1, (row_id,), (n,))
-        for seg in segments
-        for i, (row_id, n) in enumerate(zip(seg.row_ids, seg.lengths, strict=True))
-    ]
-    per_row = [d for seg, d in zip(segments, dropped, strict=True) for _ in seg.row_ids]
-    padded = hashed_segments_mask(
-        per_row, rows, torch.Size([len(rows), max(lengths), features]), like
-    )
-    real = torch.cat([torch.arange(n) + i * max(lengths) for i, n in enumerate(lengths)])
-    return padded.view(-1, features).index_select(0, on_device(real, like.device))
-
-
 class AdapterBank:
     """Holds the adapters of every job on one base and applies them per row."""
 
@@ -682,10 +523,12 @@ class AdapterBank:
         dropped = adapter.dropout > 0 and torch.is_grad_enabled()
         if dropped:
             if self._packed:
-                mask = packed_dropout_mask([(adapter, w.module_index)], [seg], xs.shape[-1], xs)
+                mask = masks.packed_dropout_mask(
+                    [(adapter, w.module_index)], [seg], xs.shape[-1], xs
+                )
                 xs = xs * mask.view_as(xs)
             else:
-                xs = xs * dropout_mask(adapter, w.module_index, seg.row_ids, xs.shape, xs)
+                xs = xs * masks.dropout_mask(adapter, w.module_index, seg.row_ids, xs.shape, xs)
         if isinstance(w, VeraWeights):
             return vera_term(xs, w)
         if isinstance(w, AdaLoraWeights):
@@ -807,10 +650,10 @@ class AdapterBank:
             ]
             if any(d is not None for d in dropped):
                 if self._packed:
-                    mask = packed_dropout_mask(dropped, segments, x.shape[-1], x)
+                    mask = masks.packed_dropout_mask(dropped, segments, x.shape[-1], x)
                     x = x * mask.view_as(x)
                 else:
-                    x = x * segments_dropout_mask(dropped, segments, x.shape, x)
+                    x = x * masks.segments_dropout_mask(dropped, segments, x.shape, x)
         ranks = tuple(0 if w is None else w.lora_A.shape[0] for w in weights)
         # Per module, not per job: rank_pattern / alpha_pattern give modules their own.
         scalings = tuple(0.0 if w is None else w.scaling for w in weights)
