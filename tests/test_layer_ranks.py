@@ -3,12 +3,14 @@
 Keys match as PEFT matches them; fused training with them equals PEFT's own
 single-job loop with the same LoraConfig on every adapter-math path; the export
 loads in PEFT with each module's own shape; init_from reads them back; a key
-that selects no targeted module is a validation problem.
+that selects no targeted module is a validation problem; a patterned job ends
+the same resumed from a checkpoint and split across two ranks.
 """
 
 from __future__ import annotations
 
 import json
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -16,6 +18,7 @@ import torch
 from carpool.orchestrator.controller import adapter_memory_bytes
 from carpool.orchestrator.validation import check_spec
 from carpool.workers.base_model import linear_module_shapes
+from carpool.workers.checkpoint import save_checkpoint
 from carpool.workers.engine import Engine
 from carpool.workers.job_spec import AdapterSpec
 from carpool.workers.lora_patterns import pattern_value, unmatched_keys
@@ -31,6 +34,7 @@ from tests.helpers.peft_reference import (
     train_reference,
 )
 from tests.helpers.round_driver import train_to_end
+from tests.helpers.two_ranks import train_on_one_rank, train_on_two_ranks
 
 DOWN0, DOWN1 = "model.layers.0.mlp.down_proj", "model.layers.1.mlp.down_proj"
 Q0, Q1 = "model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.q_proj"
@@ -237,3 +241,50 @@ def test_the_size_estimate_follows_each_modules_rank(tiny_base: Path) -> None:
     wider = plain.model_copy(update={"rank_pattern": {r"layers\.0\.mlp\.down_proj": 12}})
     per_rank = adapter_memory_bytes(plain, shapes) // 8  # two modules of rank 4
     assert adapter_memory_bytes(wider, shapes) == per_rank * (12 + 4)
+
+
+def layered_job(base: Path, data: Path, **training: object):
+    """Dropout on: the resumed and split runs must draw the same masks as the straight one."""
+    return job("layered", base, data, patterned(lora_dropout=0.1), **training)
+
+
+def test_resumed_from_a_checkpoint_ends_as_the_straight_run(
+    tiny_base: Path, datasets: dict[str, Path], tmp_path: Path
+) -> None:
+    config = layered_job(tiny_base, datasets["messages"], max_steps=4, batch_size=3)
+
+    def train(*, resume: bool) -> dict[str, torch.Tensor]:
+        engine = Engine(str(tiny_base), device="cpu")
+        engine.add_job(config)
+        starts.append(randomize_b(engine, "layered", seed=0))
+        if resume:
+            train_to_end(engine, max_rounds=2)
+            save_checkpoint(engine.jobs["layered"], tmp_path / "ckpt")
+            engine = Engine(str(tiny_base), device="cpu")
+            engine.add_job(config, resume_from=tmp_path / "ckpt")
+            assert engine.jobs["layered"].step == 2
+            resumed = engine.jobs["layered"].adapter.modules
+            assert resumed[DOWN0].lora_A.shape[0] == 12 and resumed[DOWN1].lora_B.shape[1] == 6
+        return train_to_end(engine)["layered"].adapter.named_tensors()
+
+    starts: list[dict[str, torch.Tensor]] = []
+    straight = train(resume=False)
+    assert max_relative_difference(starts[0], straight) > 1e-3
+    assert max_relative_difference(straight, train(resume=True)) <= 1e-6
+
+
+@pytest.mark.integration
+def test_two_ranks_equal_one(tiny_base: Path, datasets: dict[str, Path], tmp_path: Path) -> None:
+    """Modules of different r and alpha all-reduce their own gradients (float64, as
+    test_data_parallel: the split changes only the summation order)."""
+    configs = [
+        layered_job(tiny_base, datasets["messages"], max_steps=3, batch_size=5),
+        job("plain", tiny_base, datasets["text"], AdapterSpec(r=2), max_steps=3),
+    ]
+    prepare = partial(randomize_b, name="layered", seed=0)
+    ranks = [r["layered"] for r in train_on_two_ranks(tiny_base, configs, tmp_path, prepare)]
+    expected = train_on_one_rank(tiny_base, configs, prepare)["layered"]
+    assert expected[f"{DOWN0}.lora_A"].shape[0] == 12
+    assert expected[f"{DOWN1}.lora_B"].shape[1] == 6
+    assert max_relative_difference(expected, ranks[0]) <= 1e-9
+    assert all(torch.equal(ranks[0][k], ranks[1][k]) for k in expected)

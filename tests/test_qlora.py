@@ -1,11 +1,14 @@
-"""QLoRA: jobs on a 4-bit base train as PEFT trains them on that base, and never share
-a base with jobs of another quantization."""
+"""QLoRA: jobs on a 4-bit base train as PEFT trains them on that base, end the same
+resumed from a checkpoint and split across two ranks, and never share a base with jobs
+of another quantization."""
 
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 
 import pytest
+import torch
 from carpool.orchestrator.admission import admission_problems
 from carpool.orchestrator.local_train import group_by_base
 from carpool.orchestrator.operator_config import OperatorConfig
@@ -19,12 +22,14 @@ from carpool.orchestrator.scheduler import (
 )
 from carpool.orchestrator.validation import check_spec
 from carpool.workers import quantization
+from carpool.workers.checkpoint import save_checkpoint
 from carpool.workers.engine import Engine
 from carpool.workers.job_spec import AdapterSpec, JobSpec, QuantizationSpec
 
 from tests.helpers.jobs import changed, job, randomize_b
 from tests.helpers.peft_reference import max_relative_difference, train_reference
 from tests.helpers.round_driver import train_to_end
+from tests.helpers.two_ranks import train_on_one_rank, train_on_two_ranks
 
 # float32 compute keeps the comparison exact on CPU; the 4-bit weights are what is tested.
 NF4 = QuantizationSpec(
@@ -171,3 +176,51 @@ def test_zero3_refuses_a_4bit_base(tiny_base: Path, datasets: dict[str, Path]) -
     assert admission_problems(config, OperatorConfig(zero_stage=0), "q.yaml") == []
     with pytest.raises(ValueError, match="base_quantization cannot run with zero_stage=3"):
         Engine(str(tiny_base), device="cpu", zero_stage=3, quantization=NF4, data_parallel=None)
+
+
+def test_a_4bit_job_resumed_from_a_checkpoint_ends_as_the_straight_run(
+    tiny_base: Path, datasets: dict[str, Path], tmp_path: Path
+) -> None:
+    pytest.importorskip("bitsandbytes")
+
+    config = changed(two_4bit_jobs(tiny_base, datasets)[1], adapter=dict(lora_dropout=0.1))
+
+    def train(*, resume: bool) -> dict[str, torch.Tensor]:
+        engine = Engine(str(tiny_base), device="cpu", quantization=NF4)
+        engine.add_job(config)
+        starts.append(randomize_b(engine, "qa", seed=0))
+        if resume:
+            train_to_end(engine, max_rounds=2)
+            save_checkpoint(engine.jobs["qa"], tmp_path / "ckpt")
+            engine = Engine(str(tiny_base), device="cpu", quantization=NF4)
+            engine.add_job(config, resume_from=tmp_path / "ckpt")
+            assert engine.jobs["qa"].step == 2
+        return train_to_end(engine)["qa"].adapter.named_tensors()
+
+    starts: list[dict[str, torch.Tensor]] = []
+    straight = train(resume=False)
+    assert max_relative_difference(starts[0], straight) > 1e-3
+    assert max_relative_difference(straight, train(resume=True)) <= 1e-6
+
+
+@pytest.mark.integration
+def test_4bit_two_ranks_equal_one(
+    tiny_base: Path, datasets: dict[str, Path], tmp_path: Path
+) -> None:
+    """Each rank quantizes the same base to the same 4-bit weights. bitsandbytes quantizes
+    only 16/32-bit floats, so this runs in float32, not float64 as the other two-rank
+    tests: the split's other summation order then moves these jobs by about 1e-6 (and by
+    1e-5 on the same base unquantized), so the bar is 1e-5, not float64's 1e-9."""
+    pytest.importorskip("bitsandbytes")
+
+    configs = [
+        changed(c, training=dict(max_steps=3, batch_size=5))
+        for c in two_4bit_jobs(tiny_base, datasets)
+    ]
+    configs[1] = changed(configs[1], adapter=dict(lora_dropout=0.1))
+    prepare = partial(randomize_b, name="qa", seed=0)
+    kwargs = dict(dtype=torch.float32, quantization=NF4)
+    ranks = [r["qa"] for r in train_on_two_ranks(tiny_base, configs, tmp_path, prepare, **kwargs)]
+    expected = train_on_one_rank(tiny_base, configs, prepare, **kwargs)["qa"]
+    assert max_relative_difference(expected, ranks[0]) <= 1e-5
+    assert all(torch.equal(ranks[0][k], ranks[1][k]) for k in expected)
