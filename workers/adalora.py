@@ -116,15 +116,6 @@ def schedule_of(spec: AdapterSpec) -> AdaLoraSchedule:
 
 _KINDS = ("lora_A", "lora_E", "lora_B")
 
-# PEFT shrinks a loaded AdaLoRA adapter's modules to the kept ranks, but its RankAllocator
-# keeps the init_r budget (its kthvalue then ranks fewer scores than it prunes) and its
-# init_r-long rank_pattern no longer fits E, so PEFT's own continued training is undefined.
-INIT_FROM_REFUSED = (
-    "init_from is not supported for peft_type ADALORA: PEFT cannot continue training a saved "
-    "AdaLoRA adapter (it loads the pruned ranks but its rank allocator keeps the init_r budget "
-    "and rank_pattern), so there is no result to match; start the ADALORA job afresh"
-)
-
 
 @dataclass
 class RankAllocator:

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from carpool.workers.adalora import INIT_FROM_REFUSED, schedule_of
+from carpool.workers.adalora import schedule_of
 from carpool.workers.adapter_bank import (
     AdapterBank,
     JobAdapter,
@@ -38,7 +38,13 @@ from carpool.workers.dataset import IGNORE_INDEX, TokenizedDataset
 from carpool.workers.dataset_cache import DatasetCache
 from carpool.workers.fused_batch import FusedBatch, StepRow, collate, plan_micro_batches, step_rows
 from carpool.workers.gradient_checkpointing import enable_gradient_checkpointing
-from carpool.workers.job_spec import DatasetSpec, JobInputError, JobSpec, QuantizationSpec
+from carpool.workers.job_spec import (
+    INIT_FROM_REFUSED,
+    DatasetSpec,
+    JobInputError,
+    JobSpec,
+    QuantizationSpec,
+)
 from carpool.workers.peft_format import adapter_from_loaded, export_adapter, read_adapter
 from carpool.workers.quantization import describe
 from carpool.workers.row_attention import packed_unsupported, use_row_attention

@@ -24,7 +24,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal
 
-from carpool.workers.adalora import INIT_FROM_REFUSED
 from carpool.workers.lora_patterns import key_problem, lora_scaling, pattern_value
 from pydantic import (
     AfterValidator,
@@ -58,6 +57,16 @@ class JobInputError(ValueError):
 
     def __str__(self) -> str:
         return f"{self.source}: {self.reason}"
+
+
+# PEFT shrinks a loaded AdaLoRA adapter's modules to the kept ranks, but its RankAllocator
+# keeps the init_r budget (its kthvalue then ranks fewer scores than it prunes) and its
+# init_r-long rank_pattern no longer fits E, so PEFT's own continued training is undefined.
+INIT_FROM_REFUSED = (
+    "init_from is not supported for peft_type ADALORA: PEFT cannot continue training a saved "
+    "AdaLoRA adapter (it loads the pruned ranks but its rank allocator keeps the init_r budget "
+    "and rank_pattern), so there is no result to match; start the ADALORA job afresh"
+)
 
 
 def _job_name(name: str) -> str:
