@@ -50,7 +50,13 @@ def test_group_of_two_ranks_equals_one_rank(
             return {n for n in names if re.search(r"-rank-\d+$", n)}
 
         low_id, doomed_id = client.submit([low, doomed])
-        ranks = wait_for(rank_actors, what="the group's rank actors")
+
+        def both_ranks() -> set[str] | None:
+            """The ranks register one by one: the group's full set, not the first to appear."""
+            found = rank_actors()
+            return found if len(found) == 2 else None
+
+        ranks = wait_for(both_ranks, what="both of the group's rank actors")
         assert {n.rsplit("-", 1)[1] for n in ranks} == {"0", "1"}
         wait_for(lambda: job(client, doomed_id)["step"] >= 3, what="doomed running")
         client.cancel(doomed_id)
