@@ -1,8 +1,9 @@
 """The `carpool` command line.
 
 Each subcommand is a small `cmd_<name>(args) -> int` function registered with
-`@subcommand`, together with a function that adds its arguments; `main` builds
-the parser from the registry. Heavy modules (torch, transformers) are imported
+`@subcommand` (`cli_registry`), together with a function that adds its
+arguments; `main` builds the parser from the registry. Commands that are not
+about the queue live in modules of their own (`cli_adapters`, ...). Heavy modules (torch, transformers) are imported
 inside the commands so `carpool --help` stays fast.
 
 User errors (bad specs, missing files; the typed errors `_user_error` lists)
@@ -14,38 +15,12 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
-CommandFn = Callable[[argparse.Namespace], int]
-ArgumentsFn = Callable[[argparse.ArgumentParser], None]
-
-
-@dataclass(frozen=True)
-class Subcommand:
-    name: str
-    help: str
-    add_arguments: ArgumentsFn
-    run: CommandFn
-    uses_queue: bool  # talks to a carpool's state directory: takes --state-dir
-
-
-SUBCOMMANDS: dict[str, Subcommand] = {}
-
-
-def subcommand(
-    name: str, help: str, add_arguments: ArgumentsFn, *, uses_queue: bool = False
-) -> Callable[[CommandFn], CommandFn]:
-    """Register `cmd_<name>` as `carpool <name>`."""
-
-    def register(fn: CommandFn) -> CommandFn:
-        if name in SUBCOMMANDS:
-            raise ValueError(f"subcommand {name!r} registered twice")
-        SUBCOMMANDS[name] = Subcommand(name, help, add_arguments, fn, uses_queue)
-        return fn
-
-    return register
+# Command modules register their subcommands when imported; each keeps torch out
+# of its top level so `carpool --help` stays fast.
+from carpool.orchestrator import cli_adapters  # noqa: F401  (eval, generate)
+from carpool.orchestrator.cli_registry import SUBCOMMANDS, positive_int, subcommand
 
 
 def _validate_arguments(parser: argparse.ArgumentParser) -> None:
@@ -63,17 +38,6 @@ def cmd_validate(args: argparse.Namespace) -> int:
     for note in notes:
         print(f"note: {note}")
     return 0
-
-
-def positive_int(text: str) -> int:
-    """An argparse type: refused with the option's name before any work starts."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
 
 
 def _train_arguments(parser: argparse.ArgumentParser) -> None:
@@ -412,6 +376,7 @@ def _user_error(error: Exception) -> Exception | None:
 
     Imported late, and none of these modules loads torch: an error costs no second of imports.
     """
+    from carpool.orchestrator.adapter_args import AdapterArgumentError
     from carpool.orchestrator.client import ControllerNotRunningError, JobNotFinishedError
     from carpool.orchestrator.job_ids import InvalidJobIdError
     from carpool.orchestrator.job_queue import InvalidTransitionError, UnknownJobError
@@ -426,6 +391,7 @@ def _user_error(error: Exception) -> Exception | None:
         SpecValidationError, DatasetError, JobInputError, ControllerNotRunningError,
         JobNotFinishedError, UnknownJobError, InvalidTransitionError, InvalidJobIdError,
         OperatorConfigError, FileNotFoundError, MissingRayTokenError, RayStartError,
+        AdapterArgumentError,
     )  # fmt: skip
     # Errors raised inside the controller actor arrive wrapped, the original as `cause`.
     for candidate in (getattr(error, "cause", None), error):

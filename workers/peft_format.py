@@ -25,6 +25,7 @@ from typing import TypeVar
 import torch
 from carpool.workers.adalora import AdaLoraWeights
 from carpool.workers.adapter_bank import MAGNITUDE, JobAdapter, LoraWeights
+from carpool.workers.base_fingerprint import write_provenance
 from carpool.workers.base_model import features, linear_modules
 from carpool.workers.lora_patterns import key_problem, lora_scaling, order_free, pattern_value
 from carpool.workers.vera import LAMBDA_B, LAMBDA_D, VeraWeights
@@ -87,7 +88,7 @@ def export_adapter(
     *,
     base_model: str,
 ) -> Path:
-    """Write `adapter` as a PEFT LoRA (or DoRA) adapter directory."""
+    """Write `adapter` as a PEFT adapter directory, with carpool's record of its base."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     targets = (
@@ -123,7 +124,17 @@ def export_adapter(
     config.save_pretrained(str(out))
     tensors = {k: v.cpu() for k, v in peft_state_dict(adapter).items()}
     save_file(tensors, str(out / WEIGHTS_FILE), metadata={"format": "pt"})
+    write_provenance(out, base_model=base_model, adapter_kind=adapter_kind(adapter))
     return out
+
+
+def adapter_kind(adapter: JobAdapter) -> str:
+    """`lora`, `lora+dora`, `vera` or `adalora`, as `carpool status` names them."""
+    if adapter.vera is not None:
+        return "vera"
+    if adapter.adalora is not None:
+        return "adalora"
+    return "lora+dora" if adapter.use_dora else "lora"
 
 
 def _adalora_config(adapter: JobAdapter, targets: list[str], base_model: str):

@@ -1,0 +1,3 @@
+"""`carpool eval` and `carpool generate`: using finished adapters, many at once."""
+
+from __future__ import annotations
