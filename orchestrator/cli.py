@@ -17,9 +17,6 @@ import json
 import sys
 from pathlib import Path
 
-# Command modules register their subcommands when imported; each keeps torch out
-# of its top level so `carpool --help` stays fast.
-from carpool.orchestrator import cli_adapters  # noqa: F401  (eval, generate)
 from carpool.orchestrator.cli_registry import SUBCOMMANDS, positive_int, subcommand
 
 
@@ -318,6 +315,11 @@ def _fetch_arguments(parser: argparse.ArgumentParser) -> None:
 def cmd_fetch(args: argparse.Namespace) -> int:
     print(_client(args).fetch(args.job, args.out))
     return 0
+
+
+# Command modules register their subcommands when imported (here, so `carpool --help`
+# lists them after the training and queue commands); none imports torch at its top.
+from carpool.orchestrator import cli_adapters  # noqa: E402, F401  (eval, generate)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -182,6 +182,32 @@ def _tokenize_messages(messages: list, tokenizer) -> tuple[list[int], list[int]]
     return ids, labels
 
 
+def prompt_ids(record: dict, tokenizer) -> list[int]:
+    """A generation prompt's tokens, as training tokenizes the prompt part of a row.
+
+    `{"prompt": ...}` is a `prompt_completion` row's prompt; `{"messages": [...]}`
+    renders through the chat template with the generation prompt that opens the
+    assistant's turn, as a `messages` row's assistant turn is preceded.
+    """
+    if "messages" in record:
+        messages = _field(record, "messages", list, non_empty=True)
+        if getattr(tokenizer, "chat_template", None) is None:
+            raise ValueError("'messages' needs a tokenizer with a chat template; this one has none")
+        for i, message in enumerate(messages):
+            if not isinstance(message, dict):
+                raise ValueError(f"messages[{i}] must be an object, got {type(message).__name__}")
+            _field(message, "role", str)
+            _field(message, "content", str)
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return _ids(tokenizer, text, special=False)
+    return _ids(tokenizer, _field(record, "prompt", str), special=True)
+
+
+def read_numbered_records(path: Path) -> list[tuple[int, dict]]:
+    """A JSONL or parquet file's records with their 1-based line (row) numbers."""
+    return _read_numbered(path)
+
+
 def tokenize_record(
     record: dict, fmt: str, tokenizer, max_seq_length: int
 ) -> tuple[TokenizedRow, bool]:

@@ -19,7 +19,6 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from carpool.workers.adalora import schedule_of
 from carpool.workers.adapter_bank import (
     AdapterBank,
@@ -32,9 +31,9 @@ from carpool.workers.adapter_bank import (
 from carpool.workers.base_model import default_device, default_dtype, load_base, load_tokenizer
 from carpool.workers.batch_layout import check_batch_layout
 from carpool.workers.checkpoint import latest_checkpoint, load_checkpoint
-from carpool.workers.chunked_loss import chunked_token_losses, loss_precision, supports_chunked_loss
+from carpool.workers.chunked_loss import supports_chunked_loss
 from carpool.workers.data_parallel import DataParallel
-from carpool.workers.dataset import IGNORE_INDEX, TokenizedDataset
+from carpool.workers.dataset import TokenizedDataset
 from carpool.workers.dataset_cache import DatasetCache
 from carpool.workers.fused_batch import FusedBatch, StepRow, collate, plan_micro_batches, step_rows
 from carpool.workers.gradient_checkpointing import enable_gradient_checkpointing
@@ -46,6 +45,7 @@ from carpool.workers.job_spec import (
     QuantizationSpec,
 )
 from carpool.workers.peft_format import adapter_from_loaded, export_adapter, read_adapter
+from carpool.workers.position_losses import add_segment_losses, position_losses
 from carpool.workers.quantization import describe
 from carpool.workers.row_attention import packed_unsupported, use_row_attention
 from carpool.workers.training_job import StepReport, TrainingJob
@@ -272,7 +272,7 @@ class Engine:
             with self.bank.route(batch.segments, packed=batch.packed):
                 token_loss = self._forward_loss(batch)
                 token_loss.sum().backward()
-            _add_segment_losses(losses, batch, token_loss)
+            add_segment_losses(losses, batch, token_loss)
         dp = self.data_parallel
         if dp:
             jobs = sorted(jobs, key=lambda j: j.name)  # the same order on every rank
@@ -329,7 +329,7 @@ class Engine:
         for micro in self._micro_batches(rows, filler_job=jobs[0].name):
             batch = collate(micro, self.tokenizer.pad_token_id, self.device, self.packed)
             with self.bank.route(batch.segments, packed=batch.packed):
-                _add_segment_losses(losses, batch, self._forward_loss(batch))
+                add_segment_losses(losses, batch, self._forward_loss(batch))
         if self.data_parallel:
             losses = self.data_parallel.reduce_losses([j.name for j in jobs], losses)
         return {j.name: losses[j.name] for j in jobs}
@@ -376,31 +376,8 @@ class Engine:
         return chunk_tokens
 
     def _forward_loss(self, batch: FusedBatch) -> torch.Tensor:
-        """Each position's loss, already divided by its job-step token count, flattened
-        (call routed). Padding and every row's last position carry no target."""
-        # Padded: right padding under a causal mask, so real tokens never attend to
-        # padding and no attention mask is needed. Packed: row attention keeps rows apart.
-        inputs = {"input_ids": batch.input_ids, "position_ids": batch.position_ids}
-        targets = batch.targets.flatten()
-        # No job adapts the output layer (never a target), so it can be used as a frozen weight.
-        if self.loss_chunk_tokens:
-            decoder = self.base.get_decoder()
-            hidden = decoder(**inputs, use_cache=False).last_hidden_state
-            ce = chunked_token_losses(
-                hidden.flatten(0, 1),
-                self.base.get_output_embeddings(),
-                targets,
-                self.loss_chunk_tokens,
-            )
-        else:
-            logits = self.base(**inputs, use_cache=False).logits
-            ce = F.cross_entropy(
-                loss_precision(logits).flatten(0, 1),
-                targets,
-                ignore_index=IGNORE_INDEX,
-                reduction="none",
-            )
-        return ce * batch.token_scale.flatten()
+        """Each position's loss, scaled by its job-step token count (call routed)."""
+        return position_losses(self.base, batch, self.loss_chunk_tokens)
 
     # -- outputs --------------------------------------------------------------------------
     @torch.no_grad()
@@ -428,14 +405,3 @@ def _job_input(job: str, source: str) -> Iterator[None]:
         yield
     except ValueError as e:
         raise JobInputError(job, source, str(e)) from e
-
-
-def _add_segment_losses(
-    losses: dict[str, float], batch: FusedBatch, token_loss: torch.Tensor
-) -> None:
-    """Sum a micro-batch's position losses into each job's total (one host sync)."""
-    # float64 sums, whatever the dtype.
-    sums = torch.zeros(len(batch.segments), dtype=torch.float64, device=token_loss.device)
-    sums.index_add_(0, batch.token_segment, token_loss.detach().double())
-    for seg, value in zip(batch.segments, sums.tolist(), strict=True):
-        losses[seg.job] += value

@@ -1,0 +1,39 @@
+"""Finished adapters of each kind the engine trains, saved by PEFT itself."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, VeraConfig, get_peft_model
+from transformers import AutoModelForCausalLM
+
+# Each kind the engine trains; random B (init_lora_weights=False) so each adapter changes the base.
+KINDS = {
+    "lora": LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False),
+    "rslora": LoraConfig(
+        r=8, lora_alpha=4, use_rslora=True, target_modules="all-linear", init_lora_weights=False
+    ),
+    "dora": LoraConfig(r=2, target_modules=["o_proj", "down_proj"], use_dora=True, init_lora_weights=False),
+    "vera": VeraConfig(r=16, target_modules=["q_proj", "k_proj"], init_weights=False),
+}  # fmt: skip
+
+
+def float32_base(tiny_base: Path) -> torch.nn.Module:
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_pretrained(tiny_base, dtype=torch.float32).eval()
+
+
+def adapters_of_each_kind(tiny_base: Path, root: Path) -> dict[str, Path]:
+    """{kind: adapter dir}: LoRA, rsLoRA on all linears, DoRA and VeRA, none a no-op."""
+    out = {}
+    for seed, (name, config) in enumerate(KINDS.items()):
+        torch.manual_seed(seed)
+        model = get_peft_model(float32_base(tiny_base), config)
+        with torch.no_grad():  # VeRA's random vectors are small: make its term matter
+            for n, p in model.named_parameters():
+                if "vera_lambda" in n:
+                    p.mul_(4.0)
+        model.save_pretrained(root / name)
+        out[name] = root / name
+    return out
