@@ -19,7 +19,10 @@ from pathlib import Path
 
 # Command modules register their subcommands when imported; each keeps torch out
 # of its top level so `carpool --help` stays fast.
-from carpool.orchestrator import cli_adapters  # noqa: F401  (eval, generate)
+from carpool.orchestrator import (
+    cli_adapters,  # noqa: F401  (eval, generate)
+    cli_merge,  # noqa: F401  (merge)
+)
 from carpool.orchestrator.cli_registry import SUBCOMMANDS, positive_int, subcommand
 
 
