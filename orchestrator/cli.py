@@ -319,7 +319,10 @@ def cmd_fetch(args: argparse.Namespace) -> int:
 
 # Command modules register their subcommands when imported (here, so `carpool --help`
 # lists them after the training and queue commands); none imports torch at its top.
-from carpool.orchestrator import cli_adapters  # noqa: E402, F401  (eval, generate)
+from carpool.orchestrator import (  # noqa: E402
+    cli_adapters,  # noqa: F401  (eval, generate)
+    cli_merge,  # noqa: F401  (merge)
+)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import struct
+from collections.abc import Mapping
 from functools import lru_cache
 from pathlib import Path
 
@@ -73,12 +74,20 @@ def base_fingerprint(name_or_path: str) -> str | None:
     return f"sha256:{digest}"
 
 
-def write_provenance(adapter_dir: str | Path, *, base_model: str, adapter_kind: str) -> None:
-    """Record beside an exported adapter which base it was trained on."""
+def write_provenance(
+    adapter_dir: str | Path,
+    *,
+    base_model: str,
+    adapter_kind: str,
+    details: Mapping[str, object] | None = None,
+) -> None:
+    """Record beside an exported adapter which base it was trained on (and, in `details`,
+    anything else about how it was made, e.g. what a merged adapter was merged from)."""
     record = {
         "base_model": base_model,
         "base_fingerprint": base_fingerprint(base_model),
         "adapter_kind": adapter_kind,
+        **(details or {}),
     }
     (Path(adapter_dir) / PROVENANCE_FILE).write_text(json.dumps(record, indent=2) + "\n")
 
