@@ -19,7 +19,10 @@ from pathlib import Path
 
 # Command modules register their subcommands when imported; each keeps torch out
 # of its top level so `carpool --help` stays fast.
-from carpool.orchestrator import cli_adapters  # noqa: F401  (eval, generate)
+from carpool.orchestrator import (
+    cli_adapters,  # noqa: F401  (eval, generate)
+    cli_history,  # (plot; status --history)
+)
 from carpool.orchestrator.cli_registry import SUBCOMMANDS, positive_int, subcommand
 
 
@@ -179,6 +182,10 @@ def _status_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("job", nargs="?", default=None, help="one job id (default: all)")
     parser.add_argument("--json", action="store_true", help="machine-readable output")
     parser.add_argument("--watch", action="store_true", help="live progress bars until all finish")
+    parser.add_argument(
+        "--history", action="store_true",
+        help="the job's loss history: every logging_steps and every eval",
+    )  # fmt: skip
 
 
 def _fmt(value, spec: str = "") -> str:
@@ -193,6 +200,8 @@ def _fmt(value, spec: str = "") -> str:
 )
 def cmd_status(args: argparse.Namespace) -> int:
     client = _client(args)
+    if args.history:
+        return _history(client, args)
     if args.watch:
         return _watch(client, args.job)
     records = client.status(args.job)
@@ -214,6 +223,18 @@ def cmd_status(args: argparse.Namespace) -> int:
         )
         if r["error"]:
             print(f"  error: {r['error']}")
+    return 0
+
+
+def _history(client, args: argparse.Namespace) -> int:
+    if args.job is None:
+        print("error: --history needs a JOB", file=sys.stderr)
+        return 1
+    entries = client.history(args.job)
+    if args.json:
+        print(json.dumps(entries, indent=2))
+    else:
+        print("\n".join(cli_history.history_table(entries)))
     return 0
 
 
