@@ -514,8 +514,7 @@ def test_history_is_appended_with_progress_and_read_incrementally(queue: JobQueu
     queue.record_progress(job_id, step=20, **progress, history=evaluated, adapter="/a")
 
     assert queue.history(job_id) == _entries(10) + evaluated
-    seen = queue.history(job_id, since=1)
-    assert seen == evaluated  # only what came after the first entry
+    assert queue.history(job_id, since=1) == evaluated  # only what came after the first entry
     assert queue.history(job_id, since=3) == []
     with pytest.raises(UnknownJobError):
         queue.history("nope-1")
