@@ -176,6 +176,10 @@ def _status_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("job", nargs="?", default=None, help="one job id (default: all)")
     parser.add_argument("--json", action="store_true", help="machine-readable output")
     parser.add_argument("--watch", action="store_true", help="live progress bars until all finish")
+    parser.add_argument(
+        "--history", action="store_true",
+        help="the job's loss history: every logging_steps and every eval",
+    )  # fmt: skip
 
 
 def _fmt(value, spec: str = "") -> str:
@@ -190,6 +194,8 @@ def _fmt(value, spec: str = "") -> str:
 )
 def cmd_status(args: argparse.Namespace) -> int:
     client = _client(args)
+    if args.history:
+        return _history(client, args)
     if args.watch:
         return _watch(client, args.job)
     records = client.status(args.job)
@@ -211,6 +217,18 @@ def cmd_status(args: argparse.Namespace) -> int:
         )
         if r["error"]:
             print(f"  error: {r['error']}")
+    return 0
+
+
+def _history(client, args: argparse.Namespace) -> int:
+    if args.job is None:
+        print("error: --history needs a JOB", file=sys.stderr)
+        return 1
+    entries = client.history(args.job)
+    if args.json:
+        print(json.dumps(entries, indent=2))
+    else:
+        print("\n".join(cli_history.history_table(entries)))
     return 0
 
 
@@ -321,6 +339,7 @@ def cmd_fetch(args: argparse.Namespace) -> int:
 # lists them after the training and queue commands); none imports torch at its top.
 from carpool.orchestrator import (  # noqa: E402
     cli_adapters,  # noqa: F401  (eval, generate)
+    cli_history,  # plot; status --history uses its table
     cli_merge,  # noqa: F401  (merge)
 )
 

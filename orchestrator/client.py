@@ -237,6 +237,10 @@ class Client:
         """The job's log lines, skipping the first `since`."""
         return self._call("logs", validate_job_id(job_id), since)
 
+    def history(self, job_id: str, since: int = 0) -> list[dict]:
+        """The job's loss history (HF `log_history` entries), skipping the first `since`."""
+        return self._call("history", validate_job_id(job_id), since)
+
     def follow_logs(self, job_id: str, poll_s: float = 0.5) -> Iterator[str]:
         """Every log line of the job as it is written, until the job is final."""
         seen = 0

@@ -355,6 +355,7 @@ class Controller:
             metrics=metrics,
             checkpoint=r.checkpoint,
             adapter=r.adapter,
+            history=r.history,
         )
         self.metrics.job_progress(r.job, group_id, r)
         if r.adapter is not None:

@@ -5,8 +5,9 @@ two on two CPU cores; see `orchestrator/demo_base.py`), three small datasets
 with held-out rows and their job specs under `demo_out/`, then runs the real
 control plane: `carpool up` (a local Ray head and the controller; state in
 `demo_out/state`), `carpool submit` of the three jobs, live progress
-(`carpool status --watch`), `carpool fetch` of each adapter, greedy answers
-to the held-out prompts from each adapter (loaded through PEFT) beside the
+(`carpool status --watch`), `carpool fetch` of each adapter, `carpool plot`
+of the jobs' loss curves to `demo_out/curves.png`, greedy answers to the
+held-out prompts from each adapter (loaded through PEFT) beside the
 expected ones, and `carpool down`.
 """
 
@@ -265,6 +266,7 @@ def main() -> int:
         for spec, job_id in zip(specs, job_ids, strict=True):
             dirs[spec.stem] = out / spec.stem
             run("fetch", job_id, "--out", str(dirs[spec.stem]))
+        run("plot", *job_ids, "--out", str(root / "curves.png"))  # prints the image's path
         base = yaml.safe_load(specs[0].read_text())["base_model"]
         show_held_out(base, specs, dirs)
         up = False

@@ -30,8 +30,13 @@ from carpool.workers.checkpoint import save_checkpoint
 from carpool.workers.data_parallel import DataParallel
 from carpool.workers.engine import Engine
 from carpool.workers.job_spec import JobSpec, QuantizationSpec
-from carpool.workers.peft_format import export_adapter
-from carpool.workers.rounds import JobOutputs, JobRoundResult, finish_job, run_round
+from carpool.workers.rounds import (
+    JobOutputs,
+    JobRoundResult,
+    export_job,
+    finish_job,
+    run_round,
+)
 from carpool.workers.training_job import TrainingJob
 from carpool.workers.zero3 import base_parameter_bytes, choose_zero_stage
 
@@ -75,7 +80,7 @@ class StoreOutputs:
         uri = self.store.adapter_uri(job.name)
         local = self.store.local_path(uri)
         out = local if local is not None else self.scratch / "export" / job.name
-        export_adapter(job.adapter, out, base_model=job.config.base_model)
+        export_job(job, out)
         if local is None:
             self.store.upload_dir(out, uri)
             shutil.rmtree(out, ignore_errors=True)

@@ -37,7 +37,7 @@ FINAL_STATES: frozenset[JobState] = frozenset(
 # Ids become directory and file names (checkpoints, adapters, logs): nothing
 # that could climb out of a directory or collide on a case-insensitive disk.
 
-SCHEMA_VERSION = 2  # PRAGMA user_version; bump with a step in _MIGRATIONS
+SCHEMA_VERSION = 3  # PRAGMA user_version; bump with a step in _MIGRATIONS
 
 
 class UnknownJobError(KeyError):
@@ -119,6 +119,15 @@ _MIGRATIONS: dict[int, tuple[str, ...]] = {
         "ALTER TABLE jobs ADD COLUMN state_seq INTEGER NOT NULL DEFAULT 0",
         "UPDATE jobs SET state_seq = seq",
         "CREATE INDEX jobs_by_state_seq ON jobs (state_seq)",
+    ),
+    # history: each job's loss history (HF log_history entries), append-only. A job
+    # resumed from a checkpoint redoes the steps after it; their entries are already
+    # here (the same, the run being deterministic), so (job, step, kind) is unique
+    # and the repeat is ignored.
+    3: (
+        "CREATE TABLE history (n INTEGER PRIMARY KEY AUTOINCREMENT, job_id TEXT NOT NULL,"
+        " step INTEGER NOT NULL, kind TEXT NOT NULL, entry TEXT NOT NULL)",
+        "CREATE UNIQUE INDEX history_by_job ON history (job_id, step, kind)",
     ),
 }
 
@@ -261,6 +270,17 @@ class JobQueue:
         # Local time, like `date`: operators read these next to their own clocks.
         return [time.strftime("%Y-%m-%d %H:%M:%S ", time.localtime(t)) + line for t, line in rows]
 
+    def history(self, job_id: str, since: int = 0) -> list[dict]:
+        """The job's history entries in the order kept; `since` skips that many, so a
+        poller passes how many it has (entries are only ever appended)."""
+        with self._lock:
+            self._fetch(self._conn, job_id)
+            rows = self._conn.execute(
+                "SELECT entry FROM history WHERE job_id = ? ORDER BY n LIMIT -1 OFFSET ?",
+                (job_id, max(since, 0)),
+            ).fetchall()
+        return [json.loads(entry) for (entry,) in rows]
+
     # --- writes ---
 
     def submit(self, jobs: Sequence[tuple[str, dict, str, int]]) -> list[str]:
@@ -322,9 +342,10 @@ class JobQueue:
         metrics: dict | None = None,
         checkpoint: str | None = None,
         adapter: str | None = None,
+        history: Sequence[dict] = (),
     ) -> None:
-        """A running job's step: its progress, the checkpoint taken after it and, with
-        `adapter` (its exported adapter), its success.
+        """A running job's step: its progress, its new `history` entries, the checkpoint
+        taken after it and, with `adapter` (its exported adapter), its success.
 
         One transaction: a crash never leaves a job whose final checkpoint is
         recorded still running, to be resumed from a checkpoint with nothing to do.
@@ -343,6 +364,7 @@ class JobQueue:
             if adapter is not None:
                 columns.update(state=JobState.SUCCEEDED.value, group_id=None, error=None)
                 line = f"succeeded: adapter at {adapter}"
+            self._append_history(db, job_id, history)
             self._set(db, job_id, line, **columns)
 
     def record_checkpoint(self, job_id: str, checkpoint: str, step: int) -> None:
@@ -403,6 +425,16 @@ class JobQueue:
     def _next_state_seq(db: sqlite3.Connection) -> int:
         # Inside the write transaction: no other writer can take the same number.
         return db.execute("SELECT COALESCE(MAX(state_seq), 0) + 1 FROM jobs").fetchone()[0]
+
+    @staticmethod
+    def _append_history(db: sqlite3.Connection, job_id: str, entries: Sequence[dict]) -> None:
+        db.executemany(
+            "INSERT OR IGNORE INTO history (job_id, step, kind, entry) VALUES (?, ?, ?, ?)",
+            [
+                (job_id, int(e["step"]), "eval" if "eval_loss" in e else "train", json.dumps(e))
+                for e in entries
+            ],
+        )
 
     @staticmethod
     def _log(db: sqlite3.Connection, job_id: str, line: str) -> None:

@@ -359,6 +359,9 @@ class CarpoolController:
     def logs(self, job_id: str, since: int = 0) -> list[str]:
         return self.queue.logs(job_id, since)
 
+    def history(self, job_id: str, since: int = 0) -> list[dict]:
+        return self.queue.history(job_id, since)
+
     def shutdown(self) -> None:
         """Stop the loop, checkpoint running jobs back into the queue, stop the groups."""
         self._stop.set()

@@ -111,6 +111,7 @@ CASES: list[tuple[str, Case, str, str]] = [
     ("seq-too-short", _set("training.max_seq_length", 1), "training.max_seq_length", "greater than or equal to 2"),
     ("scheduler-unknown", _set("training.lr_scheduler_type", "step"), "training.lr_scheduler_type", "constant"),
     ("save-steps-zero", _set("training.save_steps", 0), "training.save_steps", "greater than or equal to 1"),
+    ("logging-steps-zero", _set("training.logging_steps", 0), "training.logging_steps", "greater than or equal to 1"),
     ("name-bad-chars", _set("name", "Bad Name!"), "name", "a-z"),
     ("name-too-long", _set("name", "a" * 65), "name", "64"),
     ("base-missing", _set("base_model", "/nonexistent/model"), "base_model", "no such"),

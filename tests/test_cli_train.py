@@ -15,7 +15,9 @@ from carpool.orchestrator.demo_base import Recipe
 from carpool.orchestrator.validation import validate_files
 from carpool.workers.peft_format import read_adapter
 from peft import PeftModel
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, TrainerState
+
+FILES = ("adapter_model.safetensors", "trainer_state.json")
 
 
 def write_spec(path: Path, **fields) -> Path:
@@ -49,11 +51,18 @@ def test_train_writes_a_peft_adapter_per_job(
         )
         assert any("lora_A" in n for n, _ in model.named_parameters())
     assert sorted(p.name for p in (ckpt / "job-b").iterdir()) == ["step-00000002", "step-00000003"]
+    # Beside each adapter its history, as HF's Trainer writes it: the last step is logged.
+    state = TrainerState.load_from_json(str(out / "job-b" / "trainer_state.json"))
+    assert (state.global_step, [e["step"] for e in state.log_history]) == (3, [3])
 
     # A rerun resumes finished jobs from their checkpoints and trains nothing more.
-    before = (out / "job-b" / "adapter_model.safetensors").read_bytes()
+    before = {f: (out / "job-b" / f).read_bytes() for f in FILES}
     assert main(["train", str(b), "--out", str(out), "--checkpoint-dir", str(ckpt)]) == 0
-    assert (out / "job-b" / "adapter_model.safetensors").read_bytes() == before
+    assert {f: (out / "job-b" / f).read_bytes() for f in FILES} == before
+
+    curves = tmp_path / "curves.png"
+    assert main(["plot", str(out / "job-a"), str(out / "job-b"), "--out", str(curves)]) == 0
+    assert curves.read_bytes().startswith(b"\x89PNG")
 
 
 def test_train_refuses_bad_specs_before_any_work(

@@ -182,6 +182,7 @@ class FakeGroup:
                     else None,
                     adapter=adapter_uri(job_id) if done else None,
                     eval_loss=job.eval_loss(),
+                    history=({"loss": 1.0 / job.step, "step": job.step},),  # logged every step
                 )
             )
         return results
@@ -492,6 +493,18 @@ def test_group_failure_requeues_its_jobs_to_resume_from_their_last_checkpoint(
         record = queue.get(job_id)
         assert (record.state, record.step, record.attempts) == (SUCCEEDED, 5, 2)
     assert retry.rounds == 3  # steps 3..5: nothing before the checkpoint was redone
+
+
+def test_history_of_steps_redone_after_a_group_failure_is_recorded_once(
+    queue, factory, spec
+) -> None:
+    factory.fail_group(0, at_round=4)
+    controller = make_controller(queue, factory)
+    (a,) = controller.submit([spec("a", steps=5, save_steps=2)])
+    run_to_end(controller)  # steps 1-3, the failure, then steps 3-5 from the checkpoint
+
+    assert queue.get(a).state == SUCCEEDED
+    assert queue.history(a) == [{"loss": 1.0 / step, "step": step} for step in range(1, 6)]
 
 
 def test_group_failure_with_attempts_exhausted_fails_the_job(queue, factory, spec) -> None:

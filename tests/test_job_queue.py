@@ -13,6 +13,7 @@ import pytest
 from carpool.orchestrator.job_ids import validate_job_id
 from carpool.orchestrator.job_queue import (
     FINAL_STATES,
+    SCHEMA_VERSION,
     InvalidTransitionError,
     JobQueue,
     JobState,
@@ -493,5 +494,70 @@ def test_a_queue_file_of_schema_1_is_migrated_in_place(tmp_path: Path) -> None:
     with JobQueue(path) as q:  # reopening a migrated file changes nothing
         assert [r.id for r in q.changed_since(0)] == ["b-1", "c-1", "a-1", d]
     db = sqlite3.connect(path)
-    assert db.execute("PRAGMA user_version").fetchone()[0] == 2
+    assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+    db.close()
+
+
+def _entries(*steps: int) -> list[dict]:
+    return [{"loss": 1.0 / s, "step": s, "epoch": s / 10} for s in steps]
+
+
+def test_history_is_appended_with_progress_and_read_incrementally(queue: JobQueue) -> None:
+    job_id, other = one(queue), one(queue, "other")
+    for j in (job_id, other):
+        queue.mark_running(j, "g")
+    assert queue.history(job_id) == []
+    progress = dict(total_steps=20, loss=1.0, tokens_per_second=1.0)
+    queue.record_progress(job_id, step=10, **progress, history=_entries(10))
+    queue.record_progress(other, step=10, **progress, history=_entries(10))
+    evaluated = [*_entries(20), {"eval_loss": 0.5, "step": 20, "epoch": 2.0}]
+    queue.record_progress(job_id, step=20, **progress, history=evaluated, adapter="/a")
+
+    assert queue.history(job_id) == _entries(10) + evaluated
+    assert queue.history(job_id, since=1) == evaluated  # only what came after the first entry
+    assert queue.history(job_id, since=3) == []
+    with pytest.raises(UnknownJobError):
+        queue.history("nope-1")
+
+
+def test_history_of_steps_redone_after_a_requeue_is_kept_once(queue: JobQueue) -> None:
+    job_id = job_in(queue, R)
+    progress = dict(total_steps=40, loss=1.0, tokens_per_second=1.0)
+    queue.record_progress(job_id, step=10, **progress, history=_entries(10), checkpoint="/c")
+    queue.record_progress(job_id, step=20, **progress, history=_entries(20))
+    queue.requeue(job_id, "group lost")  # resumes at step 10: step 20 is trained again
+    queue.mark_running(job_id, "g2")
+    queue.record_progress(job_id, step=20, **progress, history=_entries(20))
+    queue.record_progress(job_id, step=30, **progress, history=_entries(30))
+    assert [e["step"] for e in queue.history(job_id)] == [10, 20, 30]
+
+
+_MIGRATION_2 = """
+ALTER TABLE jobs ADD COLUMN state_seq INTEGER NOT NULL DEFAULT 0;
+UPDATE jobs SET state_seq = seq;
+CREATE INDEX jobs_by_state_seq ON jobs (state_seq);
+PRAGMA user_version = 2;
+"""
+
+
+def test_a_queue_file_of_schema_2_gains_an_empty_history_in_place(tmp_path: Path) -> None:
+    path = tmp_path / "queue.db"
+    db = sqlite3.connect(path)
+    db.executescript(_SCHEMA_1 + _MIGRATION_2)
+    db.execute(
+        "INSERT INTO jobs (id, name, spec, base_model, priority, state, submitted_at,"
+        " updated_at, state_seq) VALUES ('a-1', 'a', '{}', 'm', 0, 'running', 1.0, 1.0, 1)"
+    )
+    db.commit()
+    db.close()
+
+    with JobQueue(path) as q:
+        assert q.get("a-1").state == R and q.history("a-1") == []
+        q.record_progress(
+            "a-1", step=10, total_steps=20, loss=1.0, tokens_per_second=1.0, history=_entries(10)
+        )
+    with JobQueue(path) as q:  # reopening a migrated file changes nothing
+        assert q.history("a-1") == _entries(10)
+    db = sqlite3.connect(path)
+    assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 3
     db.close()

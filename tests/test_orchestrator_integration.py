@@ -16,6 +16,7 @@ from carpool.orchestrator.cli import main
 from carpool.orchestrator.client import Client
 from carpool.orchestrator.job_queue import JobQueue, JobState
 from carpool.workers.tiny_base import build_tiny_base
+from carpool.workers.training_history import read_log_history
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
@@ -91,6 +92,14 @@ def test_jobs_queue_group_cancel_and_metrics(
         assert evaluated["learning_rate"] == 1e-2 and evaluated["grad_norm"] > 0
         assert evaluated["tokens_seen"] > 0
         assert sum("eval_loss" in line for line in client.logs(ids["b"])) == 2
+        # b's history: in the queue, and beside its fetched adapter as trainer_state.json.
+        history = client.history(ids["b"])
+        assert [(e["step"], "eval_loss" in e) for e in history] == [
+            (4, True),
+            (8, False),
+            (8, True),
+        ]
+        assert read_log_history(tmp_path / "fetched" / "b") == history
         # ...and on the Ray node's Prometheus endpoint, read while b's series is fresh:
         # Ray exports every few seconds, and a gauge no job updates any more may not
         # outlive the rest of this test.

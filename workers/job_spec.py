@@ -346,6 +346,9 @@ class TrainingSpec(_SpecModel):
     shuffle: bool = True
     seed: StrictInt = 0
     save_steps: StrictInt = Field(50, ge=1)
+    # Keep a history entry (mean loss since the last one, LR, grad norm) every N steps
+    # and at the last step, as HF's Trainer fills log_history.
+    logging_steps: StrictInt = Field(10, ge=1)
     # With eval_dataset: evaluate every N steps and at the end (default: at the end).
     eval_steps: StrictInt | None = Field(None, ge=1)
 

@@ -22,6 +22,7 @@ from typing import Protocol
 from carpool.workers.checkpoint import save_checkpoint
 from carpool.workers.engine import Engine
 from carpool.workers.peft_format import export_adapter
+from carpool.workers.training_history import write_trainer_state
 from carpool.workers.training_job import TrainingJob
 
 
@@ -54,6 +55,7 @@ class JobRoundResult:
     eval_loss: float | None = None  # loss on the job's eval rows, when it was evaluated
     checkpoint: str | None = None  # where the checkpoint taken after this step went
     adapter: str | None = None  # where the finished job's adapter went
+    history: tuple[dict, ...] = ()  # the job's history entries kept in this round (log_history)
 
     @property
     def done(self) -> bool:
@@ -63,13 +65,17 @@ class JobRoundResult:
 def run_round(engine: Engine, outputs: JobOutputs | None) -> list[JobRoundResult]:
     """One round for every active job; `outputs` None writes nothing (a non-leader rank)."""
     started = time.perf_counter()
+    kept = {name: len(job.history.entries) for name, job in engine.jobs.items()}
     reports = engine.train_round()
     # After the update, so an evaluation at step N sees the adapter of step N.
     eval_losses = engine.evaluate([name for name in reports if engine.jobs[name].eval_due])
+    for name, loss in eval_losses.items():  # before any checkpoint: it holds the history
+        engine.jobs[name].record_eval(loss)
     seconds = max(time.perf_counter() - started, 1e-9)
     results = []
     for name, report in reports.items():
         job = engine.jobs[name]
+        history = tuple(job.history.entries[kept.get(name, 0) :])
         checkpoint = adapter = None
         if report.error is not None:
             engine.remove_job(name)
@@ -93,6 +99,7 @@ def run_round(engine: Engine, outputs: JobOutputs | None) -> list[JobRoundResult
                 eval_loss=eval_losses.get(name),
                 checkpoint=checkpoint,
                 adapter=adapter,
+                history=history,
             )
         )
     return results
@@ -127,5 +134,11 @@ class LocalOutputs:
         return str(save_checkpoint(job, self.checkpoints / job.name, self.keep_checkpoints))
 
     def export_adapter(self, job: TrainingJob) -> str:
-        out = self.adapters / job.name
-        return str(export_adapter(job.adapter, out, base_model=job.config.base_model))
+        return str(export_job(job, self.adapters / job.name))
+
+
+def export_job(job: TrainingJob, out: Path) -> Path:
+    """The job's PEFT adapter in `out`, with its history as HF's `trainer_state.json`."""
+    export_adapter(job.adapter, out, base_model=job.config.base_model)
+    write_trainer_state(out, job.trainer_state())
+    return out

@@ -17,6 +17,7 @@ from carpool.workers.adapter_bank import JobAdapter
 from carpool.workers.dataset import TokenizedDataset, TokenizedRow
 from carpool.workers.job_spec import JobSpec
 from carpool.workers.lr_schedule import lr_multiplier
+from carpool.workers.training_history import StepRecord, TrainingHistory, trainer_state
 from torch.optim.lr_scheduler import LambdaLR
 
 
@@ -93,6 +94,7 @@ class TrainingJob:
         self.tokens_seen = 0
         self.last_loss: float | None = None
         self.error: str | None = None  # set when the job failed of its own fault
+        self.history = TrainingHistory(t.logging_steps, self.total_steps)
         self._order_epoch = -1
         self._order: list[int] = []
 
@@ -120,6 +122,30 @@ class TrainingJob:
             f"to max_seq_length={limit}"
             for what, data in (("dataset", self.dataset), ("eval_dataset", self.eval_dataset))
             if data is not None and data.truncated_rows
+        )
+
+    @property
+    def epoch(self) -> float:
+        """Epochs done, fractional (the Trainer's `epoch`): rows consumed over rows."""
+        return self.rows_consumed / len(self.dataset.rows)
+
+    def record_eval(self, eval_loss: float) -> None:
+        """Keep an evaluation of the adapter after the current step in the history."""
+        self.history.record_eval(self.step, self.epoch, eval_loss)
+
+    def trainer_state(self) -> dict:
+        """HF's `trainer_state.json` fields for the job as it is now."""
+        t = self.config.training
+        return trainer_state(
+            self.history.entries,
+            global_step=self.step,
+            max_steps=self.total_steps,
+            epoch=self.epoch,
+            logging_steps=t.logging_steps,
+            eval_steps=t.eval_steps,
+            save_steps=t.save_steps,
+            train_batch_size=t.batch_size,
+            num_input_tokens_seen=self.tokens_seen,
         )
 
     @property
@@ -205,6 +231,16 @@ class TrainingJob:
         tokens = sum(len(r.input_ids) for r in rows)
         self.tokens_seen += tokens
         self.last_loss = loss
+        self.history.record_step(
+            StepRecord(
+                step=self.step,
+                loss=loss,
+                learning_rate=lr,
+                grad_norm=grad_norm,
+                epoch=self.epoch,
+                tokens_seen=self.tokens_seen,
+            )
+        )
         return StepReport(
             job=self.name,
             step=self.step,
@@ -230,6 +266,7 @@ class TrainingJob:
             "last_loss": self.last_loss,
             "optimizer": self.optimizer.state_dict(),
             "scheduler": scheduler,
+            "history": self.history.state_dict(),
             **({"adalora": self.adapter.adalora.state_dict()} if self.adapter.adalora else {}),
         }
 
@@ -238,6 +275,8 @@ class TrainingJob:
         self.rows_consumed = int(state["rows_consumed"])
         self.tokens_seen = int(state["tokens_seen"])
         self.last_loss = state["last_loss"]
+        if "history" in state:  # checkpoints from before histories resume with none
+            self.history.load_state_dict(state["history"])
         self.optimizer.load_state_dict(state["optimizer"])
         if self.adapter.adalora is not None:
             self.adapter.adalora.load_state_dict(state["adalora"])
