@@ -41,9 +41,11 @@ def peft_model_with(base_path: Path, config: JobSpec, init: dict[str, torch.Tens
     if config.base_quantization is None:
         base = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32)
     else:
+        compute = config.base_quantization.bnb_4bit_compute_dtype
         base = AutoModelForCausalLM.from_pretrained(
             base_path,
-            dtype=torch.float32,
+            # A bf16-compute QLoRA user loads the rest of the base in bf16 too.
+            dtype=torch.bfloat16 if compute == "bfloat16" else torch.float32,
             device_map={"": "cpu"},
             quantization_config=BitsAndBytesConfig(
                 load_in_4bit=True,
