@@ -5,7 +5,7 @@ targets and scaling (`workers.peft_format`), so a spec that says otherwise
 would be silently overruled. Here, before anything is queued:
 
 - the adapter must be of the job's kind (a LORA job starts from LoRA or DoRA,
-  a VERA job from VeRA) and its tensors must fit the base's modules, shape
+  a VERA job from VeRA, an ADALORA job from AdaLoRA) and its tensors must fit the base's modules, shape
   for shape;
 - each field that defines the adapter (`DEFINING_FIELDS`) must agree with the
   adapter's value; a field the spec leaves out takes the adapter's value,
@@ -13,6 +13,10 @@ would be silently overruled. Here, before anything is queued:
   `lora_dropout` or `freeze_lora_A` are the spec's to make. A VERA job's
   defining fields are r, target_modules, projection_prng_key, d_initial and
   save_projection; its vera_dropout is taken from the adapter only when left out.
+  An ADALORA job's are init_r, target_r, lora_alpha, target_modules and the
+  schedule (tinit, tfinal, deltaT, beta1, beta2, total_step: PEFT's config after
+  loading); its lora_dropout and orth_reg_weight are taken only when left out.
+  Its ranks stay the saved pattern's (`workers.adalora_format` says why).
 
 `target_modules` agree when they select the same modules of the base: the
 adapter's are the modules it has weights for, whatever its config spells
@@ -30,8 +34,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from carpool.orchestrator.parsed_fields import ParsedFields
+from carpool.workers.adalora_format import AdaLoraHeader, adalora_misfit, read_adalora_header
 from carpool.workers.base_model import match_target_modules, unmatched_targets
-from carpool.workers.job_spec import VERA_ONLY
+from carpool.workers.job_spec import ADALORA_ONLY, LORA_AND_ADALORA, VERA_ONLY
 from carpool.workers.lora_patterns import pattern_value
 from carpool.workers.peft_format import (
     AdapterFormatError,
@@ -77,6 +82,8 @@ def check_init_from(
     """
     if adapter.get("peft_type") == "VERA":
         return _check_vera(adapter, base_shapes)
+    if adapter.get("peft_type") == "ADALORA":
+        return _check_adalora(adapter, base_shapes)
     check = InitFromCheck()
     try:
         header = read_adapter_header(adapter.get("init_from"))
@@ -115,11 +122,37 @@ def _check_vera(
     return check
 
 
+def _check_adalora(
+    adapter: ParsedFields, base_shapes: dict[str, tuple[int, int]] | None
+) -> InitFromCheck:
+    """As for VeRA, with AdaLoraConfig's fields; lora_dropout and orth_reg_weight are the
+    spec's training choices, taken from the adapter only when left out."""
+    check = InitFromCheck()
+    try:
+        header = read_adalora_header(adapter.get("init_from"))
+    except AdapterFormatError as e:
+        check.problems.append((_FIELD, str(e)))
+        return check
+    misfit = adalora_misfit(header, base_shapes) if base_shapes is not None else None
+    quiet = {**ADALORA_ONLY, **LORA_AND_ADALORA}
+    _compare(check, adapter, _adalora_declared, header, misfit, base_shapes, quiet, {})
+    chosen = {
+        "lora_dropout": header.lora_dropout,
+        "orth_reg_weight": header.schedule.orth_reg_weight,
+    }
+    for key, value in chosen.items():
+        if key not in adapter.given and value != quiet[key]:
+            check.taken[key] = value
+            note = f"not in the spec; taken from init_from: {_show(value)}"
+            check.notes.append((f"adapter.{key}", note))
+    return check
+
+
 def _compare(
     check: InitFromCheck,
     adapter: ParsedFields,
     declare: Callable[[Any, Sequence[str]], dict[str, Any]],
-    header: AdapterHeader | VeraHeader,
+    header: AdapterHeader | VeraHeader | AdaLoraHeader,
     misfit: str | None,
     base_shapes: dict[str, tuple[int, int]] | None,
     quiet: dict[str, Any],
@@ -168,6 +201,23 @@ def _vera_declared(header: VeraHeader, universe: Sequence[str]) -> dict[str, Any
         "projection_prng_key": header.projection_prng_key,
         "d_initial": header.d_initial,
         "save_projection": header.save_projection,
+    }
+
+
+def _adalora_declared(header: AdaLoraHeader, universe: Sequence[str]) -> dict[str, Any]:
+    """An AdaLoRA adapter's defining fields, as a spec would write them."""
+    s = header.schedule
+    return {
+        "init_r": s.init_r,
+        "target_r": s.target_r,
+        "lora_alpha": header.lora_alpha,
+        "target_modules": _target_names(list(header.shapes), universe),
+        "tinit": s.tinit,
+        "tfinal": s.tfinal,
+        "deltaT": s.deltaT,
+        "beta1": s.beta1,
+        "beta2": s.beta2,
+        "total_step": s.total_step,
     }
 
 

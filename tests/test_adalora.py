@@ -4,7 +4,10 @@ Fused training of an AdaLoRA job beside a plain LoRA job equals PEFT's own
 single-job AdaLoRA loop (orthogonality penalty in the loss, `update_and_allocate`
 after each step) with ranks actually pruned; alone, beside others, split into
 micro-batches and resumed from a checkpoint end the same; the export loads in
-PEFT with the same logits; schema errors name the field.
+PEFT with the same logits; schema errors name the field. A job started from a
+saved AdaLoRA adapter (carpool's or PEFT's) trains as PEFT continues it after
+`from_pretrained(is_trainable=True)`: its saved ranks fixed (PEFT's allocator
+cannot run on a loaded adapter, pinned below); a finished one gives PEFT's logits.
 """
 
 from __future__ import annotations
@@ -15,19 +18,26 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from carpool.orchestrator.controller import adapter_memory_bytes
-from carpool.orchestrator.validation import check_spec
+from carpool.orchestrator.validation import check_spec, validate_files
 from carpool.workers.base_model import linear_module_shapes
 from carpool.workers.checkpoint import save_checkpoint
 from carpool.workers.engine import Engine
+from carpool.workers.finished_adapters import load_finished_adapter
 from carpool.workers.job_spec import AdapterSpec, JobInputError, JobSpec, adapter_variant
-from peft import PeftModel
+from peft import AdaLoraConfig, PeftModel, get_peft_model
 from pydantic import ValidationError
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from tests.helpers.jobs import job
-from tests.helpers.peft_reference import max_relative_difference, train_reference
+from tests.helpers.peft_reference import (
+    max_relative_difference,
+    pad_rows,
+    train_loaded_reference,
+    train_reference,
+)
 from tests.helpers.round_driver import train_to_end
 from tests.helpers.two_ranks import train_on_one_rank, train_on_two_ranks
 
@@ -182,9 +192,9 @@ def test_errors_name_the_field(tiny_base: Path, datasets: dict[str, Path]) -> No
     )
     raw = bad.model_dump(mode="json", exclude_unset=True)
     problems = check_spec(raw, "ada.yaml")
-    assert {p.field for p in problems} == {"adapter.init_from"}, problems
-    assert any("PEFT cannot continue training a saved AdaLoRA" in p.message for p in problems)
-    with pytest.raises(JobInputError, match="init_from is not supported for peft_type ADALORA"):
+    assert [p.field for p in problems] == ["adapter.init_from"], problems
+    assert "not a directory" in problems[0].message
+    with pytest.raises(JobInputError, match="init_from"):
         Engine(str(tiny_base), device="cpu").add_job(bad)
 
 
@@ -203,3 +213,156 @@ def test_two_ranks_equal_one(tiny_base: Path, datasets: dict[str, Path], tmp_pat
     expected = train_on_one_rank(tiny_base, configs, prepare)["ada"]
     assert max_relative_difference(expected, ranks[0]["ada"]) <= 1e-9
     assert all(torch.equal(ranks[0]["ada"][k], ranks[1]["ada"][k]) for k in expected)
+
+
+def peft_saved_adalora(base: Path, rows: list, pad_id: int, out: Path) -> Path:
+    """An AdaLoRA adapter PEFT trained through its whole schedule (ranks pruned) and saved."""
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    config = AdaLoraConfig(**ADALORA, target_modules=TARGETS, task_type="CAUSAL_LM")
+    model = get_peft_model(model, config)
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_E" in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-2)
+    for step in range(STEPS):
+        model(**pad_rows(rows[2 * step : 2 * step + 2], pad_id)).loss.backward()
+        opt.step()
+        model.base_model.update_and_allocate(step)
+        opt.zero_grad()
+    model.save_pretrained(str(out))
+    return out
+
+
+def continued_job(base: Path, data: Path, init_from: Path, steps: int = 4) -> JobSpec:
+    adapter = AdapterSpec(**ADALORA, target_modules=TARGETS, init_from=init_from)
+    return job("next", base, data, adapter, learning_rate=2e-2, max_steps=steps, batch_size=2)
+
+
+def test_init_from_carpool_export_continues_like_peft(
+    tiny_base: Path, datasets: dict[str, Path], tmp_path: Path
+) -> None:
+    engine = Engine(str(tiny_base), device="cpu")
+    engine.add_job(adalora_job(tiny_base, datasets["text"]))
+    perturb(engine, "ada", seed=3)
+    while engine.active_jobs():
+        engine.train_round()
+    out = engine.export("ada", tmp_path / "out")
+    saved_config = json.loads((out / "adapter_config.json").read_text())
+    # A spec leaving the adapter's fields out takes them, each noted; a differing one is
+    # reported on its field.
+    adapter = AdapterSpec(peft_type="ADALORA", init_from=out, target_modules=TARGETS)
+    spec = job("next", tiny_base, datasets["messages"], adapter, learning_rate=2e-2, max_steps=4)
+    raw = spec.model_dump(mode="json", exclude_unset=True)
+    path = tmp_path / "next.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    notes: list = []
+    [config] = validate_files([path], notes)
+    a = config.adapter
+    assert (a.init_r, a.target_r, a.tinit, a.tfinal, a.total_step, a.lora_alpha) == (
+        4,
+        2,
+        1,
+        2,
+        STEPS,
+        8,
+    )
+    assert {"adapter.init_r", "adapter.total_step", "adapter.lora_alpha"} <= {
+        n.field for n in notes
+    }, notes
+    conflicting = {**raw, "adapter": {**raw["adapter"], "init_r": 6, "total_step": STEPS}}
+    problems = check_spec(conflicting, "next.yaml")
+    assert [p.field for p in problems] == ["adapter.init_r"], problems
+    assert "conflicts with init_from's init_r 4" in problems[0].message
+
+    engine = Engine(str(tiny_base), device="cpu")
+    engine.add_job(config)
+    saved = load_file(str(out / "adapter_model.safetensors"))
+    start = {k: v.clone() for k, v in engine.jobs["next"].adapter.named_tensors().items()}
+    assert {f"base_model.model.{k}" for k in start} == set(saved)
+    for key, tensor in start.items():  # the kept ranks only, as PEFT resizes them
+        assert torch.equal(tensor, saved[f"base_model.model.{key}"]), key
+    while engine.active_jobs():
+        engine.train_round()
+    rows = list(engine.jobs["next"].dataset.rows)
+    pad = engine.tokenizer.pad_token_id
+    expected = train_loaded_reference(tiny_base, config, rows, out, 4, pad)
+    got = engine.jobs["next"].adapter.named_tensors()
+    assert max_relative_difference(expected, got) <= 1e-4
+    assert max_relative_difference(start, got) > 1e-3
+    # Its export keeps the loaded pattern and kept ranks, as PEFT's save_pretrained does.
+    again = engine.export("next", tmp_path / "again")
+    again_config = json.loads((again / "adapter_config.json").read_text())
+    assert again_config["rank_pattern"] == saved_config["rank_pattern"]
+    again_saved = load_file(str(again / "adapter_model.safetensors"))
+    assert {k: v.shape for k, v in again_saved.items()} == {k: v.shape for k, v in saved.items()}
+
+
+def test_init_from_peft_saved_continues_like_peft_and_resumes(
+    tiny_base: Path, datasets: dict[str, Path], tmp_path: Path
+) -> None:
+    engine = Engine(str(tiny_base), device="cpu")
+    pad = engine.tokenizer.pad_token_id
+    engine.add_job(adalora_job(tiny_base, datasets["text"]))
+    rows = list(engine.jobs["ada"].dataset.rows)
+    out = peft_saved_adalora(tiny_base, rows, pad, tmp_path / "peft")
+    pattern = json.loads((out / "adapter_config.json").read_text())["rank_pattern"]
+    assert any(sum(keep) < 4 for keep in pattern.values())  # some ranks were pruned
+    config = continued_job(tiny_base, datasets["messages"], out)
+
+    def train(resume: bool) -> tuple[dict[str, torch.Tensor], list]:
+        engine = Engine(str(tiny_base), device="cpu")
+        engine.add_job(config)
+        if resume:
+            train_to_end(engine, max_rounds=2)
+            save_checkpoint(engine.jobs["next"], tmp_path / "ckpt")
+            engine = Engine(str(tiny_base), device="cpu")
+            engine.add_job(config, resume_from=tmp_path / "ckpt")
+        finished = train_to_end(engine)["next"]
+        return finished.adapter.named_tensors(), list(finished.dataset.rows)
+
+    got, messages = train(resume=False)
+    expected = train_loaded_reference(tiny_base, config, messages, out, 4, pad)
+    assert max_relative_difference(expected, got) <= 1e-4
+    assert max_relative_difference(got, train(resume=True)[0]) <= 1e-6
+
+
+def test_peft_cannot_allocate_after_loading(
+    tiny_base: Path, datasets: dict[str, Path], tmp_path: Path
+) -> None:
+    """Why a started-from adapter keeps its ranks: past total_step - tfinal, PEFT's allocator
+    masks with the saved init_r-long pattern, which no longer fits the resized E."""
+    engine = Engine(str(tiny_base), device="cpu")
+    pad = engine.tokenizer.pad_token_id
+    engine.add_job(adalora_job(tiny_base, datasets["text"]))
+    rows = list(engine.jobs["ada"].dataset.rows)
+    out = peft_saved_adalora(tiny_base, rows, pad, tmp_path / "peft")
+    base = AutoModelForCausalLM.from_pretrained(tiny_base, dtype=torch.float32)
+    model = PeftModel.from_pretrained(base, str(out), is_trainable=True)
+    assert model.base_model.rankallocator.init_bgt == 4 * len(
+        model.peft_config["default"].rank_pattern
+    )
+    model(**pad_rows(rows[:2], pad)).loss.backward()
+    with pytest.raises(RuntimeError):
+        model.base_model.update_and_allocate(STEPS)
+
+
+def test_finished_adapter_gives_peft_logits(
+    tiny_base: Path, datasets: dict[str, Path], tmp_path: Path
+) -> None:
+    engine = Engine(str(tiny_base), device="cpu")
+    engine.add_job(adalora_job(tiny_base, datasets["text"]))
+    rows = list(engine.jobs["ada"].dataset.rows)
+    out = peft_saved_adalora(tiny_base, rows, engine.tokenizer.pad_token_id, tmp_path / "peft")
+    adapter = load_finished_adapter(engine.base, "done", out)
+    assert adapter.dropout == 0.0
+    engine.bank.add(adapter)
+    base = AutoModelForCausalLM.from_pretrained(tiny_base, dtype=torch.float32)
+    peft_model = PeftModel.from_pretrained(base, out).eval()
+    ids = torch.randint(3, 200, (2, 9))
+    with torch.no_grad():
+        expected = peft_model(input_ids=ids).logits
+        without = engine.base(input_ids=ids).logits
+    assert (expected - without).abs().max() > 1e-3  # the adapter does change the logits
+    torch.testing.assert_close(engine.logits("done", ids), expected, rtol=1e-5, atol=1e-5)

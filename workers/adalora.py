@@ -126,6 +126,10 @@ class RankAllocator:
     exp_avg_unc: dict[str, torch.Tensor] = field(default_factory=dict)
     # "<module>.lora_E" -> kept ranks, once a mask was applied (PEFT's config.rank_pattern)
     rank_pattern: dict[str, list[bool]] | None = None
+    # Started from a saved adapter (init_from): its modules hold the kept ranks only and
+    # `rank_pattern` is the saved one. PEFT's allocator cannot continue such an adapter (see
+    # `carpool.workers.adalora_format`), so nothing is scored or pruned: the ranks stay fixed.
+    fixed: bool = False
 
     def budget(self, modules: dict[str, AdaLoraWeights], step: int) -> tuple[int, bool]:
         """(rank budget, whether to mask) at `step`: a cubic fall from the initial total to
@@ -183,6 +187,8 @@ class RankAllocator:
     def update_and_allocate(self, modules: dict[str, AdaLoraWeights], step: int) -> None:
         """PEFT's `AdaLoraModel.update_and_allocate(step)`: after the optimizer step,
         before zero_grad, with `step` counted from 0."""
+        if self.fixed:
+            return
         final = self.schedule.total_step - self.schedule.tfinal
         if step < final:
             self._update_ipt(modules)

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 from carpool.workers.adalora import schedule_of
+from carpool.workers.adalora_format import adalora_adapter_from_loaded, read_adalora_adapter
 from carpool.workers.adapter_bank import (
     AdapterBank,
     JobAdapter,
@@ -38,7 +39,6 @@ from carpool.workers.dataset_cache import DatasetCache
 from carpool.workers.fused_batch import FusedBatch, StepRow, collate, plan_micro_batches, step_rows
 from carpool.workers.gradient_checkpointing import enable_gradient_checkpointing
 from carpool.workers.job_spec import (
-    INIT_FROM_REFUSED,
     DatasetSpec,
     JobInputError,
     JobSpec,
@@ -193,8 +193,16 @@ class Engine:
             # DoRA's weight norm reads each module's whole weight, which ZeRO-3 partitions.
             raise ValueError("use_dora: DoRA is not supported on a base partitioned by ZeRO-3")
         if a.peft_type == "ADALORA":
-            if a.init_from is not None:
-                raise ValueError(INIT_FROM_REFUSED)
+            if a.init_from is not None:  # its saved ranks, fixed: see adalora_format
+                loaded = read_adalora_adapter(a.init_from)
+                return adalora_adapter_from_loaded(
+                    self.base,
+                    config.name,
+                    loaded,
+                    dropout=a.lora_dropout,
+                    seed=seed,
+                    orth_reg_weight=a.orth_reg_weight,
+                )
             return new_adalora_adapter(
                 self.base,
                 config.name,

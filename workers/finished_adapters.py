@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from carpool.workers.adalora_format import adalora_adapter_from_loaded, read_adalora_adapter
 from carpool.workers.adapter_bank import JobAdapter
 from carpool.workers.peft_format import (
     AdapterFormatError,
@@ -20,7 +21,7 @@ from carpool.workers.peft_format import (
 from carpool.workers.vera_format import read_vera_adapter, vera_adapter_from_loaded
 from torch import nn
 
-KINDS = ("LORA", "VERA")
+KINDS = ("LORA", "VERA", "ADALORA")
 
 
 def peft_type_of(path: str | Path) -> str:
@@ -45,4 +46,7 @@ def load_finished_adapter(base: nn.Module, name: str, path: str | Path) -> JobAd
     kind = peft_type_of(path)
     if kind == "VERA":
         return vera_adapter_from_loaded(base, name, read_vera_adapter(path), dropout=0.0, seed=0)
+    if kind == "ADALORA":
+        loaded = read_adalora_adapter(path)
+        return adalora_adapter_from_loaded(base, name, loaded, dropout=0.0, seed=0)
     return adapter_from_loaded(base, name, read_adapter(path), dropout=0.0, seed=0)

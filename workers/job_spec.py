@@ -59,16 +59,6 @@ class JobInputError(ValueError):
         return f"{self.source}: {self.reason}"
 
 
-# PEFT shrinks a loaded AdaLoRA adapter's modules to the kept ranks, but its RankAllocator
-# keeps the init_r budget (its kthvalue then ranks fewer scores than it prunes) and its
-# init_r-long rank_pattern no longer fits E, so PEFT's own continued training is undefined.
-INIT_FROM_REFUSED = (
-    "init_from is not supported for peft_type ADALORA: PEFT cannot continue training a saved "
-    "AdaLoRA adapter (it loads the pruned ranks but its rank allocator keeps the init_r budget "
-    "and rank_pattern), so there is no result to match; start the ADALORA job afresh"
-)
-
-
 def _job_name(name: str) -> str:
     if not NAME_PATTERN.fullmatch(name):
         raise ValueError(f"must be 1-64 characters of a-z, 0-9, '_' or '-', got {name!r}")
@@ -187,8 +177,6 @@ def _kind_rule(name: str, default: Any, *kinds: str) -> CrossFieldRule:
     def check(peft_type: str, value: Any) -> str | None:
         if peft_type in kinds or value == default:
             return None
-        if name == "init_from" and peft_type == "ADALORA":
-            return INIT_FROM_REFUSED
         if name == "r" and peft_type == "ADALORA":
             return "r is not used by ADALORA; set init_r and target_r"
         return (
@@ -198,9 +186,12 @@ def _kind_rule(name: str, default: Any, *kinds: str) -> CrossFieldRule:
     return CrossFieldRule(name, ("peft_type", name), check)
 
 
-def adalora_schedule(peft_type: str, total_step: int | None, tinit: int, tfinal: int) -> str | None:
-    """PEFT's checks on AdaLoRA's budget schedule."""
-    if peft_type != "ADALORA":
+def adalora_schedule(
+    peft_type: str, total_step: int | None, tinit: int, tfinal: int, init_from: Path | None
+) -> str | None:
+    """PEFT's checks on AdaLoRA's budget schedule (a job started from a saved adapter takes
+    the adapter's, and validation checks the spec's against it)."""
+    if peft_type != "ADALORA" or (total_step is None and init_from is not None):
         return None
     if total_step is None:
         return "ADALORA needs total_step (the steps its rank budget is planned over)"
@@ -298,14 +289,15 @@ class AdapterSpec(_SpecModel):
 
     cross_field_rules = (
         (_kind_rule("r", 8, "LORA", "VERA"),)  # AdaLoRA's ranks are init_r and target_r
-        + (_kind_rule("init_from", None, "LORA", "VERA"),)
         + tuple(_kind_rule(n, d, "LORA", "ADALORA") for n, d in LORA_AND_ADALORA.items())
         + tuple(_kind_rule(name, default, "LORA") for name, default in LORA_ONLY.items())
         + tuple(_kind_rule(name, default, "VERA") for name, default in VERA_ONLY.items())
         + tuple(_kind_rule(n, d, "ADALORA") for n, d in ADALORA_ONLY.items())
         + (
             CrossFieldRule(
-                "total_step", ("peft_type", "total_step", "tinit", "tfinal"), adalora_schedule
+                "total_step",
+                ("peft_type", "total_step", "tinit", "tfinal", "init_from"),
+                adalora_schedule,
             ),
         )
     )

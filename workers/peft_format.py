@@ -70,10 +70,11 @@ def peft_state_dict(adapter: JobAdapter) -> dict[str, torch.Tensor]:
 
 def _adalora_tensors(adapter: JobAdapter, module: str, w: AdaLoraWeights) -> dict:
     """A module's triplets without the ranks the allocator pruned (PEFT's
-    `resize_state_dict_by_rank_pattern`)."""
+    `resize_state_dict_by_rank_pattern`, which leaves a module already cut to its kept ranks,
+    as one started from a saved adapter is, as it is)."""
     pattern = adapter.adalora.rank_pattern if adapter.adalora else None
     keep = slice(None)
-    if pattern is not None:
+    if pattern is not None and sum(pattern[f"{module}.lora_E"]) != w.lora_E.shape[0]:
         keep = torch.tensor(pattern[f"{module}.lora_E"], device=w.lora_E.device)
     return {
         f"{_PREFIX}{module}.lora_A": w.lora_A.detach()[keep].contiguous(),

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from carpool.workers.dataset import IGNORE_INDEX, TokenizedRow
 from carpool.workers.job_spec import JobSpec
-from peft import AdaLoraConfig, LoraConfig, VeraConfig, get_peft_model
+from peft import AdaLoraConfig, LoraConfig, PeftModel, VeraConfig, get_peft_model
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig, get_scheduler
 
 _HF_SCHEDULER = {"constant": "constant_with_warmup", "linear": "linear", "cosine": "cosine"}
@@ -41,9 +41,11 @@ def peft_model_with(base_path: Path, config: JobSpec, init: dict[str, torch.Tens
     if config.base_quantization is None:
         base = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32)
     else:
+        compute = config.base_quantization.bnb_4bit_compute_dtype
         base = AutoModelForCausalLM.from_pretrained(
             base_path,
-            dtype=torch.float32,
+            # A bf16-compute QLoRA user loads the rest of the base in bf16 too.
+            dtype=torch.bfloat16 if compute == "bfloat16" else torch.float32,
             device_map={"": "cpu"},
             quantization_config=BitsAndBytesConfig(
                 load_in_4bit=True,
@@ -165,8 +167,32 @@ def train_reference(
     pad_id: int,
 ) -> dict[str, torch.Tensor]:
     """Train one job alone, the plain way; returns its adapter tensors."""
-    t = config.training
     model = peft_model_with(base_path, config, init)
+    adalora = config.adapter.peft_type == "ADALORA"
+    return _train(model, config, rows, steps, pad_id, allocate=adalora)
+
+
+def train_loaded_reference(
+    base_path: Path,
+    config: JobSpec,
+    rows: list[TokenizedRow],
+    adapter_dir: Path,
+    steps: int,
+    pad_id: int,
+) -> dict[str, torch.Tensor]:
+    """PEFT continuing a saved adapter: `PeftModel.from_pretrained(base, dir,
+    is_trainable=True)`, then the plain loop. A loaded AdaLoRA adapter is trained without
+    `update_and_allocate`, which PEFT cannot run on it (`carpool.workers.adalora_format`);
+    its orthogonality penalty is in the loss all the same."""
+    base = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32)
+    model = PeftModel.from_pretrained(base, str(adapter_dir), is_trainable=True)
+    return _train(model, config, rows, steps, pad_id, allocate=False)
+
+
+def _train(
+    model, config: JobSpec, rows: list[TokenizedRow], steps: int, pad_id: int, *, allocate: bool
+) -> dict[str, torch.Tensor]:
+    t = config.training
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(
         params,
@@ -182,7 +208,6 @@ def train_reference(
         num_training_steps=steps,
     )
     cursor = 0
-    adalora = config.adapter.peft_type == "ADALORA"
     for step in range(steps):
         batch = [rows[(cursor + i) % len(rows)] for i in range(t.batch_size)]
         cursor += t.batch_size
@@ -192,7 +217,7 @@ def train_reference(
             torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm)
         opt.step()
         sched.step()
-        if adalora:  # as PEFT documents it: after the step, before zero_grad
+        if allocate:  # as PEFT documents it: after the step, before zero_grad
             model.base_model.update_and_allocate(step)
         opt.zero_grad()
     return adapter_tensors(model)
@@ -203,6 +228,9 @@ def max_relative_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tenso
     assert set(a) == set(b), (sorted(set(a) ^ set(b)))[:5]
     worst = 0.0
     for k in a:
+        assert a[k].shape == b[k].shape, (k, a[k].shape, b[k].shape)
+        if a[k].numel() == 0:  # an AdaLoRA module pruned to no ranks
+            continue
         scale = a[k].abs().max().clamp_min(1e-12)
         worst = max(worst, float((a[k] - b[k]).abs().max() / scale))
     return worst
