@@ -6,6 +6,7 @@ import re
 from pathlib import Path
 
 import carpool.workers.engine as engine_module
+import carpool.workers.position_losses as position_losses_module
 import pytest
 import torch
 import yaml
@@ -114,9 +115,9 @@ def test_loss_chunk_tokens_flag_gives_the_same_adapter(
     tiny_base: Path, datasets: dict[str, Path], tmp_path: Path, monkeypatch, capsys
 ) -> None:
     chunks: list[int] = []
-    chunked = engine_module.chunked_token_losses
+    chunked = position_losses_module.chunked_token_losses
     monkeypatch.setattr(
-        engine_module,
+        position_losses_module,
         "chunked_token_losses",
         lambda hidden, head, targets, n: chunks.append(n) or chunked(hidden, head, targets, n),
     )
