@@ -17,7 +17,12 @@ import json
 import sys
 from pathlib import Path
 
-from carpool.orchestrator.cli_registry import SUBCOMMANDS, positive_int, subcommand
+from carpool.orchestrator.cli_registry import (
+    SUBCOMMANDS,
+    add_state_dir_argument,
+    positive_int,
+    subcommand,
+)
 
 
 def _validate_arguments(parser: argparse.ArgumentParser) -> None:
@@ -237,7 +242,7 @@ def _watch(client, job_id: str | None) -> int:
 
     from carpool.orchestrator.progress import JobProgress, JobProgressRow
 
-    final = {"succeeded", "failed", "cancelled"}
+    final = {"succeeded", "failed", "cancelled", "pruned"}
     with JobProgress() as progress:
         while True:
             records = client.status(job_id)
@@ -267,7 +272,7 @@ def _wait_arguments(parser: argparse.ArgumentParser) -> None:
 
 @subcommand(
     "wait",
-    "wait for jobs: exit 0 all succeeded, 1 any failed/cancelled, 2 timeout",
+    "wait for jobs: exit 0 all succeeded (or pruned), 1 any failed/cancelled, 2 timeout",
     _wait_arguments,
     uses_queue=True,
 )
@@ -279,7 +284,8 @@ def cmd_wait(args: argparse.Namespace) -> int:
         return 2
     for job_id, state in states.items():
         print(f"{job_id} {state}")
-    return 0 if all(s == "succeeded" for s in states.values()) else 1
+    # A sweep's pruned trial ended as its search chose: an end, not an error.
+    return 0 if all(s in ("succeeded", "pruned") for s in states.values()) else 1
 
 
 def _job_argument(parser: argparse.ArgumentParser) -> None:
@@ -341,6 +347,7 @@ from carpool.orchestrator import (  # noqa: E402
     cli_adapters,  # noqa: F401  (eval, generate)
     cli_history,  # plot; status --history uses its table
     cli_merge,  # noqa: F401  (merge)
+    cli_sweep,  # noqa: F401  (sweep submit, status, plot, fetch, cancel)
 )
 
 
@@ -353,11 +360,7 @@ def build_parser() -> argparse.ArgumentParser:
         sub = commands.add_parser(command.name, help=command.help, description=command.help)
         command.add_arguments(sub)
         if command.uses_queue:
-            sub.add_argument(
-                "--state-dir", type=Path, default=None, metavar="DIR",
-                help="the carpool's state directory (default: $CARPOOL_STATE_DIR, else the "
-                "last `carpool up`'s, else ~/.carpool)",
-            )  # fmt: skip
+            add_state_dir_argument(sub)
         sub.set_defaults(run=command.run)
     return parser
 
@@ -401,9 +404,15 @@ def _user_error(error: Exception) -> Exception | None:
     Imported late, and none of these modules loads torch: an error costs no second of imports.
     """
     from carpool.orchestrator.adapter_args import AdapterArgumentError
+    from carpool.orchestrator.cli_sweep import NoBestTrialError
     from carpool.orchestrator.client import ControllerNotRunningError, JobNotFinishedError
     from carpool.orchestrator.job_ids import InvalidJobIdError
-    from carpool.orchestrator.job_queue import InvalidTransitionError, UnknownJobError
+    from carpool.orchestrator.job_queue import (
+        InvalidTransitionError,
+        SweepExistsError,
+        UnknownJobError,
+        UnknownSweepError,
+    )
     from carpool.orchestrator.local_ray import RayStartError
     from carpool.orchestrator.operator_config import OperatorConfigError
     from carpool.orchestrator.ray_auth import MissingRayTokenError
@@ -415,7 +424,7 @@ def _user_error(error: Exception) -> Exception | None:
         SpecValidationError, DatasetError, JobInputError, ControllerNotRunningError,
         JobNotFinishedError, UnknownJobError, InvalidTransitionError, InvalidJobIdError,
         OperatorConfigError, FileNotFoundError, MissingRayTokenError, RayStartError,
-        AdapterArgumentError,
+        AdapterArgumentError, NoBestTrialError, SweepExistsError, UnknownSweepError,
     )  # fmt: skip
     # Errors raised inside the controller actor arrive wrapped, the original as `cause`.
     for candidate in (getattr(error, "cause", None), error):

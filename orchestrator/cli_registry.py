@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 CommandFn = Callable[[argparse.Namespace], int]
 ArgumentsFn = Callable[[argparse.ArgumentParser], None]
@@ -45,3 +46,12 @@ def positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
     return value
+
+
+def add_state_dir_argument(parser: argparse.ArgumentParser) -> None:
+    """`--state-dir`, on every command that talks to a carpool's queue."""
+    parser.add_argument(
+        "--state-dir", type=Path, default=None, metavar="DIR",
+        help="the carpool's state directory (default: $CARPOOL_STATE_DIR, else the "
+        "last `carpool up`'s, else ~/.carpool)",
+    )  # fmt: skip

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from carpool.orchestrator.artifact_store import ArtifactStore
 from carpool.orchestrator.job_ids import validate_job_id
-from carpool.orchestrator.job_queue import FINAL_STATES, JobState
+from carpool.orchestrator.job_queue import FINAL_STATES, GOOD_ENDS, JobState
 from carpool.orchestrator.local_ray import start_head, stop_cluster
 from carpool.orchestrator.operator_config import OperatorConfig, load_operator_config
 from carpool.orchestrator.ray_auth import require_token
@@ -269,9 +269,32 @@ class Client:
     def fetch(self, job_id: str, out_dir: str | Path) -> Path:
         """Copy a finished job's PEFT adapter directory to `out_dir`."""
         record = self.status(job_id)[0]
-        if record["state"] != JobState.SUCCEEDED.value:
-            raise JobNotFinishedError(f"job {job_id} is {record['state']}, not succeeded")
+        if JobState(record["state"]) not in GOOD_ENDS:  # a pruned trial keeps its adapter too
+            raise JobNotFinishedError(
+                f"job {job_id} is {record['state']}, not succeeded (or pruned)"
+            )
         out = Path(out_dir)
         if out.exists():
             shutil.rmtree(out)
         return ArtifactStore(self.config.storage_root()).fetch_adapter(job_id, out)
+
+    # -- sweeps ------------------------------------------------------------------------------
+    def submit_sweep(self, path: str | Path) -> str:
+        """Check a sweep file, its template and its whole space (every problem at once),
+        then hand it to the controller, which queues its trials; returns its name."""
+        from carpool.orchestrator.admission import check_admission
+        from carpool.orchestrator.sweep_spec import load_sweep_file
+        from carpool.workers.job_spec import JobSpec
+
+        loaded = load_sweep_file(Path(path))
+        check_admission([JobSpec.model_validate(loaded.template)], self.config, [str(path)])
+        spec = loaded.spec.model_dump(mode="json")
+        return self._call("submit_sweep", spec, loaded.template)
+
+    def sweep_status(self, name: str) -> dict:
+        """{"sweep": the sweep's record, "trials": [each trial with its job's record]}."""
+        return self._call("sweep_status", name)
+
+    def cancel_sweep(self, name: str) -> list[str]:
+        """No more trials; the sweep's queued and running trials are cancelled (their ids)."""
+        return self._call("cancel_sweep", name)

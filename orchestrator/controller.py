@@ -26,7 +26,13 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from carpool.orchestrator.engine_worker import JobAdmitted
-from carpool.orchestrator.job_queue import FINAL_STATES, JobQueue, JobRecord, JobState
+from carpool.orchestrator.job_queue import (
+    FINAL_STATES,
+    JobQueue,
+    JobRecord,
+    JobState,
+    TrialRecord,
+)
 from carpool.orchestrator.operator_config import OperatorConfig
 from carpool.orchestrator.queue_view import QueueView
 from carpool.orchestrator.scheduler import (
@@ -40,6 +46,7 @@ from carpool.orchestrator.scheduler import (
     StopGroup,
     schedule,
 )
+from carpool.orchestrator.sweep_driver import SweepDriver
 from carpool.workers.adalora import adalora_parameter_count
 from carpool.workers.base_model import linear_module_shapes, match_target_modules
 from carpool.workers.checkpoint import checkpoint_step
@@ -65,6 +72,7 @@ class WorkerGroup(Protocol):
 
     def add_job(self, job_id: str, config: JobSpec, resume_from: str | None) -> JobAdmitted: ...
     def remove_job(self, job_id: str, checkpoint: bool) -> str | None: ...
+    def stop_job(self, job_id: str) -> str | None: ...  # export as it stands; the URI
     def start_round(self) -> None: ...
     def finish_round(self) -> list[JobRoundResult]: ...
     def shutdown(self) -> None: ...
@@ -83,6 +91,7 @@ class CheckpointStore(Protocol):
 class MetricsSink(Protocol):
     def job_progress(self, job_id: str, group_id: str, result: JobRoundResult) -> None: ...
     def queue_state(self, counts: dict[JobState, int]) -> None: ...
+    def sweep_progress(self, sweep: str, trials: list[TrialRecord]) -> None: ...
 
 
 class NoMetrics:
@@ -90,6 +99,9 @@ class NoMetrics:
         pass
 
     def queue_state(self, counts: dict[JobState, int]) -> None:
+        pass
+
+    def sweep_progress(self, sweep: str, trials: list[TrialRecord]) -> None:
         pass
 
 
@@ -125,6 +137,9 @@ class Controller:
         for record in queue.recover_running():
             log.info("[job %s] requeued after controller restart", record.id)
         self.view = QueueView(queue)
+        self.sweeps = SweepDriver(
+            queue, queue.path.parent / "sweeps.journal", self._prune, self.metrics
+        )
         self._queue_changed = True  # since the last plan
         self._settled: tuple | None = None  # the inputs of the last plan, if it decided nothing
 
@@ -147,6 +162,8 @@ class Controller:
         self._plan()
         ran = self._run_rounds()
         self._refresh()
+        if self.sweeps.tick():  # trials pruned or queued
+            self._refresh()
         self.metrics.queue_state(dict(self.view.counts))
         return ran
 
@@ -182,6 +199,29 @@ class Controller:
                 self._finish(record.id, JobState.CANCELLED)
                 self.queue.append_log(record.id, "cancelled")
         return cancelled
+
+    def submit_sweep(self, spec: dict, template: dict) -> str:
+        """Record a validated sweep; its trials are queued by the loop, a few at a time."""
+        self.queue.create_sweep(spec["name"], spec, template)
+        return spec["name"]
+
+    def _prune(self, job_id: str, reason: str) -> None:
+        """Stop a running trial between rounds; it ends `pruned`, its adapter exported."""
+        record = self.queue.get(job_id)
+        group = self.groups.get(record.group or "")
+        adapter = None
+        if group is not None and job_id in group.jobs:
+            group.jobs.pop(job_id)
+            try:
+                adapter = group.handle.stop_job(job_id)
+            except GroupFailedError:
+                group.jobs[job_id] = self._demand(record)  # requeued with the group's others
+                self._group_failed(record.group)
+                return
+        self._demands.pop(job_id, None)
+        self.queue.prune(job_id, adapter)
+        self.queue.append_log(job_id, reason)
+        self._delete_checkpoints(job_id)
 
     def _plan(self) -> None:
         """Decide and execute, unless nothing the scheduler reads changed since a plan

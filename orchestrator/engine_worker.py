@@ -175,6 +175,13 @@ class EngineWorker:
         log.info("[job %s] left group %s", job_id, self.group_id)
         return uri
 
+    def stop_job(self, job_id: str) -> str | None:
+        """Export a job's adapter as it stands (the leader; its store URI) and take the
+        job off the engine: how a sweep's pruned trial ends, its adapter kept."""
+        if job_id not in self.engine.jobs:
+            return None
+        return self._finish(job_id)
+
     def pid(self) -> int:
         return os.getpid()
 

@@ -28,16 +28,19 @@ class JobState(str, Enum):
     SUCCEEDED = "succeeded"
     FAILED = "failed"
     CANCELLED = "cancelled"
+    PRUNED = "pruned"  # a sweep's trial its search stopped early: an end, not an error
 
 
 FINAL_STATES: frozenset[JobState] = frozenset(
-    {JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED}
+    {JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED, JobState.PRUNED}
 )
+# Ends that leave an adapter to fetch and are no error for `carpool wait`.
+GOOD_ENDS: frozenset[JobState] = frozenset({JobState.SUCCEEDED, JobState.PRUNED})
 
 # Ids become directory and file names (checkpoints, adapters, logs): nothing
 # that could climb out of a directory or collide on a case-insensitive disk.
 
-SCHEMA_VERSION = 3  # PRAGMA user_version; bump with a step in _MIGRATIONS
+SCHEMA_VERSION = 4  # PRAGMA user_version; bump with a step in _MIGRATIONS
 
 
 class UnknownJobError(KeyError):
@@ -85,12 +88,61 @@ class JobRecord:
 
     @classmethod
     def from_row(cls, row: sqlite3.Row) -> JobRecord:
-        d = dict(zip(row.keys(), row, strict=True))  # iterating a Row yields values, not keys
+        # Iterating a Row yields values, not keys.
+        return cls.from_columns(dict(zip(row.keys(), row, strict=True)))
+
+    @classmethod
+    def from_columns(cls, d: dict[str, Any]) -> JobRecord:
         d["group"] = d.pop("group_id")
         d["state"] = JobState(d["state"])
         d["cancel_requested"] = bool(d["cancel_requested"])
         d["spec"], d["metrics"] = json.loads(d["spec"]), json.loads(d["metrics"])
         return cls(**d)
+
+
+class SweepExistsError(ValueError):
+    def __init__(self, name: str) -> None:
+        super().__init__(name)
+        self.name = name
+
+    def __str__(self) -> str:
+        return f"a sweep named {self.name!r} exists already: choose another name"
+
+
+class UnknownSweepError(KeyError):
+    def __init__(self, name: str) -> None:
+        super().__init__(name)
+        self.name = name
+
+    def __str__(self) -> str:
+        return f"unknown sweep {self.name!r}"
+
+
+@dataclass(frozen=True)
+class SweepRecord:
+    name: str
+    spec: dict  # the sweep file as parsed (SweepSpec's fields)
+    template: dict  # the template job spec every trial starts from
+    state: str  # running | done | cancelled
+    created_at: float
+    updated_at: float
+
+    @classmethod
+    def from_row(cls, row: sqlite3.Row) -> SweepRecord:
+        d = dict(zip(row.keys(), row, strict=True))
+        d["spec"], d["template"] = json.loads(d["spec"]), json.loads(d["template"])
+        return cls(**d)
+
+
+@dataclass(frozen=True)
+class TrialRecord:
+    sweep: str
+    number: int
+    params: dict
+    reported: int  # history entries already told to the search
+    best: float | None  # the best (lowest) metric reported so far
+    told: bool  # the search knows how the trial ended
+    job: JobRecord
 
 
 # "group" is an SQL keyword, hence group_id. seq gives first-come order.
@@ -128,6 +180,16 @@ _MIGRATIONS: dict[int, tuple[str, ...]] = {
         "CREATE TABLE history (n INTEGER PRIMARY KEY AUTOINCREMENT, job_id TEXT NOT NULL,"
         " step INTEGER NOT NULL, kind TEXT NOT NULL, entry TEXT NOT NULL)",
         "CREATE UNIQUE INDEX history_by_job ON history (job_id, step, kind)",
+    ),
+    # Sweeps: each one's file as parsed (spec, template) and state; each trial's job,
+    # its parameters, how many of its history entries the search has been told, its
+    # best metric so far, and whether the search has been told how it ended.
+    4: (
+        "CREATE TABLE sweeps (name TEXT PRIMARY KEY, spec TEXT NOT NULL, template TEXT NOT NULL,"
+        " state TEXT NOT NULL, created_at REAL NOT NULL, updated_at REAL NOT NULL)",
+        "CREATE TABLE sweep_trials (sweep TEXT NOT NULL, number INTEGER NOT NULL,"
+        " job_id TEXT NOT NULL UNIQUE, params TEXT NOT NULL, reported INTEGER NOT NULL DEFAULT 0,"
+        " best REAL, told INTEGER NOT NULL DEFAULT 0, PRIMARY KEY (sweep, number))",
     ),
 }
 
@@ -407,9 +469,16 @@ class JobQueue:
             JobState.SUCCEEDED: [JobState.RUNNING],
             JobState.FAILED: [JobState.RUNNING, JobState.QUEUED],
             JobState.CANCELLED: [JobState.RUNNING, JobState.QUEUED],
+            JobState.PRUNED: [JobState.RUNNING],
         }.get(state, [])
         with self._guard(job_id, f"finish as {state.value}", allowed) as (db, _):
             return self._set(db, job_id, None, state=state.value, group_id=None, error=error)
+
+    def prune(self, job_id: str, adapter: str | None) -> JobRecord:
+        """running -> pruned: its sweep stopped it early; its adapter (as it stood) is kept."""
+        with self._guard(job_id, "prune", [JobState.RUNNING]) as (db, job):
+            line = f"pruned at step {job.step}" + (f": adapter at {adapter}" if adapter else "")
+            return self._set(db, job_id, line, state=JobState.PRUNED.value, group_id=None)
 
     def request_cancel(self, job_id: str) -> JobRecord:
         """Queued: cancelled now. Running: flagged; the controller stops it between rounds."""
@@ -446,6 +515,99 @@ class JobQueue:
         with self._tx() as db:
             self._fetch(db, job_id)  # no orphan log lines for mistyped ids
             self._log(db, job_id, line)
+
+    # --- sweeps ---
+
+    def create_sweep(self, name: str, spec: dict, template: dict) -> None:
+        """A new sweep (its trials are submitted later, one by one, by the controller)."""
+        with self._tx() as db:
+            if db.execute("SELECT 1 FROM sweeps WHERE name = ?", (name,)).fetchone():
+                raise SweepExistsError(name)
+            now = time.time()
+            db.execute(
+                "INSERT INTO sweeps (name, spec, template, state, created_at, updated_at)"
+                " VALUES (?, ?, ?, 'running', ?, ?)",
+                (name, _spec_json(spec), _spec_json(template), now, now),
+            )
+
+    def sweeps(self, states: Iterable[str] | None = None) -> list[SweepRecord]:
+        sql, args = "SELECT * FROM sweeps", list(states or [])
+        if states is not None:
+            sql += f" WHERE state IN ({','.join('?' * len(args))})"
+        with self._lock:
+            rows = self._conn.execute(sql + " ORDER BY created_at", args).fetchall()
+        return [SweepRecord.from_row(r) for r in rows]
+
+    def sweep(self, name: str) -> SweepRecord:
+        with self._lock:
+            row = self._conn.execute("SELECT * FROM sweeps WHERE name = ?", (name,)).fetchone()
+        if row is None:
+            raise UnknownSweepError(name)
+        return SweepRecord.from_row(row)
+
+    def set_sweep_state(self, name: str, state: str) -> None:
+        with self._tx() as db:
+            db.execute(
+                "UPDATE sweeps SET state = ?, updated_at = ? WHERE name = ?",
+                (state, time.time(), name),
+            )
+
+    def submit_trial(
+        self, sweep: str, number: int, params: dict, job: tuple[str, dict, str, int]
+    ) -> str:
+        """Queue a sweep's trial as an ordinary job, and record it as the trial, at once."""
+        name, spec, base_model, priority = job
+        with self._tx() as db:
+            job_id = new_job_id(name)
+            now = time.time()
+            db.execute(
+                "INSERT INTO jobs (id, name, spec, base_model, priority, state,"
+                " submitted_at, updated_at, state_seq) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (job_id, name, _spec_json(spec), base_model, int(priority), "queued", now, now,
+                 self._next_state_seq(db)),
+            )  # fmt: skip
+            db.execute(
+                "INSERT INTO sweep_trials (sweep, number, job_id, params) VALUES (?, ?, ?, ?)",
+                (sweep, int(number), job_id, json.dumps(params)),
+            )
+            self._log(db, job_id, f"queued: trial {number} of sweep {sweep}")
+        return job_id
+
+    def trials(self, sweep: str) -> list[TrialRecord]:
+        """A sweep's trials by number, each with its job's record."""
+        with self._lock:
+            rows = self._conn.execute(
+                "SELECT t.number, t.params, t.reported, t.best, t.told, j.* FROM sweep_trials t"
+                " JOIN jobs j ON j.id = t.job_id WHERE t.sweep = ? ORDER BY t.number",
+                (sweep,),
+            ).fetchall()
+        out = []
+        for row in rows:
+            d = dict(zip(row.keys(), row, strict=True))
+            number, params = d.pop("number"), json.loads(d.pop("params"))
+            reported, best, told = d.pop("reported"), d.pop("best"), bool(d.pop("told"))
+            job = JobRecord.from_columns(d)
+            out.append(TrialRecord(sweep, number, params, reported, best, told, job))
+        return out
+
+    def update_trial(
+        self, sweep: str, number: int, *, reported: int, best: float | None, told: bool
+    ) -> None:
+        """What the search has been told of a trial: how many history entries, its best
+        metric, and whether it knows how the trial ended."""
+        with self._tx() as db:
+            db.execute(
+                "UPDATE sweep_trials SET reported = ?, best = ?, told = ?"
+                " WHERE sweep = ? AND number = ?",
+                (int(reported), _real(best), int(told), sweep, int(number)),
+            )
+
+    def sweep_of(self, job_id: str) -> str | None:
+        with self._lock:
+            row = self._conn.execute(
+                "SELECT sweep FROM sweep_trials WHERE job_id = ?", (job_id,)
+            ).fetchone()
+        return None if row is None else row[0]
 
     def recover_running(self) -> list[JobRecord]:
         """After a controller restart no group survives: requeue every running job at once.

@@ -41,3 +41,35 @@ def plot_losses(histories: Mapping[str, Sequence[dict[str, Any]]], out: str | Pa
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=120)
     return out
+
+
+def plot_eval_curves(
+    curves: Sequence[tuple[str, Sequence[dict[str, Any]], bool]], out: str | Path, title: str
+) -> Path:
+    """Each (label, history, dashed) as its eval loss against the step: a sweep's trials,
+    pruned ones dashed."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(8, 5), layout="constrained")
+    ax = fig.add_subplot()
+    for i, (label, entries, dashed) in enumerate(curves):
+        evals = [(e["step"], e["eval_loss"]) for e in entries if "eval_loss" in e]
+        if evals:
+            ax.plot(
+                *zip(*evals, strict=True),
+                color=f"C{i % 10}",
+                linestyle="--" if dashed else "-",
+                marker="o",
+                markersize=3,
+                label=label,
+            )
+    ax.set_title(title)
+    ax.set_xlabel("step")
+    ax.set_ylabel("eval loss")
+    ax.grid(alpha=0.3)
+    if ax.lines:
+        ax.legend(fontsize="x-small", ncol=2)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=120)
+    return out

@@ -21,7 +21,7 @@ from carpool.orchestrator.admission import check_admission
 from carpool.orchestrator.artifact_store import ArtifactStore
 from carpool.orchestrator.controller import Controller, GroupFailedError
 from carpool.orchestrator.engine_worker import EngineWorker, JobAdmitted, admit_on_all_ranks
-from carpool.orchestrator.job_queue import JobQueue, JobRecord, JobState
+from carpool.orchestrator.job_queue import JobQueue, JobRecord, JobState, TrialRecord
 from carpool.orchestrator.operator_config import OperatorConfig
 from carpool.workers.job_spec import JobSpec, QuantizationSpec
 from carpool.workers.rounds import JobRoundResult
@@ -176,6 +176,9 @@ class RayWorkerGroup:
     def remove_job(self, job_id: str, checkpoint: bool) -> str | None:
         return self._all("remove_job", job_id, checkpoint)
 
+    def stop_job(self, job_id: str) -> str | None:
+        return self._all("stop_job", job_id)
+
     def start_round(self) -> None:
         self._pending = [a.run_round.remote() for a in self.actors]
 
@@ -228,6 +231,17 @@ class RayMetrics:
         self.tokens = ray_metrics.Counter("carpool_job_tokens_total", "tokens trained", tags)
         self.states = ray_metrics.Gauge("carpool_jobs", "jobs by state", ("state",))
         self.depth = ray_metrics.Gauge("carpool_queue_depth", "queued jobs")
+        self.sweep_best = ray_metrics.Gauge(
+            "carpool_sweep_best_eval_loss", "a sweep's best eval loss so far", ("sweep",)
+        )
+        self.sweep_trials = ray_metrics.Gauge(
+            "carpool_sweep_trials", "a sweep's trials by state", ("sweep", "state")
+        )
+        self.trial_best = ray_metrics.Gauge(
+            "carpool_sweep_trial_eval_loss",
+            "each trial's best eval loss so far, tagged by its sweep",
+            ("sweep", "trial", "job"),
+        )
 
     def job_progress(self, job_id: str, group_id: str, result: JobRoundResult) -> None:
         if result.eval_loss is not None:  # rare: pushed at once, never throttled away
@@ -269,6 +283,22 @@ class RayMetrics:
         for state, n in counts.items():
             self.states.set(n, tags={"state": state.value})
         self.depth.set(counts.get(JobState.QUEUED, 0))
+
+    def sweep_progress(self, sweep: str, trials: list[TrialRecord]) -> None:
+        now = time.monotonic()
+        if now - self._last_push.get(f"sweep:{sweep}", 0.0) < self.interval_s:
+            return
+        self._last_push[f"sweep:{sweep}"] = now
+        scored = [t.best for t in trials if t.best is not None]
+        if scored:
+            self.sweep_best.set(min(scored), tags={"sweep": sweep})
+        for state in JobState:
+            n = sum(1 for t in trials if t.job.state == state)
+            self.sweep_trials.set(n, tags={"sweep": sweep, "state": state.value})
+        for t in trials:
+            if t.best is not None:
+                tags = {"sweep": sweep, "trial": str(t.number), "job": t.job.id}
+                self.trial_best.set(t.best, tags=tags)
 
 
 def free_group_slots(config: OperatorConfig):
@@ -361,6 +391,22 @@ class CarpoolController:
 
     def history(self, job_id: str, since: int = 0) -> list[dict]:
         return self.queue.history(job_id, since)
+
+    def submit_sweep(self, spec: dict, template: dict) -> str:
+        check_admission([JobSpec.model_validate(template)], self.config, [f"sweep {spec['name']}"])
+        return self.controller.submit_sweep(spec, template)
+
+    def sweep_status(self, name: str) -> dict:
+        return {
+            "sweep": asdict(self.queue.sweep(name)),
+            "trials": [
+                {**asdict(t), "job": record_to_dict(t.job)} for t in self.queue.trials(name)
+            ],
+        }
+
+    def cancel_sweep(self, name: str) -> list[str]:
+        with self._lock:  # between ticks: the loop queues no trial after the cancel
+            return self.controller.sweeps.cancel(name)
 
     def shutdown(self) -> None:
         """Stop the loop, checkpoint running jobs back into the queue, stop the groups."""

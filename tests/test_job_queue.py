@@ -51,6 +51,8 @@ def job_in(queue: JobQueue, state: JobState) -> str:
     queue.mark_running(job_id, "g0")
     if state in (S, F):
         queue.finish(job_id, state)
+    if state == JobState.PRUNED:
+        queue.prune(job_id, "file:///adapters/x")
     return job_id
 
 
@@ -83,7 +85,7 @@ def test_submit_get_list_round_trip_and_order(queue: JobQueue) -> None:
     queue.mark_running(ids[1], "g")
     assert [j.name for j in queue.list([R])] == ["high"]
     assert [j.name for j in queue.queued()] == ["high2", "low", "low2"]
-    assert queue.counts() == {Q: 3, R: 1, S: 0, F: 0, C: 0}
+    assert queue.counts() == {Q: 3, R: 1, S: 0, F: 0, C: 0, JobState.PRUNED: 0}
 
 
 def test_submit_is_all_or_nothing(queue: JobQueue) -> None:
@@ -559,5 +561,5 @@ def test_a_queue_file_of_schema_2_gains_an_empty_history_in_place(tmp_path: Path
     with JobQueue(path) as q:  # reopening a migrated file changes nothing
         assert q.history("a-1") == _entries(10)
     db = sqlite3.connect(path)
-    assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 3
+    assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
     db.close()

@@ -41,7 +41,7 @@ def test_view_follows_every_transition_and_counts_like_the_queue(tmp_path: Path)
         assert set(view.running) == {running}
         assert view.running[running].cancel_requested
         assert view.queued[requeued].spec == {}
-        assert view.counts == queue.counts() == {Q: 1, R: 1, S: 1, F: 1, C: 1}
+        assert view.counts == queue.counts() == {Q: 1, R: 1, S: 1, F: 1, C: 1, JobState.PRUNED: 0}
         assert view.refresh() == []
 
 
