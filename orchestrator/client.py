@@ -289,7 +289,7 @@ class Client:
         loaded = load_sweep_file(Path(path))
         check_admission([JobSpec.model_validate(loaded.template)], self.config, [str(path)])
         spec = loaded.spec.model_dump(mode="json")
-        return self._call("submit_sweep", spec, loaded.template)
+        return self._call("submit_sweep", spec, loaded.template, str(loaded.path.resolve()))
 
     def sweep_status(self, name: str) -> dict:
         """{"sweep": the sweep's record, "trials": [each trial with its job's record]}."""

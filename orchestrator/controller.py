@@ -200,9 +200,9 @@ class Controller:
                 self.queue.append_log(record.id, "cancelled")
         return cancelled
 
-    def submit_sweep(self, spec: dict, template: dict) -> str:
+    def submit_sweep(self, spec: dict, template: dict, path: str) -> str:
         """Record a validated sweep; its trials are queued by the loop, a few at a time."""
-        self.queue.create_sweep(spec["name"], spec, template)
+        self.queue.create_sweep(spec["name"], spec, template, path)
         return spec["name"]
 
     def _prune(self, job_id: str, reason: str) -> None:

@@ -123,6 +123,7 @@ class SweepRecord:
     name: str
     spec: dict  # the sweep file as parsed (SweepSpec's fields)
     template: dict  # the template job spec every trial starts from
+    path: str  # the sweep file's
     state: str  # running | done | cancelled
     created_at: float
     updated_at: float
@@ -186,7 +187,8 @@ _MIGRATIONS: dict[int, tuple[str, ...]] = {
     # best metric so far, and whether the search has been told how it ended.
     4: (
         "CREATE TABLE sweeps (name TEXT PRIMARY KEY, spec TEXT NOT NULL, template TEXT NOT NULL,"
-        " state TEXT NOT NULL, created_at REAL NOT NULL, updated_at REAL NOT NULL)",
+        " path TEXT NOT NULL, state TEXT NOT NULL, created_at REAL NOT NULL,"
+        " updated_at REAL NOT NULL)",
         "CREATE TABLE sweep_trials (sweep TEXT NOT NULL, number INTEGER NOT NULL,"
         " job_id TEXT NOT NULL UNIQUE, params TEXT NOT NULL, reported INTEGER NOT NULL DEFAULT 0,"
         " best REAL, told INTEGER NOT NULL DEFAULT 0, PRIMARY KEY (sweep, number))",
@@ -518,16 +520,18 @@ class JobQueue:
 
     # --- sweeps ---
 
-    def create_sweep(self, name: str, spec: dict, template: dict) -> None:
-        """A new sweep (its trials are submitted later, one by one, by the controller)."""
+    def create_sweep(self, name: str, spec: dict, template: dict, path: str) -> None:
+        """A new sweep (its trials are submitted later, one by one, by the controller).
+
+        `path` is its file's: relative paths among its parameters' values are taken there."""
         with self._tx() as db:
             if db.execute("SELECT 1 FROM sweeps WHERE name = ?", (name,)).fetchone():
                 raise SweepExistsError(name)
             now = time.time()
             db.execute(
-                "INSERT INTO sweeps (name, spec, template, state, created_at, updated_at)"
-                " VALUES (?, ?, ?, 'running', ?, ?)",
-                (name, _spec_json(spec), _spec_json(template), now, now),
+                "INSERT INTO sweeps (name, spec, template, path, state, created_at, updated_at)"
+                " VALUES (?, ?, ?, ?, 'running', ?, ?)",
+                (name, _spec_json(spec), _spec_json(template), str(path), now, now),
             )
 
     def sweeps(self, states: Iterable[str] | None = None) -> list[SweepRecord]:

@@ -392,9 +392,9 @@ class CarpoolController:
     def history(self, job_id: str, since: int = 0) -> list[dict]:
         return self.queue.history(job_id, since)
 
-    def submit_sweep(self, spec: dict, template: dict) -> str:
+    def submit_sweep(self, spec: dict, template: dict, path: str) -> str:
         check_admission([JobSpec.model_validate(template)], self.config, [f"sweep {spec['name']}"])
-        return self.controller.submit_sweep(spec, template)
+        return self.controller.submit_sweep(spec, template, path)
 
     def sweep_status(self, name: str) -> dict:
         return {

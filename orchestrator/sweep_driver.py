@@ -132,7 +132,7 @@ class SweepDriver:
 
     def _queue_trial(self, sweep: SweepRecord, spec: SweepSpec, search: SweepSearch) -> None:
         number, params = search.ask()
-        loaded = LoadedSweep(spec=spec, path=Path(spec.template), template=sweep.template)
+        loaded = LoadedSweep(spec=spec, path=Path(sweep.path), template=sweep.template)
         job = trial_spec(loaded, number, params)
         priority = int(job.get("priority", 0))
         job_id = self.queue.submit_trial(

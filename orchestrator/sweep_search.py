@@ -74,12 +74,13 @@ def grid_search_space(spec: SweepSpec) -> dict[str, list[Any]]:
 
 
 def sampler_for(spec: SweepSpec, trials_so_far: int) -> optuna.samplers.BaseSampler:
-    """The sweep's sampler. Reloaded with trials already asked, it is seeded past them: a
-    random or TPE sampler seeded as at the start would draw its first values again."""
-    seed = spec.seed + trials_so_far
+    """The sweep's sampler. Reloaded with trials already asked, a random or TPE sampler is
+    seeded past them: seeded as at the start, it would draw its first values again."""
     if spec.sampler == "grid":
-        # Walks the points no trial has taken yet, in an order set by the seed.
-        return optuna.samplers.GridSampler(grid_search_space(spec), seed=seed)
+        # Always the sweep's own seed: trial n takes the n-th point of the grid shuffled by
+        # the seed, so another seed after a restart would hand out points again.
+        return optuna.samplers.GridSampler(grid_search_space(spec), seed=spec.seed)
+    seed = spec.seed + trials_so_far
     if spec.sampler == "random":
         return optuna.samplers.RandomSampler(seed=seed)
     with warnings.catch_warnings():
@@ -127,13 +128,26 @@ class SweepSearch:
         return trial.should_prune()
 
     def complete(self, number: int, value: float) -> None:
-        self._study.tell(number, value)
+        self._tell(number, values=value)
 
     def pruned(self, number: int) -> None:
-        self._study.tell(number, state=TrialState.PRUNED)
+        self._tell(number, state=TrialState.PRUNED)
 
     def failed(self, number: int) -> None:
-        self._study.tell(number, state=TrialState.FAIL)
+        self._tell(number, state=TrialState.FAIL)
+
+    def _tell(self, number: int, **outcome: Any) -> None:
+        """Tell a trial's end once: telling it again (a restart between telling and
+        recording that it was told) is a no-op."""
+        if self._study.get_trials(deepcopy=False)[number].state.is_finished():
+            return
+        try:
+            self._study.tell(number, **outcome)
+        except RuntimeError as e:
+            # The grid sampler stops the study once its last point is told; outside
+            # `optimize` Optuna raises for that stop, after the trial was recorded.
+            if "Study.stop" not in str(e):
+                raise
 
     def best(self) -> tuple[int, float] | None:
         """The best completed trial's (number, value); pruned trials stopped short and do not
