@@ -27,6 +27,8 @@ def empty_state_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
         ["wait", "some-job-1"],
         ["fetch", "some-job-1", "--out", "x"],
         ["down"],
+        ["sweep", "status", "some-sweep"],
+        ["sweep", "cancel", "some-sweep"],
     ],
 )
 def test_no_controller_is_one_line_and_exit_1(argv: list[str], capsys) -> None:
@@ -80,3 +82,21 @@ def test_submit_reports_every_problem_and_queues_nothing(
     ):
         assert f": {field}:" in err, field
     assert not (empty_state_dir / "queue.sqlite").exists()
+
+
+@pytest.mark.parametrize(
+    ("states", "code"),
+    [
+        ({"a": "succeeded", "b": "pruned"}, 0),  # a pruned trial ended as its sweep chose
+        ({"a": "succeeded", "b": "cancelled"}, 1),
+        ({"a": "failed"}, 1),
+    ],
+)
+def test_wait_takes_pruned_as_an_end_that_is_no_error(
+    states: dict[str, str], code: int, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    from carpool.orchestrator import client as client_module
+
+    monkeypatch.setattr(client_module.Client, "wait", lambda self, ids, timeout=None: states)
+    assert main(["wait", *states]) == code
+    assert capsys.readouterr().out.split() == [w for kv in states.items() for w in kv]

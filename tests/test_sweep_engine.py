@@ -8,6 +8,7 @@ import pytest
 import yaml
 from carpool.orchestrator.controller import Controller
 from carpool.orchestrator.job_queue import JobQueue, JobState
+from carpool.orchestrator.local_group import LocalGroupFactory
 from carpool.orchestrator.operator_config import OperatorConfig
 from carpool.orchestrator.sweep_spec import load_sweep_file, trial_spec
 from carpool.workers.engine import Engine
@@ -15,7 +16,6 @@ from carpool.workers.job_spec import JobSpec
 from carpool.workers.rounds import run_round
 
 from tests.helpers.fake_groups import FakeCheckpoints
-from tests.helpers.local_groups import LocalGroupFactory
 
 
 def write_sweep(root: Path, base: Path, datasets: dict[str, Path]) -> Path:

@@ -1,5 +1,5 @@
-"""Worker groups of one real `EngineWorker` each, in this process: the controller's
-whole loop over real training, without Ray."""
+"""A worker group of one `EngineWorker` in this process: the controller's whole loop over
+real training without Ray (tests, and benchmarks that time the loop itself)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,9 @@ from carpool.workers.rounds import JobRoundResult
 class LocalGroup:
     """The controller's `WorkerGroup` protocol over one in-process EngineWorker (one rank)."""
 
-    def __init__(self, group_id: str, base_model: str, root: Path) -> None:
+    def __init__(
+        self, group_id: str, base_model: str, root: Path, engine_options: dict | None = None
+    ) -> None:
         self.group_id = group_id
         self.base_model = base_model
         self.worker = EngineWorker(
@@ -22,6 +24,7 @@ class LocalGroup:
             storage_root=str(root / "store"),
             scratch_dir=root / "scratch",
             device="cpu",
+            engine_options=engine_options,
         )
         self._results: list[JobRoundResult] | None = None
 
@@ -46,13 +49,16 @@ class LocalGroup:
 
 
 class LocalGroupFactory:
-    def __init__(self, root: Path) -> None:
+    """The controller's group factory: each group a LocalGroup under `root`."""
+
+    def __init__(self, root: Path, engine_options: dict | None = None) -> None:
         self.root = root
+        self.engine_options = engine_options
         self.groups: list[LocalGroup] = []
 
     def __call__(
         self, group_id: str, base_model: str, quantization: QuantizationSpec | None = None
     ) -> LocalGroup:
-        group = LocalGroup(group_id, base_model, self.root)
+        group = LocalGroup(group_id, base_model, self.root, self.engine_options)
         self.groups.append(group)
         return group
