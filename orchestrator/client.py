@@ -283,11 +283,16 @@ class Client:
         """Check a sweep file, its template and its whole space (every problem at once),
         then hand it to the controller, which queues its trials; returns its name."""
         from carpool.orchestrator.admission import check_admission
-        from carpool.orchestrator.sweep_spec import load_sweep_file
+        from carpool.orchestrator.sweep_spec import load_sweep_file, value_specs
         from carpool.workers.job_spec import JobSpec
 
         loaded = load_sweep_file(Path(path))
-        check_admission([JobSpec.model_validate(loaded.template)], self.config, [str(path)])
+        # The operator's limits, for the template and each value a trial may take.
+        values = value_specs(loaded)
+        specs = [JobSpec.model_validate(loaded.template)]
+        specs += [JobSpec.model_validate(raw) for _, raw in values]
+        sources = [str(path)] + [f"{path} {label}" for label, _ in values]
+        check_admission(specs, self.config, sources)
         spec = loaded.spec.model_dump(mode="json")
         return self._call("submit_sweep", spec, loaded.template, str(loaded.path.resolve()))
 

@@ -23,6 +23,7 @@ from carpool.orchestrator.controller import Controller, GroupFailedError
 from carpool.orchestrator.engine_worker import EngineWorker, JobAdmitted, admit_on_all_ranks
 from carpool.orchestrator.job_queue import JobQueue, JobRecord, JobState, TrialRecord
 from carpool.orchestrator.operator_config import OperatorConfig
+from carpool.orchestrator.sweep_spec import LoadedSweep, SweepSpec, value_specs
 from carpool.workers.job_spec import JobSpec, QuantizationSpec
 from carpool.workers.rounds import JobRoundResult
 from ray.exceptions import ActorDiedError, ActorUnavailableError, GetTimeoutError, RayActorError
@@ -393,7 +394,12 @@ class CarpoolController:
         return self.queue.history(job_id, since)
 
     def submit_sweep(self, spec: dict, template: dict, path: str) -> str:
-        check_admission([JobSpec.model_validate(template)], self.config, [f"sweep {spec['name']}"])
+        # Re-checked here, as jobs are: the template and each value a trial may take.
+        loaded = LoadedSweep(SweepSpec.model_validate(spec), Path(path), template)
+        values = value_specs(loaded)
+        specs = [JobSpec.model_validate(raw) for raw in [template, *(v for _, v in values)]]
+        sources = [f"sweep {spec['name']}"] + [f"sweep {spec['name']} {k}" for k, _ in values]
+        check_admission(specs, self.config, sources)
         return self.controller.submit_sweep(spec, template, path)
 
     def sweep_status(self, name: str) -> dict:

@@ -328,6 +328,18 @@ def _trial_values(space: RangeSpace | ChoiceSpace) -> list[tuple[str, Any]]:
     return [(f"low {space.low!r}", space.low), (f"high {space.high!r}", space.high)]
 
 
+def value_specs(sweep: LoadedSweep) -> list[tuple[str, dict]]:
+    """The template with each parameter's representative values (each choice, a range's
+    ends) applied one at a time, labelled by the field and value: what the operator's
+    limits are checked against when the sweep is submitted."""
+    out = []
+    for path, space in sweep.spec.parameters.items():
+        for label, value in _trial_values(space):
+            raw = _with_values(sweep.template, {path: value}, sweep.path.resolve().parent)
+            out.append((f"parameters.{path} {label}", raw))
+    return out
+
+
 def _template_problems(
     spec_fields: Mapping[str, Any], template_path: Path, source: str, sweep_dir: Path
 ) -> tuple[dict | None, list[SpecProblem]]:

@@ -207,3 +207,29 @@ def test_importing_sweep_spec_loads_no_torch() -> None:
     code = "import sys, carpool.orchestrator.sweep_spec; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_operator_limits_are_checked_for_every_value_a_trial_may_take(
+    tmp_path: Path, template: Path, datasets: dict[str, Path], tiny_base: Path
+) -> None:
+    from carpool.orchestrator.admission import check_admission
+    from carpool.orchestrator.operator_config import OperatorConfig
+    from carpool.orchestrator.sweep_spec import value_specs
+
+    outside = tmp_path / "elsewhere" / "data.jsonl"
+    outside.parent.mkdir()
+    outside.write_text(datasets["text"].read_text())
+    raw = sweep(parameters={"dataset.path": {"choices": [str(datasets["text"]), str(outside)]}})
+    loaded = load_sweep_file(write_yaml(tmp_path / "sweep.yaml", raw))
+    values = value_specs(loaded)
+    assert [label for label, _ in values] == [
+        f"parameters.dataset.path choice {str(datasets['text'])!r}",
+        f"parameters.dataset.path choice {str(outside)!r}",
+    ]
+    roots = [str(datasets["text"].parent), str(tiny_base), str(template.parent)]
+    config = OperatorConfig.model_validate({"allowed_roots": roots})
+    specs = [JobSpec.model_validate(raw) for _, raw in values]
+    with pytest.raises(SpecValidationError) as e:
+        check_admission(specs, config, [label for label, _ in values])
+    (problem,) = e.value.problems
+    assert problem.field == "dataset.path" and str(outside) in problem.source
