@@ -6,12 +6,12 @@ import math
 from pathlib import Path
 
 import pytest
-import yaml
 from carpool.orchestrator.job_queue import FINAL_STATES, JobQueue, JobState
 from carpool.orchestrator.sweep_spec import load_sweep_file
 from carpool.workers.job_spec import JobSpec
 
 from tests.helpers.fake_groups import FakeGroupFactory, make_controller, run_to_end
+from tests.helpers.sweeps import write_sweep
 
 RATES = [1.0e-5, 1.0e-4, 1.0e-3, 1.0e-2]
 
@@ -21,19 +21,10 @@ def lr_quality(config: JobSpec) -> float:
     return 1.0 + abs(math.log10(config.training.learning_rate) + 3)
 
 
-def write_sweep(root: Path, base: Path, datasets: dict[str, Path], **overrides) -> Path:
-    template = {
-        "name": "t",
-        "base_model": str(base),
-        "dataset": {"path": str(datasets["text"])},
-        "eval_dataset": {"path": str(datasets["one_row"])},
-        "adapter": {"r": 4},
-        "training": {"max_steps": 6, "eval_steps": 1, "batch_size": 2, "max_seq_length": 32},
-    }
-    (root / "template.yaml").write_text(yaml.safe_dump(template))
+def lr_sweep(root: Path, base: Path, datasets: dict[str, Path], **overrides) -> Path:
+    """A grid over 4 rates x 2 ranks, 3 trials at a time; 6 steps, an eval after each."""
     sweep = {
         "name": "lr-sweep",
-        "template": "template.yaml",
         "parameters": {
             "training.learning_rate": {"choices": RATES},
             "adapter.r": {"choices": [4, 8]},
@@ -44,9 +35,10 @@ def write_sweep(root: Path, base: Path, datasets: dict[str, Path], **overrides) 
         "max_concurrent": 3,
         **overrides,
     }
-    path = root / "sweep.yaml"
-    path.write_text(yaml.safe_dump(sweep))
-    return path
+    training = {"max_steps": 6, "eval_steps": 1, "max_seq_length": 32}
+    return write_sweep(
+        root, base, datasets["text"], datasets["one_row"], training, {"r": 4}, **sweep
+    )
 
 
 @pytest.fixture
@@ -86,7 +78,7 @@ def test_a_grid_sweep_runs_every_point_once_at_most_max_concurrent_at_a_time(
     queue, factory, tiny_base, datasets, tmp_path
 ) -> None:
     controller = make_controller(queue, factory, max_adapters_per_group=8)
-    name = submit(controller, write_sweep(tmp_path, tiny_base, datasets))
+    name = submit(controller, lr_sweep(tmp_path, tiny_base, datasets))
     alive = tick_to_end(controller, queue, name)
     assert max(alive) == 3  # the places were filled, and never more
     trials = queue.trials(name)
@@ -110,7 +102,7 @@ def test_pruning_stops_the_worst_trials_and_never_the_best(
     queue, factory, tiny_base, datasets, tmp_path
 ) -> None:
     # One trial at a time: from the second on, each is judged against those before it.
-    path = write_sweep(
+    path = lr_sweep(
         tmp_path,
         tiny_base,
         datasets,
@@ -144,7 +136,7 @@ def test_a_sweep_survives_a_controller_restart(
     queue, factory, tiny_base, datasets, tmp_path
 ) -> None:
     controller = make_controller(queue, factory, max_adapters_per_group=8)
-    name = submit(controller, write_sweep(tmp_path, tiny_base, datasets))
+    name = submit(controller, lr_sweep(tmp_path, tiny_base, datasets))
     for _ in range(5):
         controller.tick()
     before = {t.number: t.params for t in queue.trials(name)}
@@ -163,7 +155,7 @@ def test_cancelling_a_sweep_cancels_its_trials_and_queues_no_more(
     queue, factory, tiny_base, datasets, tmp_path
 ) -> None:
     controller = make_controller(queue, factory, max_adapters_per_group=8)
-    name = submit(controller, write_sweep(tmp_path, tiny_base, datasets))
+    name = submit(controller, lr_sweep(tmp_path, tiny_base, datasets))
     controller.tick()
     cancelled = controller.sweeps.cancel(name)
     assert len(cancelled) == 3
@@ -177,7 +169,7 @@ def test_a_sweep_name_is_taken_once(queue, factory, tiny_base, datasets, tmp_pat
     from carpool.orchestrator.job_queue import SweepExistsError
 
     controller = make_controller(queue, factory)
-    path = write_sweep(tmp_path, tiny_base, datasets)
+    path = lr_sweep(tmp_path, tiny_base, datasets)
     submit(controller, path)
     with pytest.raises(SweepExistsError, match="lr-sweep"):
         submit(controller, path)

@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import yaml
 from carpool.orchestrator.controller import Controller
 from carpool.orchestrator.job_queue import JobQueue, JobState
 from carpool.orchestrator.local_group import LocalGroupFactory
@@ -16,32 +15,26 @@ from carpool.workers.job_spec import JobSpec
 from carpool.workers.rounds import run_round
 
 from tests.helpers.fake_groups import FakeCheckpoints
+from tests.helpers.sweeps import write_sweep
 
 
-def write_sweep(root: Path, base: Path, datasets: dict[str, Path]) -> Path:
-    template = {
-        "name": "t",
-        "base_model": str(base),
-        "dataset": {"path": str(datasets["text"])},
-        "eval_dataset": {"path": str(datasets["prompt_completion"])},
-        "adapter": {"r": 2, "target_modules": ["q_proj", "v_proj"]},
-        "training": {"max_steps": 4, "eval_steps": 2, "batch_size": 2, "max_seq_length": 32},
-    }
-    (root / "template.yaml").write_text(yaml.safe_dump(template))
-    sweep = {
-        "name": "real",
-        "template": "template.yaml",
-        "parameters": {
+def sweep_file(root: Path, base: Path, datasets: dict[str, Path]) -> Path:
+    return write_sweep(
+        root,
+        base,
+        datasets["text"],
+        datasets["prompt_completion"],
+        {"max_steps": 4, "eval_steps": 2, "max_seq_length": 32},
+        name="real",
+        parameters={
             "training.learning_rate": {"choices": [1.0e-4, 3.0e-3, 3.0e-2]},
             "adapter.r": {"choices": [2, 4]},
         },
-        "trials": 6,
-        "sampler": "grid",
-        "seed": 7,
-        "max_concurrent": 3,
-    }
-    (root / "sweep.yaml").write_text(yaml.safe_dump(sweep))
-    return root / "sweep.yaml"
+        trials=6,
+        sampler="grid",
+        seed=7,
+        max_concurrent=3,
+    )
 
 
 def alone(spec: dict) -> float:
@@ -57,7 +50,7 @@ def alone(spec: dict) -> float:
 def test_grid_sweep_equals_its_trials_run_one_by_one(
     tiny_base: Path, datasets: dict[str, Path], tmp_path: Path
 ) -> None:
-    path = write_sweep(tmp_path, tiny_base, datasets)
+    path = sweep_file(tmp_path, tiny_base, datasets)
     loaded = load_sweep_file(path)
     queue = JobQueue(tmp_path / "state" / "queue.sqlite")
     controller = Controller(

@@ -7,46 +7,39 @@ import json
 from pathlib import Path
 
 import pytest
-import yaml
 from carpool.orchestrator.cli import main
 from carpool.orchestrator.client import Client
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
 from tests.helpers.cluster import carpool_cluster, wait_for
+from tests.helpers.sweeps import write_sweep
 
 pytestmark = pytest.mark.integration
 
 
-def write_sweep(root: Path, base: Path, datasets: dict[str, Path]) -> Path:
-    template = {
-        "name": "t",
-        "base_model": str(base),
-        "dataset": {"path": str(datasets["text"])},
-        "eval_dataset": {"path": str(datasets["prompt_completion"])},
-        "adapter": {"r": 2, "target_modules": ["q_proj", "v_proj"]},
-        "training": {"max_steps": 12, "eval_steps": 2, "batch_size": 2, "save_steps": 2},
-    }
-    (root / "template.yaml").write_text(yaml.safe_dump(template))
-    sweep = {
-        "name": "ride",
-        "template": "template.yaml",
-        "parameters": {"training.learning_rate": {"choices": [3.0e-3, 3.0e-2, 1.0e-6, 1.0e-7]}},
-        "trials": 4,
-        "sampler": "grid",
-        "seed": 1,
-        "pruner": "median",
-        "pruner_options": {"n_startup_trials": 1, "n_warmup_steps": 2},
-        "max_concurrent": 2,
-    }
-    (root / "sweep.yaml").write_text(yaml.safe_dump(sweep))
-    return root / "sweep.yaml"
+def sweep_file(root: Path, base: Path, datasets: dict[str, Path]) -> Path:
+    return write_sweep(
+        root,
+        base,
+        datasets["text"],
+        datasets["prompt_completion"],
+        {"max_steps": 12, "eval_steps": 2, "save_steps": 2},
+        name="ride",
+        parameters={"training.learning_rate": {"choices": [3.0e-3, 3.0e-2, 1.0e-6, 1.0e-7]}},
+        trials=4,
+        sampler="grid",
+        seed=1,
+        pruner="median",
+        pruner_options={"n_startup_trials": 1, "n_warmup_steps": 2},
+        max_concurrent=2,
+    )
 
 
 def test_sweep_submit_restart_status_plot_fetch(
     tiny_base: Path, datasets: dict[str, Path], tmp_path: Path, capsys
 ) -> None:
-    path = write_sweep(tmp_path, tiny_base, datasets)
+    path = sweep_file(tmp_path, tiny_base, datasets)
     state = ["--state-dir", str(tmp_path / "state")]
     with carpool_cluster(tmp_path, max_groups=1) as client:
         assert main(["sweep", "submit", str(path), *state]) == 0
