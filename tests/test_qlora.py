@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from carpool.orchestrator.admission import admission_problems
 from carpool.orchestrator.local_train import group_by_base
 from carpool.orchestrator.operator_config import OperatorConfig
@@ -26,6 +27,7 @@ from carpool.workers.checkpoint import save_checkpoint
 from carpool.workers.engine import Engine
 from carpool.workers.job_spec import AdapterSpec, JobSpec, QuantizationSpec
 
+from tests.helpers.cluster import assert_same_adapter, carpool_cluster, engine_result, write_job
 from tests.helpers.jobs import changed, job, randomize_b
 from tests.helpers.peft_reference import max_relative_difference, train_reference
 from tests.helpers.round_driver import train_to_end
@@ -249,3 +251,23 @@ def test_4bit_two_ranks_equal_one(
     expected = train_on_one_rank(tiny_base, configs, prepare, **kwargs)["qa"]
     assert max_relative_difference(expected, ranks[0]) <= 1e-5
     assert all(torch.equal(ranks[0][k], ranks[1][k]) for k in expected)
+
+
+@pytest.mark.integration
+def test_a_4bit_job_through_the_queue_equals_the_engine_alone(
+    tiny_base: Path, datasets: dict[str, Path], tmp_path: Path
+) -> None:
+    """The Ray path: a 4-bit job and a full-precision one on the same base, queued together,
+    run in groups of their own; the 4-bit one's adapter is the engine's alone."""
+    four_bit = write_job(tmp_path / "q4.yaml", "q4", tiny_base, datasets["text"], 4)
+    raw = yaml.safe_load(four_bit.read_text())
+    raw["base_quantization"] = NF4.model_dump(mode="json")
+    four_bit.write_text(yaml.safe_dump(raw))
+    plain = write_job(tmp_path / "fp.yaml", "fp", tiny_base, datasets["text"], 4)
+    with carpool_cluster(tmp_path, max_groups=2) as client:
+        ids = client.submit([four_bit, plain])
+        assert client.wait(ids, timeout=300) == dict.fromkeys(ids, "succeeded")
+        started = [next(line for line in client.logs(i) if "started in group" in line) for i in ids]
+        groups = {line.split("started in group ")[1].split()[0] for line in started}
+        assert len(groups) == 2  # (base, quantization) is the key that groups jobs
+        assert_same_adapter(client.fetch(ids[0], tmp_path / "q4"), engine_result(four_bit))

@@ -77,7 +77,9 @@ def engine_results(
     previous = torch.get_num_threads()
     torch.set_num_threads(threads or previous)
     try:
-        engine = Engine(configs[0].base_model, device="cpu")
+        engine = Engine(
+            configs[0].base_model, device="cpu", quantization=configs[0].base_quantization
+        )
         for config in configs:
             engine.add_job(config)
         finished = train_to_end(engine)
