@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from peft import LoraConfig, VeraConfig, get_peft_model
+from peft import AdaLoraConfig, LoraConfig, VeraConfig, get_peft_model
 from transformers import AutoModelForCausalLM
 
 # Each kind the engine trains; random B (init_lora_weights=False) so each adapter changes the base.
@@ -16,6 +16,7 @@ KINDS = {
     ),
     "dora": LoraConfig(r=2, target_modules=["o_proj", "down_proj"], use_dora=True, init_lora_weights=False),
     "vera": VeraConfig(r=16, target_modules=["q_proj", "k_proj"], init_weights=False),
+    "adalora": AdaLoraConfig(init_r=4, target_r=2, total_step=10, target_modules=["v_proj", "up_proj"]),
 }  # fmt: skip
 
 
@@ -25,15 +26,18 @@ def float32_base(tiny_base: Path) -> torch.nn.Module:
 
 
 def adapters_of_each_kind(tiny_base: Path, root: Path) -> dict[str, Path]:
-    """{kind: adapter dir}: LoRA, rsLoRA on all linears, DoRA and VeRA, none a no-op."""
+    """{kind: adapter dir}: LoRA, rsLoRA on all linears, DoRA, VeRA and AdaLoRA, none a
+    no-op."""
     out = {}
     for seed, (name, config) in enumerate(KINDS.items()):
         torch.manual_seed(seed)
         model = get_peft_model(float32_base(tiny_base), config)
-        with torch.no_grad():  # VeRA's random vectors are small: make its term matter
+        with torch.no_grad():
             for n, p in model.named_parameters():
-                if "vera_lambda" in n:
+                if "vera_lambda" in n:  # VeRA's random vectors are small: make its term matter
                     p.mul_(4.0)
+                if "lora_E" in n:  # AdaLoRA's singular values start at zero
+                    p.normal_(0.0, 1.0)
         model.save_pretrained(root / name)
         out[name] = root / name
     return out
