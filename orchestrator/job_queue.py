@@ -606,13 +606,6 @@ class JobQueue:
                 (int(reported), _real(best), int(told), sweep, int(number)),
             )
 
-    def sweep_of(self, job_id: str) -> str | None:
-        with self._lock:
-            row = self._conn.execute(
-                "SELECT sweep FROM sweep_trials WHERE job_id = ?", (job_id,)
-            ).fetchone()
-        return None if row is None else row[0]
-
     def recover_running(self) -> list[JobRecord]:
         """After a controller restart no group survives: requeue every running job at once.
 

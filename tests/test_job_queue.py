@@ -563,3 +563,24 @@ def test_a_queue_file_of_schema_2_gains_an_empty_history_in_place(tmp_path: Path
     db = sqlite3.connect(path)
     assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
     db.close()
+
+
+def test_a_queue_file_of_schema_3_gains_sweeps_in_place(tmp_path: Path) -> None:
+    """A state directory from before sweeps keeps its jobs and can run a sweep."""
+    path = tmp_path / "queue.db"
+    with JobQueue(path) as q:
+        job_id = one(q, "old")
+    db = sqlite3.connect(path)  # back to schema 3, as a carpool of that time left it
+    db.executescript("DROP TABLE sweep_trials; DROP TABLE sweeps; PRAGMA user_version = 3;")
+    db.close()
+    with JobQueue(path) as q:
+        assert q.get(job_id).name == "old" and q.sweeps() == []
+        q.create_sweep("s", {"name": "s"}, {"name": "t"}, "/sweep.yaml")
+        trial = q.submit_trial("s", 0, {"adapter.r": 4}, ("s-t00", {}, "m", 0))
+        (record,) = q.trials("s")
+        assert (record.number, record.params, record.job.id) == (0, {"adapter.r": 4}, trial)
+        q.mark_running(trial, "g")
+        assert q.prune(trial, "mem://adapters/x").state == JobState.PRUNED
+    db = sqlite3.connect(path)
+    assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+    db.close()
