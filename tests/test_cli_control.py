@@ -100,3 +100,24 @@ def test_wait_takes_pruned_as_an_end_that_is_no_error(
     monkeypatch.setattr(client_module.Client, "wait", lambda self, ids, timeout=None: states)
     assert main(["wait", *states]) == code
     assert capsys.readouterr().out.split() == [w for kv in states.items() for w in kv]
+
+
+@pytest.mark.parametrize(
+    ("state", "fetched"), [("pruned", True), ("succeeded", True), ("failed", False)]
+)
+def test_fetch_takes_a_pruned_trials_adapter(
+    state: str, fetched: bool, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    from carpool.orchestrator import client as client_module
+    from carpool.orchestrator.operator_config import OperatorConfig
+
+    config = OperatorConfig.model_validate({"state_dir": str(tmp_path / "state")})
+    monkeypatch.setattr(client_module.Client, "config", property(lambda self: config))
+    monkeypatch.setattr(client_module.Client, "status", lambda self, job_id: [{"state": state}])
+    monkeypatch.setattr(
+        client_module.ArtifactStore, "fetch_adapter", lambda self, job_id, out: Path(out)
+    )
+    code = main(["fetch", "job-1", "--out", str(tmp_path / "out")])
+    assert code == (0 if fetched else 1)
+    if not fetched:
+        assert "is failed, not succeeded (or pruned)" in capsys.readouterr().err
