@@ -22,10 +22,10 @@ import yaml
 from carpool.orchestrator.controller import adapter_memory_bytes
 from carpool.orchestrator.validation import check_spec, validate_files
 from carpool.workers.base_model import linear_module_shapes
-from carpool.workers.checkpoint import save_checkpoint
 from carpool.workers.engine import Engine
 from carpool.workers.finished_adapters import load_finished_adapter
 from carpool.workers.job_spec import AdapterSpec, JobInputError, JobSpec, adapter_variant
+from carpool.workers.training_job import TrainingJob
 from peft import AdaLoraConfig, PeftModel, get_peft_model
 from pydantic import ValidationError
 from safetensors.torch import load_file
@@ -36,10 +36,9 @@ from tests.helpers.peft_reference import (
     max_relative_difference,
     pad_rows,
     train_loaded_reference,
-    train_reference,
 )
-from tests.helpers.round_driver import train_to_end
 from tests.helpers.two_ranks import train_on_one_rank, train_on_two_ranks
+from tests.helpers.variants import assert_each_matches_peft, train_fused, train_one_way
 
 STEPS = 8
 # Budget falls from 4 to 2 ranks per module over steps 2-5, fixed from step 6.
@@ -89,22 +88,11 @@ def test_fused_adalora_beside_lora_matches_single_job_peft(
         adalora_job(tiny_base, datasets["prompt_completion"], batch_size=3),
         job("plain", tiny_base, datasets["text"], AdapterSpec(r=4, lora_alpha=8), max_steps=STEPS),
     ]
-    engine = Engine(str(tiny_base), device="cpu", adapter_math="bmm")
-    starts = {}
-    for i, config in enumerate(configs):
-        engine.add_job(config)
-        starts[config.name] = perturb(engine, config.name, seed=i)
-    finished = train_to_end(engine)
-    pattern = finished["ada"].adapter.adalora.rank_pattern
+    fused = train_fused(tiny_base, configs, perturb, adapter_math="bmm")
+    pattern = fused.finished["ada"].adapter.adalora.rank_pattern
     kept = [sum(v) for v in pattern.values()]
     assert sum(kept) == 2 * len(kept) and min(kept) < 4  # pruned to the target budget
-    for config in configs:
-        rows = list(finished[config.name].dataset.rows)
-        expected = train_reference(
-            tiny_base, config, rows, starts[config.name], STEPS, engine.tokenizer.pad_token_id
-        )
-        got = finished[config.name].adapter.named_tensors()
-        assert max_relative_difference(expected, got) <= 1e-4, config.name
+    assert_each_matches_peft(fused, STEPS, moved=None)
 
 
 def test_alone_beside_others_split_and_resumed_agree(
@@ -116,27 +104,25 @@ def test_alone_beside_others_split_and_resumed_agree(
     )
     other = job("other", tiny_base, datasets["text"], AdapterSpec(r=2), max_steps=6)
 
-    def train(*, beside: bool = False, micro_batch_tokens: int | None = None, resume: bool = False):
-        engine = Engine(str(tiny_base), device="cpu", micro_batch_tokens=micro_batch_tokens)
-        engine.add_job(config)
-        perturb(engine, "ada", seed=0)
-        if beside:
-            engine.add_job(other)
-        if resume:
-            train_to_end(engine, max_rounds=4)
-            save_checkpoint(engine.jobs["ada"], tmp_path / "ckpt")
-            engine = Engine(str(tiny_base), device="cpu")
-            engine.add_job(config, resume_from=tmp_path / "ckpt")
-            assert engine.jobs["ada"].adapter.adalora.exp_avg_ipt
-        job_ = train_to_end(engine)["ada"]
-        return job_.adapter.named_tensors(), job_.adapter.adalora.rank_pattern
+    def check_resumed(job: TrainingJob) -> None:
+        assert job.adapter.adalora.exp_avg_ipt
 
-    alone, pattern = train()
-    for way in (dict(beside=True), dict(micro_batch_tokens=40), dict(resume=True)):
-        tensors, their_pattern = train(**way)
+    train = partial(
+        train_one_way,
+        tiny_base,
+        config,
+        perturb=perturb,
+        checkpoint=tmp_path / "ckpt",
+        check_resumed=check_resumed,
+    )
+
+    alone = train()
+    pattern = alone.job.adapter.adalora.rank_pattern
+    for way in (dict(beside=[other]), dict(micro_batch_tokens=40), dict(resume_after=4)):
+        trained = train(**way)
         # Summation order alone differs (micro-batches): far inside PEFT's 1e-4.
-        assert max_relative_difference(alone, tensors) <= 1e-5, way
-        assert their_pattern == pattern, way
+        assert max_relative_difference(alone.tensors, trained.tensors) <= 1e-5, way
+        assert trained.job.adapter.adalora.rank_pattern == pattern, way
 
 
 def test_export_loads_in_peft_with_the_same_logits(
@@ -311,21 +297,12 @@ def test_init_from_peft_saved_continues_like_peft_and_resumes(
     assert any(sum(keep) < 4 for keep in pattern.values())  # some ranks were pruned
     config = continued_job(tiny_base, datasets["messages"], out)
 
-    def train(resume: bool) -> tuple[dict[str, torch.Tensor], list]:
-        engine = Engine(str(tiny_base), device="cpu")
-        engine.add_job(config)
-        if resume:
-            train_to_end(engine, max_rounds=2)
-            save_checkpoint(engine.jobs["next"], tmp_path / "ckpt")
-            engine = Engine(str(tiny_base), device="cpu")
-            engine.add_job(config, resume_from=tmp_path / "ckpt")
-        finished = train_to_end(engine)["next"]
-        return finished.adapter.named_tensors(), list(finished.dataset.rows)
-
-    got, messages = train(resume=False)
+    got = train_one_way(tiny_base, config)
+    messages = list(got.job.dataset.rows)
     expected = train_loaded_reference(tiny_base, config, messages, out, 4, pad)
-    assert max_relative_difference(expected, got) <= 1e-4
-    assert max_relative_difference(got, train(resume=True)[0]) <= 1e-6
+    assert max_relative_difference(expected, got.tensors) <= 1e-4
+    resumed = train_one_way(tiny_base, config, resume_after=2, checkpoint=tmp_path / "ckpt")
+    assert max_relative_difference(got.tensors, resumed.tensors) <= 1e-6
 
 
 def test_peft_cannot_allocate_after_loading(

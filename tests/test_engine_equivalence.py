@@ -13,31 +13,19 @@ from carpool.workers.engine import Engine
 from carpool.workers.fused_batch import plan_micro_batches, step_rows
 from carpool.workers.job_spec import AdapterSpec, JobSpec
 
-from tests.helpers.jobs import STEPS, changed, job, randomize_b, three_jobs
-from tests.helpers.peft_reference import max_relative_difference, train_reference
+from tests.helpers.jobs import STEPS, changed, job, three_jobs
+from tests.helpers.peft_reference import max_relative_difference
 from tests.helpers.round_driver import KeepFinished, train_to_end
+from tests.helpers.variants import assert_each_matches_peft, train_fused
 
 
 def test_fused_jobs_match_single_job_peft(
     tiny_base: Path, datasets: dict[str, Path], adapter_math: str
 ) -> None:
     configs = three_jobs(tiny_base, datasets)
-    engine = Engine(str(tiny_base), device="cpu", adapter_math=adapter_math)
-    starts = {}
-    for i, config in enumerate(configs):
-        engine.add_job(config)
-        starts[config.name] = randomize_b(engine, config.name, seed=i)
-    finished = train_to_end(engine)
-    assert all(finished[c.name].step == STEPS for c in configs)
-    for config in configs:
-        rows = list(finished[config.name].dataset.rows)
-        expected = train_reference(
-            tiny_base, config, rows, starts[config.name], STEPS, engine.tokenizer.pad_token_id
-        )
-        got = finished[config.name].adapter.named_tensors()
-        assert max_relative_difference(expected, got) <= 1e-4, config.name
-        # And training moved the weights: the comparison is not of two untouched starts.
-        assert max_relative_difference(starts[config.name], got) > 1e-3, config.name
+    fused = train_fused(tiny_base, configs, adapter_math=adapter_math)
+    assert all(fused.finished[c.name].step == STEPS for c in configs)
+    assert_each_matches_peft(fused, STEPS)
 
 
 def train_alone_and_with(

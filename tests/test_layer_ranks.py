@@ -18,10 +18,10 @@ import torch
 from carpool.orchestrator.controller import adapter_memory_bytes
 from carpool.orchestrator.validation import check_spec
 from carpool.workers.base_model import linear_module_shapes
-from carpool.workers.checkpoint import save_checkpoint
 from carpool.workers.engine import Engine
 from carpool.workers.job_spec import AdapterSpec
 from carpool.workers.lora_patterns import pattern_value, unmatched_keys
+from carpool.workers.training_job import TrainingJob
 from peft import PeftModel
 from peft.utils.other import get_pattern_key
 from pydantic import ValidationError
@@ -31,10 +31,9 @@ from tests.helpers.jobs import STEPS, job, randomize_b
 from tests.helpers.peft_reference import (
     max_relative_difference,
     save_peft_adapter,
-    train_reference,
 )
-from tests.helpers.round_driver import train_to_end
 from tests.helpers.two_ranks import train_on_one_rank, train_on_two_ranks
+from tests.helpers.variants import assert_each_matches_peft, train_fused, train_one_way
 
 DOWN0, DOWN1 = "model.layers.0.mlp.down_proj", "model.layers.1.mlp.down_proj"
 Q0, Q1 = "model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.q_proj"
@@ -109,22 +108,10 @@ def test_fused_layer_ranks_match_single_job_peft(
     tiny_base: Path, datasets: dict[str, Path], adapter_math: str
 ) -> None:
     configs = fused_jobs(tiny_base, datasets)
-    engine = Engine(str(tiny_base), device="cpu", adapter_math=adapter_math)
-    starts = {}
-    for i, config in enumerate(configs):
-        engine.add_job(config)
-        starts[config.name] = randomize_b(engine, config.name, seed=i)
-    layered = engine.jobs["layered"].adapter.modules
+    fused = train_fused(tiny_base, configs, adapter_math=adapter_math)
+    layered = fused.finished["layered"].adapter.modules
     assert layered[DOWN0].lora_A.shape[0] == 12 and layered[DOWN1].lora_B.shape[1] == 6
-    finished = train_to_end(engine)
-    for config in configs:
-        rows = list(finished[config.name].dataset.rows)
-        expected = train_reference(
-            tiny_base, config, rows, starts[config.name], STEPS, engine.tokenizer.pad_token_id
-        )
-        got = finished[config.name].adapter.named_tensors()
-        assert max_relative_difference(expected, got) <= 1e-4, config.name
-        assert max_relative_difference(starts[config.name], got) > 1e-3, config.name
+    assert_each_matches_peft(fused, STEPS)
 
 
 def test_export_loads_in_peft_with_each_modules_shape_and_the_same_logits(
@@ -253,24 +240,22 @@ def test_resumed_from_a_checkpoint_ends_as_the_straight_run(
 ) -> None:
     config = layered_job(tiny_base, datasets["messages"], max_steps=4, batch_size=3)
 
-    def train(*, resume: bool) -> dict[str, torch.Tensor]:
-        engine = Engine(str(tiny_base), device="cpu")
-        engine.add_job(config)
-        starts.append(randomize_b(engine, "layered", seed=0))
-        if resume:
-            train_to_end(engine, max_rounds=2)
-            save_checkpoint(engine.jobs["layered"], tmp_path / "ckpt")
-            engine = Engine(str(tiny_base), device="cpu")
-            engine.add_job(config, resume_from=tmp_path / "ckpt")
-            assert engine.jobs["layered"].step == 2
-            resumed = engine.jobs["layered"].adapter.modules
-            assert resumed[DOWN0].lora_A.shape[0] == 12 and resumed[DOWN1].lora_B.shape[1] == 6
-        return train_to_end(engine)["layered"].adapter.named_tensors()
+    def check_resumed(job: TrainingJob) -> None:
+        assert job.step == 2
+        resumed = job.adapter.modules
+        assert resumed[DOWN0].lora_A.shape[0] == 12 and resumed[DOWN1].lora_B.shape[1] == 6
 
-    starts: list[dict[str, torch.Tensor]] = []
-    straight = train(resume=False)
-    assert max_relative_difference(starts[0], straight) > 1e-3
-    assert max_relative_difference(straight, train(resume=True)) <= 1e-6
+    train = partial(
+        train_one_way,
+        tiny_base,
+        config,
+        perturb=randomize_b,
+        checkpoint=tmp_path / "ckpt",
+        check_resumed=check_resumed,
+    )
+    straight = train()
+    assert max_relative_difference(straight.start, straight.tensors) > 1e-3
+    assert max_relative_difference(straight.tensors, train(resume_after=2).tensors) <= 1e-6
 
 
 @pytest.mark.integration

@@ -23,15 +23,15 @@ from carpool.orchestrator.scheduler import (
 )
 from carpool.orchestrator.validation import check_spec
 from carpool.workers import quantization
-from carpool.workers.checkpoint import save_checkpoint
 from carpool.workers.engine import Engine
 from carpool.workers.job_spec import AdapterSpec, JobSpec, QuantizationSpec
+from carpool.workers.training_job import TrainingJob
 
 from tests.helpers.cluster import assert_same_adapter, carpool_cluster, engine_result, write_job
 from tests.helpers.jobs import changed, job, randomize_b
-from tests.helpers.peft_reference import max_relative_difference, train_reference
-from tests.helpers.round_driver import train_to_end
+from tests.helpers.peft_reference import max_relative_difference
 from tests.helpers.two_ranks import train_on_one_rank, train_on_two_ranks
+from tests.helpers.variants import assert_each_matches_peft, train_fused, train_one_way
 
 # float32 compute keeps the comparison exact on CPU; the 4-bit weights are what is tested.
 NF4 = QuantizationSpec(
@@ -71,21 +71,11 @@ def test_4bit_jobs_fused_match_peft_on_the_same_4bit_base(
     pytest.importorskip("bitsandbytes")
 
     configs = two_4bit_jobs(tiny_base, datasets)
-    engine = Engine(str(tiny_base), device="cpu", quantization=NF4)
-    starts = {}
-    for i, config in enumerate(configs):
-        engine.add_job(config)
-        starts[config.name] = randomize_b(engine, config.name, seed=i)
-    finished = train_to_end(engine)
+    fused = train_fused(tiny_base, configs, quantization=NF4)
     for config in configs:
-        got = finished[config.name].adapter.named_tensors()
+        got = fused.finished[config.name].adapter.named_tensors()
         assert all(t.dtype.is_floating_point and t.dtype.itemsize == 4 for t in got.values())
-        rows = list(finished[config.name].dataset.rows)
-        expected = train_reference(
-            tiny_base, config, rows, starts[config.name], STEPS, engine.tokenizer.pad_token_id
-        )
-        assert max_relative_difference(expected, got) <= 1e-4, config.name
-        assert max_relative_difference(starts[config.name], got) > 1e-3, config.name
+    assert_each_matches_peft(fused, STEPS)
 
 
 def test_bf16_compute_4bit_job_matches_peft_on_the_same_4bit_base(
@@ -100,17 +90,10 @@ def test_bf16_compute_4bit_job_matches_peft_on_the_same_4bit_base(
     bf16 = NF4.model_copy(update={"bnb_4bit_compute_dtype": "bfloat16"})
     [config, _] = two_4bit_jobs(tiny_base, datasets)
     config = changed(config, base_quantization=bf16)
-    engine = Engine(str(tiny_base), device="cpu", dtype=torch.bfloat16, quantization=bf16)
-    engine.add_job(config)
-    start = randomize_b(engine, config.name, seed=0)
-    finished = train_to_end(engine)
-    got = finished[config.name].adapter.named_tensors()
-    rows = list(finished[config.name].dataset.rows)
-    pad = engine.tokenizer.pad_token_id
-    expected = train_reference(tiny_base, config, rows, start, STEPS, pad)
+    fused = train_fused(tiny_base, [config], dtype=torch.bfloat16, quantization=bf16)
+    got = fused.finished[config.name].adapter.named_tensors()
     assert all(t.dtype == torch.float32 for t in got.values())  # as PEFT keeps its adapter
-    assert max_relative_difference(expected, got) <= 2e-2
-    assert max_relative_difference(start, got) > 0.1
+    assert_each_matches_peft(fused, STEPS, within=2e-2, moved=0.1)
 
 
 def test_an_engine_refuses_a_job_of_another_quantization(
@@ -212,22 +195,21 @@ def test_a_4bit_job_resumed_from_a_checkpoint_ends_as_the_straight_run(
 
     config = changed(two_4bit_jobs(tiny_base, datasets)[1], adapter=dict(lora_dropout=0.1))
 
-    def train(*, resume: bool) -> dict[str, torch.Tensor]:
-        engine = Engine(str(tiny_base), device="cpu", quantization=NF4)
-        engine.add_job(config)
-        starts.append(randomize_b(engine, "qa", seed=0))
-        if resume:
-            train_to_end(engine, max_rounds=2)
-            save_checkpoint(engine.jobs["qa"], tmp_path / "ckpt")
-            engine = Engine(str(tiny_base), device="cpu", quantization=NF4)
-            engine.add_job(config, resume_from=tmp_path / "ckpt")
-            assert engine.jobs["qa"].step == 2
-        return train_to_end(engine)["qa"].adapter.named_tensors()
+    def check_resumed(job: TrainingJob) -> None:
+        assert job.step == 2
 
-    starts: list[dict[str, torch.Tensor]] = []
-    straight = train(resume=False)
-    assert max_relative_difference(starts[0], straight) > 1e-3
-    assert max_relative_difference(straight, train(resume=True)) <= 1e-6
+    train = partial(
+        train_one_way,
+        tiny_base,
+        config,
+        perturb=randomize_b,
+        checkpoint=tmp_path / "ckpt",
+        check_resumed=check_resumed,
+        quantization=NF4,
+    )
+    straight = train()
+    assert max_relative_difference(straight.start, straight.tensors) > 1e-3
+    assert max_relative_difference(straight.tensors, train(resume_after=2).tensors) <= 1e-6
 
 
 @pytest.mark.integration

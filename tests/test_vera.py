@@ -20,9 +20,9 @@ import yaml
 from carpool.orchestrator.controller import adapter_memory_bytes
 from carpool.orchestrator.validation import check_spec, validate_files
 from carpool.workers.base_model import linear_module_shapes
-from carpool.workers.checkpoint import save_checkpoint
 from carpool.workers.engine import Engine
 from carpool.workers.job_spec import AdapterSpec, JobInputError, JobSpec, adapter_variant
+from carpool.workers.training_job import TrainingJob
 from carpool.workers.vera import LAMBDA_B, LAMBDA_D
 from peft import PeftModel
 from pydantic import ValidationError
@@ -38,6 +38,7 @@ from tests.helpers.peft_reference import (
 )
 from tests.helpers.round_driver import train_to_end
 from tests.helpers.two_ranks import train_on_one_rank, train_on_two_ranks
+from tests.helpers.variants import assert_each_matches_peft, train_fused, train_one_way
 
 VERA = dict(peft_type="VERA", r=4, d_initial=0.5, projection_prng_key=7)
 TARGETS = ["q_proj", "v_proj", "down_proj"]  # different in and out sizes: slices differ
@@ -101,20 +102,8 @@ def test_fused_vera_beside_lora_matches_single_job_peft(
             "plain", tiny_base, datasets["text"], AdapterSpec(r=4, lora_alpha=8), max_seq_length=24
         ),
     ]
-    engine = Engine(str(tiny_base), device="cpu", adapter_math=adapter_math)
-    starts = {}
-    for i, config in enumerate(configs):
-        engine.add_job(config)
-        starts[config.name] = perturb(engine, config.name, seed=i)
-    finished = train_to_end(engine)
-    for config in configs:
-        rows = list(finished[config.name].dataset.rows)
-        expected = train_reference(
-            tiny_base, config, rows, starts[config.name], STEPS, engine.tokenizer.pad_token_id
-        )
-        got = finished[config.name].adapter.named_tensors()
-        assert max_relative_difference(expected, got) <= 1e-4, config.name
-        assert max_relative_difference(starts[config.name], got) > 1e-3, config.name
+    fused = train_fused(tiny_base, configs, perturb, adapter_math=adapter_math)
+    assert_each_matches_peft(fused, STEPS)
 
 
 def test_alone_beside_others_split_and_resumed_agree(
@@ -126,41 +115,29 @@ def test_alone_beside_others_split_and_resumed_agree(
     )
     other = job("other", tiny_base, datasets["text"], AdapterSpec(r=2), max_steps=6)
 
-    def train(
-        *,
-        beside: bool = False,
-        micro_batch_tokens: int | None = None,
-        resume: bool = False,
-        adapter_math: str = "loop",
-    ):
-        engine = Engine(
-            str(tiny_base),
-            device="cpu",
-            micro_batch_tokens=micro_batch_tokens,
-            adapter_math=adapter_math,
-        )
-        engine.add_job(config)
-        start = perturb(engine, "vera", seed=0)
-        if beside:
-            engine.add_job(other)
-        if resume:
-            train_to_end(engine, max_rounds=3)
-            save_checkpoint(engine.jobs["vera"], tmp_path / "ckpt")
-            engine = Engine(str(tiny_base), device="cpu")
-            engine.add_job(config, resume_from=tmp_path / "ckpt")
-            assert engine.jobs["vera"].step == 3
-        return start, train_to_end(engine)["vera"].adapter.named_tensors()
+    def check_resumed(job: TrainingJob) -> None:
+        assert job.step == 3
 
-    start, alone = train()
-    assert max_relative_difference(start, alone) > 1e-3
+    train = partial(
+        train_one_way,
+        tiny_base,
+        config,
+        perturb=perturb,
+        checkpoint=tmp_path / "ckpt",
+        check_resumed=check_resumed,
+        adapter_math="loop",
+    )
+
+    alone = train()
+    assert max_relative_difference(alone.start, alone.tensors) > 1e-3
     ways = (
-        dict(beside=True),
+        dict(beside=[other]),
         dict(micro_batch_tokens=40),
-        dict(resume=True),
-        dict(beside=True, adapter_math="bmm"),
+        dict(resume_after=3),
+        dict(beside=[other], adapter_math="bmm"),
     )
     for way in ways:
-        assert max_relative_difference(alone, train(**way)[1]) <= 1e-6, way
+        assert max_relative_difference(alone.tensors, train(**way).tensors) <= 1e-6, way
 
 
 @pytest.mark.parametrize("save_projection", [True, False])
