@@ -10,15 +10,20 @@ import carpool.workers.dropout_masks as dropout_masks
 import carpool.workers.grouped_lora as grouped_lora
 import pytest
 import torch
+from carpool.workers.adalora import AdaLoraSchedule, AdaLoraWeights
 from carpool.workers.adapter_bank import (
     AdapterBank,
     JobAdapter,
+    LoraWeights,
     Segment,
+    new_adalora_adapter,
     new_job_adapter,
+    new_vera_adapter,
 )
 from carpool.workers.adapter_math import resolve_adapter_math
 from carpool.workers.base_model import load_base
 from carpool.workers.dropout_masks import dropout_mask, hashed_keep_mask, hashed_segments_mask
+from carpool.workers.vera import VeraWeights
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from tests.helpers.peft_reference import max_relative_difference
@@ -184,11 +189,18 @@ class CountOps(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def ops_for_jobs(base_path: Path, jobs: int, path: str) -> Counter[str]:
-    """Operators one hooked module runs, forward and backward, for `jobs` jobs of 2 rows."""
+def ops_for_jobs(base_path: Path, jobs: int, path: str, vera: bool = False) -> Counter[str]:
+    """Operators one hooked module runs, forward and backward, for `jobs` jobs of 2 rows
+    (`vera`: every other one a VeRA job)."""
     base = load_base(str(base_path), device=CPU)
     bank = AdapterBank(base, adapter_math=path)
     for i in range(jobs):
+        if vera and i % 2:
+            bank.add(new_vera_adapter(
+                base, f"j{i}", r=4, dropout=0.0, target_modules=("q_proj",), seed=i,
+                d_initial=0.1, projection_prng_key=i, save_projection=False,
+            ))  # fmt: skip
+            continue
         bank.add(new_job_adapter(
             base, f"j{i}", r=4, lora_alpha=8, use_rslora=False, dropout=0.0,
             target_modules=("q_proj",), seed=i,
@@ -207,6 +219,11 @@ def test_grouped_operation_count_does_not_grow_with_jobs(tiny_base: Path, path: 
     assert loop_8.total() > loop_2.total() + 6 * 6  # the loop: matmuls per job, both ways
     # Measured: 26 (bmm) and 20 (grouped_mm) operators for 2 jobs and for 8 alike.
     assert ops_for_jobs(tiny_base, 8, path) == ops_for_jobs(tiny_base, 2, path)
+    # VeRA jobs among them too: their vectors scale rank-r activations and outputs. (Ranks
+    # alike: with mixed ranks each job's gradient is copied out, LoRA's as VeRA's.)
+    assert ops_for_jobs(tiny_base, 8, path, vera=True) == ops_for_jobs(
+        tiny_base, 2, path, vera=True
+    )
 
 
 def test_grouped_mm_falls_back_to_bmm_with_one_warning(
@@ -231,3 +248,133 @@ def test_adapter_math_setting_is_checked_and_auto_resolves_per_device(tiny_base:
     assert resolve_adapter_math("auto", "cpu") == "loop"  # see the note in adapter_math
     assert resolve_adapter_math("auto", "cuda") == "bmm"
     assert resolve_adapter_math("grouped_mm", "cpu") == "grouped_mm"
+
+
+def bank_of_kinds(base_path: Path, dtype: torch.dtype) -> AdapterBank:
+    """LoRA, VeRA and AdaLoRA jobs of different ranks and targets, most with dropout,
+    every trained tensor random so every gradient is non-zero."""
+    base = load_base(str(base_path), device=CPU, dtype=dtype)
+    bank = AdapterBank(base)
+    bank.add(new_job_adapter(
+        base, "lora", r=4, lora_alpha=9, use_rslora=False, dropout=0.3,
+        target_modules=("q_proj", "v_proj"), seed=0,
+    ))  # fmt: skip
+    bank.add(new_job_adapter(
+        base, "lora_fa", r=8, lora_alpha=17, use_rslora=True, dropout=0.0,
+        target_modules="all-linear", seed=1, freeze_lora_A=True,
+    ))  # fmt: skip
+    bank.add(new_vera_adapter(
+        base, "vera", r=16, dropout=0.2, target_modules=("q_proj", "v_proj", "down_proj"),
+        seed=2, d_initial=0.1, projection_prng_key=7, save_projection=False,
+    ))  # fmt: skip
+    schedule = AdaLoraSchedule(6, 2, 0, 0, 1, 0.85, 0.85, 0.5, 10)
+    bank.add(new_adalora_adapter(
+        base, "ada", lora_alpha=12, dropout=0.25, target_modules=("q_proj", "k_proj", "up_proj"),
+        seed=3, schedule=schedule,
+    ))  # fmt: skip
+    gen = torch.Generator().manual_seed(4)
+    with torch.no_grad():
+        for adapter in bank.adapters.values():
+            for p in adapter.parameters():
+                if p.requires_grad:
+                    p.add_(torch.randn(p.shape, generator=gen, dtype=p.dtype) * 0.1)
+        bank.adapters["ada"].modules["model.layers.0.self_attn.q_proj"].lora_E[1] = 0.0  # pruned
+    return bank
+
+
+KINDS_SEGMENTS = [
+    Segment("ada", 0, 2, (5, 6), (6, 4)),
+    Segment("lora", 2, 3, (0,), (7,)),
+    Segment("vera", 3, 6, (1, 2, 9), (3, 7, 5)),
+    Segment("lora_fa", 6, 7, (4,), (2,)),
+    Segment("vera", 7, 8, (3,), (7,)),
+]
+
+
+def kinds_forward_backward(bank: AdapterBank, path: str, packed: bool) -> dict[str, torch.Tensor]:
+    """Logits and the gradients of the input embeddings and of every trained tensor, from
+    8 rows of 7 positions, or their real tokens end to end (`packed`)."""
+    bank.adapter_math = path
+    ids = torch.randint(3, 200, (8, 7), generator=torch.Generator().manual_seed(1))
+    if packed:
+        ids = torch.cat(
+            [ids[s.start + i, :n] for s in KINDS_SEGMENTS for i, n in enumerate(s.lengths)]
+        ).view(1, -1)
+    embeds = bank.base.get_input_embeddings()(ids).detach().requires_grad_()
+    with bank.route(KINDS_SEGMENTS, packed=packed):
+        logits = bank.base(inputs_embeds=embeds).logits
+    upstream = torch.randn(logits.shape, generator=torch.Generator().manual_seed(0))
+    (logits * upstream).sum().backward()
+    out = {"logits": logits.detach(), "x.grad": embeds.grad}
+    for adapter in bank.adapters.values():
+        for module, w in adapter.modules.items():
+            for i, p in enumerate(trained(w)):
+                out[f"{adapter.name}.{module}.{i}"] = p.grad.clone()
+                p.grad = None
+    return out
+
+
+def trained(w: LoraWeights | VeraWeights | AdaLoraWeights) -> list[torch.nn.Parameter]:
+    """The module's trained tensors, whatever its kind (LoRA-FA's frozen A left out)."""
+    if isinstance(w, LoraWeights):
+        return [p for p in (w.lora_A, w.lora_B, w.magnitude) if p is not None and p.requires_grad]
+    return w.parameters()
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
+@pytest.mark.parametrize(
+    ("dtype", "tolerance"), [(torch.float64, 1e-9), (torch.float32, 1e-5)], ids=["f64", "f32"]
+)
+def test_lora_vera_and_adalora_group_together_as_the_loop(
+    tiny_base: Path,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+    packed: bool,
+    dtype: torch.dtype,
+    tolerance: float,
+) -> None:
+    """One grouped computation per module covers every kind but DoRA: the same outputs and
+    gradients as the loop, dropout included, and no fallback. (float32 is where CPU's
+    `_grouped_mm` runs; float64 falls back to bmm, the one warning allowed.)"""
+    monkeypatch.setattr(grouped_lora, "_warned", set())
+    bank = bank_of_kinds(tiny_base, dtype)
+    loop = kinds_forward_backward(bank, "loop", packed)
+    assert {k.split(".")[0] for k in loop} >= {"lora", "lora_fa", "vera", "ada"}
+    nonzero = [k for k, g in loop.items() if g.abs().max() > 0]
+    assert len(nonzero) == len(loop)
+    for path in GROUPED:
+        with caplog.at_level(logging.WARNING, logger="carpool.adapter_math"):
+            got = kinds_forward_backward(bank, path, packed)
+        assert max_relative_difference(loop, got) <= tolerance, path
+    warnings = [r.getMessage() for r in caplog.records if r.name == "carpool.adapter_math"]
+    assert all("falls back to bmm" in w for w in warnings), warnings
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.2])
+def test_dora_beside_vera_and_adalora_as_the_loop(
+    tiny_base: Path,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+    dropout: float,
+) -> None:
+    """A DoRA job keeps its own path (rescaled grouped terms; with dropout, its segments
+    by the loop) while VeRA and AdaLoRA segments group with the rest."""
+    monkeypatch.setattr(grouped_lora, "_warned", set())
+    bank = bank_of_kinds(tiny_base, torch.float64)
+    bank.remove("lora")
+    dora = new_job_adapter(
+        bank.base, "lora", r=4, lora_alpha=9, use_rslora=False, dropout=dropout,
+        target_modules=("q_proj", "v_proj", "up_proj"), seed=9, use_dora=True,
+    )  # fmt: skip
+    with torch.no_grad():
+        for w in dora.modules.values():
+            w.lora_B.normal_(0, 0.1, generator=torch.Generator().manual_seed(w.module_index))
+    bank.add(dora)
+    loop = kinds_forward_backward(bank, "loop", packed=False)
+    with caplog.at_level(logging.WARNING, logger="carpool.adapter_math"):
+        got = kinds_forward_backward(bank, "bmm", packed=False)
+    assert max_relative_difference(loop, got) <= 1e-9
+    warnings = [r.getMessage() for r in caplog.records if r.name == "carpool.adapter_math"]
+    assert warnings == (
+        ["adapter_math bmm: DoRA jobs with lora_dropout go through the loop"] * (dropout > 0)
+    )

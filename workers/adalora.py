@@ -73,6 +73,16 @@ def adalora_term(x: torch.Tensor, w: AdaLoraWeights) -> torch.Tensor:
     return F.linear(F.linear(x, w.lora_A * w.lora_E), w.lora_B) * scaling / (w.ranknum + 1e-5)
 
 
+def adalora_pair(w: AdaLoraWeights) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """AdaLoRA's term as a LoRA pair (A', B', scaling): A * E, B and PEFT's factor.
+
+    A * E is built anew each forward (as `adalora_term` does), so that grouped
+    math sends gradients to A and E; pruned ranks are zero rows of it.
+    """
+    scaling = w.lora_alpha if w.lora_alpha > 0 else w.ranknum
+    return w.lora_A * w.lora_E, w.lora_B, scaling / (w.ranknum + 1e-5)
+
+
 def orthogonality_loss(modules: dict[str, AdaLoraWeights]) -> torch.Tensor:
     """PEFT's regularizer: the mean over every A and B of ||P P^T - I||_F (not squared)."""
     norms = []

@@ -9,7 +9,9 @@ per segment in a plain loop (the reference), or for all segments at once
 job's term also rescales its rows by its magnitude over the adapted weight's
 norm (`carpool.workers.dora`). A VeRA job's modules hold `VeraWeights` instead
 (`carpool.workers.vera`), an AdaLoRA job's `AdaLoraWeights` (`carpool.workers.adalora`);
-the grouped paths send the segments of both through the loop.
+the grouped paths take both as LoRA pairs (`lora_pair`: VeRA's projections with
+its vectors as per-rank and per-output scales, AdaLoRA's A * E with its factor), so
+one grouped computation covers LoRA, VeRA and AdaLoRA segments alike.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from carpool.workers.adalora import (
     AdaLoraSchedule,
     AdaLoraWeights,
     RankAllocator,
+    adalora_pair,
     adalora_term,
     adalora_weights,
 )
@@ -41,11 +44,13 @@ from carpool.workers.base_model import (
 from carpool.workers.dora import base_row_norms_sq, dora_term, weight_norm
 from carpool.workers.grouped_lora import (
     GroupPlan,
+    VectorScales,
     grouped_delta,
     grouped_mm_unsupported,
     on_device,
     plan_group,
     plan_packed_group,
+    stack_a,
     warn_once,
 )
 from carpool.workers.lora_patterns import lora_scaling, pattern_value
@@ -372,6 +377,55 @@ def _is_dora(w: LoraWeights | VeraWeights | AdaLoraWeights | None) -> bool:
     return isinstance(w, LoraWeights) and w.magnitude is not None
 
 
+@dataclass(frozen=True)
+class LoraPair:
+    """A segment's term in grouped math: `out_scale * B(A x * scaling * rank_scale)`."""
+
+    a: torch.Tensor  # [r, in]
+    b: torch.Tensor  # [out, r]
+    scaling: float
+    rank_scale: torch.Tensor | None = None  # per rank [r] (VeRA's lambda_d)
+    out_scale: torch.Tensor | None = None  # per output [out] (VeRA's lambda_b)
+
+
+def lora_pair(w: LoraWeights | VeraWeights | AdaLoraWeights) -> LoraPair:
+    """Any kind's term but DoRA's as a LoRA pair, for grouped math (DoRA's is its LoRA
+    pair's term, rescaled: see `_grouped_delta_with_dora`)."""
+    if isinstance(w, VeraWeights):
+        # lambda_b * B(lambda_d * A x): the loop's order, so float32 rounds alike.
+        return LoraPair(w.vera_A, w.vera_B, 1.0, w.lambda_d, w.lambda_b)
+    if isinstance(w, AdaLoraWeights):
+        return LoraPair(*adalora_pair(w))
+    return LoraPair(w.lora_A, w.lora_B, w.scaling)
+
+
+def vector_scales(pairs: list[LoraPair | None], plan: GroupPlan) -> VectorScales | None:
+    """The segments' scale vectors when some segment has them (VeRA), else None.
+
+    Segments without get views of one tensor of ones (exact: x * 1 == x), so the
+    operations stay as many whatever the number of jobs.
+    """
+    if all(p is None or p.out_scale is None for p in pairs):
+        return None
+    some = next(p for p in pairs if p is not None)
+    ones = some.b.new_ones(max(some.b.shape[0], plan.r_pad), 1)
+    # As [r, 1] "A"s, padded and stacked as A is: [segments, r_pad].
+    rank = stack_a(
+        [
+            None
+            if p is None
+            else ones[: p.a.shape[0]]
+            if p.rank_scale is None
+            else p.rank_scale.unsqueeze(1)
+            for p in pairs
+        ],
+        plan,
+    )
+    out_ones = ones[: some.b.shape[0], 0]
+    out = [out_ones if p is None or p.out_scale is None else p.out_scale for p in pairs]
+    return VectorScales(rank.squeeze(-1), torch.stack(out))
+
+
 class AdapterBank:
     """Holds the adapters of every job on one base and applies them per row."""
 
@@ -453,9 +507,6 @@ class AdapterBank:
         dora = any(_is_dora(w) for w in weights)
         if path == "loop":
             delta = self._loop_delta(module_name, weights, x, output)
-        elif any(isinstance(w, VeraWeights | AdaLoraWeights) for w in weights):
-            warn_once(f"adapter_math {path}: VeRA and AdaLoRA jobs go through the loop")
-            delta = self._grouped_delta_some_by_segment(module_name, weights, x, output, path)
         elif dora:
             delta = self._grouped_delta_with_dora(module_name, weights, x, output, path)
         else:
@@ -618,9 +669,9 @@ class AdapterBank:
         output: torch.Tensor,
         path: str,
     ) -> torch.Tensor:
-        """Plain LoRA segments grouped as usual; DoRA and VeRA segments one by one, as in
-        the loop."""
-        plain = [w if isinstance(w, LoraWeights) and w.magnitude is None else None for w in weights]
+        """Every segment but DoRA's grouped as usual; DoRA segments one by one, as in the
+        loop."""
+        plain = [None if _is_dora(w) else w for w in weights]
         sizes = self._segment_sizes()
         parts: list[torch.Tensor | None] = [None] * len(weights)
         if any(w is not None for w in plain):
@@ -640,7 +691,10 @@ class AdapterBank:
         x: torch.Tensor,
         path: str,
     ) -> torch.Tensor:
-        """One computation over all segments (grouped_lora), dropout masked per row first."""
+        """One computation over all segments (grouped_lora), dropout masked per row first.
+
+        Each segment's job enters as its LoRA pair (`lora_pair`), whatever its kind.
+        """
         segments = self._segments
         adapters = [self.adapters[s.job] for s in segments]
         if torch.is_grad_enabled():
@@ -654,9 +708,10 @@ class AdapterBank:
                     x = x * mask.view_as(x)
                 else:
                     x = x * masks.segments_dropout_mask(dropped, segments, x.shape, x)
-        ranks = tuple(0 if w is None else w.lora_A.shape[0] for w in weights)
+        pairs = [None if w is None else lora_pair(w) for w in weights]
+        ranks = tuple(0 if p is None else p.a.shape[0] for p in pairs)
         # Per module, not per job: rank_pattern / alpha_pattern give modules their own.
-        scalings = tuple(0.0 if w is None else w.scaling for w in weights)
+        scalings = tuple(0.0 if p is None else p.scaling for p in pairs)
         # grouped_mm's strides must be 16-byte multiples: pad ranks to match.
         r_align = 16 // x.element_size() if path == "grouped_mm" else 1
         tokens_per_row = math.prod(x.shape[1:-1])
@@ -682,6 +737,6 @@ class AdapterBank:
                 x.dtype,
                 x.device,
             )
-        a = [None if w is None else w.lora_A for w in weights]
-        b = [None if w is None else w.lora_B for w in weights]
-        return grouped_delta(x, a, b, plan, path)
+        a = [None if p is None else p.a for p in pairs]
+        b = [None if p is None else p.b for p in pairs]
+        return grouped_delta(x, a, b, plan, path, vector_scales(pairs, plan))

@@ -156,7 +156,9 @@ def plan_packed_group(
 
 
 def _padded_rank(ranks: Sequence[int], r_align: int) -> int:
-    return -(-max(ranks) // r_align) * r_align
+    # At least 1: an AdaLoRA module pruned to no ranks (rank 0) then still gets its all-zero
+    # block from the rank index, as a job that does not target the module does.
+    return -(-max(*ranks, 1) // r_align) * r_align
 
 
 def _rank_index(ranks: Sequence[int], r_pad: int, device: torch.device) -> torch.Tensor | None:
@@ -197,14 +199,27 @@ def stack_b(b: Sequence[torch.Tensor | None], plan: GroupPlan) -> torch.Tensor:
     return cols.index_select(1, plan.rank_index).view(-1, len(b), plan.r_pad).transpose(0, 1)
 
 
+@dataclass(frozen=True)
+class VectorScales:
+    """Per-segment scale vectors beside the plan's one scaling per segment (VeRA's
+    lambda_d and lambda_b; ones for other kinds), in x's dtype: `rank` [segments, r_pad]
+    scales the rank-r activations (0 where padded or absent), `out` [segments, out]
+    the output."""
+
+    rank: torch.Tensor
+    out: torch.Tensor
+
+
 def grouped_delta(
     x: torch.Tensor,
     a: Sequence[torch.Tensor | None],
     b: Sequence[torch.Tensor | None],
     plan: GroupPlan,
     path: GroupedMath,
+    vectors: VectorScales | None = None,
 ) -> torch.Tensor:
-    """Every row's `B(A x) * scaling` for its own segment's job: x [rows, ..., in].
+    """Every row's `B(A x) * scaling` for its own segment's job: x [rows, ..., in];
+    with `vectors`, `out * B(A x * scaling * rank)` instead.
 
     `a`, `b`: each segment's weights (None where its job does not target the
     module), in x's dtype; dropout is already applied to x.
@@ -216,21 +231,41 @@ def grouped_delta(
         x2 = torch.cat([x3.reshape(-1, in_features), x3.new_zeros(1, in_features)])
         laid_out = x2.index_select(0, plan.segment_gather).view(len(a), -1, in_features)
         h = torch.bmm(laid_out, a_stack.transpose(1, 2)) * plan.segment_scale
+        if vectors is not None:
+            h = h * vectors.rank.unsqueeze(1)
         delta = torch.bmm(h, b_stack.transpose(1, 2))  # [segments, longest, out]
+        if vectors is not None:
+            delta = delta * vectors.out.unsqueeze(1)
         delta = delta.view(-1, delta.shape[-1]).index_select(0, plan.segment_scatter)
     elif path == "bmm":
         a_rows = a_stack.index_select(0, plan.row_segment)  # [rows, r_pad, in]
         # Scale the rank-r activations: the cheapest place to apply it.
-        h = torch.bmm(x3, a_rows.transpose(1, 2)) * plan.row_scale
+        h = torch.bmm(x3, a_rows.transpose(1, 2)) * _row_scale(plan, vectors)
         b_rows = b_stack.index_select(0, plan.row_segment)  # [rows, out, r_pad]
-        delta = torch.bmm(h, b_rows.transpose(1, 2))
+        delta = _out_scaled(torch.bmm(h, b_rows.transpose(1, 2)), plan, vectors)
     else:
         x2 = x3.reshape(-1, in_features)
         h = torch._grouped_mm(x2, a_stack.transpose(1, 2), offs=plan.token_ends)
-        h = (h.view(rows, -1, plan.r_pad) * plan.row_scale).view(-1, plan.r_pad)
+        h = (h.view(rows, -1, plan.r_pad) * _row_scale(plan, vectors)).view(-1, plan.r_pad)
         delta = torch._grouped_mm(h, b_stack.transpose(1, 2), offs=plan.token_ends)
         delta = _ContiguousGrad.apply(delta)
+        if vectors is not None:
+            delta = _out_scaled(delta.view(rows, -1, delta.shape[-1]), plan, vectors)
     return delta.view(*x.shape[:-1], -1)
+
+
+def _row_scale(plan: GroupPlan, vectors: VectorScales | None) -> torch.Tensor:
+    """Each row's scale of its rank-r activations: [rows, 1, 1], or [rows, 1, r_pad]."""
+    if vectors is None:
+        return plan.row_scale
+    return plan.row_scale * vectors.rank.index_select(0, plan.row_segment).unsqueeze(1)
+
+
+def _out_scaled(delta: torch.Tensor, plan: GroupPlan, vectors: VectorScales | None) -> torch.Tensor:
+    """[rows, tokens, out] deltas times each row's output scale, if any."""
+    if vectors is None:
+        return delta
+    return delta * vectors.out.index_select(0, plan.row_segment).unsqueeze(1)
 
 
 class _ContiguousGrad(torch.autograd.Function):
