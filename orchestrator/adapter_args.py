@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
-from carpool.workers.base_fingerprint import trained_on_other_base
+from carpool.workers.base_fingerprint import read_provenance, trained_on_other_base
+from carpool.workers.job_spec import QuantizationSpec
+from pydantic import ValidationError
 
 # Torch-free on purpose: a command refused here loads no model and no torch.
 CONFIG_FILE = "adapter_config.json"
@@ -59,3 +62,46 @@ def check_same_base(adapters: dict[str, Path], base_model: str) -> None:
             raise AdapterArgumentError(str(e)) from e
         if why is not None:
             raise AdapterArgumentError(why)
+
+
+QUANTIZATION_CHOICES = ("auto", "none", "nf4", "fp4")
+
+
+def base_quantization(adapters: dict[str, Path], choice: str) -> QuantizationSpec | None:
+    """How to load the base for these adapters: `auto` loads it as they were trained
+    (a QLoRA adapter's record names its 4-bit loading), `none` in its own precision,
+    `nf4`/`fp4` in 4 bits with QLoRA's other defaults."""
+    if choice == "none":
+        return None
+    if choice != "auto":
+        return QuantizationSpec(bnb_4bit_quant_type=choice)
+    loadings: dict[str, list[str]] = {}
+    for name, path in adapters.items():
+        try:
+            record = read_provenance(path) or {}
+        except ValueError as e:
+            raise AdapterArgumentError(str(e)) from e
+        quantization = record.get("base_quantization")
+        key = json.dumps(quantization, sort_keys=True) if quantization else "null"
+        loadings.setdefault(key, []).append(name)
+    if len(loadings) > 1:
+        described = "; ".join(
+            f"{', '.join(names)}: {_described(json.loads(key))}" for key, names in loadings.items()
+        )
+        raise AdapterArgumentError(
+            f"the adapters were trained on bases loaded differently ({described}); "
+            "choose one with --base-quantization none|nf4|fp4"
+        )
+    (key,) = loadings or {"null": []}
+    try:
+        return None if key == "null" else QuantizationSpec.model_validate(json.loads(key))
+    except ValidationError as e:
+        raise AdapterArgumentError(
+            f"adapter {loadings[key][0]!r}: its record's base_quantization is not valid ({e})"
+        ) from e
+
+
+def _described(quantization: dict | None) -> str:
+    if quantization is None:
+        return "full precision"
+    return f"4-bit {quantization.get('bnb_4bit_quant_type', 'nf4')}"

@@ -11,11 +11,16 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from carpool.orchestrator.cli_registry import positive_int, subcommand
 
+if TYPE_CHECKING:
+    from carpool.workers.job_spec import QuantizationSpec
+
 
 def _common_arguments(parser: argparse.ArgumentParser) -> None:
+    from carpool.orchestrator.adapter_args import QUANTIZATION_CHOICES
     from carpool.workers.adapter_math import ADAPTER_MATHS  # no torch
 
     parser.add_argument("--base", required=True, help="the base model (a path or a hub id)")
@@ -27,6 +32,11 @@ def _common_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--adapter-math", choices=ADAPTER_MATHS, default="auto",
         help="LoRA terms per adapter (loop) or for all at once (bmm, grouped_mm)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--base-quantization", choices=QUANTIZATION_CHOICES, default="auto",
+        help="load the base as the adapters were trained (auto: 4-bit for QLoRA adapters), "
+        "in its own precision (none), or in 4 bits (nf4, fp4)",
     )  # fmt: skip
 
 
@@ -48,9 +58,11 @@ def _eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="one JSON object per adapter")
 
 
-def _checked_adapters(args: argparse.Namespace) -> dict[str, Path]:
+def _checked_adapters(args: argparse.Namespace) -> tuple[dict[str, Path], QuantizationSpec | None]:
+    """The named adapters, and how to load the base for them (None: its own precision)."""
     from carpool.orchestrator.adapter_args import (
         AdapterArgumentError,
+        base_quantization,
         check_same_base,
         named_adapters,
     )
@@ -62,10 +74,15 @@ def _checked_adapters(args: argparse.Namespace) -> dict[str, Path]:
             f"adapter name {BASE!r} is taken by --include-base; name it apart with NAME=DIR"
         )
     check_same_base(adapters, args.base)
-    return adapters
+    return adapters, base_quantization(adapters, args.base_quantization)
 
 
-def _fused(args: argparse.Namespace, adapters: dict[str, Path], **options):
+def _fused(
+    args: argparse.Namespace,
+    adapters: dict[str, Path],
+    quantization: QuantizationSpec | None,
+    **options,
+):
     from carpool.orchestrator.adapter_args import AdapterArgumentError
     from carpool.workers.fused_inference import FusedAdapters
     from carpool.workers.peft_format import AdapterFormatError
@@ -79,6 +96,7 @@ def _fused(args: argparse.Namespace, adapters: dict[str, Path], **options):
             include_base=args.include_base,
             device=args.device,
             adapter_math=args.adapter_math,
+            quantization=quantization,
             **options,
         )
     except AdapterFormatError as e:  # an adapter whose shapes do not fit this base
@@ -90,12 +108,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from carpool.workers.base_model import load_tokenizer
     from carpool.workers.dataset import load_dataset
 
-    adapters = _checked_adapters(args)
+    adapters, quantization = _checked_adapters(args)
     # The data is read and tokenized before the base loads: a bad row costs no model load.
     dataset = load_dataset(
         args.dataset, args.format, load_tokenizer(args.base), args.max_seq_length
     )
-    fused = _fused(args, adapters, micro_batch_tokens=args.micro_batch_tokens)
+    fused = _fused(args, adapters, quantization, micro_batch_tokens=args.micro_batch_tokens)
     results = fused.evaluate(dataset)
     if args.json:
         for r in results:
@@ -160,13 +178,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from carpool.orchestrator.prompt_file import read_prompts
     from carpool.workers.fused_inference import BASE
 
-    adapters = _checked_adapters(args)
+    adapters, quantization = _checked_adapters(args)
     names = [*adapters, *([BASE] if args.include_base else [])]
     if not names:
         raise AdapterArgumentError("name at least one ADAPTER, or pass --include-base")
     rows = read_prompts(args.prompts, names, args.all_adapters)
     requests, echoes = _requests(args, rows)
-    fused = _fused(args, adapters)
+    fused = _fused(args, adapters, quantization)
     from carpool.workers.fused_inference import Sampling
 
     sampling = Sampling(args.max_new_tokens, args.temperature, args.top_p, args.seed)

@@ -6,13 +6,16 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
 from carpool.workers.base_model import load_tokenizer
-from carpool.workers.dataset import IGNORE_INDEX, load_dataset, prompt_ids
+from carpool.workers.dataset import load_dataset, prompt_ids
 from carpool.workers.fused_inference import BASE, FusedAdapters, GenerationRequest, Sampling
 from peft import PeftModel
 
-from tests.helpers.finished_adapters import adapters_of_each_kind, float32_base
+from tests.helpers.finished_adapters import (
+    adapters_of_each_kind,
+    float32_base,
+    reference_eval_loss,
+)
 
 
 @pytest.fixture(scope="module")
@@ -35,18 +38,9 @@ def test_fused_eval_equals_peft_alone(
     assert {r.name for r in results} == {*adapters, BASE}
     for result in results:
         model = _peft(tiny_base, adapters.get(result.name))
-        total, count = 0.0, 0
-        with torch.no_grad():
-            for row in data.rows:
-                logits = model(input_ids=torch.tensor([row.input_ids])).logits[0, :-1]
-                labels = torch.tensor(row.labels[1:])
-                keep = labels != IGNORE_INDEX
-                total += float(
-                    F.cross_entropy(logits[keep].double(), labels[keep], reduction="sum")
-                )
-                count += int(keep.sum())
+        loss, count = reference_eval_loss(model, data)
         assert result.tokens == count
-        assert abs(result.loss - total / count) <= 1e-5 * total / count, result.name
+        assert abs(result.loss - loss) <= 1e-5 * loss, result.name
     # The adapters matter: no two losses are the same.
     assert len({round(r.loss, 6) for r in results}) == len(results)
 

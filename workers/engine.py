@@ -399,7 +399,12 @@ class Engine:
     def export(self, name: str, out_dir: str | Path) -> Path:
         """Write job `name`'s adapter as a PEFT adapter directory."""
         job = self.jobs[name]
-        return export_adapter(job.adapter, out_dir, base_model=job.config.base_model)
+        return export_adapter(
+            job.adapter,
+            out_dir,
+            base_model=job.config.base_model,
+            base_quantization=job.config.base_quantization,
+        )
 
 
 @contextmanager

@@ -24,6 +24,7 @@ from carpool.workers.base_model import default_device, default_dtype, load_base,
 from carpool.workers.dataset import TokenizedDataset
 from carpool.workers.finished_adapters import load_finished_adapter
 from carpool.workers.fused_batch import collate, plan_micro_batches, step_rows, trainable_tokens
+from carpool.workers.job_spec import QuantizationSpec
 from carpool.workers.peft_format import AdapterFormatError
 from carpool.workers.position_losses import add_segment_losses, position_losses
 
@@ -72,8 +73,11 @@ class FusedAdapters:
         adapter_math: str = "auto",
         micro_batch_tokens: int | None = 4096,
         trust_remote_code: bool = False,
+        quantization: QuantizationSpec | None = None,
     ) -> None:
         """`include_base` adds the bare base as one more adapter, named `base`.
+
+        `quantization` loads the base in 4 bits, as a QLoRA adapter was trained on it.
 
         `micro_batch_tokens` caps an eval micro-batch's padded tokens (None: one).
         """
@@ -87,6 +91,7 @@ class FusedAdapters:
             device=self.device,
             dtype=dtype or default_dtype(self.device),
             trust_remote_code=trust_remote_code,
+            quantization=quantization,
         )
         self.tokenizer = load_tokenizer(base_model, trust_remote_code=trust_remote_code)
         self.micro_batch_tokens = micro_batch_tokens

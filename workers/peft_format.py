@@ -27,6 +27,7 @@ from carpool.workers.adalora import AdaLoraWeights
 from carpool.workers.adapter_bank import MAGNITUDE, JobAdapter, LoraWeights
 from carpool.workers.base_fingerprint import write_provenance
 from carpool.workers.base_model import features, linear_modules
+from carpool.workers.job_spec import QuantizationSpec
 from carpool.workers.lora_patterns import key_problem, lora_scaling, order_free, pattern_value
 from carpool.workers.vera import LAMBDA_B, LAMBDA_D, VeraWeights
 from safetensors import safe_open
@@ -88,8 +89,10 @@ def export_adapter(
     out_dir: str | Path,
     *,
     base_model: str,
+    base_quantization: QuantizationSpec | None = None,
 ) -> Path:
-    """Write `adapter` as a PEFT adapter directory, with carpool's record of its base."""
+    """Write `adapter` as a PEFT adapter directory, with carpool's record of its base
+    (and of the base's 4-bit loading, for a QLoRA adapter: eval and generate load it so)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     targets = (
@@ -125,7 +128,14 @@ def export_adapter(
     config.save_pretrained(str(out))
     tensors = {k: v.cpu() for k, v in peft_state_dict(adapter).items()}
     save_file(tensors, str(out / WEIGHTS_FILE), metadata={"format": "pt"})
-    write_provenance(out, base_model=base_model, adapter_kind=adapter_kind(adapter))
+    details = (
+        None
+        if base_quantization is None
+        else {"base_quantization": base_quantization.model_dump(mode="json")}
+    )
+    write_provenance(
+        out, base_model=base_model, adapter_kind=adapter_kind(adapter), details=details
+    )
     return out
 
 

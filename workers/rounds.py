@@ -139,6 +139,11 @@ class LocalOutputs:
 
 def export_job(job: TrainingJob, out: Path) -> Path:
     """The job's PEFT adapter in `out`, with its history as HF's `trainer_state.json`."""
-    export_adapter(job.adapter, out, base_model=job.config.base_model)
+    export_adapter(
+        job.adapter,
+        out,
+        base_model=job.config.base_model,
+        base_quantization=job.config.base_quantization,
+    )
     write_trainer_state(out, job.trainer_state())
     return out

@@ -5,6 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
+from carpool.workers.dataset import IGNORE_INDEX, TokenizedDataset
 from peft import AdaLoraConfig, LoraConfig, VeraConfig, get_peft_model
 from transformers import AutoModelForCausalLM
 
@@ -41,3 +43,16 @@ def adapters_of_each_kind(tiny_base: Path, root: Path) -> dict[str, Path]:
         model.save_pretrained(root / name)
         out[name] = root / name
     return out
+
+
+def reference_eval_loss(model: torch.nn.Module, data: TokenizedDataset) -> tuple[float, int]:
+    """(mean cross-entropy over trainable tokens, their count): `model` alone, row by row."""
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for row in data.rows:
+            logits = model(input_ids=torch.tensor([row.input_ids])).logits[0, :-1]
+            labels = torch.tensor(row.labels[1:])
+            keep = labels != IGNORE_INDEX
+            total += float(F.cross_entropy(logits[keep].double(), labels[keep], reduction="sum"))
+            count += int(keep.sum())
+    return total / count, count

@@ -236,6 +236,15 @@ def max_relative_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tenso
     return worst
 
 
+def norm_relative_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    """max over tensors of ||a - b|| / ||a||: how much of each tensor differs, for runs whose
+    elements may differ by rounding noise that Adam turns into whole steps."""
+    assert set(a) == set(b), (sorted(set(a) ^ set(b)))[:5]
+    return max(
+        float((a[k] - b[k]).norm() / a[k].norm().clamp_min(1e-12)) for k in a if a[k].numel()
+    )
+
+
 def save_peft_adapter(base_path: Path, out_dir: Path, **lora: object) -> Path:
     """A PEFT LoRA adapter for the base at `base_path`, saved the way PEFT saves it.
 
