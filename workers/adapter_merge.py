@@ -9,12 +9,16 @@ load them unchanged.
 from __future__ import annotations
 
 import json
+import math
+import re
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 from carpool.workers.base_fingerprint import write_provenance
 from carpool.workers.base_model import features, linear_modules
+from carpool.workers.lora_patterns import pattern_value
 from carpool.workers.merge_methods import RANDOM, SAME_RANK
 from carpool.workers.peft_format import (
     CONFIG_FILE,
@@ -23,7 +27,7 @@ from carpool.workers.peft_format import (
     base_misfit,
     read_adapter_header,
 )
-from peft import PeftModel
+from peft import LoraConfig, PeftModel
 from torch import nn
 from transformers import AutoTokenizer
 
@@ -52,14 +56,35 @@ def _kind_refusal(name: str, path: Path, header: AdapterHeader) -> str | None:
             f"adapter {name!r}: a DoRA adapter; PEFT's merge combines lora_A and lora_B "
             "only and would drop its magnitude vectors"
         )
-    if header.use_rslora:
-        # PEFT keeps use_rslora on the merged adapter, whose weights already carry each
-        # source's scaling: it would act sqrt(r) times too strongly.
-        return f"adapter {name!r}: use_rslora adapters are not merged correctly by PEFT yet"
     config = json.loads((path / CONFIG_FILE).read_text())  # read_adapter_header parsed it
     if config.get("target_parameters"):
         return f"adapter {name!r}: targets parameters (target_parameters), which PEFT cannot merge"
     return None
+
+
+def _as_plain_lora(path: Path, header: AdapterHeader) -> LoraConfig:
+    """The adapter's config, an rsLoRA one rewritten as the plain LoRA that acts the same.
+
+    PEFT's merge folds each source's scaling into the merged weights and gives the merged
+    adapter its first source's config with lora_alpha = r: scaling 1 for plain LoRA, but
+    sqrt(r) for rsLoRA (alpha / sqrt(r)). Loaded as plain LoRA with alpha * sqrt(r) per
+    module (the same alpha / sqrt(r) scaling), the sources merge exactly.
+    """
+    config = LoraConfig.from_pretrained(str(path))
+    if not config.use_rslora:
+        return config
+    default = header.lora_alpha * math.sqrt(header.r)
+    alphas = {
+        module: pattern_value(header.alpha_pattern, module, header.lora_alpha) * math.sqrt(r)
+        for module, r in header.ranks().items()
+    }
+    return replace(
+        config,
+        use_rslora=False,
+        lora_alpha=default,
+        # Each module whose alpha differs gets a key of its own: its escaped full name.
+        alpha_pattern={re.escape(m): a for m, a in alphas.items() if a != default},
+    )
 
 
 def check_mergeable(adapters: Mapping[str, Path], method: str) -> dict[str, AdapterHeader]:
@@ -115,8 +140,13 @@ def merge_adapters(
     """
     sources = [f"source_{i}" for i in range(len(adapters))]
     paths = list(adapters.values())
-    model = PeftModel.from_pretrained(base, str(paths[0]), adapter_name=sources[0])
-    for source, path in zip(sources[1:], paths[1:], strict=True):
+    configs = [_as_plain_lora(path, read_adapter_header(path)) for path in paths]
+    model = PeftModel.from_pretrained(
+        base, str(paths[0]), adapter_name=sources[0], config=configs[0]
+    )
+    for source, path, config in zip(sources[1:], paths[1:], configs[1:], strict=True):
+        config.inference_mode = True
+        model.add_adapter(source, config)  # load_adapter then loads only its weights
         model.load_adapter(str(path), adapter_name=source)
     if method in RANDOM:
         torch.manual_seed(seed)
