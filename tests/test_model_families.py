@@ -94,7 +94,9 @@ def test_fused_jobs_match_peft(family: str, bases: Path, datasets: dict[str, Pat
         if engine.packed:
             layout_gap = max_relative_difference(padded[config.name].adapter.named_tensors(), got)
             print(f"{family} {config.name} packed vs padded: {layout_gap:.2e}")
-            assert layout_gap <= 1e-5, config.name
+            # float32 runs in two op orders: the invariant's bar (measured up to 8e-5 after
+            # 3 steps on an AVX2 machine; packed == padded to 1e-9 in float64 elsewhere).
+            assert layout_gap <= 1e-4, config.name
 
 
 def test_validation_takes_conv1d_targets(bases: Path, datasets: dict[str, Path]) -> None:
