@@ -4,6 +4,10 @@ The controller asks for a trial, runs it as an ordinary job, reports its eval
 losses as they come and tells how it ended. The study lives in a journal file,
 so a restarted controller reloads it and carries on: trial numbers continue,
 and trials asked before the restart can still report and finish.
+
+Optuna rather than Ray Tune: Tune runs each trial as its own trainable and its
+schedulers stop them there, while a sweep's trials are queue jobs that the
+controller packs into fused groups; ask-and-tell leaves that loop to carpool.
 """
 
 from __future__ import annotations
