@@ -32,7 +32,7 @@ FINAL = {"succeeded", "failed", "cancelled"}
 
 def worker_pids() -> list[int]:
     import ray
-    from carpool.orchestrator.ray_runtime import NAMESPACE
+    from carpool.orchestrator.actor_names import NAMESPACE
 
     pids = []
     for info in ray.util.list_named_actors(all_namespaces=True):

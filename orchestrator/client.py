@@ -93,7 +93,8 @@ class Client:
         """(Re)create the controller if it is gone (a no-op if it runs); record the cluster."""
         self._attach(cluster)
         import ray
-        from carpool.orchestrator.ray_runtime import CONTROLLER_NAME, NAMESPACE, CarpoolController
+        from carpool.orchestrator.actor_names import CONTROLLER_NAME, NAMESPACE
+        from carpool.orchestrator.controller_actor import CarpoolController
 
         if not cluster["dashboard_url"]:
             cluster["dashboard_url"] = self._dashboard_url
@@ -184,7 +185,7 @@ class Client:
         """The controller actor of the Ray this client is attached to."""
         if self._controller is None:
             import ray
-            from carpool.orchestrator.ray_runtime import CONTROLLER_NAME, NAMESPACE
+            from carpool.orchestrator.actor_names import CONTROLLER_NAME, NAMESPACE
 
             try:
                 self._controller = ray.get_actor(CONTROLLER_NAME, namespace=NAMESPACE)

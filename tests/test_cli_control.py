@@ -48,6 +48,17 @@ def test_a_queue_command_that_fails_loads_no_torch() -> None:
     assert done.stdout.split() == ["1", "False", "False"]
 
 
+def test_looking_up_the_controller_actor_loads_no_torch() -> None:
+    """Ray imports the actor class's module in every client that looks the controller up
+    (`carpool status`); that module leaves the training stack to the actor itself."""
+    code = (
+        "import sys; import carpool.orchestrator.controller_actor, carpool.orchestrator.client; "
+        "print('torch' in sys.modules, 'transformers' in sys.modules)"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.split() == ["False", "False"]
+
+
 @pytest.mark.parametrize("argv", [["logs", "../etc/passwd"], ["cancel", "A/B"], ["status", ".."]])
 def test_invalid_job_ids_are_refused_before_anything(argv: list[str], capsys) -> None:
     assert main(argv) == 1

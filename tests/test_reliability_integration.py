@@ -25,7 +25,7 @@ pytestmark = pytest.mark.integration
 
 def worker_pids() -> dict[str, int]:
     import ray
-    from carpool.orchestrator.ray_runtime import NAMESPACE
+    from carpool.orchestrator.actor_names import NAMESPACE
 
     pids = {}
     for info in ray.util.list_named_actors(all_namespaces=True):
