@@ -198,7 +198,8 @@ def test_priority_preemption_and_durability(
         assert job(client, low_id)["attempts"] == 2
         assert job(client, low_id)["metrics"]["preemptions"] == 1
         # Resumed from its checkpoint, it ends where an uninterrupted run ends.
-        assert_same_adapter(client.fetch(low_id, tmp_path / "low"), engine_result(low))
+        uninterrupted = engine_result(low)
+        assert_same_adapter(client.fetch(low_id, tmp_path / "low"), uninterrupted)
         # Its success recorded, it needs no checkpoint any more.
         checkpoints = tmp_path / "state" / "artifacts" / "checkpoints"
         assert not (checkpoints / low_id).exists()
@@ -217,5 +218,5 @@ def test_priority_preemption_and_durability(
             again_id: "succeeded",
             waiting_id: "succeeded",
         }
-        assert_same_adapter(client.fetch(again_id, tmp_path / "again"), engine_result(low))
+        assert_same_adapter(client.fetch(again_id, tmp_path / "again"), uninterrupted)
         assert not (checkpoints / again_id).exists()
