@@ -36,6 +36,7 @@ from carpool.workers.peft_format import (
     AdapterFormatError,
     Shape,
     adapter_files,
+    config_number,
     load_config,
     tensor_shapes,
 )
@@ -73,15 +74,6 @@ class AdaLoraHeader:
 class LoadedAdaLora:
     header: AdaLoraHeader
     triplets: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]  # module -> (A, E, B)
-
-
-def _number(cfg: dict, key: str, default: object, whole: bool, config_path: Path) -> object:
-    value = cfg.get(key, default)
-    kinds = int if whole else int | float
-    if not isinstance(value, kinds) or isinstance(value, bool):
-        what = "a whole number" if whole else "a number"
-        raise AdapterFormatError(f"{config_path}: {key} must be {what}, got {value!r}")
-    return value
 
 
 def _by_module(items: list[tuple[str, object]], weights_path: Path) -> dict[str, tuple]:
@@ -129,15 +121,15 @@ def read_adalora_header(path: str | Path) -> AdaLoraHeader:
     cfg = load_config(config_path, "ADALORA")
     values = {}
     for key, default, whole in _SCHEDULE:
-        value = _number(cfg, key, default, whole, config_path)
+        value = config_number(cfg, key, default, whole, config_path)
         values[key] = value if whole else float(value)
     if values["init_r"] < 1:
         raise AdapterFormatError(f"{config_path}: init_r must be >= 1, got {values['init_r']}")
     total_step = cfg.get("total_step")
     if not isinstance(total_step, int) or isinstance(total_step, bool) or total_step < 1:
         raise AdapterFormatError(f"{config_path}: total_step must be a whole number >= 1")
-    alpha = _number(cfg, "lora_alpha", 8, False, config_path)
-    dropout = _number(cfg, "lora_dropout", 0.0, False, config_path)
+    alpha = config_number(cfg, "lora_alpha", 8, False, config_path)
+    dropout = config_number(cfg, "lora_dropout", 0.0, False, config_path)
     if not 0 <= dropout < 1:
         raise AdapterFormatError(f"{config_path}: lora_dropout must be in [0, 1), got {dropout}")
     shapes = _by_module(tensor_shapes(weights_path), weights_path)

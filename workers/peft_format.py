@@ -49,6 +49,18 @@ class AdapterFormatError(ValueError):
     """An adapter directory that is not a PEFT LoRA adapter carpool can start from."""
 
 
+def config_number(
+    cfg: Mapping[str, object], key: str, default: object, whole: bool, config_path: Path
+) -> object:
+    """`cfg[key]` (or `default`), checked to be a whole number (`whole`) or any number."""
+    value = cfg.get(key, default)
+    kinds = int if whole else int | float
+    if not isinstance(value, kinds) or isinstance(value, bool):
+        what = "a whole number" if whole else "a number"
+        raise AdapterFormatError(f"{config_path}: {key} must be {what}, got {value!r}")
+    return value
+
+
 def peft_state_dict(adapter: JobAdapter) -> dict[str, torch.Tensor]:
     out = {}
     if adapter.vera is not None and adapter.vera.save_projection:

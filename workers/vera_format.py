@@ -24,6 +24,7 @@ from carpool.workers.peft_format import (
     AdapterFormatError,
     Shape,
     adapter_files,
+    config_number,
     load_config,
     tensor_shapes,
 )
@@ -63,15 +64,6 @@ class LoadedVera:
     projections: tuple[torch.Tensor, torch.Tensor] | None  # saved (vera_A, vera_B)
 
 
-def _number(cfg: dict, key: str, default: object, whole: bool, config_path: Path) -> object:
-    value = cfg.get(key, default)
-    kinds = int if whole else int | float
-    if not isinstance(value, kinds) or isinstance(value, bool):
-        what = "a whole number" if whole else "a number"
-        raise AdapterFormatError(f"{config_path}: {key} must be {what}, got {value!r}")
-    return value
-
-
 def _by_module(items: list[tuple[str, object]], weights_path: Path) -> tuple[dict, dict]:
     """(module -> (lambda_d, lambda_b), {projection key: value}) from PEFT's keys."""
     found: dict[str, dict[str, object]] = {}
@@ -98,18 +90,18 @@ def read_vera_header(path: str | Path) -> VeraHeader:
     """Check a PEFT VeRA adapter directory and read its config and tensor shapes."""
     config_path, weights_path = adapter_files(path)
     cfg = load_config(config_path, "VERA")
-    r = _number(cfg, "r", 256, True, config_path)
+    r = config_number(cfg, "r", 256, True, config_path)
     if r < 1:
         raise AdapterFormatError(f"{config_path}: r must be a whole number >= 1, got {r!r}")
-    dropout = _number(cfg, "vera_dropout", 0.0, False, config_path)
+    dropout = config_number(cfg, "vera_dropout", 0.0, False, config_path)
     if not 0 <= dropout < 1:
         raise AdapterFormatError(f"{config_path}: vera_dropout must be in [0, 1), got {dropout}")
     shapes, saved = _by_module(tensor_shapes(weights_path), weights_path)
     targets = cfg.get("target_modules") or sorted({m.rsplit(".", 1)[-1] for m in shapes})
     return VeraHeader(
         r=r,
-        projection_prng_key=_number(cfg, "projection_prng_key", 0, True, config_path),
-        d_initial=float(_number(cfg, "d_initial", 0.1, False, config_path)),
+        projection_prng_key=config_number(cfg, "projection_prng_key", 0, True, config_path),
+        d_initial=float(config_number(cfg, "d_initial", 0.1, False, config_path)),
         save_projection=bool(cfg.get("save_projection", True)),
         target_modules=targets if isinstance(targets, str) else tuple(targets),
         vera_dropout=float(dropout),
