@@ -76,6 +76,11 @@ class StoreOutputs:
             self.store.upload_dir(root, uri)
         return f"{uri}/{path.name}"
 
+    def discard_scratch(self, job_id: str) -> None:
+        """Drop a job's local checkpoints once the store holds all that is kept of it (a
+        URI store's are written here first, then uploaded)."""
+        shutil.rmtree(self.scratch / "checkpoints" / job_id, ignore_errors=True)
+
     def export_adapter(self, job: TrainingJob) -> str:
         uri = self.store.adapter_uri(job.name)
         local = self.store.local_path(uri)
@@ -157,9 +162,12 @@ class EngineWorker:
                 local_resume = self.store.download_dir(
                     resume_from, self.scratch / "resume" / job_id
                 )
-        job = self.engine.add_job(
-            config.model_copy(update={"name": job_id}), resume_from=local_resume
-        )
+        try:
+            job = self.engine.add_job(
+                config.model_copy(update={"name": job_id}), resume_from=local_resume
+            )
+        finally:  # the job's state is in memory now, or it failed to load
+            shutil.rmtree(self.scratch / "resume" / job_id, ignore_errors=True)
         verb = f"resumed at step {job.step}" if local_resume else "admitted"
         log.info("[job %s] %s to group %s (%d steps)", job_id, verb, self.group_id, job.total_steps)
         adapter = self._finish(job_id) if job.done else None
@@ -172,6 +180,8 @@ class EngineWorker:
             uri = self.outputs.save_checkpoint(self.engine.jobs[job_id])
         if job_id in self.engine.jobs:
             self.engine.remove_job(job_id)
+        if not checkpoint:  # cancelled: what the store keeps of it is all there is
+            self.outputs.discard_scratch(job_id)
         log.info("[job %s] left group %s", job_id, self.group_id)
         return uri
 
@@ -197,12 +207,15 @@ class EngineWorker:
                 log.error("[job %s] failed: %s", r.job, r.error)
             elif r.done:
                 log.info("[job %s] finished at step %d, loss %s", r.job, r.step, r.loss)
+            if r.error is not None or r.done:
+                self.outputs.discard_scratch(r.job)
         return results if self.is_leader else []
 
     def _finish(self, job_id: str) -> str | None:
         """Export a done job (the leader; its store URI) and take it off the engine."""
         job = self.engine.jobs[job_id]
         adapter = finish_job(self.engine, job_id, self._writes)
+        self.outputs.discard_scratch(job_id)
         log.info("[job %s] finished at step %d, loss %s", job_id, job.step, job.last_loss)
         return adapter
 

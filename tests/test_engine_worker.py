@@ -17,10 +17,9 @@ def worker(tiny_base: Path, tmp_path: Path, **options) -> EngineWorker:
     return EngineWorker(
         "g1",
         str(tiny_base),
-        storage_root=str(tmp_path / "store"),
+        **{"storage_root": str(tmp_path / "store"), **options},
         scratch_dir=tmp_path / "scratch",
         device="cpu",
-        **options,
     )
 
 
@@ -163,3 +162,26 @@ def test_job_admitted_on_every_rank_stays() -> None:
     ranks = [Rank(), Rank()]
     assert admit(ranks, "job-a") == JobAdmitted(0)
     assert [rank.jobs for rank in ranks] == [{"job-a"}, {"job-a"}]
+
+
+def test_a_uri_store_leaves_no_scratch_copy_of_a_job_behind(
+    tiny_base: Path, datasets: dict[str, Path], tmp_path: Path
+) -> None:
+    """Checkpoints for an object store are written to scratch, then uploaded: a finished,
+    cancelled or resumed job's local copies go once the store holds them."""
+    w = worker(tiny_base, tmp_path, storage_root="mock://bucket/carpool")
+    scratch = tmp_path / "scratch" / "g1"
+    w.add_job("job-a", config(datasets, steps=3))
+    w.add_job("job-b", config(datasets, steps=3))
+    (a, _) = w.run_round()
+    assert (scratch / "checkpoints" / "job-a").is_dir()  # written here, then uploaded
+
+    w.remove_job("job-b", checkpoint=False)  # cancelled
+    assert not (scratch / "checkpoints" / "job-b").exists()
+    w.remove_job("job-a", checkpoint=True)  # preempted: it will be back
+    w.add_job("job-a", config(datasets, steps=3), a.checkpoint)
+    assert not (scratch / "resume" / "job-a").exists()  # its state is in memory
+    results = w.run_round() + w.run_round()
+    assert results[-1].done and w.store.exists(results[-1].adapter)
+    assert not (scratch / "checkpoints" / "job-a").exists()
+    assert not [p for p in scratch.rglob("*") if p.is_file()]
