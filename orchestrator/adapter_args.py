@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from pathlib import Path
 
@@ -74,30 +75,39 @@ def base_quantization(adapters: dict[str, Path], choice: str) -> QuantizationSpe
     if choice == "none":
         return None
     if choice != "auto":
-        return QuantizationSpec(bnb_4bit_quant_type=choice)
-    loadings: dict[str, list[str]] = {}
+        quantization = QuantizationSpec(bnb_4bit_quant_type=choice)
+    else:
+        quantization = _recorded_quantization(adapters)
+    if quantization is not None and importlib.util.find_spec("bitsandbytes") is None:
+        raise AdapterArgumentError(
+            "a 4-bit base needs bitsandbytes, which is not installed: "
+            "pip install 'carpool[quantization]' (or --base-quantization none)"
+        )
+    return quantization
+
+
+def _recorded_quantization(adapters: dict[str, Path]) -> QuantizationSpec | None:
+    """The base's loading the adapters' records name, the same for all of them."""
+    recorded = {}
     for name, path in adapters.items():
         try:
-            record = read_provenance(path) or {}
+            recorded[name] = (read_provenance(path) or {}).get("base_quantization")
         except ValueError as e:
             raise AdapterArgumentError(str(e)) from e
-        quantization = record.get("base_quantization")
-        key = json.dumps(quantization, sort_keys=True) if quantization else "null"
-        loadings.setdefault(key, []).append(name)
-    if len(loadings) > 1:
-        described = "; ".join(
-            f"{', '.join(names)}: {_described(json.loads(key))}" for key, names in loadings.items()
-        )
+    if len({json.dumps(q, sort_keys=True) for q in recorded.values()}) > 1:
+        described = "; ".join(f"{name}: {_described(q)}" for name, q in recorded.items())
         raise AdapterArgumentError(
             f"the adapters were trained on bases loaded differently ({described}); "
             "choose one with --base-quantization none|nf4|fp4"
         )
-    (key,) = loadings or {"null": []}
+    name, quantization = next(iter(recorded.items()), (None, None))
+    if quantization is None:
+        return None
     try:
-        return None if key == "null" else QuantizationSpec.model_validate(json.loads(key))
+        return QuantizationSpec.model_validate(quantization)
     except ValidationError as e:
         raise AdapterArgumentError(
-            f"adapter {loadings[key][0]!r}: its record's base_quantization is not valid ({e})"
+            f"adapter {name!r}: its record's base_quantization is not valid ({e})"
         ) from e
 
 

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from carpool.orchestrator import adapter_args
 from carpool.orchestrator.adapter_args import AdapterArgumentError, base_quantization
 from carpool.orchestrator.admission import admission_problems
 from carpool.orchestrator.local_train import group_by_base
@@ -291,6 +292,16 @@ def test_a_4bit_adapter_is_evaluated_on_the_4bit_base_it_was_trained_on(
         base_quantization(both, "auto")
     assert base_quantization(both, "none") is None
     assert base_quantization(both, "fp4").bnb_4bit_quant_type == "fp4"
+
+
+def test_a_4bit_base_without_bitsandbytes_is_refused_before_any_load(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(adapter_args.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(AdapterArgumentError, match="needs bitsandbytes.*--base-quantization none"):
+        base_quantization({}, "nf4")
+    assert base_quantization({}, "none") is None
+    assert base_quantization({}, "auto") is None  # no adapter asks for 4 bits
 
 
 @pytest.mark.integration
