@@ -125,15 +125,20 @@ def test_alone_beside_others_split_and_resumed_agree(
         assert trained.job.adapter.adalora.rank_pattern == pattern, way
 
 
-def test_export_loads_in_peft_with_the_same_logits(
-    tiny_base: Path, datasets: dict[str, Path], tmp_path: Path
-) -> None:
+def trained_export(tiny_base: Path, datasets: dict[str, Path], out: Path) -> tuple[Engine, Path]:
+    """An AdaLoRA job trained to the end by carpool and exported to `out`; its engine too."""
     engine = Engine(str(tiny_base), device="cpu")
     engine.add_job(adalora_job(tiny_base, datasets["text"]))
     perturb(engine, "ada", seed=3)
     while engine.active_jobs():
         engine.train_round()
-    out = engine.export("ada", tmp_path / "out")
+    return engine, engine.export("ada", out)
+
+
+def test_export_loads_in_peft_with_the_same_logits(
+    tiny_base: Path, datasets: dict[str, Path], tmp_path: Path
+) -> None:
+    engine, out = trained_export(tiny_base, datasets, tmp_path / "out")
     saved_config = json.loads((out / "adapter_config.json").read_text())
     assert saved_config["peft_type"] == "ADALORA" and saved_config["init_r"] == 4
     key = "model.layers.0.self_attn.q_proj.lora_E"
@@ -229,12 +234,7 @@ def continued_job(base: Path, data: Path, init_from: Path, steps: int = 4) -> Jo
 def test_init_from_carpool_export_continues_like_peft(
     tiny_base: Path, datasets: dict[str, Path], tmp_path: Path
 ) -> None:
-    engine = Engine(str(tiny_base), device="cpu")
-    engine.add_job(adalora_job(tiny_base, datasets["text"]))
-    perturb(engine, "ada", seed=3)
-    while engine.active_jobs():
-        engine.train_round()
-    out = engine.export("ada", tmp_path / "out")
+    _, out = trained_export(tiny_base, datasets, tmp_path / "out")
     saved_config = json.loads((out / "adapter_config.json").read_text())
     # A spec leaving the adapter's fields out takes them, each noted; a differing one is
     # reported on its field.

@@ -37,6 +37,8 @@ from carpool.workers.peft_format import (
     Shape,
     adapter_files,
     config_number,
+    dims,
+    first_misfit,
     load_config,
     tensor_shapes,
 )
@@ -175,17 +177,10 @@ def adalora_misfit(header: AdaLoraHeader, base_shapes: Mapping[str, tuple[int, i
         in_f, out_f = base_shapes[module]
         expected = ((k, in_f), (k, 1), (out_f, k))
         if (a, e, b) != expected:
-            got = ", ".join(f"{n} {_dims(s)}" for n, s in zip(_KINDS, (a, e, b), strict=True))
-            want = ", ".join(f"{_dims(s)}" for s in expected)
+            got = ", ".join(f"{n} {dims(s)}" for n, s in zip(_KINDS, (a, e, b), strict=True))
+            want = ", ".join(f"{dims(s)}" for s in expected)
             misfits.append(f"{module}: {got}; its rank pattern and the base give {want}")
-    if not misfits:
-        return None
-    more = len(misfits) - 1
-    return misfits[0] + (f" (and {more} more do not fit)" if more else "")
-
-
-def _dims(shape: Shape) -> str:
-    return "x".join(map(str, shape))
+    return first_misfit(misfits)
 
 
 def adalora_adapter_from_loaded(

@@ -409,8 +409,18 @@ def read_adapter(path: str | Path) -> LoadedAdapter:
     )
 
 
-def _dims(shape: Shape) -> str:
+def dims(shape: Shape) -> str:
+    """A tensor's shape as the messages write it: `4x128`."""
     return "x".join(map(str, shape))
+
+
+def first_misfit(misfits: list[str], counted: str = "") -> str | None:
+    """One line for an adapter that does not fit: the first misfit and how many more
+    (`counted` names them: " modules"), or None when the list is empty."""
+    if not misfits:
+        return None
+    more = len(misfits) - 1
+    return misfits[0] + (f" (and {more} more{counted} do not fit)" if more else "")
 
 
 def _module_misfit(
@@ -419,16 +429,16 @@ def _module_misfit(
     in_features, out_features = base
     if magnitude is not None and magnitude != (out_features,):
         return (
-            f"{MAGNITUDE} is {_dims(magnitude)} but the base's module gives {out_features} outputs"
+            f"{MAGNITUDE} is {dims(magnitude)} but the base's module gives {out_features} outputs"
         )
     if len(a) != 2 or len(b) != 2:
-        return f"lora_A is {_dims(a)} and lora_B is {_dims(b)}, not matrices"
+        return f"lora_A is {dims(a)} and lora_B is {dims(b)}, not matrices"
     if a[0] != r or b[1] != r:
-        return f"lora_A is {_dims(a)} and lora_B is {_dims(b)} but its config gives it r={r}"
+        return f"lora_A is {dims(a)} and lora_B is {dims(b)} but its config gives it r={r}"
     if a[1] != in_features:
-        return f"lora_A is {_dims(a)} but the base's module takes {in_features} inputs"
+        return f"lora_A is {dims(a)} but the base's module takes {in_features} inputs"
     if b[0] != out_features:
-        return f"lora_B is {_dims(b)} but the base's module gives {out_features} outputs"
+        return f"lora_B is {dims(b)} but the base's module gives {out_features} outputs"
     return None
 
 
@@ -457,10 +467,7 @@ def base_misfit(
             (magnitude_shapes or {}).get(module),
         ):
             misfits.append(f"{module}: {why}")
-    if not misfits:
-        return None
-    more = len(misfits) - 1
-    return misfits[0] + (f" (and {more} more modules do not fit)" if more else "")
+    return first_misfit(misfits, " modules")
 
 
 def adapter_from_loaded(

@@ -25,6 +25,8 @@ from carpool.workers.peft_format import (
     Shape,
     adapter_files,
     config_number,
+    dims,
+    first_misfit,
     load_config,
     tensor_shapes,
 )
@@ -131,27 +133,20 @@ def vera_misfit(header: VeraHeader, base_shapes: Mapping[str, tuple[int, int]]) 
         if module not in base_shapes:
             misfits.append(f"{module}: the base has no such linear module")
         elif d != (r,):
-            misfits.append(f"{module}: {LAMBDA_D} is {_dims(d)} but its config gives it r={r}")
+            misfits.append(f"{module}: {LAMBDA_D} is {dims(d)} but its config gives it r={r}")
         elif b != (base_shapes[module][1],):
             out = base_shapes[module][1]
-            misfits.append(f"{module}: {LAMBDA_B} is {_dims(b)} but the base gives {out} outputs")
+            misfits.append(f"{module}: {LAMBDA_B} is {dims(b)} but the base gives {out} outputs")
     if not misfits and header.projection_shapes is not None:
         a, b = header.projection_shapes
         max_in = max(base_shapes[m][0] for m in header.shapes)
         max_out = max(base_shapes[m][1] for m in header.shapes)
         if len(a) != 2 or len(b) != 2 or a[0] != r or b[1] != r or a[1] < max_in or b[0] < max_out:
             misfits.append(
-                f"vera_A is {_dims(a)} and vera_B is {_dims(b)}; its modules need "
+                f"vera_A is {dims(a)} and vera_B is {dims(b)}; its modules need "
                 f"at least {r}x{max_in} and {max_out}x{r}"
             )
-    if not misfits:
-        return None
-    more = len(misfits) - 1
-    return misfits[0] + (f" (and {more} more do not fit)" if more else "")
-
-
-def _dims(shape: Shape) -> str:
-    return "x".join(map(str, shape))
+    return first_misfit(misfits)
 
 
 def _shared(loaded: LoadedVera, max_out: int, max_in: int, device, dtype) -> Projections:
