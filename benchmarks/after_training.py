@@ -26,10 +26,14 @@ import time
 from pathlib import Path
 
 import torch
-from carpool.workers.base_model import load_tokenizer
-from carpool.workers.dataset import load_dataset, prompt_ids
-from carpool.workers.fused_inference import FusedAdapters, GenerationRequest, Sampling
-from carpool.workers.tiny_base import build_tiny_base
+from carpool.workers.after_training.fused_inference import (
+    FusedAdapters,
+    GenerationRequest,
+    Sampling,
+)
+from carpool.workers.base.base_model import load_tokenizer
+from carpool.workers.base.tiny_base import build_tiny_base
+from carpool.workers.data.dataset import load_dataset, prompt_ids
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM
 

@@ -2,9 +2,9 @@
 
 Ray unpickles the controller actor's class in every client that looks the actor
 up (`carpool status`, `logs`, `wait`, ...), importing the class's module. That
-module is `carpool.orchestrator.controller_actor`, which leaves the control
+module is `carpool.orchestrator.runtime.controller_actor`, which leaves the control
 plane (torch, transformers) to the actor itself; the class used to live in
-`carpool.orchestrator.ray_runtime`, which imports all of it. Each trial imports
+`carpool.orchestrator.runtime.ray_runtime`, which imports all of it. Each trial imports
 one of the two in a fresh interpreter, in turn, and the medians are compared.
 
     python benchmarks/client_lookup.py [--trials 7]
@@ -19,8 +19,8 @@ import sys
 import time
 
 MODULES = {
-    "controller_actor (looked up now)": "carpool.orchestrator.controller_actor",
-    "ray_runtime (the control plane)": "carpool.orchestrator.ray_runtime",
+    "controller_actor (looked up now)": "carpool.orchestrator.runtime.controller_actor",
+    "ray_runtime (the control plane)": "carpool.orchestrator.runtime.ray_runtime",
 }
 
 

@@ -21,13 +21,13 @@ import tempfile
 import time
 from pathlib import Path
 
-from carpool.orchestrator.controller import Controller
-from carpool.orchestrator.engine_worker import JobAdmitted
-from carpool.orchestrator.job_queue import JobQueue
-from carpool.orchestrator.operator_config import OperatorConfig
-from carpool.workers.job_spec import JobSpec
-from carpool.workers.rounds import JobRoundResult
-from carpool.workers.tiny_base import build_tiny_base
+from carpool.orchestrator.control.controller import Controller
+from carpool.orchestrator.control.engine_worker import JobAdmitted
+from carpool.orchestrator.control.operator_config import OperatorConfig
+from carpool.orchestrator.store.job_queue import JobQueue
+from carpool.workers.base.tiny_base import build_tiny_base
+from carpool.workers.spec.job_spec import JobSpec
+from carpool.workers.training.rounds import JobRoundResult
 
 WAITING = (0, 1_000, 10_000)
 

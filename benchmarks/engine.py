@@ -42,15 +42,15 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from carpool.workers.adapter_math import ADAPTER_MATHS
-from carpool.workers.base_model import default_dtype
-from carpool.workers.batch_layout import BATCH_LAYOUTS
-from carpool.workers.dataset import TokenizedDataset, TokenizedRow
-from carpool.workers.engine import Engine
-from carpool.workers.fused_batch import plan_micro_batches, step_rows
-from carpool.workers.job_spec import AdapterSpec, DatasetSpec, JobSpec, TrainingSpec
-from carpool.workers.row_attention import use_row_attention
-from carpool.workers.tiny_base import train_tokenizer
+from carpool.workers.bank.adapter_math import ADAPTER_MATHS
+from carpool.workers.base.base_model import default_dtype
+from carpool.workers.base.tiny_base import train_tokenizer
+from carpool.workers.data.batch_layout import BATCH_LAYOUTS
+from carpool.workers.data.dataset import TokenizedDataset, TokenizedRow
+from carpool.workers.data.fused_batch import plan_micro_batches, step_rows
+from carpool.workers.data.row_attention import use_row_attention
+from carpool.workers.spec.job_spec import AdapterSpec, DatasetSpec, JobSpec, TrainingSpec
+from carpool.workers.training.engine import Engine
 from peft import LoraConfig, get_peft_model
 from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 

@@ -75,7 +75,7 @@ def _records(fmt: str, rows: int, seed: int) -> list[dict]:
 def build_workload(root: Path, jobs: int) -> list[Path]:
     """The base, the dataset files and `jobs` job files under `root`; returns the job files."""
     import yaml
-    from carpool.workers.tiny_base import build_tiny_base
+    from carpool.workers.base.tiny_base import build_tiny_base
 
     base = build_tiny_base(root / "base")
     formats = ("text", "prompt_completion", "messages")
@@ -123,10 +123,10 @@ def trial(specs: list[Path], out: Path) -> dict[str, float]:
     times = dict.fromkeys(PHASES, 0.0)
     started = time.perf_counter()
     # What `carpool train` imports before it validates: the CLI, then cmd_train's imports.
-    import carpool.orchestrator.cli  # noqa: F401
-    from carpool.orchestrator.local_train import train_locally  # noqa: F401
-    from carpool.orchestrator.progress import JobProgress  # noqa: F401
-    from carpool.orchestrator.validation import validate_files
+    import carpool.orchestrator.cli.main  # noqa: F401
+    from carpool.orchestrator.cli.local_train import train_locally  # noqa: F401
+    from carpool.orchestrator.cli.progress import JobProgress  # noqa: F401
+    from carpool.orchestrator.spec_check.validation import validate_files
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
@@ -136,8 +136,8 @@ def trial(specs: list[Path], out: Path) -> dict[str, float]:
     configs = validate_files(specs)
     times["validation"] = time.perf_counter() - started
 
-    import carpool.workers.engine as engine_module
-    from carpool.workers.rounds import LocalOutputs, run_round
+    import carpool.workers.training.engine as engine_module
+    from carpool.workers.training.rounds import LocalOutputs, run_round
 
     engine_module.load_base = _timed(times, "base load", engine_module.load_base)
     engine_module.load_tokenizer = _timed(times, "tokenizer load", engine_module.load_tokenizer)

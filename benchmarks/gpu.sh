@@ -30,7 +30,7 @@ PY
 
 status=0
 echo "== tests with a CUDA path"
-timeout 100 "$python" -m pytest -q -p no:cacheprovider tests/test_cuda.py 2>&1 \
+timeout 100 "$python" -m pytest -q -p no:cacheprovider tests/workers/training/test_cuda.py 2>&1 \
     | tee "$out/gpu-tests.log" || status=1
 
 echo "== engine sweep (bf16, Llama-3.2-1B shape, mixed lengths up to 1024)"

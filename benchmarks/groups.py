@@ -18,12 +18,12 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from carpool.orchestrator.local_ray import free_port
-from carpool.workers.data_parallel import DataParallel
-from carpool.workers.dataset import TokenizedDataset, TokenizedRow
-from carpool.workers.engine import Engine
-from carpool.workers.job_spec import AdapterSpec, DatasetSpec, JobSpec, TrainingSpec
-from carpool.workers.tiny_base import build_tiny_base
+from carpool.orchestrator.runtime.local_ray import free_port
+from carpool.workers.base.tiny_base import build_tiny_base
+from carpool.workers.data.dataset import TokenizedDataset, TokenizedRow
+from carpool.workers.distributed.data_parallel import DataParallel
+from carpool.workers.spec.job_spec import AdapterSpec, DatasetSpec, JobSpec, TrainingSpec
+from carpool.workers.training.engine import Engine
 
 SEQ, ROWS_PER_JOB = 128, 8
 

@@ -25,12 +25,12 @@ from pathlib import Path
 
 import torch
 import yaml
-from carpool.orchestrator.client import Client
-from carpool.orchestrator.demo import write_datasets
-from carpool.orchestrator.local_train import train_locally
-from carpool.orchestrator.progress import JobProgressRow
-from carpool.orchestrator.validation import validate_files
-from carpool.workers.tiny_base import build_tiny_base
+from carpool.orchestrator.cli.local_train import train_locally
+from carpool.orchestrator.cli.progress import JobProgressRow
+from carpool.orchestrator.demo.run import write_datasets
+from carpool.orchestrator.runtime.client import Client
+from carpool.orchestrator.spec_check.validation import validate_files
+from carpool.workers.base.tiny_base import build_tiny_base
 
 
 def write_specs(root: Path, base: Path, jobs: int, steps: int) -> list[Path]:

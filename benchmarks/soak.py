@@ -23,16 +23,16 @@ import time
 from pathlib import Path
 
 import yaml
-from carpool.orchestrator.client import Client
-from carpool.orchestrator.demo import TaskData, write_datasets
-from carpool.workers.tiny_base import build_tiny_base
+from carpool.orchestrator.demo.run import TaskData, write_datasets
+from carpool.orchestrator.runtime.client import Client
+from carpool.workers.base.tiny_base import build_tiny_base
 
 FINAL = {"succeeded", "failed", "cancelled"}
 
 
 def worker_pids() -> list[int]:
     import ray
-    from carpool.orchestrator.actor_names import NAMESPACE
+    from carpool.orchestrator.runtime.actor_names import NAMESPACE
 
     pids = []
     for info in ray.util.list_named_actors(all_namespaces=True):

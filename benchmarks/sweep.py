@@ -5,7 +5,7 @@ Both sides train the same trials on the same tiny local base and data (rows in f
 order), evaluate every `--eval-steps` steps, and pick the trial with the lowest eval loss.
 
   carpool  the controller's loop (the one `carpool up` runs in its actor) ticking over an
-           in-process worker group (`orchestrator/local_group.py`: no Ray start-up timed),
+           in-process worker group (`orchestrator/control/local_group.py`: no Ray start-up timed),
            the sweep submitted as `carpool sweep submit` does: grid sampler, successive
            halving, `--concurrent` trials at a time in one fused group.
   PEFT     per trial: `get_peft_model` on the loaded base, `torch.optim.AdamW`, a plain
@@ -29,15 +29,15 @@ from pathlib import Path
 
 import torch
 import yaml
-from carpool.orchestrator.controller import Controller
-from carpool.orchestrator.job_queue import JobQueue
-from carpool.orchestrator.local_group import LocalGroupFactory
-from carpool.orchestrator.operator_config import OperatorConfig
-from carpool.orchestrator.sweep_spec import load_sweep_file, trial_spec
-from carpool.workers.base_model import load_tokenizer
-from carpool.workers.dataset import IGNORE_INDEX, TokenizedRow, load_dataset
-from carpool.workers.job_spec import JobSpec
-from carpool.workers.tiny_base import build_tiny_base
+from carpool.orchestrator.control.controller import Controller
+from carpool.orchestrator.control.local_group import LocalGroupFactory
+from carpool.orchestrator.control.operator_config import OperatorConfig
+from carpool.orchestrator.store.job_queue import JobQueue
+from carpool.orchestrator.sweeps.sweep_spec import load_sweep_file, trial_spec
+from carpool.workers.base.base_model import load_tokenizer
+from carpool.workers.base.tiny_base import build_tiny_base
+from carpool.workers.data.dataset import IGNORE_INDEX, TokenizedRow, load_dataset
+from carpool.workers.spec.job_spec import JobSpec
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM
 

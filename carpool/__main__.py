@@ -2,6 +2,6 @@
 
 import sys
 
-from carpool.orchestrator.cli import main
+from carpool.orchestrator.cli.main import main
 
 sys.exit(main())

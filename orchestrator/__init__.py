@@ -1,4 +1,10 @@
-"""carpool's control plane: job specs, the queue, the scheduler, the controller, the CLI."""
+"""carpool's control plane, one folder per subsystem.
+
+`spec_check` (job files at the boundary), `store` (the queue and state), `sweeps`,
+`control` (controller, scheduler, admission; no Ray), `runtime` (the edge to Ray and
+the Python `Client`), `cli`, `after_training` (eval, generate, merge in the CLI's
+process) and `demo`. Each folder's `__init__` names what it may import.
+"""
 
 import os
 

@@ -7,7 +7,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from carpool.workers.tiny_base import build_tiny_base
+from carpool.workers.base.tiny_base import build_tiny_base
 
 from tests.helpers.data import write_jsonl
 
@@ -79,3 +79,18 @@ def datasets(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         # A one-row eval set: in a group of two ranks, one of them has no row of it.
         "one_row": write_jsonl(root / "one.jsonl", [{"text": "the quick brown fox"}]),
     }
+
+
+@pytest.fixture(scope="session")
+def shared_ray_head() -> Iterator[str]:
+    """One Ray head (2 CPUs) for the integration tests that neither kill, restart nor
+    reconfigure Ray: each starts its own controller and state directory on it, and its
+    `down` leaves the head running. `ray start` costs about 11 s; the head stops (only
+    it) when the session ends."""
+    from carpool.orchestrator.runtime.local_ray import start_head, stop_cluster
+
+    head = start_head(num_cpus=2)
+    try:
+        yield head.address
+    finally:
+        stop_cluster(head.address)

@@ -10,8 +10,8 @@ from pathlib import Path
 from types import ModuleType
 
 import pytest
-from carpool.orchestrator.demo import write_datasets
-from carpool.orchestrator.validation import validate_files
+from carpool.orchestrator.demo.run import write_datasets
+from carpool.orchestrator.spec_check.validation import validate_files
 
 BENCHMARKS = Path(__file__).parent.parent / "benchmarks"
 

@@ -6,7 +6,7 @@ import json
 import re
 from pathlib import Path
 
-import carpool.orchestrator.ray_runtime as ray_runtime
+import carpool.orchestrator.runtime.ray_runtime as ray_runtime
 
 CLUSTER = Path(__file__).resolve().parent.parent / "cluster"
 
@@ -112,7 +112,7 @@ def test_kuberay_manifest_names_only_defined_fields() -> None:
 
 
 def test_operator_example_loads() -> None:
-    from carpool.orchestrator.operator_config import load_operator_config
+    from carpool.orchestrator.control.operator_config import load_operator_config
 
     config = load_operator_config(CLUSTER / "operator.example.yaml")
     assert config.storage.startswith("s3://") and config.group_size == 2

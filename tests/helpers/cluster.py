@@ -9,20 +9,25 @@ from pathlib import Path
 
 import torch
 import yaml
-from carpool.orchestrator.client import Client
-from carpool.orchestrator.validation import load_spec_file
-from carpool.workers.engine import Engine
-from carpool.workers.peft_format import read_adapter
+from carpool.orchestrator.runtime.client import Client
+from carpool.orchestrator.spec_check.validation import load_spec_file
+from carpool.workers.peft_files.peft_format import read_adapter
+from carpool.workers.training.engine import Engine
 
 from tests.helpers.round_driver import train_to_end
 
 
 @contextmanager
-def carpool_cluster(root: Path, **operator) -> Iterator[Client]:
+def carpool_cluster(root: Path, ray_address: str | None = None, **operator) -> Iterator[Client]:
+    """A controller with its own state directory and operator settings under `root`.
+
+    On `ray_address` (the suite's shared head) it attaches, and `down` leaves that Ray
+    running; without one, `up` starts a head of its own and `down` stops it.
+    """
     config = {"state_dir": str(root / "state"), "poll_interval_s": 0.05, **operator}
     config_path = root / "operator.yaml"
     config_path.write_text(yaml.safe_dump(config))
-    client = Client.up(config_path, num_cpus=2)
+    client = Client.up(config_path, address=ray_address, num_cpus=2)
     try:
         yield client
     finally:

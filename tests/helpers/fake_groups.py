@@ -13,12 +13,13 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from carpool.orchestrator.controller import Controller, GroupFailedError
-from carpool.orchestrator.engine_worker import JobAdmitted
-from carpool.orchestrator.job_queue import JobQueue, JobState
-from carpool.orchestrator.operator_config import OperatorConfig
-from carpool.workers.job_spec import JobSpec, QuantizationSpec
-from carpool.workers.rounds import JobRoundResult
+from carpool.orchestrator.control.controller import Controller, GroupFailedError
+from carpool.orchestrator.control.engine_worker import JobAdmitted
+from carpool.orchestrator.control.operator_config import OperatorConfig
+from carpool.orchestrator.store.job_queue import JobQueue
+from carpool.orchestrator.store.job_records import JobState
+from carpool.workers.spec.job_spec import JobSpec, QuantizationSpec
+from carpool.workers.training.rounds import JobRoundResult
 
 
 def ckpt_uri(job_id: str, step: int) -> str:

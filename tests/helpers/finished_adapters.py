@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from carpool.workers.dataset import IGNORE_INDEX, TokenizedDataset
+from carpool.workers.data.dataset import IGNORE_INDEX, TokenizedDataset
 from peft import AdaLoraConfig, LoraConfig, VeraConfig, get_peft_model
 from transformers import AutoModelForCausalLM
 

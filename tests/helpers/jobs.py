@@ -6,9 +6,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from carpool.workers.engine import Engine
-from carpool.workers.job_spec import AdapterSpec, DatasetSpec, JobSpec, TrainingSpec
-from carpool.workers.rounds import run_round
+from carpool.workers.spec.job_spec import AdapterSpec, DatasetSpec, JobSpec, TrainingSpec
+from carpool.workers.training.engine import Engine
+from carpool.workers.training.rounds import run_round
 
 from tests.helpers.round_driver import KeepFinished
 

@@ -11,8 +11,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from carpool.workers.dataset import IGNORE_INDEX, TokenizedRow
-from carpool.workers.job_spec import JobSpec
+from carpool.workers.data.dataset import IGNORE_INDEX, TokenizedRow
+from carpool.workers.spec.job_spec import JobSpec
 from peft import AdaLoraConfig, LoraConfig, PeftModel, VeraConfig, get_peft_model
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig, get_scheduler
 
@@ -182,7 +182,7 @@ def train_loaded_reference(
 ) -> dict[str, torch.Tensor]:
     """PEFT continuing a saved adapter: `PeftModel.from_pretrained(base, dir,
     is_trainable=True)`, then the plain loop. A loaded AdaLoRA adapter is trained without
-    `update_and_allocate`, which PEFT cannot run on it (`carpool.workers.adalora_format`);
+    `update_and_allocate`, which PEFT cannot run on it (`carpool.workers.peft_files.adalora_format`);
     its orthogonality penalty is in the loss all the same."""
     base = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32)
     model = PeftModel.from_pretrained(base, str(adapter_dir), is_trainable=True)

@@ -6,9 +6,9 @@ or state afterwards read it from `KeepFinished`.
 
 from __future__ import annotations
 
-from carpool.workers.engine import Engine
-from carpool.workers.rounds import run_round
-from carpool.workers.training_job import TrainingJob
+from carpool.workers.training.engine import Engine
+from carpool.workers.training.rounds import run_round
+from carpool.workers.training.training_job import TrainingJob
 
 
 class KeepFinished:

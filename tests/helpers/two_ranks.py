@@ -15,10 +15,10 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from carpool.orchestrator.local_ray import free_port
-from carpool.workers.data_parallel import DataParallel
-from carpool.workers.engine import Engine
-from carpool.workers.job_spec import JobSpec, QuantizationSpec
+from carpool.orchestrator.runtime.local_ray import free_port
+from carpool.workers.distributed.data_parallel import DataParallel
+from carpool.workers.spec.job_spec import JobSpec, QuantizationSpec
+from carpool.workers.training.engine import Engine
 
 from tests.helpers.round_driver import train_to_end
 

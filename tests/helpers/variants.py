@@ -13,10 +13,10 @@ from pathlib import Path
 from typing import NamedTuple
 
 import torch
-from carpool.workers.checkpoint import save_checkpoint
-from carpool.workers.engine import Engine
-from carpool.workers.job_spec import JobSpec
-from carpool.workers.training_job import TrainingJob
+from carpool.workers.spec.job_spec import JobSpec
+from carpool.workers.training.checkpoint import save_checkpoint
+from carpool.workers.training.engine import Engine
+from carpool.workers.training.training_job import TrainingJob
 
 from tests.helpers.jobs import randomize_b
 from tests.helpers.peft_reference import max_relative_difference, train_reference

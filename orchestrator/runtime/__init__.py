@@ -1,0 +1,6 @@
+"""The edge to Ray: the controller actor and the worker-group actors, Ray metrics,
+starting and stopping a local head, the auth token, and the Python `Client`. The only
+folder of the control plane that imports ray.
+
+May import: orchestrator.control, orchestrator.store, orchestrator.spec_check, orchestrator.sweeps, workers.spec, workers.training
+"""
