@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-from carpool.workers.base.quantization import bitsandbytes_config, is_4bit
+from carpool.workers.base.quantization import bitsandbytes_config, is_4bit, keep_4bit_kernel_exact
 from carpool.workers.spec.job_spec import QuantizationSpec
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
@@ -41,7 +41,8 @@ def load_base(
     LoRA dropout is applied per job by the adapter bank instead.
 
     With `quantization`, its linears load as bitsandbytes 4-bit modules (the
-    output head and the rest stay in `dtype`), straight onto `device`.
+    output head and the rest stay in `dtype`), straight onto `device`, each kept
+    on the one kernel PEFT's training loop runs (`keep_4bit_kernel_exact`).
     """
     device = device or default_device()
     dtype = dtype or default_dtype(device)
@@ -59,6 +60,7 @@ def load_base(
             device_map={"": device},
             trust_remote_code=trust_remote_code,
         )
+        keep_4bit_kernel_exact(model)
     model.eval()
     model.requires_grad_(False)
     return model

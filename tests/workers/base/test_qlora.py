@@ -89,6 +89,30 @@ def test_4bit_jobs_fused_match_peft_on_the_same_4bit_base(
     assert_each_matches_peft(fused, STEPS)
 
 
+def test_no_4bit_module_can_repack_while_jobs_train_and_evaluate(
+    tiny_base: Path, datasets: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """bitsandbytes repacks a 4-bit weight for its CPU inference kernel, for good, on an
+    eval-mode forward without grad where the CPU has AVX512-BF16 (carpool's base is always
+    in eval mode); PEFT's train-mode loop never does. Every module is built here as on
+    such a CPU, whatever this one is: carpool must turn the repack off before training."""
+    modules_of_bnb = pytest.importorskip("bitsandbytes.nn.modules")
+    monkeypatch.setattr(modules_of_bnb, "has_avx512bf16", lambda: True)
+    configs = [
+        changed(c, eval_dataset=c.dataset, training={"eval_steps": 1})
+        for c in two_4bit_jobs(tiny_base, datasets)
+    ]
+    engine = Engine(str(tiny_base), device="cpu", quantization=NF4)
+    four_bit = [m for m in engine.base.modules() if quantization.is_4bit(m)]
+    assert four_bit and not any(m.support_avx512bf16_for_cpu for m in four_bit)
+    for config in configs:
+        engine.add_job(config)
+    engine.train_round()
+    engine.evaluate()  # no grad, eval mode: where the repack would happen
+    engine.train_round()
+    assert not any(getattr(m.weight.quant_state, "packing_format_for_cpu", False) for m in four_bit)
+
+
 def test_bf16_compute_4bit_job_matches_peft_on_the_same_4bit_base(
     tiny_base: Path, datasets: dict[str, Path]
 ) -> None:
