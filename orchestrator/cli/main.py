@@ -95,7 +95,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             specs,
             args.out,
             on_progress=progress.update,
-            on_notice=progress.progress.console.print,
+            on_notice=progress.print,
             checkpoint_dir=args.checkpoint_dir,
             micro_batch_tokens=args.micro_batch_tokens,
             device=args.device,

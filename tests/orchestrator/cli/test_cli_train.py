@@ -225,7 +225,7 @@ def test_progress_bars_show_learning_rate_and_grad_norm(
     assert [r.step for r in trained] == [1, 2, 3]
     assert all(r.learning_rate == 1e-2 and r.grad_norm > 0 for r in trained)
 
-    console = Console(file=io.StringIO(), width=200)
+    console = Console(file=io.StringIO(), width=200, force_terminal=True)
     with JobProgress(console) as progress:
         progress.update(trained[-1])
     shown = console.file.getvalue()
