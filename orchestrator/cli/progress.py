@@ -3,7 +3,8 @@
 In a terminal wide enough for every figure, one live bar per job with all of them; in a
 narrower terminal, the bar with the figures that fit (step, loss, eval, state), never a
 number cut short; when output is not a terminal (a log, a pipe, `make demo` captured),
-a plain line per job each time its step or state changes, every figure in full.
+a plain line per job, every figure in full, when its state or eval loss changes and every
+tenth of its steps (a log of a long job stays short).
 """
 
 from __future__ import annotations
@@ -89,7 +90,8 @@ class JobProgress:
             else None
         )
         self._tasks: dict[str, int] = {}
-        self._shown: dict[str, tuple] = {}  # lines mode: what each job's last line said
+        self._shown: dict[str, tuple] = {}  # lines mode: each job's last line's (state, eval)
+        self._shown_step: dict[str, int] = {}  # ...and its step
 
     def __enter__(self) -> JobProgress:
         if self.progress is not None:
@@ -119,7 +121,10 @@ class JobProgress:
             )
 
     def _print_line(self, row: JobProgressRow) -> None:
-        key = (row.step, row.total_steps, row.state, row.eval_loss)
-        if self._shown.get(row.name) != key:
-            self._shown[row.name] = key
+        key = (row.state, row.eval_loss)
+        last_step = self._shown_step.get(row.name)
+        every = max(1, row.total_steps // 10)
+        stepped = last_step is None or row.step >= last_step + every or row.step == row.total_steps
+        if self._shown.get(row.name) != key or (stepped and row.step != last_step):
+            self._shown[row.name], self._shown_step[row.name] = key, row.step
             self.console.print(progress_line(row), soft_wrap=True, highlight=False)
