@@ -55,7 +55,9 @@ def _eval_arguments(parser: argparse.ArgumentParser) -> None:
         "--micro-batch-tokens", type=positive_int, default=4096, metavar="N",
         help="padded tokens per forward pass (default 4096)",
     )  # fmt: skip
-    parser.add_argument("--json", action="store_true", help="one JSON object per adapter")
+    parser.add_argument(
+        "--json", action="store_true", help="one JSON document: a list, an entry per adapter"
+    )
 
 
 def _checked_adapters(args: argparse.Namespace) -> tuple[dict[str, Path], QuantizationSpec | None]:
@@ -115,10 +117,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
     )
     fused = _fused(args, adapters, quantization, micro_batch_tokens=args.micro_batch_tokens)
     results = fused.evaluate(dataset)
-    if args.json:
-        for r in results:
-            record = {"adapter": r.name, "eval_loss": r.loss, "perplexity": r.perplexity}
-            print(json.dumps({**record, "tokens": r.tokens}))
+    if args.json:  # one document, as every --json prints
+        records = [
+            {"adapter": r.name, "eval_loss": r.loss, "perplexity": r.perplexity, "tokens": r.tokens}
+            for r in results
+        ]
+        print(json.dumps(records, indent=2))
         return 0
     width = max(len("ADAPTER"), *(len(r.name) for r in results))
     print(f"{'ADAPTER':<{width}}  {'LOSS':>8}  {'PERPLEXITY':>10}  {'TOKENS':>8}")

@@ -59,7 +59,9 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     best = best_trial(status["trials"])
     if args.sweep_command == "status":
         if args.json:
-            print(json.dumps({**status, "trials": trials, "best": best}, indent=2))
+            shown = [with_state_and_step(t) for t in trials]
+            chosen = None if best is None else with_state_and_step(best)
+            print(json.dumps({**status, "trials": shown, "best": chosen}, indent=2))
         else:
             print("\n".join(status_table(status["sweep"], trials, best)))
         return 0
@@ -77,6 +79,12 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 def ranked(trials: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Trials by their best metric (lowest first), those without one last, by number."""
     return sorted(trials, key=lambda t: (t["best"] is None, t["best"] or 0.0, t["number"]))
+
+
+def with_state_and_step(trial: dict[str, Any]) -> dict[str, Any]:
+    """A trial with its job's `state` and `step` at its top level, beside `best`, as the
+    table shows them (the whole job record stays under `job`)."""
+    return {**trial, "state": trial["job"]["state"], "step": trial["job"]["step"]}
 
 
 def best_trial(trials: list[dict[str, Any]]) -> dict[str, Any] | None:

@@ -36,7 +36,7 @@ def test_eval_prints_adapters_sorted_by_loss(
     args = ["eval", "--base", str(tiny_base), "--dataset", str(datasets["text"])]
     names = [str(adapters["lora"]), f"mine={adapters['vera']}"]
     assert main([*args, *names, "--include-base", "--json"]) == 0
-    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    rows = json.loads(capsys.readouterr().out)  # one document, as every --json prints
     assert {r["adapter"] for r in rows} == {"lora", "mine", "base"}
     assert [r["eval_loss"] for r in rows] == sorted(r["eval_loss"] for r in rows)
     assert len({r["tokens"] for r in rows}) == 1

@@ -63,7 +63,12 @@ def test_sweep_submit_restart_status_plot_fetch(
         assert main(["sweep", "status", "ride", *state, "--json"]) == 0
         status = json.loads(capsys.readouterr().out)
         best = status["best"]
-        assert best is not None and best["job"]["state"] == "succeeded"
+        assert best is not None and best["job"]["state"] == best["state"] == "succeeded"
+        # Each trial's state and step beside its best, as the table shows them.
+        assert all(
+            (t["state"], t["step"]) == (t["job"]["state"], t["job"]["step"])
+            for t in status["trials"]
+        )
         assert main(["sweep", "status", "ride", *state]) == 0
         table = capsys.readouterr().out.splitlines()
         assert table[2].startswith("*")  # ranked by metric: the best first, marked
