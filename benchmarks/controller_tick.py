@@ -1,7 +1,7 @@
 """The controller's own time per round against the length of the queue.
 
 One job runs in the only group slot (a fake group whose rounds return at once,
-as in tests/test_controller.py), while 0, 1,000 or 10,000 jobs wait that cannot
+as in tests/orchestrator/control/test_controller.py), while 0, 1,000 or 10,000 jobs wait that cannot
 be placed: the group is full (one adapter per group), no slot is free, and they
 rank below the running job, so none may preempt it. Each tick is then the
 controller's own work: reading the queue, planning, recording the round.
@@ -26,7 +26,7 @@ from carpool.orchestrator.control.engine_worker import JobAdmitted
 from carpool.orchestrator.control.operator_config import OperatorConfig
 from carpool.orchestrator.store.job_queue import JobQueue
 from carpool.workers.base.tiny_base import build_tiny_base
-from carpool.workers.spec.job_spec import JobSpec
+from carpool.workers.spec.job_spec import JobSpec, QuantizationSpec
 from carpool.workers.training.rounds import JobRoundResult
 
 WAITING = (0, 1_000, 10_000)
@@ -35,7 +35,9 @@ WAITING = (0, 1_000, 10_000)
 class InstantGroup:
     """A worker group whose rounds take no time: each job advances one step."""
 
-    def __init__(self, group_id: str, base_model: str) -> None:
+    def __init__(
+        self, group_id: str, base_model: str, quantization: QuantizationSpec | None
+    ) -> None:
         self.group_id, self.base_model = group_id, base_model
         self.steps: dict[str, int] = {}
 
