@@ -39,7 +39,7 @@ def tiny_base(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def datasets(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """Three small datasets, one per format, with rows of varied length."""
+    """Small datasets, one per format (preference pairs too), with rows of varied length."""
     root = tmp_path_factory.mktemp("data")
     words = [
         "the",
@@ -61,6 +61,14 @@ def datasets(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         {"prompt": f"Question: what is {i} plus {i % 5}?", "completion": f" Answer: {i + i % 5}."}
         for i in range(40)
     ]
+    pairs = [
+        {
+            "prompt": " ".join(words[: 2 + i % 5]) + f" {i}",
+            "chosen": " " + " ".join(words[i % 7 : i % 7 + 1 + i % 3]),
+            "rejected": " " + " ".join(reversed(words[: 1 + (i * 3) % 6])) + " no",
+        }
+        for i in range(12)
+    ]
     msgs = [
         {
             "messages": [
@@ -78,6 +86,7 @@ def datasets(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         "messages": write_jsonl(root / "msgs.jsonl", msgs),
         # A one-row eval set: in a group of two ranks, one of them has no row of it.
         "one_row": write_jsonl(root / "one.jsonl", [{"text": "the quick brown fox"}]),
+        "preference": write_jsonl(root / "pairs.jsonl", pairs),
     }
 
 

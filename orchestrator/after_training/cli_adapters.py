@@ -41,12 +41,12 @@ def _common_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _eval_arguments(parser: argparse.ArgumentParser) -> None:
-    from carpool.workers.data.dataset import FORMATS
+    from carpool.workers.data.dataset import SUPERVISED_FORMATS
 
     parser.add_argument("adapters", nargs="+", metavar="ADAPTER", help="DIR or NAME=DIR")
     _common_arguments(parser)
     parser.add_argument("--dataset", required=True, type=Path, help="a .jsonl or .parquet file")
-    parser.add_argument("--format", choices=("auto", *FORMATS), default="auto")
+    parser.add_argument("--format", choices=("auto", *SUPERVISED_FORMATS), default="auto")
     parser.add_argument(
         "--max-seq-length", type=positive_int, default=512, metavar="N",
         help="rows are cut to N tokens, as training cuts them (default 512)",

@@ -57,7 +57,8 @@ def parse_fields(model: type[BaseModel], raw: Mapping[str, Any]) -> ParsedFields
         if name not in raw:
             if not info.is_required():
                 default = info.get_default(call_default_factory=True)
-                values[name] = _of_model(default) if isinstance(default, BaseModel) else default
+                is_section = section is not None and isinstance(default, BaseModel)
+                values[name] = _of_model(default) if is_section else default
         elif section is not None and isinstance(raw[name], Mapping):
             values[name] = parse_fields(section, raw[name])
         else:
@@ -67,11 +68,15 @@ def parse_fields(model: type[BaseModel], raw: Mapping[str, Any]) -> ParsedFields
 
 
 def section_model(annotation: Any) -> type[BaseModel] | None:
-    """The model of a section field (`DatasetSpec` of `DatasetSpec | None`), else None."""
+    """The model of a section field (`DatasetSpec` of `DatasetSpec | None`), else None.
+
+    A choice between models (the objective's types, told apart by `type`) is no section:
+    it parses as a whole, its own type's fields checked by its own model."""
     if isinstance(annotation, type) and issubclass(annotation, BaseModel):
         return annotation
     if get_origin(annotation) in (Union, types.UnionType):
-        return next(filter(None, map(section_model, get_args(annotation))), None)
+        models = [m for m in map(section_model, get_args(annotation)) if m is not None]
+        return models[0] if len(models) == 1 else None
     return None
 
 

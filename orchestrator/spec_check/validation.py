@@ -32,6 +32,7 @@ from carpool.workers.data.dataset import DatasetError, load_dataset
 from carpool.workers.data.dataset_cache import file_version
 from carpool.workers.spec.job_spec import CROSS_FIELD, CrossFieldRule, JobSpec
 from carpool.workers.spec.lora_patterns import pattern_key, unmatched_keys
+from carpool.workers.spec.objective import OBJECTIVE_MODELS, OBJECTIVE_TYPES, format_problem
 from pydantic import BaseModel, ValidationError
 
 TOP_LEVEL = "(top level)"
@@ -53,6 +54,8 @@ class _DatasetCheck:
     problem: str | None = None
     rows: int = 0
     truncated_rows: int = 0
+    dropped_rows: int = 0  # preference records whose prompt fills max_seq_length
+    format: str | None = None  # as read: the declared one, or what `auto` found
 
 
 class ValidationCache:
@@ -105,7 +108,12 @@ def _read_dataset(
         return _DatasetCheck(problem=str(e))
     except Exception as e:  # a tokenizer or reader failure is still the user's data problem
         return _DatasetCheck(problem=f"{path}: cannot load: {e}")
-    return _DatasetCheck(rows=len(data.rows), truncated_rows=data.truncated_rows)
+    return _DatasetCheck(
+        rows=len(data.rows),
+        truncated_rows=data.truncated_rows,
+        dropped_rows=data.dropped_rows,
+        format=data.format,
+    )
 
 
 def _load_shapes(name: str) -> dict[str, tuple[int, int]]:
@@ -123,6 +131,8 @@ _Found = list[tuple[str, str]]
 
 
 def _field_name(loc: Sequence[int | str]) -> str:
+    if len(loc) > 1 and loc[0] == "objective" and loc[1] in OBJECTIVE_TYPES:
+        loc = (loc[0], *loc[2:])  # pydantic names the chosen type; the user wrote no such key
     out = ""
     for part in loc:
         out += f"[{part}]" if isinstance(part, int) else ("." if out else "") + str(part)
@@ -135,6 +145,9 @@ def _short(value: Any) -> str:
 
 
 def _unknown_field_message(loc: Sequence[int | str]) -> str:
+    if len(loc) == 3 and loc[0] == "objective" and loc[1] in OBJECTIVE_MODELS:
+        options = ", ".join(OBJECTIVE_MODELS[loc[1]].model_fields)
+        return f"unknown field; objective {loc[1]} takes: {options}"
     model = _SECTIONS.get(tuple(str(p) for p in loc[:-1]))
     if model is None:
         return "unknown field"
@@ -246,6 +259,7 @@ def _dataset_problems(
     base: _Base,
     cache: ValidationCache,
     notes: _Found,
+    objective: Any = None,
 ) -> _Found:
     if not path.is_file():
         what = "is a directory, not a file" if path.is_dir() else "file not found"
@@ -255,10 +269,18 @@ def _dataset_problems(
     check = cache.dataset(base.name, path, data_format, max_seq_length)
     if check.problem is not None:
         return [(field, check.problem)]
+    if objective is not None and (problem := format_problem(objective, check.format)):
+        return [(field, f"{path}: {problem}")]
     if check.truncated_rows:
         message = (
             f"{check.truncated_rows} of {check.rows} rows are longer than "
             f"max_seq_length={max_seq_length} and will be truncated"
+        )
+        notes.append((field, message))
+    if check.dropped_rows:
+        message = (
+            f"{check.dropped_rows} records are dropped: their prompt leaves no room for a "
+            f"completion at max_seq_length={max_seq_length}"
         )
         notes.append((field, message))
     return []
@@ -300,7 +322,14 @@ def _resource_problems(
             data_format = fields.get(f"{section}.format")
             max_seq_length = fields.get("training.max_seq_length")
             problems += _dataset_problems(
-                f"{section}.path", path, data_format, max_seq_length, base, cache, notes
+                f"{section}.path",
+                path,
+                data_format,
+                max_seq_length,
+                base,
+                cache,
+                notes,
+                objective=fields.get("objective"),
             )
     return problems
 

@@ -2,5 +2,5 @@
 which job (`segment`), fused micro-batches padded or packed, and attention kept within
 each packed row.
 
-May import: nothing else of carpool
+May import: workers.spec
 """

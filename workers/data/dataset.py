@@ -12,8 +12,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-IGNORE_INDEX = -100
-FORMATS = ("text", "prompt_completion", "messages")
+from carpool.workers.data.dataset_rows import IGNORE_INDEX, TokenizedRow
+from carpool.workers.data.preference_data import (
+    PreferencePair,
+    is_preference_record,
+    tokenize_preference,
+)
+from carpool.workers.spec.objective import PAIRED_FORMATS, SUPERVISED_FORMATS
+
+# Supervised formats (a record is one row), then paired ones (a record is two rows).
+FORMATS = SUPERVISED_FORMATS + PAIRED_FORMATS
 
 
 class DatasetError(ValueError):
@@ -31,17 +39,14 @@ class DatasetError(ValueError):
 
 
 @dataclass(frozen=True)
-class TokenizedRow:
-    input_ids: tuple[int, ...]
-    labels: tuple[int, ...]
-
-
-@dataclass(frozen=True)
 class TokenizedDataset:
-    rows: tuple[TokenizedRow, ...]
+    """A file's records, tokenized: a row each, or a pair of rows each (`preference`)."""
+
+    rows: tuple[TokenizedRow | PreferencePair, ...]
     format: str
     truncated_rows: int
     source: Path
+    dropped_rows: int = 0  # preference records whose prompt leaves no room at max_seq_length
 
 
 def _read_numbered(path: Path) -> list[tuple[int, dict]]:
@@ -104,6 +109,8 @@ def resolve_format(records: list[dict], declared: str, path: Path) -> str:
     if not records:
         raise DatasetError(path, "dataset is empty")
     keys = set(records[0])
+    if is_preference_record(keys):
+        return "preference"
     if "messages" in keys:
         return "messages"
     if {"prompt", "completion"} <= keys:
@@ -113,7 +120,8 @@ def resolve_format(records: list[dict], declared: str, path: Path) -> str:
     raise DatasetError(
         path,
         f"cannot detect the format from the first record's keys {sorted(keys)}: "
-        "expected 'messages', 'prompt' and 'completion', or 'text'",
+        "expected 'messages', 'prompt' and 'completion', 'text', or 'prompt', 'chosen' and "
+        "'rejected'",
     )
 
 
@@ -245,13 +253,23 @@ def load_dataset(path: Path, fmt: str, tokenizer, max_seq_length: int) -> Tokeni
     path = Path(path)
     numbered = _read_numbered(path)
     resolved = resolve_format([r for _, r in numbered], fmt, path)
-    rows: list[TokenizedRow] = []
-    truncated_rows = 0
+    rows: list[TokenizedRow | PreferencePair] = []
+    truncated_rows = dropped_rows = 0
     for number, record in numbered:
         try:
-            row, truncated = tokenize_record(record, resolved, tokenizer, max_seq_length)
+            if resolved == "preference":
+                row, truncated = tokenize_preference(record, tokenizer, max_seq_length)
+            else:
+                row, truncated = tokenize_record(record, resolved, tokenizer, max_seq_length)
         except ValueError as e:
             raise DatasetError(path, str(e), number) from e
+        if row is None:  # as TRL drops it: a prompt alone fills max_seq_length
+            dropped_rows += 1
+            continue
         rows.append(row)
         truncated_rows += truncated
-    return TokenizedDataset(tuple(rows), resolved, truncated_rows, path)
+    if not rows:
+        raise DatasetError(
+            path, f"every record's prompt fills max_seq_length={max_seq_length}: nothing to train"
+        )
+    return TokenizedDataset(tuple(rows), resolved, truncated_rows, path, dropped_rows)

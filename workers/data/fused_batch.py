@@ -1,10 +1,12 @@
 """Packing many jobs' step rows into fused micro-batches.
 
-A job's loss is a sum over its trainable tokens divided by their count over
-the job's whole optimizer step, so the order of its rows and how they are
-split into micro-batches do not change the math. That freedom lets us fill
-each micro-batch up to a token budget, then group rows by job inside it so
-each job is one segment.
+A supervised job's loss is a sum over its trainable tokens divided by their count
+over the job's whole optimizer step, so the order of its rows and how they are
+split into micro-batches do not change the math. A preference job's loss is a sum
+over its pairs divided by their count in the step, each pair's term needing both
+of its rows: a pair is one unit of planning, its two rows always in one
+micro-batch. That freedom lets us fill each micro-batch up to a token budget,
+then group rows by job inside it so each job is one segment.
 
 Two layouts (`BatchLayout`):
 
@@ -22,8 +24,20 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-from carpool.workers.data.dataset import IGNORE_INDEX, TokenizedRow
+from carpool.workers.data.dataset_rows import IGNORE_INDEX, TokenizedRow
+from carpool.workers.data.preference_data import PreferencePair
 from carpool.workers.data.segment import Segment
+
+CHOSEN, REJECTED = 0, 1
+
+
+@dataclass(frozen=True)
+class PairSlot:
+    """Where a row of a preference pair belongs: its record and which completion it is."""
+
+    record: int  # the pair's position in the job's record stream
+    side: int  # CHOSEN or REJECTED
+    scale: float  # 1 / pairs in the job's whole step
 
 
 @dataclass(frozen=True)
@@ -32,8 +46,14 @@ class StepRow:
 
     job: str
     row: TokenizedRow
-    row_id: int  # position in the job's data stream
-    loss_scale: float  # 1 / trainable tokens in the job's whole step
+    row_id: int  # position in the job's row stream (a pair's rows: 2 * record + side)
+    loss_scale: float  # 1 / trainable tokens in the job's whole step; 0 for a pair's rows
+    pair: PairSlot | None = None
+
+    @property
+    def unit(self) -> tuple[str, int]:
+        """The rows that must share a micro-batch: a pair, or the row alone."""
+        return (self.job, self.pair.record if self.pair is not None else self.row_id)
 
 
 @dataclass
@@ -44,6 +64,8 @@ class FusedBatch:
     token_scale: torch.Tensor  # like input_ids, float: each token's job loss scale
     token_segment: torch.Tensor  # [tokens] long, flattened: the segment of each position
     segments: tuple[Segment, ...]
+    token_row: torch.Tensor  # [tokens] long, flattened: the row (of `rows`) of each position
+    rows: tuple[StepRow, ...]  # in the batch's row order (grouped by job)
 
     @property
     def packed(self) -> bool:
@@ -55,8 +77,18 @@ def trainable_tokens(row: TokenizedRow) -> int:
     return sum(1 for label in row.labels[1:] if label != IGNORE_INDEX)
 
 
-def step_rows(job: str, rows: Sequence[TokenizedRow], row_ids: Sequence[int]) -> list[StepRow]:
-    """Tag one job's step rows with the scale that normalizes over the whole step."""
+def step_rows(
+    job: str, rows: Sequence[TokenizedRow | PreferencePair], row_ids: Sequence[int]
+) -> list[StepRow]:
+    """Tag one job's step records with the scale that normalizes over the whole step: its
+    trainable tokens, or for pairs its pair count (both rows of each pair tagged with it)."""
+    if rows and isinstance(rows[0], PreferencePair):
+        scale = 1.0 / len(rows)
+        return [
+            StepRow(job, row, 2 * i + side, 0.0, PairSlot(i, side, scale))
+            for pair, i in zip(rows, row_ids, strict=True)
+            for side, row in enumerate(pair.rows)
+        ]
     count = sum(trainable_tokens(r) for r in rows)
     scale = 1.0 / count if count else 0.0
     return [StepRow(job, r, i, scale) for r, i in zip(rows, row_ids, strict=True)]
@@ -67,39 +99,50 @@ def plan_micro_batches(
 ) -> list[list[StepRow]]:
     """Split rows into micro-batches of at most `max_tokens` tokens (padded ones, when padded).
 
-    None means one micro-batch. A row longer than the budget goes alone.
+    None means one micro-batch. A row (a pair) longer than the budget goes alone; a pair's
+    two rows always share a micro-batch.
     """
     if max_tokens is None or not rows:
         return [list(rows)] if rows else []
+    units = planning_units(rows)
     if packed:
-        return _first_fit_decreasing(rows, max_tokens)
-    ordered = sorted(rows, key=lambda r: len(r.row.input_ids))
+        return _first_fit_decreasing(units, max_tokens)
+    ordered = sorted(units, key=lambda u: max(len(r.row.input_ids) for r in u))
     batches: list[list[StepRow]] = []
     current: list[StepRow] = []
-    for item in ordered:
-        longest = len(item.row.input_ids)  # ascending order: the newcomer is the longest
-        if current and (len(current) + 1) * longest > max_tokens:
+    for unit in ordered:
+        # Ascending order: the newcomer holds the longest row.
+        longest = max(len(r.row.input_ids) for r in unit)
+        if current and (len(current) + len(unit)) * longest > max_tokens:
             batches.append(current)
             current = []
-        current.append(item)
+        current.extend(unit)
     if current:
         batches.append(current)
     return batches
 
 
-def _first_fit_decreasing(rows: Sequence[StepRow], max_tokens: int) -> list[list[StepRow]]:
-    """Token-capacity bins: each row, longest first, into the first bin it fits."""
+def planning_units(rows: Sequence[StepRow]) -> list[list[StepRow]]:
+    """The rows as units that ride together (a pair's two rows, or one row), in order."""
+    units: dict[tuple[str, int], list[StepRow]] = {}
+    for row in rows:
+        units.setdefault(row.unit, []).append(row)
+    return list(units.values())
+
+
+def _first_fit_decreasing(units: list[list[StepRow]], max_tokens: int) -> list[list[StepRow]]:
+    """Token-capacity bins: each unit, longest first, into the first bin it fits."""
     bins: list[list[StepRow]] = []
     room: list[int] = []
-    for item in sorted(rows, key=lambda r: -len(r.row.input_ids)):
-        length = len(item.row.input_ids)
+    for unit in sorted(units, key=lambda u: -sum(len(r.row.input_ids) for r in u)):
+        length = sum(len(r.row.input_ids) for r in unit)
         for i, free in enumerate(room):
             if length <= free:
-                bins[i].append(item)
+                bins[i].extend(unit)
                 room[i] -= length
                 break
         else:
-            bins.append([item])
+            bins.append(list(unit))
             room.append(max_tokens - length)
     return bins
 
@@ -147,9 +190,9 @@ def collate(
         flat_scale[offset : offset + length] = item.loss_scale
         offset += length if packed else seq
     # Padding positions belong to their row's segment; they carry no target and no scale.
-    token_segment = torch.repeat_interleave(
-        torch.tensor(row_segment), torch.tensor(lengths if packed else [seq] * len(grouped))
-    )
+    positions_per_row = torch.tensor(lengths if packed else [seq] * len(grouped))
+    token_segment = torch.repeat_interleave(torch.tensor(row_segment), positions_per_row)
+    token_row = torch.repeat_interleave(torch.arange(len(grouped)), positions_per_row)
     position_ids = None
     if packed:
         position_ids = torch.tensor([p for length in lengths for p in range(length)]).view(1, -1)
@@ -160,4 +203,6 @@ def collate(
         token_scale=scale.to(device),
         token_segment=token_segment.to(device),
         segments=tuple(segments),
+        token_row=token_row.to(device),
+        rows=tuple(grouped),
     )

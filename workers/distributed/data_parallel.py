@@ -17,7 +17,7 @@ from collections.abc import Sequence
 
 import torch
 import torch.distributed as dist
-from carpool.workers.data.fused_batch import StepRow
+from carpool.workers.data.fused_batch import StepRow, planning_units
 from carpool.workers.variants.job_adapter import JobAdapter
 
 
@@ -34,11 +34,17 @@ class DataParallel:
         self.collective_bytes: dict[str, int] = defaultdict(int)
 
     def shard(self, rows: Sequence[StepRow]) -> list[StepRow]:
-        """This rank's share: of each job's rows, every world_size-th from `rank`."""
+        """This rank's share: of each job's units (a row, or a pair's two rows), every
+        world_size-th from `rank`."""
         by_job: dict[str, list[StepRow]] = defaultdict(list)
         for row in rows:
             by_job[row.job].append(row)
-        return [r for job_rows in by_job.values() for r in job_rows[self.rank :: self.world_size]]
+        return [
+            r
+            for job_rows in by_job.values()
+            for unit in planning_units(job_rows)[self.rank :: self.world_size]
+            for r in unit
+        ]
 
     def _all_reduce(self, tensor: torch.Tensor, kind: str) -> None:
         self.collective_bytes[kind] += tensor.numel() * tensor.element_size()
@@ -68,3 +74,14 @@ class DataParallel:
         )
         self._all_reduce(values, "losses")
         return dict(zip(names, values.tolist(), strict=True))
+
+
+def reduce_metric_sums(
+    dp: DataParallel, sums: dict[str, dict[str, float]], names: Sequence[str]
+) -> dict[str, dict[str, float]]:
+    """Each job's metric sums added over ranks. Every rank passes the same jobs and `names`
+    (a rank without rows of a job contributes zeros), so the collective matches."""
+    keys = [f"{job}\t{name}" for job in sorted(sums) for name in names]
+    local = {f"{job}\t{name}": sums[job].get(name, 0.0) for job in sorted(sums) for name in names}
+    total = dp.reduce_losses(keys, local)
+    return {job: {name: total[f"{job}\t{name}"] for name in names} for job in sums}

@@ -4,16 +4,17 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from carpool.workers.data.dataset import IGNORE_INDEX
+from carpool.workers.data.dataset_rows import IGNORE_INDEX
 from carpool.workers.data.fused_batch import FusedBatch
 from carpool.workers.losses.chunked_loss import chunked_token_losses, loss_precision
 from torch import nn
 
 
-def position_losses(
+def token_nll(
     model: nn.Module, batch: FusedBatch, loss_chunk_tokens: int | None = None
 ) -> torch.Tensor:
-    """Each position's cross-entropy times its job-step scale, flattened (call routed).
+    """Each position's cross-entropy, flattened, 0 where nothing is trained (call routed for
+    the adapters, or not for the base alone).
 
     Padding and every row's last position carry no target. Padded rows need no
     attention mask: they are right-padded under a causal mask, so real tokens
@@ -24,18 +25,21 @@ def position_losses(
     # No job adapts the output layer (never a target), so it can be used as a frozen weight.
     if loss_chunk_tokens:
         hidden = model.get_decoder()(**inputs, use_cache=False).last_hidden_state
-        ce = chunked_token_losses(
+        return chunked_token_losses(
             hidden.flatten(0, 1), model.get_output_embeddings(), targets, loss_chunk_tokens
         )
-    else:
-        logits = model(**inputs, use_cache=False).logits
-        ce = F.cross_entropy(
-            loss_precision(logits).flatten(0, 1),
-            targets,
-            ignore_index=IGNORE_INDEX,
-            reduction="none",
-        )
-    return ce * batch.token_scale.flatten()
+    logits = model(**inputs, use_cache=False).logits
+    return F.cross_entropy(
+        loss_precision(logits).flatten(0, 1), targets, ignore_index=IGNORE_INDEX, reduction="none"
+    )
+
+
+def position_losses(
+    model: nn.Module, batch: FusedBatch, loss_chunk_tokens: int | None = None
+) -> torch.Tensor:
+    """Each position's cross-entropy times its job-step scale, flattened (call routed): the
+    supervised loss (a preference pair's rows have scale 0 here; see `paired_terms`)."""
+    return token_nll(model, batch, loss_chunk_tokens) * batch.token_scale.flatten()
 
 
 def add_segment_losses(

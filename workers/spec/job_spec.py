@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal
 
 from carpool.workers.spec.lora_patterns import key_problem, lora_scaling, pattern_value
+from carpool.workers.spec.objective import Objective, SftObjective, format_problem, is_paired
 from pydantic import (
     AfterValidator,
     BaseModel,
@@ -209,6 +210,28 @@ def adapter_variant(adapter: dict[str, Any]) -> str:
     return "lora+dora" if adapter.get("use_dora") else "lora"
 
 
+def objective_fits_format(objective: object, data_format: str) -> str | None:
+    """A dataset's declared format must be one its objective trains on (`auto` is checked
+    when the data is read)."""
+    if data_format == "auto" or not hasattr(objective, "formats"):
+        return None
+    return format_problem(objective, data_format)
+
+
+def paired_objective_limits(
+    objective: object, init_from: Path | None, eval_dataset: object
+) -> str | None:
+    """What preference jobs do not take yet: a starting adapter (its frozen copy would be
+    the reference) and an eval dataset (its pairs' objective loss)."""
+    if not hasattr(objective, "type") or not is_paired(objective):
+        return None
+    if init_from is not None:
+        return f"objective {objective.type} with adapter.init_from is not supported yet"
+    if eval_dataset is not None:
+        return f"objective {objective.type} with an eval_dataset is not supported yet"
+    return None
+
+
 def eval_needs_dataset(eval_steps: int | None, eval_dataset: object) -> str | None:
     if eval_steps is not None and eval_dataset is None:
         return "eval_steps needs an eval_dataset"
@@ -254,7 +277,7 @@ class _SpecModel(BaseModel):
 
 class DatasetSpec(_SpecModel):
     path: DatasetPath
-    format: Literal["text", "prompt_completion", "messages", "auto"] = "auto"
+    format: Literal["text", "prompt_completion", "messages", "preference", "auto"] = "auto"
 
 
 class AdapterSpec(_SpecModel):
@@ -391,9 +414,15 @@ class JobSpec(_SpecModel):
     training: TrainingSpec
     priority: StrictInt = 0
     eval_dataset: DatasetSpec | None = None  # held-out rows, for the eval loss only
+    # What the rows train toward: supervised cross-entropy (sft) or a preference objective.
+    objective: Objective = SftObjective()
 
     cross_field_rules = (
         CrossFieldRule(
             "training.eval_steps", ("training.eval_steps", "eval_dataset"), eval_needs_dataset
+        ),
+        CrossFieldRule("dataset.format", ("objective", "dataset.format"), objective_fits_format),
+        CrossFieldRule(
+            "objective", ("objective", "adapter.init_from", "eval_dataset"), paired_objective_limits
         ),
     )

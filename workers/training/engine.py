@@ -35,10 +35,12 @@ from carpool.workers.data.fused_batch import (
 )
 from carpool.workers.data.row_attention import packed_unsupported, use_row_attention
 from carpool.workers.data.segment import Segment
-from carpool.workers.distributed.data_parallel import DataParallel
+from carpool.workers.distributed.data_parallel import DataParallel, reduce_metric_sums
 from carpool.workers.distributed.zero3 import dummy_row, load_base_zero3, pad_micro_batches
 from carpool.workers.losses.chunked_loss import supports_chunked_loss
-from carpool.workers.losses.position_losses import add_segment_losses, position_losses
+from carpool.workers.losses.paired_terms import RowKey, pair_terms, reference_logps
+from carpool.workers.losses.position_losses import add_segment_losses, token_nll
+from carpool.workers.losses.preference_losses import PREFERENCE_METRICS
 from carpool.workers.peft_files.adalora_format import (
     adalora_adapter_from_loaded,
     read_adalora_adapter,
@@ -52,6 +54,7 @@ from carpool.workers.spec.job_spec import (
     JobSpec,
     QuantizationSpec,
 )
+from carpool.workers.spec.objective import DpoObjective, is_paired
 from carpool.workers.training.checkpoint import latest_checkpoint, load_checkpoint
 from carpool.workers.training.training_job import StepReport, TrainingJob
 from carpool.workers.variants.adalora import schedule_of
@@ -153,6 +156,7 @@ class Engine:
         self._datasets = DatasetCache(self.tokenizer)  # jobs sharing a file tokenize it once
         self.bank = AdapterBank(self.base, adapter_math=adapter_math)
         self.jobs: dict[str, TrainingJob] = {}
+        self.reference_passes = 0  # base-only forwards for preference jobs' reference log-probs
 
     # -- jobs joining and leaving ---------------------------------------------------------
     def add_job(
@@ -283,19 +287,33 @@ class Engine:
         all_rows = [
             r for name, (rows, ids) in rows_by_job.items() for r in step_rows(name, rows, ids)
         ]
+        paired = {j.name: j.config.objective for j in jobs if is_paired(j.config.objective)}
         losses: dict[str, float] = defaultdict(float)
+        pair_metrics: dict[str, dict[str, float]] = {n: defaultdict(float) for n in paired}
         for micro in self._micro_batches(all_rows, filler_job=min(j.name for j in jobs)):
             batch = collate(micro, self.tokenizer.pad_token_id, self.device, self.packed)
+            reference = self._reference_logps(batch, paired)
             # Routed through the backward too: checkpointed layers rerun forward there.
             with self.bank.route(batch.segments, packed=batch.packed):
-                token_loss = self._forward_loss(batch)
-                token_loss.sum().backward()
+                nll = token_nll(self.base, batch, self.loss_chunk_tokens)
+                token_loss = nll * batch.token_scale.flatten()
+                loss = token_loss.sum()
+                pair_loss, pair_losses, sums = pair_terms(batch, nll, reference, paired)
+                if pair_loss is not None:
+                    loss = loss + pair_loss
+                loss.backward()
             add_segment_losses(losses, batch, token_loss)
+            for name, value in pair_losses.items():
+                losses[name] += value
+            for name, job_sums in sums.items():
+                for metric, value in job_sums.items():
+                    pair_metrics[name][metric] += value
         dp = self.data_parallel
         if dp:
             jobs = sorted(jobs, key=lambda j: j.name)  # the same order on every rank
             dp.reduce_gradients([j.adapter for j in jobs])
             losses = dp.reduce_losses([j.name for j in jobs], losses)
+            pair_metrics = reduce_metric_sums(dp, pair_metrics, PREFERENCE_METRICS)
         for j in jobs:
             # After the gradients' reduction: every rank adds the same term once.
             penalty = j.regularizer()
@@ -322,8 +340,28 @@ class Engine:
                 )
                 continue
             rows = rows_by_job[j.name][0]
-            reports[j.name] = j.finish_step(losses[j.name], rows, grad_norm)
+            metrics = {k: v / len(rows) for k, v in pair_metrics.get(j.name, {}).items()}
+            reports[j.name] = j.finish_step(losses[j.name], rows, grad_norm, metrics)
         return reports
+
+    def _reference_logps(
+        self, batch: FusedBatch, paired: dict[str, DpoObjective]
+    ) -> dict[RowKey, float]:
+        """The reference log-probs of the micro-batch's preference rows: one forward of the
+        base alone (no routing, so no adapter), without a graph, for every job's pairs at
+        once. Under ZeRO-3 every rank runs it for every micro-batch while any job needs a
+        reference (over a filler row where it has none): its gathers are collectives."""
+        needing = {name for name, objective in paired.items() if objective.needs_reference}
+        rows = [r for r in batch.rows if r.job in needing and r.pair is not None]
+        if not rows and not (needing and self.zero_stage == 3):
+            return {}
+        if not rows:
+            rows = [dummy_row(min(needing), self.tokenizer.pad_token_id)]
+        sub = collate(rows, self.tokenizer.pad_token_id, self.device, self.packed)
+        self.reference_passes += 1
+        with torch.no_grad():
+            nll = token_nll(self.base, sub, self.loss_chunk_tokens)
+        return reference_logps(sub, nll) if rows[0].pair is not None else {}
 
     @torch.no_grad()
     def evaluate(self, names: Sequence[str] | None = None) -> dict[str, float]:
@@ -395,7 +433,7 @@ class Engine:
 
     def _forward_loss(self, batch: FusedBatch) -> torch.Tensor:
         """Each position's loss, scaled by its job-step token count (call routed)."""
-        return position_losses(self.base, batch, self.loss_chunk_tokens)
+        return token_nll(self.base, batch, self.loss_chunk_tokens) * batch.token_scale.flatten()
 
     # -- outputs --------------------------------------------------------------------------
     @torch.no_grad()

@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +43,8 @@ class StepRecord:
     grad_norm: float
     epoch: float  # fractional epochs done, as the Trainer counts them
     tokens_seen: int  # real tokens of all the job's steps so far
+    # The objective's own figures (TRL's names): logged as their mean since the last entry.
+    metrics: Mapping[str, float] = field(default_factory=dict)
 
 
 class TrainingHistory:
@@ -54,10 +56,13 @@ class TrainingHistory:
         self.entries: list[dict[str, Any]] = []
         self._loss_sum = 0.0  # of the steps since the last train entry
         self._loss_steps = 0
+        self._metric_sums: dict[str, float] = {}  # likewise, per objective metric
 
     def record_step(self, record: StepRecord) -> None:
         self._loss_sum += record.loss
         self._loss_steps += 1
+        for name, value in record.metrics.items():
+            self._metric_sums[name] = self._metric_sums.get(name, 0.0) + value
         if record.step % self.logging_steps and record.step < self.total_steps:
             return
         self.entries.append(
@@ -65,12 +70,13 @@ class TrainingHistory:
                 "loss": self._loss_sum / self._loss_steps,
                 "grad_norm": record.grad_norm,  # of the last step, as the Trainer logs it
                 "learning_rate": record.learning_rate,
+                **{k: v / self._loss_steps for k, v in sorted(self._metric_sums.items())},
                 "epoch": record.epoch,
                 "num_input_tokens_seen": record.tokens_seen,
                 "step": record.step,
             }
         )
-        self._loss_sum, self._loss_steps = 0.0, 0
+        self._loss_sum, self._loss_steps, self._metric_sums = 0.0, 0, {}
 
     def record_eval(self, step: int, epoch: float, eval_loss: float) -> None:
         self.entries.append({"eval_loss": eval_loss, "epoch": epoch, "step": step})
@@ -81,12 +87,14 @@ class TrainingHistory:
             "entries": [dict(e) for e in self.entries],
             "loss_sum": self._loss_sum,
             "loss_steps": self._loss_steps,
+            "metric_sums": dict(self._metric_sums),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.entries = [dict(e) for e in state["entries"]]
         self._loss_sum = float(state["loss_sum"])
         self._loss_steps = int(state["loss_steps"])
+        self._metric_sums = {k: float(v) for k, v in state.get("metric_sums", {}).items()}
 
 
 def trainer_state(

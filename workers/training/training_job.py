@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import hashlib
 import math
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 
 import torch
-from carpool.workers.data.dataset import TokenizedDataset, TokenizedRow
+from carpool.workers.data.dataset import TokenizedDataset
+from carpool.workers.data.dataset_rows import TokenizedRow
+from carpool.workers.data.preference_data import PreferencePair
 from carpool.workers.spec.job_spec import JobSpec
 from carpool.workers.training.lr_schedule import lr_multiplier
 from carpool.workers.training.training_history import StepRecord, TrainingHistory, trainer_state
@@ -33,6 +36,15 @@ class StepReport:
     learning_rate: float  # of the step (the first parameter group's, as HF reports it)
     grad_norm: float  # L2 norm of the job's adapter gradients, before any clipping
     error: str | None = None  # the job failed in this step (e.g. its loss became NaN)
+    # The objective's own figures, by TRL's names (a preference job's `rewards/margins`, ...).
+    metrics: Mapping[str, float] = field(default_factory=dict)
+
+
+def record_tokens(record: TokenizedRow | PreferencePair) -> int:
+    """A record's real tokens: its row's, or both rows' of a pair."""
+    if isinstance(record, PreferencePair):
+        return sum(len(r.input_ids) for r in record.rows)
+    return len(record.input_ids)
 
 
 def build_optimizer(adapter: JobAdapter, config: JobSpec) -> torch.optim.AdamW:
@@ -117,12 +129,20 @@ class TrainingJob:
     def truncation_notices(self) -> tuple[str, ...]:
         """One line per dataset whose rows were cut to max_seq_length, for the job's log."""
         limit = self.config.training.max_seq_length
-        return tuple(
+        datasets = (("dataset", self.dataset), ("eval_dataset", self.eval_dataset))
+        truncated = tuple(
             f"{what}: {data.truncated_rows} of {len(data.rows)} rows truncated "
             f"to max_seq_length={limit}"
-            for what, data in (("dataset", self.dataset), ("eval_dataset", self.eval_dataset))
+            for what, data in datasets
             if data is not None and data.truncated_rows
         )
+        dropped = tuple(
+            f"{what}: {data.dropped_rows} records dropped: their prompt leaves no room for a "
+            f"completion at max_seq_length={limit}"
+            for what, data in datasets
+            if data is not None and data.dropped_rows
+        )
+        return truncated + dropped
 
     @property
     def epoch(self) -> float:
@@ -192,12 +212,13 @@ class TrainingJob:
             self._order_epoch = epoch
         return self._order
 
-    def row_at(self, stream_index: int) -> TokenizedRow:
+    def row_at(self, stream_index: int) -> TokenizedRow | PreferencePair:
         n = len(self.dataset.rows)
         return self.dataset.rows[self._epoch_order(stream_index // n)[stream_index % n]]
 
-    def next_rows(self) -> tuple[list[TokenizedRow], list[int]]:
-        """The rows of the job's next optimizer step and their stream positions."""
+    def next_rows(self) -> tuple[list[TokenizedRow | PreferencePair], list[int]]:
+        """The records (rows, or pairs) of the job's next optimizer step and their stream
+        positions."""
         count = self.config.training.rows_in_step(self.step, len(self.dataset.rows))
         ids = list(range(self.rows_consumed, self.rows_consumed + count))
         return [self.row_at(i) for i in ids], ids
@@ -211,10 +232,17 @@ class TrainingJob:
             return None
         return allocator.schedule.orth_reg_weight * orthogonality_loss(self.adapter.modules)
 
-    def finish_step(self, loss: float, rows: list[TokenizedRow], grad_norm: float) -> StepReport:
+    def finish_step(
+        self,
+        loss: float,
+        rows: Sequence[TokenizedRow | PreferencePair],
+        grad_norm: float,
+        metrics: Mapping[str, float] | None = None,
+    ) -> StepReport:
         """Clip, step AdamW and the schedule, and advance the data position.
 
-        `grad_norm` is the gradients' norm (`gradient_stats`), reported as it is.
+        `grad_norm` is the gradients' norm (`gradient_stats`), reported as it is;
+        `metrics` the objective's own figures of the step.
         """
         max_norm = self.config.training.max_grad_norm
         if max_norm is not None:
@@ -228,9 +256,10 @@ class TrainingJob:
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
         self.rows_consumed += len(rows)
-        tokens = sum(len(r.input_ids) for r in rows)
+        tokens = sum(record_tokens(r) for r in rows)
         self.tokens_seen += tokens
         self.last_loss = loss
+        metrics = dict(metrics or {})
         self.history.record_step(
             StepRecord(
                 step=self.step,
@@ -239,6 +268,7 @@ class TrainingJob:
                 grad_norm=grad_norm,
                 epoch=self.epoch,
                 tokens_seen=self.tokens_seen,
+                metrics=metrics,
             )
         )
         return StepReport(
@@ -249,6 +279,7 @@ class TrainingJob:
             tokens=tokens,
             learning_rate=lr,
             grad_norm=grad_norm,
+            metrics=metrics,
         )
 
     # -- checkpoint state ---------------------------------------------------------------

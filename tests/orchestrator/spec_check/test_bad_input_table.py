@@ -87,6 +87,18 @@ def _init_from(hidden_size: int = 64, **lora: object) -> Case:
 
 USER_ONLY = json.dumps({"messages": [{"role": "user", "content": "hi"}]}) + "\n"
 TEXT_ROW = json.dumps({"text": "hello"}) + "\n"
+PAIR_ROW = json.dumps({"prompt": "the cat", "chosen": " sat", "rejected": " ran"}) + "\n"
+
+
+def _dpo(**objective: object) -> Case:
+    """A DPO job on a preference dataset, with `objective`'s options."""
+
+    def apply(spec: dict, root: Path) -> None:
+        _dataset(PAIR_ROW * 2)(spec, root)
+        spec["objective"] = {"type": "dpo", **objective}
+
+    return apply
+
 
 # (case id, change to a valid spec, field named, text the message must contain)
 CASES: list[tuple[str, Case, str, str]] = [
@@ -132,6 +144,18 @@ CASES: list[tuple[str, Case, str, str]] = [
     ("eval-data-bad-json-line-2", _dataset(TEXT_ROW + "{oops\n", section="eval_dataset"), "eval_dataset.path", ":2:"),
     ("eval-data-missing", _set("eval_dataset.path", "/nonexistent/eval.jsonl"), "eval_dataset.path", "not found"),
     ("eval-data-unknown-field", _set("eval_dataset.split", "test"), "eval_dataset.split", "unknown field"),
+    ("dpo-beta-zero", _dpo(beta=0), "objective.beta", "greater than 0"),
+    ("dpo-smoothing-half", _dpo(loss_type="robust", label_smoothing=0.5), "objective.label_smoothing", "less than 0.5"),
+    ("dpo-smoothing-not-robust", _dpo(label_smoothing=0.1), "objective", "robust only"),
+    ("dpo-loss-unknown", _dpo(loss_type="exo_pair"), "objective.loss_type", "sigmoid"),
+    ("objective-unknown", _set("objective", {"type": "ppo"}), "objective", "'sft', 'dpo'"),
+    ("objective-other-types-option", _set("objective", {"type": "sft", "beta": 0.1}), "objective.beta", "unknown field"),
+    ("dpo-on-text-data", _set("objective", {"type": "dpo"}), "dataset.path", "objective dpo trains on preference data; this dataset's format is text"),
+    ("dpo-format-declared-text", _both(_dpo(), _set("dataset.format", "text")), "dataset.format", "objective dpo trains on preference data"),
+    ("sft-on-pairs", _dataset(PAIR_ROW), "dataset.path", "objective sft trains on text or prompt_completion or messages data"),
+    ("pair-missing-rejected", _both(_dpo(), _dataset(PAIR_ROW + '{"prompt": "a", "chosen": " b"}\n')), "dataset.path", ":2: missing field 'rejected'"),
+    ("pair-identical", _both(_dpo(), _dataset('{"prompt": "a", "chosen": " b", "rejected": " b"}\n')), "dataset.path", ":1: chosen and rejected are the same"),
+    ("dpo-init-from", _both(_dpo(), _init_from()), "objective", "init_from is not supported yet"),
 ]  # fmt: skip
 
 

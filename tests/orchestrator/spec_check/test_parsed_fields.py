@@ -24,8 +24,8 @@ def full_spec() -> dict:
 
 def same_values(model: BaseModel, fields: ParsedFields) -> None:
     for name, value in model:
-        if isinstance(value, BaseModel):
-            same_values(value, fields.get(name))
+        if isinstance(value, BaseModel) and isinstance(fields.get(name), ParsedFields):
+            same_values(value, fields.get(name))  # a section, parsed field by field
         else:
             assert fields.get(name) == value and type(fields.get(name)) is type(value), name
 
@@ -97,3 +97,17 @@ def test_a_value_the_schema_refuses_does_not_parse(dotted: str, value: object) -
     fields = parse_fields(JobSpec, raw)
     assert dotted not in fields
     assert fields.get("training.eval_steps") == 3  # the rest still parses
+
+
+def test_the_objective_parses_whole_as_its_own_type() -> None:
+    """A choice of models (told apart by `type`) is no section: it parses as a whole."""
+    raw = {**full_spec(), "objective": {"type": "dpo", "beta": 0.2}}
+    raw["dataset"] = {"path": "pairs.jsonl", "format": "preference"}
+    raw.pop("eval_dataset")
+    raw["adapter"] = {"r": 4}
+    raw["training"] = {"max_steps": 3}
+    parsed = parse_fields(JobSpec, raw).get("objective")
+    assert parsed == JobSpec.model_validate(raw).objective and parsed.beta == 0.2
+    assert "objective" not in parse_fields(
+        JobSpec, {**raw, "objective": {"type": "dpo", "beta": 0}}
+    )

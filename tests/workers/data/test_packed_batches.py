@@ -37,7 +37,7 @@ def test_packing_fills_token_capacity_longest_first() -> None:
     assert [[len(r.row.input_ids) for r in b] for b in bins] == [[9, 3], [7, 5], [6, 2]]
     assert all(sum(len(r.row.input_ids) for r in b) <= 12 for b in bins)
     # A row longer than the budget goes alone; None is one micro-batch.
-    assert [len(b) for b in plan_micro_batches([row("a", 20, 0), *rows], 12, packed=True)][0] == 1
+    assert [len(b) for b in plan_micro_batches([row("a", 20, 99), *rows], 12, packed=True)][0] == 1
     assert len(plan_micro_batches(rows, None, packed=True)) == 1
 
 

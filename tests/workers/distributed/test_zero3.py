@@ -26,6 +26,7 @@ from carpool.workers.distributed.zero3 import (
     parameter_bytes_on_this_rank,
 )
 from carpool.workers.spec.job_spec import AdapterSpec, DatasetSpec, JobSpec, TrainingSpec
+from carpool.workers.spec.objective import DpoObjective
 from carpool.workers.training.engine import Engine
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
@@ -63,7 +64,19 @@ def zero3_jobs(base: Path, datasets: dict[str, Path]) -> list[JobSpec]:
         adapter=AdapterSpec(r=2, target_modules=["v_proj", "up_proj"]),
         training=TrainingSpec(learning_rate=1e-2, max_steps=8, batch_size=1, seed=3),
     )
-    return [*jobs, solo]
+    # A DPO job: every rank runs the base-only reference forward of each micro-batch,
+    # over a filler row where it holds no pair of its own (its gathers are collectives).
+    dpo = changed(
+        JobSpec(
+            name="dpo",
+            base_model=str(base),
+            dataset=DatasetSpec(path=datasets["preference"]),
+            adapter=AdapterSpec(r=4, target_modules=["q_proj", "v_proj"]),
+            training=TrainingSpec(learning_rate=1e-2, max_steps=3, batch_size=3, seed=4),
+        ),
+        objective=DpoObjective(type="dpo", beta=0.3),
+    )
+    return [*jobs, solo, dpo]
 
 
 def mixed_target_jobs(base: Path, datasets: dict[str, Path]) -> list[JobSpec]:

@@ -1,0 +1,153 @@
+"""Preference jobs in the fused batch: a job's adapter depends only on its spec and pairs.
+
+Alone, beside supervised and other preference jobs, split into micro-batches, packed or
+padded, resumed from a checkpoint and on two ranks, a DPO job ends with the same adapter
+(float64, 1e-9). The reference log-probs come from one no-grad, base-only forward per
+micro-batch that holds preference rows, shared by every preference job in it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from carpool.workers.data.fused_batch import collate, step_rows
+from carpool.workers.spec.job_spec import AdapterSpec
+from carpool.workers.spec.objective import DpoObjective
+from carpool.workers.training.engine import Engine
+
+from tests.helpers.jobs import changed, job
+from tests.helpers.peft_reference import max_relative_difference
+from tests.helpers.two_ranks import train_on_one_rank, train_on_two_ranks
+from tests.helpers.variants import train_one_way
+
+STEPS = 4
+
+
+@pytest.fixture
+def pairs(datasets: dict[str, Path]) -> Path:
+    return datasets["preference"]
+
+
+def dpo(name: str, base: Path, data: Path, **objective: object):
+    config = job(
+        name,
+        base,
+        data,
+        AdapterSpec(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]),
+        batch_size=3,
+        learning_rate=2e-2,
+        max_steps=STEPS,
+        max_seq_length=32,
+    )
+    return changed(config, objective=DpoObjective(type="dpo", **objective))
+
+
+def supervised(base: Path, datasets: dict[str, Path]):
+    return job(
+        "sft",
+        base,
+        datasets["text"],
+        AdapterSpec(r=8, lora_alpha=16, target_modules="all-linear"),
+        max_steps=STEPS,
+    )
+
+
+def test_a_dpo_job_alone_beside_others_split_packed_and_resumed_agree(
+    tiny_base: Path, pairs: Path, datasets: dict[str, Path], tmp_path: Path
+) -> None:
+    config = dpo("dpo", tiny_base, pairs, beta=0.3)
+    others = [supervised(tiny_base, datasets), dpo("ipo", tiny_base, pairs, loss_type="ipo")]
+    f64 = {"dtype": torch.float64}
+    first = train_one_way(tiny_base, config, batch_layout="padded", **f64)
+    alone = first.tensors
+    ways = {
+        "beside": train_one_way(tiny_base, config, beside=others, batch_layout="padded", **f64),
+        "split": train_one_way(
+            tiny_base, config, micro_batch_tokens=40, batch_layout="padded", **f64
+        ),
+        "resumed": train_one_way(
+            tiny_base,
+            config,
+            resume_after=2,
+            checkpoint=tmp_path / "ckpt",
+            batch_layout="padded",
+            **f64,
+        ),
+    }
+    for way, trained in ways.items():
+        assert max_relative_difference(alone, trained.tensors) < 1e-9, way
+    # The resumed job's history (its rewards included) is the uninterrupted one's.
+    resumed = ways["resumed"].job.history.entries
+    assert len(resumed) == len(first.job.history.entries)
+    for got, want in zip(resumed, first.job.history.entries, strict=True):
+        assert got.keys() == want.keys()
+        for key, value in want.items():
+            assert got[key] == pytest.approx(value, rel=1e-9, abs=1e-12), key
+
+
+def test_packed_and_split_packed_agree(tiny_base: Path, pairs: Path) -> None:
+    """Packed micro-batches (float32: row attention runs there) split or not, to the
+    invariant's float32 bar (sums of different lengths round differently)."""
+    config = dpo("dpo", tiny_base, pairs, loss_type="hinge")
+    whole = train_one_way(tiny_base, config, batch_layout="packed").tensors
+    split = train_one_way(tiny_base, config, batch_layout="packed", micro_batch_tokens=40)
+    assert max_relative_difference(whole, split.tensors) < 1e-4
+
+
+def test_one_base_only_reference_pass_per_micro_batch_with_pairs(
+    tiny_base: Path, pairs: Path, datasets: dict[str, Path]
+) -> None:
+    engine = Engine(str(tiny_base), device="cpu", batch_layout="padded")
+    engine.add_job(dpo("a", tiny_base, pairs))
+    engine.add_job(dpo("b", tiny_base, pairs, beta=0.5))
+    engine.train_round()
+    assert engine.reference_passes == 1  # both jobs' pairs, one forward
+    engine.add_job(supervised(tiny_base, datasets))
+    engine.train_round()
+    assert engine.reference_passes == 2  # the supervised rows ride without a reference
+
+    alone = Engine(str(tiny_base), device="cpu")
+    alone.add_job(supervised(tiny_base, datasets))
+    alone.train_round()
+    assert alone.reference_passes == 0
+
+
+def test_the_reference_pass_keeps_nothing_for_backward(tiny_base: Path, pairs: Path) -> None:
+    engine = Engine(str(tiny_base), device="cpu")
+    job_ = engine.add_job(dpo("a", tiny_base, pairs))
+    records, ids = job_.next_rows()
+    batch = collate(step_rows("a", records, ids), engine.tokenizer.pad_token_id, engine.device)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        reference = engine._reference_logps(batch, {"a": job_.config.objective})
+    assert not saved
+    assert len(reference) == 2 * len(records)  # every row of every pair
+    # With the adapter's B at zero, the policy is the base: the reference is its log-probs.
+    trained = engine.train_round()["a"]
+    assert abs(trained.metrics["rewards/margins"]) < 1e-5
+
+
+@pytest.mark.integration  # two processes
+def test_a_dpo_job_on_two_ranks_equals_one_rank(
+    tiny_base: Path, pairs: Path, datasets: dict[str, Path], tmp_path: Path
+) -> None:
+    configs = [dpo("dpo", tiny_base, pairs, beta=0.3), supervised(tiny_base, datasets)]
+    one = train_on_one_rank(tiny_base, configs)
+    for rank in train_on_two_ranks(tiny_base, configs, tmp_path):
+        for name in one:
+            assert max_relative_difference(one[name], rank[name]) < 1e-9, name
+
+
+def test_step_metrics_are_each_pairs_mean(tiny_base: Path, pairs: Path) -> None:
+    engine = Engine(str(tiny_base), device="cpu")
+    engine.add_job(dpo("a", tiny_base, pairs, beta=0.5))
+    reports = [engine.train_round()["a"] for _ in range(STEPS)]
+    for r in reports[1:]:
+        m = r.metrics
+        assert m["rewards/margins"] == pytest.approx(m["rewards/chosen"] - m["rewards/rejected"])
+        assert 0.0 <= m["rewards/accuracies"] <= 1.0
+        assert m["logps/chosen"] < 0 and m["logps/rejected"] < 0
+    logged = [e for e in engine.jobs["a"].history.entries if "loss" in e]
+    assert logged and all("rewards/margins" in e for e in logged)

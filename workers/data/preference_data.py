@@ -1,0 +1,126 @@
+"""Preference records (`{"prompt", "chosen", "rejected"}`) as pairs of labelled rows.
+
+Tokenized as TRL's DPOTrainer tokenizes them, so a pair's log-probabilities are the ones
+TRL computes: the prompt alone and the prompt followed by each completion are tokenized
+(plain text: the tokenizer's own special tokens, an EOS appended to a completion that lacks
+one; conversational: the chat template, the prompt with its generation prompt), and the
+completion starts where the tokenized prompt and prompt + completion stop agreeing. Only a
+completion's tokens are trained (they alone count in its log-probability); the prompt's
+are context. A row longer than `max_seq_length` keeps its start; a record whose prompt
+alone fills `max_seq_length` leaves no completion token and is dropped, as TRL drops it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from carpool.workers.data.dataset_rows import IGNORE_INDEX, TokenizedRow
+
+PREFERENCE_KEYS = ("prompt", "chosen", "rejected")
+
+
+@dataclass(frozen=True)
+class PreferencePair:
+    """One record of a preference dataset: its two rows share the prompt."""
+
+    chosen: TokenizedRow
+    rejected: TokenizedRow
+
+    @property
+    def rows(self) -> tuple[TokenizedRow, TokenizedRow]:
+        return (self.chosen, self.rejected)
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def _messages(value: Any, name: str) -> list[dict]:
+    if not isinstance(value, list) or not value:
+        raise ValueError(f"field {name!r} must be a non-empty list of messages")
+    for i, message in enumerate(value):
+        if not isinstance(message, dict):
+            raise ValueError(f"{name}[{i}] must be an object, got {type(message).__name__}")
+        for key in ("role", "content"):
+            if not isinstance(message.get(key), str):
+                raise ValueError(f"{name}[{i}] needs a string {key!r}")
+    return [{k: v for k, v in m.items() if v is not None} for m in value]
+
+
+def _template_ids(tokenizer, messages: list[dict], generation_prompt: bool = False) -> list[int]:
+    encoded = tokenizer.apply_chat_template(
+        messages, tokenize=True, return_dict=True, add_generation_prompt=generation_prompt
+    )
+    return list(encoded["input_ids"])
+
+
+def _sequences(record: dict, tokenizer) -> tuple[list[int], list[int], list[int]]:
+    """The tokenized prompt, prompt + chosen and prompt + rejected, TRL's way."""
+    missing = [k for k in PREFERENCE_KEYS if record.get(k) is None]
+    if missing:
+        raise ValueError(f"missing field {missing[0]!r}")
+    prompt, chosen, rejected = (record[k] for k in PREFERENCE_KEYS)
+    if isinstance(prompt, list):  # conversational
+        if getattr(tokenizer, "chat_template", None) is None:
+            raise ValueError(
+                "conversational preference data needs a tokenizer with a chat template"
+            )
+        prompt = _messages(prompt, "prompt")
+        chosen, rejected = _messages(chosen, "chosen"), _messages(rejected, "rejected")
+        if chosen == rejected:
+            raise ValueError("chosen and rejected are the same: the pair prefers nothing")
+        return (
+            _template_ids(tokenizer, prompt, generation_prompt=True),
+            _template_ids(tokenizer, prompt + chosen),
+            _template_ids(tokenizer, prompt + rejected),
+        )
+    for name, value in (("prompt", prompt), ("chosen", chosen), ("rejected", rejected)):
+        if not isinstance(value, str):
+            raise ValueError(f"field {name!r} must be a string, got {type(value).__name__}")
+    for name, value in (("chosen", chosen), ("rejected", rejected)):
+        if not value:
+            raise ValueError(f"field {name!r} must not be empty")
+    if chosen == rejected:
+        raise ValueError("chosen and rejected are the same: the pair prefers nothing")
+    eos = tokenizer.eos_token or ""
+    chosen = chosen if chosen.endswith(eos) else chosen + eos
+    rejected = rejected if rejected.endswith(eos) else rejected + eos
+
+    def ids(text: str) -> list[int]:
+        return list(tokenizer(text=text)["input_ids"])
+
+    return ids(prompt), ids(prompt + chosen), ids(prompt + rejected)
+
+
+def _row(ids: list[int], prompt_len: int, max_seq_length: int) -> tuple[TokenizedRow, bool]:
+    labels = [IGNORE_INDEX] * prompt_len + ids[prompt_len:]
+    truncated = len(ids) > max_seq_length
+    return TokenizedRow(tuple(ids[:max_seq_length]), tuple(labels[:max_seq_length])), truncated
+
+
+def tokenize_preference(
+    record: dict, tokenizer, max_seq_length: int
+) -> tuple[PreferencePair | None, bool]:
+    """The record as a pair of rows and whether a row was cut to `max_seq_length`; None for
+    a record whose prompt leaves no room for a completion token. Raises ValueError(reason)
+    for a bad record (the caller adds the file and line)."""
+    prompt, with_chosen, with_rejected = _sequences(record, tokenizer)
+    prompt_len = min(_common_prefix(prompt, with_chosen), _common_prefix(prompt, with_rejected))
+    for name, ids in (("chosen", with_chosen), ("rejected", with_rejected)):
+        if len(ids) <= prompt_len:
+            raise ValueError(f"field {name!r} adds no token after the prompt")
+    if prompt_len >= max_seq_length:
+        return None, False
+    chosen, cut_chosen = _row(with_chosen, prompt_len, max_seq_length)
+    rejected, cut_rejected = _row(with_rejected, prompt_len, max_seq_length)
+    return PreferencePair(chosen, rejected), cut_chosen or cut_rejected
+
+
+def is_preference_record(keys: set[str]) -> bool:
+    return set(PREFERENCE_KEYS) <= keys
