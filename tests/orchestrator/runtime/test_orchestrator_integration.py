@@ -1,9 +1,8 @@
 """The control plane end to end on a local Ray cluster (CPU).
 
-Each cluster is started with `Client.up` (the detached controller and worker actors on
-a real `ray start` head with token authentication) and stopped with `Client.down`. The
-test that restarts Ray starts and stops a head of its own; the other runs on the
-suite's shared head.
+Each carpool is started with `Client.up` (the detached controller and worker actors on
+the suite's shared `ray start` head, with token authentication) and stopped with
+`Client.down`, which leaves that head running.
 """
 
 from __future__ import annotations
@@ -32,11 +31,6 @@ from tests.helpers.cluster import (
 )
 
 pytestmark = pytest.mark.integration
-
-
-def restart(client: Client, root: Path) -> Client:
-    client.down()
-    return Client.up(root / "operator.yaml", num_cpus=2)
 
 
 @pytest.fixture(scope="module")
@@ -190,13 +184,16 @@ def test_jobs_queue_group_cancel_and_metrics(
 
 
 def test_priority_preemption_and_durability(
-    tiny_base: Path, datasets: dict[str, Path], tmp_path: Path
+    shared_ray_head: str, tiny_base: Path, datasets: dict[str, Path], tmp_path: Path
 ) -> None:
     low = write_job(tmp_path / "low.yaml", "low", tiny_base, datasets["text"], 300)
     high = write_job(tmp_path / "high.yaml", "high", tiny_base, datasets["messages"], 10, 5)
     waiting = write_job(tmp_path / "waiting.yaml", "waiting", tiny_base, datasets["text"], 20)
     # Room for exactly one job: one group of one adapter.
-    with carpool_cluster(tmp_path, max_groups=1, max_adapters_per_group=1) as client:
+    # The controller restarts (down, up); Ray, the suite's shared head, stays.
+    with carpool_cluster(
+        tmp_path, shared_ray_head, max_groups=1, max_adapters_per_group=1
+    ) as client:
         (low_id,) = client.submit([low])
         wait_for(lambda: job(client, low_id)["step"] >= 30, what="low running")
         (high_id,) = client.submit([high])
@@ -220,7 +217,7 @@ def test_priority_preemption_and_durability(
             assert queue.get(waiting_id).state is JobState.QUEUED
             assert queue.get(again_id).state is JobState.QUEUED  # checkpointed by down
             assert queue.get(again_id).checkpoint is not None
-        client = Client.up(tmp_path / "operator.yaml", num_cpus=2)
+        client = Client.up(tmp_path / "operator.yaml", address=shared_ray_head)
         assert client.fetch(high_id, tmp_path / "high-after-restart").is_dir()
         assert client.wait([again_id, waiting_id], timeout=180) == {
             again_id: "succeeded",

@@ -39,11 +39,12 @@ def worker_pids() -> dict[str, int]:
 
 
 def test_killed_worker_and_controller_resume_from_checkpoints(
-    tiny_base: Path, datasets: dict[str, Path], tmp_path: Path
+    shared_ray_head: str, tiny_base: Path, datasets: dict[str, Path], tmp_path: Path
 ) -> None:
     a = write_job(tmp_path / "a.yaml", "a", tiny_base, datasets["text"], 120, save_steps=10)
     b = write_job(tmp_path / "b.yaml", "b", tiny_base, datasets["messages"], 100, save_steps=10)
-    with carpool_cluster(tmp_path) as client:
+    # Kills actor processes (a rank, the controller), not Ray: the shared head serves.
+    with carpool_cluster(tmp_path, shared_ray_head) as client:
         a_id, b_id = client.submit([a, b])
         wait_for(lambda: job(client, a_id)["checkpoint_step"] >= 20, what="a checkpoint")
 

@@ -37,11 +37,12 @@ def sweep_file(root: Path, base: Path, datasets: dict[str, Path]) -> Path:
 
 
 def test_sweep_submit_restart_status_plot_fetch(
-    tiny_base: Path, datasets: dict[str, Path], tmp_path: Path, capsys
+    shared_ray_head: str, tiny_base: Path, datasets: dict[str, Path], tmp_path: Path, capsys
 ) -> None:
     path = sweep_file(tmp_path, tiny_base, datasets)
     state = ["--state-dir", str(tmp_path / "state")]
-    with carpool_cluster(tmp_path, max_groups=1) as client:
+    # The controller restarts (down, up); Ray, the suite's shared head, stays.
+    with carpool_cluster(tmp_path, shared_ray_head, max_groups=1) as client:
         assert main(["sweep", "submit", str(path), *state]) == 0
         assert "sweep ride submitted" in capsys.readouterr().out
         wait_for(
@@ -49,7 +50,7 @@ def test_sweep_submit_restart_status_plot_fetch(
             what="a trial past its first eval",
         )
         client.down()  # the sweep's trials go back to the queue; its search state stays
-        client = Client.up(tmp_path / "operator.yaml", num_cpus=2)
+        client = Client.up(tmp_path / "operator.yaml", address=shared_ray_head)
         wait_for(
             lambda: client.sweep_status("ride")["sweep"]["state"] == "done",
             timeout=300,
