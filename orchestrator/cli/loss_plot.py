@@ -11,13 +11,22 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+MARGIN = "rewards/margins"  # TRL's name, as a preference job's history keeps it
+
 
 def plot_losses(histories: Mapping[str, Sequence[dict[str, Any]]], out: str | Path) -> Path:
-    """Train loss (solid) and eval loss (dashed) per job against the step; one colour a job."""
+    """Train loss (solid) and eval loss (dashed) per job against the step; one colour a job.
+    When a job is a preference job, a second panel draws its reward margin
+    (`rewards/margins`, the chosen minus the rejected reward) against the step."""
     from matplotlib.figure import Figure  # late: ~0.3 s to import, only plotting needs it
 
-    fig = Figure(figsize=(8, 5), layout="constrained")
-    ax = fig.add_subplot()
+    margins = {
+        label: [(e["step"], e[MARGIN]) for e in entries if MARGIN in e]
+        for label, entries in histories.items()
+    }
+    preference = any(margins.values())
+    fig = Figure(figsize=(8, 8 if preference else 5), layout="constrained")
+    ax = fig.add_subplot(2, 1, 1) if preference else fig.add_subplot()
     for i, (label, entries) in enumerate(histories.items()):
         colour = f"C{i % 10}"
         train = [(e["step"], e["loss"]) for e in entries if "loss" in e]
@@ -37,6 +46,16 @@ def plot_losses(histories: Mapping[str, Sequence[dict[str, Any]]], out: str | Pa
     ax.grid(alpha=0.3)
     if ax.lines:
         ax.legend(fontsize="small")
+    if preference:
+        reward = fig.add_subplot(2, 1, 2, sharex=ax)
+        for i, (label, points) in enumerate(margins.items()):
+            if points:
+                reward.plot(*zip(*points, strict=True), color=f"C{i % 10}", label=label)
+        reward.axhline(0.0, color="grey", linewidth=0.8)
+        reward.set_xlabel("step")
+        reward.set_ylabel("reward margin (chosen - rejected)")
+        reward.grid(alpha=0.3)
+        reward.legend(fontsize="small")
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=120)

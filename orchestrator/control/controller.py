@@ -367,10 +367,12 @@ class Controller:
                 r.job, f"step {r.step}/{r.total_steps} eval_loss {r.eval_loss:.4f}"
             )
         if r.step % _PROGRESS_LOG_EVERY == 0 or r.adapter is not None:
+            margin = r.metrics.get("rewards/margins")
             self.queue.append_log(
                 r.job, f"step {r.step}/{r.total_steps} loss {r.loss:.4f} "
                 f"lr {r.learning_rate:.3g} grad_norm {r.grad_norm:.4f} "
-                f"{r.tokens_per_second:,.0f} tokens/s"
+                + ("" if margin is None else f"rewards/margins {margin:.4f} ")
+                + f"{r.tokens_per_second:,.0f} tokens/s"
             )  # fmt: skip
         # What HF's Trainer logs too, beside loss: the status shows them (`metrics`).
         metrics = {
@@ -378,6 +380,7 @@ class Controller:
             "grad_norm": r.grad_norm,
             "tokens_seen": r.tokens_seen,
         }
+        metrics.update(r.metrics)  # a preference job's rewards/* and logps/*, TRL's names
         if r.eval_loss is not None:
             metrics.update(eval_loss=r.eval_loss, eval_step=r.step)
         # Progress, checkpoint and success in one transaction (see JobQueue.record_progress).

@@ -220,6 +220,23 @@ class RayMetrics:
             "carpool_job_grad_norm", "gradient norm of the last step, before clipping", tags
         )
         self.eval_loss = ray_metrics.Gauge("carpool_job_eval_loss", "loss on the eval rows", tags)
+        # A preference job's step figures, TRL's names with "/" as "_" (Ray's names allow none).
+        self.objective_figures = {
+            "rewards/chosen": ray_metrics.Gauge(
+                "carpool_job_rewards_chosen", "beta x log-ratio of the chosen completions", tags
+            ),
+            "rewards/rejected": ray_metrics.Gauge(
+                "carpool_job_rewards_rejected", "beta x log-ratio of the rejected ones", tags
+            ),
+            "rewards/accuracies": ray_metrics.Gauge(
+                "carpool_job_rewards_accuracies",
+                "share of pairs whose chosen reward is higher",
+                tags,
+            ),
+            "rewards/margins": ray_metrics.Gauge(
+                "carpool_job_rewards_margins", "mean chosen minus rejected reward", tags
+            ),
+        }
         self._last_eval: dict[str, tuple[float, str]] = {}  # job -> (eval loss, group)
         self._finished: dict[str, tuple[JobRoundResult, str]] = {}  # job -> (last round, group)
         self.tokens = ray_metrics.Counter("carpool_job_tokens_total", "tokens trained", tags)
@@ -262,6 +279,9 @@ class RayMetrics:
         self.step.set(result.step, tags=tags)
         self.learning_rate.set(result.learning_rate, tags=tags)
         self.grad_norm.set(result.grad_norm, tags=tags)
+        for name, gauge in self.objective_figures.items():
+            if name in result.metrics:
+                gauge.set(result.metrics[name], tags=tags)
 
     def queue_state(self, counts: dict[JobState, int]) -> None:
         now = time.monotonic()

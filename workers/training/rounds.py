@@ -15,7 +15,8 @@ the leader writes: the other ranks pass no outputs.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
@@ -56,6 +57,8 @@ class JobRoundResult:
     checkpoint: str | None = None  # where the checkpoint taken after this step went
     adapter: str | None = None  # where the finished job's adapter went
     history: tuple[dict, ...] = ()  # the job's history entries kept in this round (log_history)
+    # The objective's own figures of the step, by TRL's names (`rewards/margins`, ...).
+    metrics: Mapping[str, float] = field(default_factory=dict)
 
     @property
     def done(self) -> bool:
@@ -100,6 +103,7 @@ def run_round(engine: Engine, outputs: JobOutputs | None) -> list[JobRoundResult
                 checkpoint=checkpoint,
                 adapter=adapter,
                 history=history,
+                metrics=dict(report.metrics),
             )
         )
     return results

@@ -65,3 +65,14 @@ def test_a_finished_jobs_last_eval_loss_is_set_again_with_the_queue_state(made) 
     metrics.queue_state({ray_runtime.JobState.QUEUED: 0})
     tags = {"job": "j1", "group": "g1"}
     assert made["carpool_job_eval_loss"].values == [(0.5, tags)] * 3
+
+
+def test_a_preference_jobs_reward_figures_are_gauges_with_ray_safe_names(made) -> None:
+    metrics = ray_runtime.RayMetrics(interval_s=0)
+    figures = {"rewards/margins": 0.5, "rewards/accuracies": 0.75, "logps/chosen": -3.0}
+    metrics.job_progress("j1", "g1", result(1, metrics=figures))
+    metrics.job_progress("j1", "g1", result(2))  # a supervised step sets none
+    tags = {"job": "j1", "group": "g1"}
+    assert made["carpool_job_rewards_margins"].values == [(0.5, tags)]
+    assert made["carpool_job_rewards_accuracies"].values == [(0.75, tags)]
+    assert all("/" not in name for name in made)
