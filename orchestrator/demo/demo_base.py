@@ -32,6 +32,7 @@ from pathlib import Path
 
 import torch
 from carpool.workers.base.tiny_base import build_tiny_base
+from carpool.workers.base.unseen_packages import save_without_deepspeed
 from carpool.workers.data.dataset import IGNORE_INDEX, tokenize_record
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -202,7 +203,7 @@ def build_demo_base(
         tokenizer = AutoTokenizer.from_pretrained(partial)
         model = AutoModelForCausalLM.from_pretrained(partial)
         loss = pretrain(model, tokenizer, recipe, avoid, log)
-        model.save_pretrained(partial)
+        save_without_deepspeed(model, partial)
         seconds = time.perf_counter() - started
         record = {
             "recipe": asdict(recipe),

@@ -143,8 +143,11 @@ def generate(
 ) -> list[str]:
     """Greedy completions of the rows' prompts by the base under a PEFT adapter (None: bare base)."""
     import torch
-    from peft import PeftModel
+    from carpool.workers.base.unseen_packages import peft_without_bitsandbytes
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    with peft_without_bitsandbytes():
+        from peft import PeftModel
 
     tokenizer = AutoTokenizer.from_pretrained(base)
     model = AutoModelForCausalLM.from_pretrained(base)

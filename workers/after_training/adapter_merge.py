@@ -19,6 +19,7 @@ import torch
 from carpool.workers.after_training.merge_methods import RANDOM, SAME_RANK
 from carpool.workers.base.base_fingerprint import write_provenance
 from carpool.workers.base.base_model import features, linear_modules
+from carpool.workers.base.unseen_packages import peft_without_bitsandbytes, save_without_deepspeed
 from carpool.workers.peft_files.peft_format import (
     CONFIG_FILE,
     AdapterFormatError,
@@ -27,9 +28,11 @@ from carpool.workers.peft_files.peft_format import (
     read_adapter_header,
 )
 from carpool.workers.spec.lora_patterns import pattern_value
-from peft import LoraConfig, PeftModel
 from torch import nn
 from transformers import AutoTokenizer
+
+with peft_without_bitsandbytes():  # merging loads full-precision bases only
+    from peft import LoraConfig, PeftModel
 
 # PEFT saves an adapter named `default` in the root of its directory, any other
 # in a subfolder: the merged adapter takes this name, its sources others.
@@ -164,7 +167,7 @@ def save_merged_adapter(
 ) -> None:
     """The merged adapter in the root of `out_dir`, as `PeftModel.from_pretrained` reads it,
     with carpool's provenance record (its base, and what it was merged from)."""
-    model.save_pretrained(str(out_dir), selected_adapters=[MERGED])
+    model.save_pretrained(str(out_dir), selected_adapters=[MERGED])  # a PeftModel's: no unwrap
     write_provenance(
         out_dir, base_model=base_model, adapter_kind="lora", details={"merged_from": merged_from}
     )
@@ -174,5 +177,5 @@ def save_folded_model(model: PeftModel, out_dir: Path, *, base_model: str) -> No
     """The base with the adapter folded into its weights (`merge_and_unload`), and the
     base's tokenizer: a plain model `AutoModelForCausalLM.from_pretrained` loads."""
     folded = model.merge_and_unload()
-    folded.save_pretrained(str(out_dir), safe_serialization=True)
+    save_without_deepspeed(folded, str(out_dir), safe_serialization=True)
     AutoTokenizer.from_pretrained(base_model).save_pretrained(str(out_dir))

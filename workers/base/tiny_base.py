@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from carpool.workers.base.unseen_packages import save_without_deepspeed
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
 
@@ -159,6 +160,6 @@ def build_tiny_base(
     )
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config)
-    model.save_pretrained(out)
+    save_without_deepspeed(model, out)
     tokenizer.save_pretrained(out)
     return out

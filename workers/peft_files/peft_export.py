@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 from carpool.workers.base.base_fingerprint import write_provenance
+from carpool.workers.base.unseen_packages import peft_without_bitsandbytes
 from carpool.workers.peft_files.peft_format import PREFIX, WEIGHTS_FILE
 from carpool.workers.spec.job_spec import QuantizationSpec
 from carpool.workers.spec.lora_patterns import order_free
@@ -71,7 +72,8 @@ def export_adapter(
         if adapter.target_modules == "all-linear"
         else list(adapter.target_modules)
     )
-    from peft import LoraConfig  # late: only a finished job needs it, and it takes ~0.2 s
+    with peft_without_bitsandbytes():  # late: only a finished job needs it
+        from peft import LoraConfig
 
     config = (
         _vera_config(adapter, targets, base_model)
@@ -120,7 +122,8 @@ def adapter_kind(adapter: JobAdapter) -> str:
 
 
 def _adalora_config(adapter: JobAdapter, targets: list[str], base_model: str):
-    from peft import AdaLoraConfig
+    with peft_without_bitsandbytes():
+        from peft import AdaLoraConfig
 
     assert adapter.adalora is not None
     s = adapter.adalora.schedule
@@ -146,7 +149,8 @@ def _adalora_config(adapter: JobAdapter, targets: list[str], base_model: str):
 
 
 def _vera_config(adapter: JobAdapter, targets: list[str], base_model: str):
-    from peft import VeraConfig
+    with peft_without_bitsandbytes():
+        from peft import VeraConfig
 
     assert adapter.vera is not None
     return VeraConfig(
