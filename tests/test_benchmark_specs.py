@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import random
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -37,13 +38,43 @@ def test_soak_specs_are_valid(tiny_base: Path, tmp_path: Path) -> None:
     assert len({s.dataset.path for s in specs}) == 3  # the tasks in turn
 
 
+# Each script's smallest run: it must complete and print its ratio, so that no benchmark
+# rots unnoticed (the figures themselves are BENCHMARKS.md's, measured by hand).
+SMOKE_ARGS: dict[str, list[str]] = {
+    "after_training.py": ["--adapters", "2", "--rows", "4", "--prompts", "2", "--new-tokens", "2",
+                          "--batch-rows", "4", "--hidden", "32", "--layers", "1", "--repeats", "1"],
+    "client_lookup.py": ["--trials", "1"],
+    "controller_tick.py": ["--ticks", "5", "--trials", "1"],
+    "engine.py": ["--jobs", "2", "--rows", "1", "--seq", "16", "--steps", "1", "--warmup", "0",
+                  "--trials", "1"],
+    "engine_sweep.py": ["--jobs", "1", "--rows", "1", "--lengths", "fixed", "--seq", "16", "--",
+                        "--steps", "1", "--warmup", "0", "--trials", "1"],
+    "fixed_costs.py": ["--trials", "1", "--jobs", "1"],
+    "groups.py": ["--jobs", "1", "--steps", "1"],
+    "orchestrator.py": ["--jobs", "1", "--steps", "2"],
+    "preference.py": ["--jobs", "1", "--steps", "1", "--pairs", "2"],
+    "soak.py": ["--minutes", "0.02", "--submit-every", "1", "--kill-every", "1000",
+                "--drain-minutes", "2"],
+    "sweep.py": ["--steps", "4", "--eval-steps", "2", "--concurrent", "2", "--hidden", "32",
+                 "--layers", "1"],
+}  # fmt: skip
+RATIO = re.compile(r"\d\.\d+x")
+# The scripts whose verdict is not a ratio: what they print instead.
+VERDICT = {"fixed_costs.py": re.compile(r"^total +\d", re.M), "soak.py": re.compile(r'"lost": 0\b')}
+
+
+def test_every_benchmark_has_a_smoke_run() -> None:
+    scripts = {p.name for p in BENCHMARKS.glob("*.py")}
+    assert scripts == set(SMOKE_ARGS)
+
+
 @pytest.mark.integration  # a process per script
 @pytest.mark.parametrize("script", sorted(p.name for p in BENCHMARKS.glob("*.py")))
-def test_each_benchmark_runs_as_a_script(script: str) -> None:
+def test_each_benchmark_runs_at_its_smallest_size_and_prints_its_verdict(script: str) -> None:
     """Run as scripts, their folder leads sys.path: no file there may shadow a package."""
     done = subprocess.run(
-        [sys.executable, str(BENCHMARKS / script), "--help"],
-        capture_output=True, text=True, timeout=120,
+        [sys.executable, str(BENCHMARKS / script), *SMOKE_ARGS.get(script, [])],
+        capture_output=True, text=True, timeout=300,
     )  # fmt: skip
-    assert done.returncode == 0, done.stderr[-2000:]
-    assert "usage:" in done.stdout
+    assert done.returncode == 0, (done.stdout[-2000:], done.stderr[-2000:])
+    assert VERDICT.get(script, RATIO).search(done.stdout), done.stdout[-2000:]
