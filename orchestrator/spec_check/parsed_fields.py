@@ -72,12 +72,17 @@ def section_model(annotation: Any) -> type[BaseModel] | None:
 
     A choice between models (the objective's types, told apart by `type`) is no section:
     it parses as a whole, its own type's fields checked by its own model."""
+    models = section_models(annotation)
+    return models[0] if len(models) == 1 else None
+
+
+def section_models(annotation: Any) -> list[type[BaseModel]]:
+    """The models a field's value may be: one for a section, several for a choice."""
     if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-        return annotation
+        return [annotation]
     if get_origin(annotation) in (Union, types.UnionType):
-        models = [m for m in map(section_model, get_args(annotation)) if m is not None]
-        return models[0] if len(models) == 1 else None
-    return None
+        return [m for arg in get_args(annotation) for m in section_models(arg)]
+    return []
 
 
 def _of_model(instance: BaseModel) -> ParsedFields:

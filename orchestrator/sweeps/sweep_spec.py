@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from carpool.orchestrator.spec_check.parsed_fields import section_model
+from carpool.orchestrator.spec_check.parsed_fields import section_models
 from carpool.orchestrator.spec_check.spec_paths import resolve_spec_paths
 from carpool.orchestrator.spec_check.spec_problems import SpecProblem, SpecValidationError
 from carpool.orchestrator.spec_check.yaml_loader import load_yaml
@@ -303,20 +303,26 @@ def _parse_parameters(raw: Any) -> tuple[dict[str, Any] | None, _Found]:
 
 
 def _path_problem(path: str) -> str | None:
-    """Why a dotted path names no field of a job spec, or None."""
+    """Why a dotted path names no field of a job spec, or None.
+
+    Into a choice of models (the objective, by its `type`), a field of any of them will
+    do here; the template's own type is checked when each trial value is (`check_spec`).
+    """
     if path == "name":
         return "trials are named by the sweep (name-tNN)"
-    model: type[BaseModel] | None = JobSpec
+    models: list[type[BaseModel]] = [JobSpec]
     walked: list[str] = []
     for part in path.split("."):
-        if model is None:
+        if not models:
             return f"names no field of the job spec ({'.'.join(walked)} is not a section)"
-        if part not in model.model_fields:
+        holder = next((m for m in models if part in m.model_fields), None)
+        if holder is None:
             where = ".".join(walked) or "the job spec"
-            close = difflib.get_close_matches(part, list(model.model_fields), n=1)
+            known = [name for m in models for name in m.model_fields]
+            close = difflib.get_close_matches(part, known, n=1)
             hint = f"; did you mean {close[0]!r}?" if close else ""
             return f"names no field of the job spec ({where} has no field {part!r}{hint})"
-        model = section_model(model.model_fields[part].annotation)
+        models = section_models(holder.model_fields[part].annotation)
         walked.append(part)
     return None
 

@@ -233,3 +233,29 @@ def test_operator_limits_are_checked_for_every_value_a_trial_may_take(
         check_admission(specs, config, [label for label, _ in values])
     (problem,) = e.value.problems
     assert problem.field == "dataset.path" and str(outside) in problem.source
+
+
+def test_a_sweep_path_into_the_objective_follows_its_templates_type(
+    tmp_path: Path, tiny_base: Path, datasets: dict[str, Path]
+) -> None:
+    """`objective.beta` names a field of the dpo objective; a template whose objective is
+    sft (the default) has no such option, and the problem says what its type takes."""
+    dpo = {
+        "name": "prefs",
+        "base_model": str(tiny_base),
+        "dataset": {"path": str(datasets["preference"])},
+        "objective": {"type": "dpo", "beta": 0.1},
+        "training": {"max_steps": 4},
+    }
+    write_yaml(tmp_path / "jobs" / "prefs.yaml", dpo)
+    raw = sweep(template="jobs/prefs.yaml", parameters={"objective.beta": {"choices": [0.05, 0.5]}})
+    found = problems_of(write_yaml(tmp_path / "sweep.yaml", raw))
+    assert "parameters.objective.beta" not in found  # a field of the template's objective
+    sft = {k: v for k, v in dpo.items() if k != "objective"}
+    sft["dataset"] = {"path": str(datasets["text"])}
+    write_yaml(tmp_path / "jobs" / "prefs.yaml", sft)
+    found = problems_of(tmp_path / "sweep.yaml")
+    assert "objective sft takes: type" in found["parameters.objective.beta"]
+    raw["parameters"] = {"objective.bta": {"choices": [0.1]}}
+    found = problems_of(write_yaml(tmp_path / "typo.yaml", raw))
+    assert "did you mean 'beta'?" in found["parameters.objective.bta"]
