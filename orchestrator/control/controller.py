@@ -476,7 +476,7 @@ class Controller:
             base_model=config.base_model,
             priority=record.priority,
             seq=record.seq,
-            tokens_per_step=config.training.batch_size * config.training.max_seq_length,
+            tokens_per_step=config.tokens_per_step,
             memory_bytes=adapter_memory_bytes(config.adapter, self._shapes[config.base_model]),
             quantization=config.base_quantization,
         )

@@ -43,7 +43,7 @@ class JobDemand:
     base_model: str
     priority: int
     seq: int  # submission order: first-come within a priority
-    tokens_per_step: int  # batch_size * max_seq_length, an upper bound of padded tokens
+    tokens_per_step: int  # JobSpec.tokens_per_step: an upper bound of padded tokens (pairs: 2 rows)
     memory_bytes: int  # adapter + optimizer state estimate
     quantization: QuantizationSpec | None = None  # the job's base_quantization
 

@@ -426,3 +426,10 @@ class JobSpec(_SpecModel):
             "objective", ("objective", "adapter.init_from", "eval_dataset"), paired_objective_limits
         ),
     )
+
+    @property
+    def tokens_per_step(self) -> int:
+        """An upper bound of the padded tokens of one step: `batch_size` records of at most
+        `max_seq_length` tokens, two rows each for a preference pair (admission counts both)."""
+        rows = self.training.batch_size * (2 if is_paired(self.objective) else 1)
+        return rows * self.training.max_seq_length

@@ -14,7 +14,7 @@ import pytest
 import torch
 from carpool.workers.data.fused_batch import collate, step_rows
 from carpool.workers.spec.job_spec import AdapterSpec
-from carpool.workers.spec.objective import DpoObjective
+from carpool.workers.spec.objective import DpoObjective, SftObjective
 from carpool.workers.training.engine import Engine
 
 from tests.helpers.jobs import changed, job
@@ -151,3 +151,12 @@ def test_step_metrics_are_each_pairs_mean(tiny_base: Path, pairs: Path) -> None:
         assert m["logps/chosen"] < 0 and m["logps/rejected"] < 0
     logged = [e for e in engine.jobs["a"].history.entries if "loss" in e]
     assert logged and all("rewards/margins" in e for e in logged)
+
+
+def test_a_pair_counts_twice_toward_a_steps_tokens(tiny_base: Path, pairs: Path) -> None:
+    """Admission and the scheduler read `tokens_per_step`: a pair is two rows."""
+    config = dpo("a", tiny_base, pairs)
+    sft = changed(config, objective=SftObjective())
+    t = config.training
+    assert sft.tokens_per_step == t.batch_size * t.max_seq_length
+    assert config.tokens_per_step == 2 * sft.tokens_per_step
