@@ -218,17 +218,13 @@ def objective_fits_format(objective: object, data_format: str) -> str | None:
     return format_problem(objective, data_format)
 
 
-def paired_objective_limits(
-    objective: object, init_from: Path | None, eval_dataset: object
-) -> str | None:
+def paired_objective_limits(objective: object, init_from: Path | None) -> str | None:
     """What preference jobs do not take yet: a starting adapter (its frozen copy would be
-    the reference) and an eval dataset (its pairs' objective loss)."""
+    the reference)."""
     if not hasattr(objective, "type") or not is_paired(objective):
         return None
     if init_from is not None:
         return f"objective {objective.type} with adapter.init_from is not supported yet"
-    if eval_dataset is not None:
-        return f"objective {objective.type} with an eval_dataset is not supported yet"
     return None
 
 
@@ -422,9 +418,7 @@ class JobSpec(_SpecModel):
             "training.eval_steps", ("training.eval_steps", "eval_dataset"), eval_needs_dataset
         ),
         CrossFieldRule("dataset.format", ("objective", "dataset.format"), objective_fits_format),
-        CrossFieldRule(
-            "objective", ("objective", "adapter.init_from", "eval_dataset"), paired_objective_limits
-        ),
+        CrossFieldRule("objective", ("objective", "adapter.init_from"), paired_objective_limits),
     )
 
     @property

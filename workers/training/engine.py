@@ -291,23 +291,7 @@ class Engine:
         losses: dict[str, float] = defaultdict(float)
         pair_metrics: dict[str, dict[str, float]] = {n: defaultdict(float) for n in paired}
         for micro in self._micro_batches(all_rows, filler_job=min(j.name for j in jobs)):
-            batch = collate(micro, self.tokenizer.pad_token_id, self.device, self.packed)
-            reference = self._reference_logps(batch, paired)
-            # Routed through the backward too: checkpointed layers rerun forward there.
-            with self.bank.route(batch.segments, packed=batch.packed):
-                nll = token_nll(self.base, batch, self.loss_chunk_tokens)
-                token_loss = nll * batch.token_scale.flatten()
-                loss = token_loss.sum()
-                pair_loss, pair_losses, sums = pair_terms(batch, nll, reference, paired)
-                if pair_loss is not None:
-                    loss = loss + pair_loss
-                loss.backward()
-            add_segment_losses(losses, batch, token_loss)
-            for name, value in pair_losses.items():
-                losses[name] += value
-            for name, job_sums in sums.items():
-                for metric, value in job_sums.items():
-                    pair_metrics[name][metric] += value
+            self._micro_batch(micro, paired, losses, pair_metrics, backward=True)
         dp = self.data_parallel
         if dp:
             jobs = sorted(jobs, key=lambda j: j.name)  # the same order on every rank
@@ -365,7 +349,9 @@ class Engine:
 
     @torch.no_grad()
     def evaluate(self, names: Sequence[str] | None = None) -> dict[str, float]:
-        """Each job's mean cross-entropy over its eval rows' trainable tokens.
+        """Each job's mean cross-entropy over its eval rows' trainable tokens; for a
+        preference job, its objective's mean loss over its eval pairs (and TRL's eval
+        figures, `eval_rewards/accuracies` and the rest, in the job's `eval_metrics`).
 
         Fused like a training round (every job's eval rows share micro-batches,
         each through its own adapter), without dropout or gradients. Jobs without
@@ -381,14 +367,47 @@ class Engine:
             for j in jobs
             for row in step_rows(j.name, j.eval_dataset.rows, range(len(j.eval_dataset.rows)))
         ]
+        paired = {j.name: j.config.objective for j in jobs if is_paired(j.config.objective)}
         losses: dict[str, float] = defaultdict(float)
+        pair_metrics: dict[str, dict[str, float]] = {n: defaultdict(float) for n in paired}
         for micro in self._micro_batches(rows, filler_job=jobs[0].name):
-            batch = collate(micro, self.tokenizer.pad_token_id, self.device, self.packed)
-            with self.bank.route(batch.segments, packed=batch.packed):
-                add_segment_losses(losses, batch, self._forward_loss(batch))
+            self._micro_batch(micro, paired, losses, pair_metrics, backward=False)
         if self.data_parallel:
             losses = self.data_parallel.reduce_losses([j.name for j in jobs], losses)
+            pair_metrics = reduce_metric_sums(self.data_parallel, pair_metrics, PREFERENCE_METRICS)
+        for name, sums in pair_metrics.items():  # TRL's eval names: eval_rewards/accuracies, ...
+            pairs = len(self.jobs[name].eval_dataset.rows)
+            self.jobs[name].eval_metrics = {f"eval_{k}": v / pairs for k, v in sums.items()}
         return {j.name: losses[j.name] for j in jobs}
+
+    def _micro_batch(
+        self,
+        rows: list[StepRow],
+        paired: dict[str, DpoObjective],
+        losses: dict[str, float],
+        pair_metrics: dict[str, dict[str, float]],
+        *,
+        backward: bool,
+    ) -> None:
+        """One forward (and `backward`) over a micro-batch: the supervised rows' token loss
+        and the preference pairs' loss against their shared reference pass, each job's share
+        added to `losses` and its pair figures to `pair_metrics`."""
+        batch = collate(rows, self.tokenizer.pad_token_id, self.device, self.packed)
+        reference = self._reference_logps(batch, paired)
+        # Routed through the backward too: checkpointed layers rerun forward there.
+        with self.bank.route(batch.segments, packed=batch.packed):
+            nll = token_nll(self.base, batch, self.loss_chunk_tokens)
+            token_loss = nll * batch.token_scale.flatten()
+            pair_loss, pair_losses, sums = pair_terms(batch, nll, reference, paired)
+            if backward:
+                loss = token_loss.sum()
+                (loss if pair_loss is None else loss + pair_loss).backward()
+        add_segment_losses(losses, batch, token_loss)
+        for name, value in pair_losses.items():
+            losses[name] += value
+        for name, job_sums in sums.items():
+            for metric, value in job_sums.items():
+                pair_metrics[name][metric] += value
 
     def _micro_batches(self, rows: list[StepRow], filler_job: str) -> list[list[StepRow]]:
         """This rank's share of `rows`, packed into micro-batches."""
@@ -430,10 +449,6 @@ class Engine:
             log.warning("loss_chunk_tokens ignored for %s: %s", self.base_model, reason)
             return None
         return chunk_tokens
-
-    def _forward_loss(self, batch: FusedBatch) -> torch.Tensor:
-        """Each position's loss, scaled by its job-step token count (call routed)."""
-        return token_nll(self.base, batch, self.loss_chunk_tokens) * batch.token_scale.flatten()
 
     # -- outputs --------------------------------------------------------------------------
     @torch.no_grad()

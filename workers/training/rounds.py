@@ -103,7 +103,10 @@ def run_round(engine: Engine, outputs: JobOutputs | None) -> list[JobRoundResult
                 checkpoint=checkpoint,
                 adapter=adapter,
                 history=history,
-                metrics=dict(report.metrics),
+                metrics={
+                    **report.metrics,
+                    **(job.eval_metrics if name in eval_losses else {}),
+                },
             )
         )
     return results

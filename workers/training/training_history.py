@@ -78,8 +78,12 @@ class TrainingHistory:
         )
         self._loss_sum, self._loss_steps, self._metric_sums = 0.0, 0, {}
 
-    def record_eval(self, step: int, epoch: float, eval_loss: float) -> None:
-        self.entries.append({"eval_loss": eval_loss, "epoch": epoch, "step": step})
+    def record_eval(
+        self, step: int, epoch: float, eval_loss: float, metrics: Mapping[str, float] = ()
+    ) -> None:
+        """An evaluation's entry; `metrics` are the objective's (`eval_rewards/margins`, ...)."""
+        entry = {"eval_loss": eval_loss, **dict(sorted(dict(metrics).items()))}
+        self.entries.append({**entry, "epoch": epoch, "step": step})
 
     def state_dict(self) -> dict[str, Any]:
         # Plain containers: checkpoints are read with torch.load(weights_only=True).

@@ -107,6 +107,8 @@ class TrainingJob:
         self.last_loss: float | None = None
         self.error: str | None = None  # set when the job failed of its own fault
         self.history = TrainingHistory(t.logging_steps, self.total_steps)
+        # A preference job's figures of its last evaluation (TRL's `eval_rewards/...`).
+        self.eval_metrics: dict[str, float] = {}
         self._order_epoch = -1
         self._order: list[int] = []
 
@@ -151,7 +153,7 @@ class TrainingJob:
 
     def record_eval(self, eval_loss: float) -> None:
         """Keep an evaluation of the adapter after the current step in the history."""
-        self.history.record_eval(self.step, self.epoch, eval_loss)
+        self.history.record_eval(self.step, self.epoch, eval_loss, self.eval_metrics)
 
     def trainer_state(self) -> dict:
         """HF's `trainer_state.json` fields for the job as it is now."""

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 from carpool.workers.data.fused_batch import collate, step_rows
-from carpool.workers.spec.job_spec import AdapterSpec
+from carpool.workers.spec.job_spec import AdapterSpec, DatasetSpec
 from carpool.workers.spec.objective import DpoObjective, SftObjective
 from carpool.workers.training.engine import Engine
 
@@ -160,3 +160,25 @@ def test_a_pair_counts_twice_toward_a_steps_tokens(tiny_base: Path, pairs: Path)
     t = config.training
     assert sft.tokens_per_step == t.batch_size * t.max_seq_length
     assert config.tokens_per_step == 2 * sft.tokens_per_step
+
+
+def test_evaluating_pairs_gives_the_loss_and_figures_the_next_step_trains_on(
+    tiny_base: Path, pairs: Path
+) -> None:
+    """Evaluated on its own training pairs (the whole set in one step, no dropout), a job's
+    eval loss and eval_rewards/* are what its next step reports, before that step updates."""
+    config = changed(
+        dpo("a", tiny_base, pairs, beta=0.5),
+        eval_dataset=DatasetSpec(path=pairs),
+        training={"batch_size": 12, "shuffle": False, "eval_steps": 1},
+    )
+    engine = Engine(str(tiny_base), device="cpu", dtype=torch.float64)
+    job_ = engine.add_job(config)
+    engine.train_round()  # off the reference: the figures are no longer all zero
+    evaluated = engine.evaluate()["a"]
+    figures = dict(job_.eval_metrics)
+    step = engine.train_round()["a"]
+    assert evaluated == pytest.approx(step.loss, rel=1e-9)
+    for name, value in step.metrics.items():
+        assert figures[f"eval_{name}"] == pytest.approx(value, rel=1e-9, abs=1e-12), name
+    assert 0 < figures["eval_rewards/accuracies"] <= 1
