@@ -41,12 +41,13 @@ def _common_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _eval_arguments(parser: argparse.ArgumentParser) -> None:
-    from carpool.workers.data.dataset import SUPERVISED_FORMATS
+    from carpool.orchestrator.after_training import pair_eval_command
+    from carpool.workers.data.dataset import FORMATS
 
     parser.add_argument("adapters", nargs="+", metavar="ADAPTER", help="DIR or NAME=DIR")
     _common_arguments(parser)
     parser.add_argument("--dataset", required=True, type=Path, help="a .jsonl or .parquet file")
-    parser.add_argument("--format", choices=("auto", *SUPERVISED_FORMATS), default="auto")
+    parser.add_argument("--format", choices=("auto", *FORMATS), default="auto")
     parser.add_argument(
         "--max-seq-length", type=positive_int, default=512, metavar="N",
         help="rows are cut to N tokens, as training cuts them (default 512)",
@@ -58,6 +59,7 @@ def _eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--json", action="store_true", help="one JSON document: a list, an entry per adapter"
     )
+    pair_eval_command.add_arguments(parser)
 
 
 def _checked_adapters(args: argparse.Namespace) -> tuple[dict[str, Path], QuantizationSpec | None]:
@@ -107,15 +109,23 @@ def _fused(
 
 @subcommand("eval", "eval loss and perplexity of adapters on one dataset, fused", _eval_arguments)
 def cmd_eval(args: argparse.Namespace) -> int:
+    from carpool.orchestrator.after_training import pair_eval_command
+    from carpool.orchestrator.after_training.adapter_args import AdapterArgumentError
     from carpool.workers.base.base_model import load_tokenizer
     from carpool.workers.data.dataset import load_dataset
+    from carpool.workers.spec.objective import SftObjective, format_problem
 
+    pair_eval_command.check(args)
     adapters, quantization = _checked_adapters(args)
     # The data is read and tokenized before the base loads: a bad row costs no model load.
     dataset = load_dataset(
         args.dataset, args.format, load_tokenizer(args.base), args.max_seq_length
     )
+    if args.objective is None and (problem := format_problem(SftObjective(), dataset.format)):
+        raise AdapterArgumentError(f"--dataset {args.dataset}: {problem} (pass --objective)")
     fused = _fused(args, adapters, quantization, micro_batch_tokens=args.micro_batch_tokens)
+    if args.objective is not None:
+        return pair_eval_command.run(args, fused, dataset)
     results = fused.evaluate(dataset)
     if args.json:  # one document, as every --json prints
         records = [
