@@ -44,6 +44,7 @@ from carpool.orchestrator.store.queue_view import QueueView
 from carpool.orchestrator.sweeps.sweep_driver import SweepDriver
 from carpool.workers.base.base_model import linear_module_shapes, match_target_modules
 from carpool.workers.spec.job_spec import AdapterSpec, JobInputError, JobSpec, QuantizationSpec
+from carpool.workers.spec.objective import is_paired
 from carpool.workers.training.checkpoint import checkpoint_step
 from carpool.workers.training.rounds import JobRoundResult
 from carpool.workers.variants.adalora import adalora_parameter_count
@@ -477,17 +478,24 @@ class Controller:
             priority=record.priority,
             seq=record.seq,
             tokens_per_step=config.tokens_per_step,
-            memory_bytes=adapter_memory_bytes(config.adapter, self._shapes[config.base_model]),
+            memory_bytes=adapter_memory_bytes(
+                config.adapter,
+                self._shapes[config.base_model],
+                frozen_copy=is_paired(config.objective) and config.adapter.init_from is not None,
+            ),
             quantization=config.base_quantization,
         )
 
 
-def adapter_memory_bytes(adapter: AdapterSpec, shapes: dict[str, tuple[int, int]]) -> int:
+def adapter_memory_bytes(
+    adapter: AdapterSpec, shapes: dict[str, tuple[int, int]], frozen_copy: bool = False
+) -> int:
     """A job's adapter and optimizer state, in bytes: each targeted module at its own rank,
     with DoRA's magnitude (one per output channel). VeRA: its two vectors per module with
     their optimizer state, plus the frozen projections once (an upper bound: jobs with the
     same key may share them). AdaLoRA: init_r triplets per module, each weight with two
-    float32 importance averages besides its optimizer state."""
+    float32 importance averages besides its optimizer state. `frozen_copy`: a LoRA
+    preference job's frozen starting adapter too (its reference)."""
     targets = match_target_modules(list(shapes), adapter.target_modules)
     if adapter.peft_type == "ADALORA":
         params = adalora_parameter_count([shapes[m] for m in targets], adapter.init_r)
@@ -500,7 +508,9 @@ def adapter_memory_bytes(adapter: AdapterSpec, shapes: dict[str, tuple[int, int]
         + (shapes[m][1] if adapter.use_dora else 0)
         for m in targets
     )
-    return params * _BYTES_PER_ADAPTER_PARAM
+    # A preference job started from an adapter keeps that adapter, frozen, as its reference.
+    frozen = params * _BYTES_PER_FROZEN_PARAM if frozen_copy else 0
+    return params * _BYTES_PER_ADAPTER_PARAM + frozen
 
 
 def _new_group_id(base_model: str) -> str:

@@ -218,16 +218,6 @@ def objective_fits_format(objective: object, data_format: str) -> str | None:
     return format_problem(objective, data_format)
 
 
-def paired_objective_limits(objective: object, init_from: Path | None) -> str | None:
-    """What preference jobs do not take yet: a starting adapter (its frozen copy would be
-    the reference)."""
-    if not hasattr(objective, "type") or not is_paired(objective):
-        return None
-    if init_from is not None:
-        return f"objective {objective.type} with adapter.init_from is not supported yet"
-    return None
-
-
 def eval_needs_dataset(eval_steps: int | None, eval_dataset: object) -> str | None:
     if eval_steps is not None and eval_dataset is None:
         return "eval_steps needs an eval_dataset"
@@ -418,7 +408,6 @@ class JobSpec(_SpecModel):
             "training.eval_steps", ("training.eval_steps", "eval_dataset"), eval_needs_dataset
         ),
         CrossFieldRule("dataset.format", ("objective", "dataset.format"), objective_fits_format),
-        CrossFieldRule("objective", ("objective", "adapter.init_from"), paired_objective_limits),
     )
 
     @property

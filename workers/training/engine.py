@@ -16,6 +16,7 @@ import logging
 from collections import defaultdict
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -66,6 +67,15 @@ from carpool.workers.variants.new_adapters import (
 )
 
 log = logging.getLogger("carpool.engine")
+_REFERENCE = "@reference"  # no job name holds "@": a preference job's reference row set
+
+
+def reference_name(job: str) -> str:
+    return job + _REFERENCE
+
+
+def job_of(reference: str) -> str:
+    return reference.removesuffix(_REFERENCE)
 
 
 class Engine:
@@ -195,8 +205,24 @@ class Engine:
             if checkpoint is not None:
                 load_checkpoint(job, checkpoint)
         self.bank.add(job.adapter)
+        if is_paired(config.objective):
+            self.bank.add(self._reference_adapter(config))
         self.jobs[config.name] = job
         return job
+
+    def _reference_adapter(self, config: JobSpec) -> JobAdapter:
+        """A preference job's reference policy, as a row set of the bank: for a fresh adapter
+        one with no modules (its rows see the base alone); for a job started from an adapter
+        that adapter, frozen (TRL loads the same copy as "ref")."""
+        name = reference_name(config.name)
+        if config.adapter.init_from is None:
+            return JobAdapter(name, 0, 1.0, False, (), dropout=0.0, seed=0)
+        with _job_input(config.name, "init_from"):
+            reference = self._initial_adapter(config)
+        reference.name = name
+        for p in reference.parameters():
+            p.requires_grad_(False)
+        return reference
 
     def _load(self, data: DatasetSpec, config: JobSpec) -> TokenizedDataset:
         return self._datasets.load(Path(data.path), data.format, config.training.max_seq_length)
@@ -272,6 +298,8 @@ class Engine:
         """Take a job off the engine; the others are untouched."""
         job = self.jobs.pop(name)
         self.bank.remove(name)
+        if reference_name(name) in self.bank.adapters:
+            self.bank.remove(reference_name(name))
         return job
 
     def active_jobs(self) -> list[TrainingJob]:
@@ -331,21 +359,29 @@ class Engine:
     def _reference_logps(
         self, batch: FusedBatch, paired: dict[str, DpoObjective]
     ) -> dict[RowKey, float]:
-        """The reference log-probs of the micro-batch's preference rows: one forward of the
-        base alone (no routing, so no adapter), without a graph, for every job's pairs at
-        once. Under ZeRO-3 every rank runs it for every micro-batch while any job needs a
-        reference (over a filler row where it has none): its gathers are collectives."""
+        """The reference log-probs of the micro-batch's preference rows: one forward without
+        a graph for every job's pairs at once, each job's rows routed to its reference (the
+        base alone for a fresh adapter, the frozen starting adapter otherwise). Under ZeRO-3
+        every rank runs it for every micro-batch while any job needs a reference (over a
+        filler row where it has none): its gathers are collectives."""
         needing = {name for name, objective in paired.items() if objective.needs_reference}
-        rows = [r for r in batch.rows if r.job in needing and r.pair is not None]
+        rows = [
+            replace(r, job=reference_name(r.job))
+            for r in batch.rows
+            if r.job in needing and r.pair is not None
+        ]
         if not rows and not (needing and self.zero_stage == 3):
             return {}
         if not rows:
-            rows = [dummy_row(min(needing), self.tokenizer.pad_token_id)]
+            rows = [dummy_row(reference_name(min(needing)), self.tokenizer.pad_token_id)]
         sub = collate(rows, self.tokenizer.pad_token_id, self.device, self.packed)
         self.reference_passes += 1
-        with torch.no_grad():
+        with torch.no_grad(), self.bank.route(sub.segments, packed=sub.packed):
             nll = token_nll(self.base, sub, self.loss_chunk_tokens)
-        return reference_logps(sub, nll) if rows[0].pair is not None else {}
+        if rows[0].pair is None:
+            return {}
+        found = reference_logps(sub, nll)
+        return {(job_of(ref), record, side): v for (ref, record, side), v in found.items()}
 
     @torch.no_grad()
     def evaluate(self, names: Sequence[str] | None = None) -> dict[str, float]:

@@ -155,7 +155,6 @@ CASES: list[tuple[str, Case, str, str]] = [
     ("sft-on-pairs", _dataset(PAIR_ROW), "dataset.path", "objective sft trains on text or prompt_completion or messages data"),
     ("pair-missing-rejected", _both(_dpo(), _dataset(PAIR_ROW + '{"prompt": "a", "chosen": " b"}\n')), "dataset.path", ":2: missing field 'rejected'"),
     ("pair-identical", _both(_dpo(), _dataset('{"prompt": "a", "chosen": " b", "rejected": " b"}\n')), "dataset.path", ":1: chosen and rejected are the same"),
-    ("dpo-init-from", _both(_dpo(), _init_from()), "objective", "init_from is not supported yet"),
 ]  # fmt: skip
 
 

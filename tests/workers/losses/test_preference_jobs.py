@@ -8,6 +8,7 @@ micro-batch that holds preference rows, shared by every preference job in it.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
@@ -18,7 +19,7 @@ from carpool.workers.spec.objective import DpoObjective, SftObjective
 from carpool.workers.training.engine import Engine
 
 from tests.helpers.jobs import changed, job
-from tests.helpers.peft_reference import max_relative_difference
+from tests.helpers.peft_reference import max_relative_difference, save_peft_adapter
 from tests.helpers.two_ranks import train_on_one_rank, train_on_two_ranks
 from tests.helpers.variants import train_one_way
 
@@ -182,3 +183,35 @@ def test_evaluating_pairs_gives_the_loss_and_figures_the_next_step_trains_on(
     for name, value in step.metrics.items():
         assert figures[f"eval_{name}"] == pytest.approx(value, rel=1e-9, abs=1e-12), name
     assert 0 < figures["eval_rewards/accuracies"] <= 1
+
+
+def test_a_job_started_from_an_adapter_has_that_adapter_frozen_as_its_reference(
+    tiny_base: Path, pairs: Path, tmp_path: Path
+) -> None:
+    """Its first step's loss is ln 2 (the policy is its reference) though the adapter is far
+    from the base; the frozen copy never moves, rides in the same one reference pass as a
+    fresh job's base reference, and comes back on resume."""
+    start = save_peft_adapter(
+        tiny_base, tmp_path / "sft", r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+        init_lora_weights=False,  # B random: this adapter is not the base
+    )  # fmt: skip
+    config = changed(dpo("a", tiny_base, pairs, beta=0.5), adapter={"init_from": start})
+    engine = Engine(str(tiny_base), device="cpu", dtype=torch.float64)
+    engine.add_job(config)
+    engine.add_job(dpo("fresh", tiny_base, pairs))
+    frozen = {k: v.clone() for k, v in engine.bank.adapters["a@reference"].named_tensors().items()}
+    reports = engine.train_round()
+    assert reports["a"].loss == pytest.approx(math.log(2), abs=1e-12)
+    assert engine.reference_passes == 1  # both jobs' references, one forward
+    engine.train_round()
+    moved = engine.bank.adapters["a@reference"].named_tensors()
+    assert all(torch.equal(frozen[k], moved[k]) for k in frozen)
+    assert max_relative_difference(frozen, engine.jobs["a"].adapter.named_tensors()) > 1e-3
+    assert reports["a"].metrics["rewards/margins"] == pytest.approx(0.0, abs=1e-9)
+    resumed = train_one_way(
+        tiny_base, config, resume_after=2, checkpoint=tmp_path / "ckpt", dtype=torch.float64
+    )
+    straight = train_one_way(tiny_base, config, dtype=torch.float64)
+    assert max_relative_difference(straight.tensors, resumed.tensors) < 1e-9
+    engine.remove_job("a")
+    assert "a@reference" not in engine.bank.adapters
