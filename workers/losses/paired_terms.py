@@ -14,7 +14,7 @@ from collections.abc import Mapping
 
 import torch
 from carpool.workers.data.dataset_rows import IGNORE_INDEX
-from carpool.workers.data.fused_batch import CHOSEN, FusedBatch, StepRow
+from carpool.workers.data.fused_batch import CHOSEN, REJECTED, FusedBatch, StepRow
 from carpool.workers.losses.preference_losses import (
     PairLogps,
     dpo_losses,
@@ -59,16 +59,13 @@ def pair_terms(
     metric sums. `token_nll` is the policy's per-position cross-entropy, with graph."""
     policy = -row_sums(batch, token_nll)  # [rows], the sequence log-probs
     counts = trained_counts(batch)
-    by_job: dict[str, list[tuple[int, int]]] = defaultdict(list)
-    chosen_at: dict[tuple[str, int], int] = {}
+    sides: dict[tuple[str, int], dict[int, int]] = defaultdict(dict)  # pair -> side -> row
     for i, row in enumerate(batch.rows):
-        if row.pair is None:
-            continue
-        key = (row.job, row.pair.record)
-        if row.pair.side == CHOSEN:
-            chosen_at[key] = i
-        else:
-            by_job[row.job].append((chosen_at[key], i))  # chosen comes first within a pair
+        if row.pair is not None:
+            sides[row.job, row.pair.record][row.pair.side] = i
+    by_job: dict[str, list[tuple[int, int]]] = defaultdict(list)
+    for (job, _), at in sides.items():  # a pair's two rows always share a micro-batch
+        by_job[job].append((at[CHOSEN], at[REJECTED]))
     total: torch.Tensor | None = None
     losses: dict[str, float] = {}
     metrics: dict[str, dict[str, float]] = {}
