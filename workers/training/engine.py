@@ -42,13 +42,7 @@ from carpool.workers.losses.chunked_loss import supports_chunked_loss
 from carpool.workers.losses.paired_terms import RowKey, pair_terms, reference_logps
 from carpool.workers.losses.position_losses import add_segment_losses, token_nll
 from carpool.workers.losses.preference_losses import PREFERENCE_METRICS
-from carpool.workers.peft_files.adalora_format import (
-    adalora_adapter_from_loaded,
-    read_adalora_adapter,
-)
 from carpool.workers.peft_files.peft_export import export_adapter
-from carpool.workers.peft_files.peft_format import adapter_from_loaded, read_adapter
-from carpool.workers.peft_files.vera_format import read_vera_adapter, vera_adapter_from_loaded
 from carpool.workers.spec.job_spec import (
     DatasetSpec,
     JobInputError,
@@ -57,14 +51,9 @@ from carpool.workers.spec.job_spec import (
 )
 from carpool.workers.spec.objective import DpoObjective, is_paired
 from carpool.workers.training.checkpoint import latest_checkpoint, load_checkpoint
+from carpool.workers.training.initial_adapters import initial_adapter
 from carpool.workers.training.training_job import StepReport, TrainingJob
-from carpool.workers.variants.adalora import schedule_of
 from carpool.workers.variants.job_adapter import JobAdapter
-from carpool.workers.variants.new_adapters import (
-    new_adalora_adapter,
-    new_job_adapter,
-    new_vera_adapter,
-)
 
 log = logging.getLogger("carpool.engine")
 _REFERENCE = "@reference"  # no job name holds "@": a preference job's reference row set
@@ -228,71 +217,7 @@ class Engine:
         return self._datasets.load(Path(data.path), data.format, config.training.max_seq_length)
 
     def _initial_adapter(self, config: JobSpec) -> JobAdapter:
-        a, seed = config.adapter, config.training.seed
-        if a.use_dora and self.zero_stage == 3:
-            # DoRA's weight norm reads each module's whole weight, which ZeRO-3 partitions.
-            raise ValueError("use_dora: DoRA is not supported on a base partitioned by ZeRO-3")
-        if a.peft_type == "ADALORA":
-            if a.init_from is not None:  # its saved ranks, fixed: see adalora_format
-                loaded = read_adalora_adapter(a.init_from)
-                return adalora_adapter_from_loaded(
-                    self.base,
-                    config.name,
-                    loaded,
-                    dropout=a.lora_dropout,
-                    seed=seed,
-                    orth_reg_weight=a.orth_reg_weight,
-                )
-            return new_adalora_adapter(
-                self.base,
-                config.name,
-                lora_alpha=a.lora_alpha,
-                dropout=a.lora_dropout,
-                target_modules=a.target_modules,
-                seed=seed,
-                schedule=schedule_of(a),
-            )
-        if a.peft_type == "VERA":
-            if a.init_from is not None:
-                loaded = read_vera_adapter(a.init_from)
-                return vera_adapter_from_loaded(
-                    self.base, config.name, loaded, dropout=a.vera_dropout, seed=seed
-                )
-            return new_vera_adapter(
-                self.base,
-                config.name,
-                r=a.r,
-                dropout=a.vera_dropout,
-                target_modules=a.target_modules,
-                seed=seed,
-                d_initial=a.d_initial,
-                projection_prng_key=a.projection_prng_key,
-                save_projection=a.save_projection,
-            )
-        if a.init_from is not None:
-            loaded = read_adapter(a.init_from)
-            return adapter_from_loaded(
-                self.base,
-                config.name,
-                loaded,
-                dropout=a.lora_dropout,
-                seed=seed,
-                freeze_lora_A=a.freeze_lora_A,
-            )
-        return new_job_adapter(
-            self.base,
-            config.name,
-            r=a.r,
-            lora_alpha=a.lora_alpha,
-            use_rslora=a.use_rslora,
-            dropout=a.lora_dropout,
-            target_modules=a.target_modules,
-            seed=seed,
-            freeze_lora_A=a.freeze_lora_A,
-            rank_pattern=a.rank_pattern,
-            alpha_pattern=a.alpha_pattern,
-            use_dora=a.use_dora,
-        )
+        return initial_adapter(self.base, config, zero_stage=self.zero_stage)
 
     def remove_job(self, name: str) -> TrainingJob:
         """Take a job off the engine; the others are untouched."""
