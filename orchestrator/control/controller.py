@@ -494,23 +494,23 @@ def adapter_memory_bytes(
     with DoRA's magnitude (one per output channel). VeRA: its two vectors per module with
     their optimizer state, plus the frozen projections once (an upper bound: jobs with the
     same key may share them). AdaLoRA: init_r triplets per module, each weight with two
-    float32 importance averages besides its optimizer state. `frozen_copy`: a LoRA
-    preference job's frozen starting adapter too (its reference)."""
+    float32 importance averages besides its optimizer state. `frozen_copy`: a preference
+    job's frozen starting adapter too (its reference), its trained weights once more."""
     targets = match_target_modules(list(shapes), adapter.target_modules)
     if adapter.peft_type == "ADALORA":
         params = adalora_parameter_count([shapes[m] for m in targets], adapter.init_r)
-        return params * (_BYTES_PER_ADAPTER_PARAM + 2 * _BYTES_PER_FROZEN_PARAM)
-    if adapter.peft_type == "VERA":
-        vectors, frozen = vera_parameter_count([shapes[m] for m in targets], adapter.r)
-        return vectors * _BYTES_PER_ADAPTER_PARAM + frozen * _BYTES_PER_FROZEN_PARAM
-    params = sum(
-        adapter.rank_of(m) * (shapes[m][0] + shapes[m][1])
-        + (shapes[m][1] if adapter.use_dora else 0)
-        for m in targets
-    )
-    # A preference job started from an adapter keeps that adapter, frozen, as its reference.
-    frozen = params * _BYTES_PER_FROZEN_PARAM if frozen_copy else 0
-    return params * _BYTES_PER_ADAPTER_PARAM + frozen
+        state = params * (_BYTES_PER_ADAPTER_PARAM + 2 * _BYTES_PER_FROZEN_PARAM)
+    elif adapter.peft_type == "VERA":
+        params, projections = vera_parameter_count([shapes[m] for m in targets], adapter.r)
+        state = params * _BYTES_PER_ADAPTER_PARAM + projections * _BYTES_PER_FROZEN_PARAM
+    else:
+        params = sum(
+            adapter.rank_of(m) * (shapes[m][0] + shapes[m][1])
+            + (shapes[m][1] if adapter.use_dora else 0)
+            for m in targets
+        )
+        state = params * _BYTES_PER_ADAPTER_PARAM
+    return state + (params * _BYTES_PER_FROZEN_PARAM if frozen_copy else 0)
 
 
 def _new_group_id(base_model: str) -> str:

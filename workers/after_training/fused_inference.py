@@ -109,7 +109,7 @@ class FusedAdapters:
             except AdapterFormatError as e:
                 raise AdapterFormatError(f"adapter {name!r} ({path}): {e}") from e
         if include_base:  # an adapter with no modules: its rows see the base alone
-            self.bank.add(JobAdapter(BASE, 0, 1.0, False, (), dropout=0.0, seed=0))
+            self.bank.add(JobAdapter.without_modules(BASE))
 
     @property
     def names(self) -> list[str]:

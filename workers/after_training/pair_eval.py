@@ -20,6 +20,7 @@ from carpool.workers.losses.paired_terms import RowKey, pair_terms, reference_lo
 from carpool.workers.losses.position_losses import token_nll
 from carpool.workers.peft_files.finished_adapters import load_finished_adapter
 from carpool.workers.spec.objective import DpoObjective
+from carpool.workers.variants.job_adapter import JobAdapter
 
 REFERENCE = "__reference__"  # the reference adapter's row set: never one of the results
 
@@ -45,13 +46,16 @@ def evaluate_pairs(
     sorted by loss. The reference is the base, or the adapter at `reference`."""
     names = fused.names
     count = len(dataset.rows)
-    if reference is not None:
-        fused.bank.add(load_finished_adapter(fused.base, REFERENCE, reference))
+    # The reference as a row set: the adapter at `reference`, or one with no modules (the base).
+    fused.bank.add(
+        JobAdapter.without_modules(REFERENCE)
+        if reference is None
+        else load_finished_adapter(fused.base, REFERENCE, reference)
+    )
     try:
-        shared = _reference_logps(fused, dataset, routed=reference is not None)
+        shared = _reference_logps(fused, dataset)
     finally:
-        if reference is not None:
-            fused.bank.remove(REFERENCE)
+        fused.bank.remove(REFERENCE)
     # Each adapter's rows look their reference up under their own name.
     keyed: dict[RowKey, float] = {
         (name, record, side): value for name in names for (record, side), value in shared.items()
@@ -78,18 +82,15 @@ def evaluate_pairs(
 
 
 def _reference_logps(
-    fused: FusedAdapters, dataset: TokenizedDataset, *, routed: bool
+    fused: FusedAdapters, dataset: TokenizedDataset
 ) -> dict[tuple[int, int], float]:
     """Each (record, side)'s reference log-prob: one pass over the pairs, through the
-    reference adapter when `routed`, else through the base alone (no routing)."""
+    reference row set."""
     rows = step_rows(REFERENCE, dataset.rows, range(len(dataset.rows)))
     found: dict[tuple[int, int], float] = {}
     for micro in plan_micro_batches(rows, fused.micro_batch_tokens):
         batch = collate(micro, fused.tokenizer.pad_token_id, fused.device)
-        if routed:
-            with fused.bank.route(batch.segments):
-                nll = token_nll(fused.base, batch)
-        else:
+        with fused.bank.route(batch.segments):
             nll = token_nll(fused.base, batch)
         for (_, record, side), value in reference_logps(batch, nll).items():
             found[record, side] = value

@@ -11,8 +11,8 @@ mid-training and after every no-grad evaluation, while PEFT's train-mode loop ne
 does (measured: 3.5e-2 relative apart after 6 steps, against 1.9e-7 without the
 repack). `keep_4bit_kernel_exact` turns the repack off on every 4-bit module of a
 loaded base: training, its evaluations, `carpool eval` and `generate` all run the
-kernel PEFT trains with, so their numbers match PEFT's training (at some speed cost
-on such CPUs for eval and generation).
+kernel PEFT trains with, so their numbers match PEFT's training; eval and generation
+forgo the faster inference kernel (its gain is not measured: no such CPU here).
 """
 
 from __future__ import annotations

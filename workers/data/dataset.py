@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from carpool.workers.data.dataset_rows import IGNORE_INDEX, TokenizedRow
 from carpool.workers.data.preference_data import (
@@ -18,6 +17,7 @@ from carpool.workers.data.preference_data import (
     is_preference_record,
     tokenize_preference,
 )
+from carpool.workers.data.record_fields import chat_messages, field
 from carpool.workers.spec.objective import PAIRED_FORMATS, SUPERVISED_FORMATS
 
 # Supervised formats (a record is one row), then paired ones (a record is two rows).
@@ -125,18 +125,6 @@ def resolve_format(records: list[dict], declared: str, path: Path) -> str:
     )
 
 
-def _field(record: dict, name: str, kind: type, *, non_empty: bool = False) -> Any:
-    if name not in record or record[name] is None:
-        raise ValueError(f"missing field {name!r}")
-    value = record[name]
-    if not isinstance(value, kind):
-        article = "a list" if kind is list else "a string"
-        raise ValueError(f"field {name!r} must be {article}, got {type(value).__name__}")
-    if non_empty and not value:
-        raise ValueError(f"field {name!r} must not be empty")
-    return value
-
-
 def _ids(tokenizer, text: str, *, special: bool) -> list[int]:
     return list(tokenizer(text, add_special_tokens=special)["input_ids"])
 
@@ -147,19 +135,12 @@ def _with_eos(ids: list[int], tokenizer) -> list[int]:
     return ids + [eos] if eos is not None and (not ids or ids[-1] != eos) else ids
 
 
-def _tokenize_messages(messages: list, tokenizer) -> tuple[list[int], list[int]]:
+def _tokenize_messages(record: dict, tokenizer) -> tuple[list[int], list[int]]:
+    clean = chat_messages(record, "messages")
     if getattr(tokenizer, "chat_template", None) is None:
         raise ValueError(
             "format 'messages' needs a tokenizer with a chat template; this one has none"
         )
-    clean = []
-    for i, message in enumerate(messages):
-        if not isinstance(message, dict):
-            raise ValueError(f"messages[{i}] must be an object, got {type(message).__name__}")
-        _field(message, "role", str)
-        _field(message, "content", str)
-        # parquet fills keys absent from a row with None; templates may test `is defined`.
-        clean.append({k: v for k, v in message.items() if v is not None})
     if not any(m["role"] == "assistant" for m in clean):
         raise ValueError("no assistant turn in 'messages'")
 
@@ -198,17 +179,12 @@ def prompt_ids(record: dict, tokenizer) -> list[int]:
     assistant's turn, as a `messages` row's assistant turn is preceded.
     """
     if "messages" in record:
-        messages = _field(record, "messages", list, non_empty=True)
+        messages = chat_messages(record, "messages")
         if getattr(tokenizer, "chat_template", None) is None:
             raise ValueError("'messages' needs a tokenizer with a chat template; this one has none")
-        for i, message in enumerate(messages):
-            if not isinstance(message, dict):
-                raise ValueError(f"messages[{i}] must be an object, got {type(message).__name__}")
-            _field(message, "role", str)
-            _field(message, "content", str)
         text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         return _ids(tokenizer, text, special=False)
-    return _ids(tokenizer, _field(record, "prompt", str), special=True)
+    return _ids(tokenizer, field(record, "prompt", str), special=True)
 
 
 def read_numbered_records(path: Path) -> list[tuple[int, dict]]:
@@ -227,18 +203,16 @@ def tokenize_record(
         raise ValueError(f"max_seq_length must be >= 1, got {max_seq_length}")
     if fmt == "text":
         ids = _with_eos(
-            _ids(tokenizer, _field(record, "text", str, non_empty=True), special=True), tokenizer
+            _ids(tokenizer, field(record, "text", str, non_empty=True), special=True), tokenizer
         )
         labels = list(ids)
     elif fmt == "prompt_completion":
-        prompt = _ids(tokenizer, _field(record, "prompt", str), special=True)
-        completion = _field(record, "completion", str, non_empty=True)
+        prompt = _ids(tokenizer, field(record, "prompt", str), special=True)
+        completion = field(record, "completion", str, non_empty=True)
         answer = _with_eos(_ids(tokenizer, completion, special=False), tokenizer)
         ids, labels = prompt + answer, [IGNORE_INDEX] * len(prompt) + answer
     elif fmt == "messages":
-        ids, labels = _tokenize_messages(
-            _field(record, "messages", list, non_empty=True), tokenizer
-        )
+        ids, labels = _tokenize_messages(record, tokenizer)
     else:
         raise ValueError(f"unknown format {fmt!r}; expected one of {FORMATS}")
     truncated = len(ids) > max_seq_length

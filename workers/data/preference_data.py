@@ -13,9 +13,9 @@ alone fills `max_seq_length` leaves no completion token and is dropped, as TRL d
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 from carpool.workers.data.dataset_rows import IGNORE_INDEX, TokenizedRow
+from carpool.workers.data.record_fields import chat_messages, field
 
 PREFERENCE_KEYS = ("prompt", "chosen", "rejected")
 
@@ -41,18 +41,6 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
     return n
 
 
-def _messages(value: Any, name: str) -> list[dict]:
-    if not isinstance(value, list) or not value:
-        raise ValueError(f"field {name!r} must be a non-empty list of messages")
-    for i, message in enumerate(value):
-        if not isinstance(message, dict):
-            raise ValueError(f"{name}[{i}] must be an object, got {type(message).__name__}")
-        for key in ("role", "content"):
-            if not isinstance(message.get(key), str):
-                raise ValueError(f"{name}[{i}] needs a string {key!r}")
-    return [{k: v for k, v in m.items() if v is not None} for m in value]
-
-
 def _template_ids(tokenizer, messages: list[dict], generation_prompt: bool = False) -> list[int]:
     encoded = tokenizer.apply_chat_template(
         messages, tokenize=True, return_dict=True, add_generation_prompt=generation_prompt
@@ -62,17 +50,13 @@ def _template_ids(tokenizer, messages: list[dict], generation_prompt: bool = Fal
 
 def _sequences(record: dict, tokenizer) -> tuple[list[int], list[int], list[int]]:
     """The tokenized prompt, prompt + chosen and prompt + rejected, TRL's way."""
-    missing = [k for k in PREFERENCE_KEYS if record.get(k) is None]
-    if missing:
-        raise ValueError(f"missing field {missing[0]!r}")
-    prompt, chosen, rejected = (record[k] for k in PREFERENCE_KEYS)
-    if isinstance(prompt, list):  # conversational
+    if isinstance(record.get("prompt"), list):  # conversational
         if getattr(tokenizer, "chat_template", None) is None:
             raise ValueError(
                 "conversational preference data needs a tokenizer with a chat template"
             )
-        prompt = _messages(prompt, "prompt")
-        chosen, rejected = _messages(chosen, "chosen"), _messages(rejected, "rejected")
+        prompt = chat_messages(record, "prompt")
+        chosen, rejected = chat_messages(record, "chosen"), chat_messages(record, "rejected")
         if chosen == rejected:
             raise ValueError("chosen and rejected are the same: the pair prefers nothing")
         return (
@@ -80,12 +64,9 @@ def _sequences(record: dict, tokenizer) -> tuple[list[int], list[int], list[int]
             _template_ids(tokenizer, prompt + chosen),
             _template_ids(tokenizer, prompt + rejected),
         )
-    for name, value in (("prompt", prompt), ("chosen", chosen), ("rejected", rejected)):
-        if not isinstance(value, str):
-            raise ValueError(f"field {name!r} must be a string, got {type(value).__name__}")
-    for name, value in (("chosen", chosen), ("rejected", rejected)):
-        if not value:
-            raise ValueError(f"field {name!r} must not be empty")
+    prompt = field(record, "prompt", str)
+    chosen = field(record, "chosen", str, non_empty=True)
+    rejected = field(record, "rejected", str, non_empty=True)
     if chosen == rejected:
         raise ValueError("chosen and rejected are the same: the pair prefers nothing")
     eos = tokenizer.eos_token or ""

@@ -16,9 +16,10 @@ import torch
 from carpool.workers.data.dataset_rows import IGNORE_INDEX
 from carpool.workers.data.fused_batch import CHOSEN, REJECTED, FusedBatch, StepRow
 from carpool.workers.losses.preference_losses import (
+    PREFERENCE_METRICS,
     PairLogps,
     dpo_losses,
-    preference_metric_sums,
+    preference_figures,
 )
 from carpool.workers.spec.objective import DpoObjective
 
@@ -57,12 +58,14 @@ def pair_terms(
     """The micro-batch's preference loss to backpropagate (each pair's loss times its
     1/pairs-in-step scale, summed), each job's share of its step loss, and each job's
     metric sums. `token_nll` is the policy's per-position cross-entropy, with graph."""
-    policy = -row_sums(batch, token_nll)  # [rows], the sequence log-probs
-    counts = trained_counts(batch)
     sides: dict[tuple[str, int], dict[int, int]] = defaultdict(dict)  # pair -> side -> row
     for i, row in enumerate(batch.rows):
         if row.pair is not None:
             sides[row.job, row.pair.record][row.pair.side] = i
+    if not sides:  # a micro-batch of supervised rows only: nothing more to compute
+        return None, {}, {}
+    policy = -row_sums(batch, token_nll)  # [rows], the sequence log-probs
+    counts = trained_counts(batch)
     by_job: dict[str, list[tuple[int, int]]] = defaultdict(list)
     for (job, _), at in sides.items():  # a pair's two rows always share a micro-batch
         by_job[job].append((at[CHOSEN], at[REJECTED]))
@@ -88,6 +91,8 @@ def pair_terms(
         scale = batch.rows[pairs[0][0]].pair.scale
         term = dpo_losses(objective, logps).sum() * scale
         total = term if total is None else total + term
-        losses[job] = float(term.detach())
-        metrics[job] = preference_metric_sums(objective, logps)
+        # One host sync for the job's loss share and its figures.
+        values = torch.cat([term.detach().view(1), preference_figures(objective, logps)]).tolist()
+        losses[job] = values[0]
+        metrics[job] = dict(zip(PREFERENCE_METRICS, values[1:], strict=True))
     return total, losses, metrics

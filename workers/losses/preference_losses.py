@@ -58,19 +58,19 @@ def dpo_losses(objective: DpoObjective, logps: PairLogps) -> torch.Tensor:
     return (clean - flipped) / (1 - 2 * eps)
 
 
-def preference_metric_sums(objective: DpoObjective, logps: PairLogps) -> dict[str, float]:
-    """The step metrics' sums over these pairs (the step divides by its pair count)."""
+def preference_figures(objective: DpoObjective, logps: PairLogps) -> torch.Tensor:
+    """The sums over these pairs of `PREFERENCE_METRICS`, in that order, on the device (the
+    caller syncs once; the step divides by its pair count)."""
     with torch.no_grad():
         chosen = objective.beta * (logps.chosen - logps.ref_chosen)
         rejected = objective.beta * (logps.rejected - logps.ref_rejected)
-        sums = torch.stack(
+        return torch.stack(
             [
                 chosen.sum(),
                 rejected.sum(),
-                (chosen > rejected).double().sum(),
+                (chosen > rejected).to(chosen.dtype).sum(),
                 (chosen - rejected).sum(),
                 logps.chosen.sum(),
                 logps.rejected.sum(),
             ]
-        ).tolist()  # one host sync for all six
-    return dict(zip(PREFERENCE_METRICS, sums, strict=True))
+        )

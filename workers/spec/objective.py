@@ -32,10 +32,6 @@ class SftObjective(_ObjectiveModel):
     def formats(self) -> tuple[str, ...]:
         return SUPERVISED_FORMATS
 
-    @property
-    def needs_reference(self) -> bool:
-        return False
-
 
 class DpoObjective(_ObjectiveModel):
     """DPO on (prompt, chosen, rejected) records, as TRL's DPOTrainer computes it.
@@ -63,10 +59,6 @@ class DpoObjective(_ObjectiveModel):
     @property
     def formats(self) -> tuple[str, ...]:
         return PAIRED_FORMATS
-
-    @property
-    def needs_reference(self) -> bool:
-        return True
 
 
 Objective = Annotated[SftObjective | DpoObjective, Field(discriminator="type")]

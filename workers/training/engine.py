@@ -205,7 +205,7 @@ class Engine:
         that adapter, frozen (TRL loads the same copy as "ref")."""
         name = reference_name(config.name)
         if config.adapter.init_from is None:
-            return JobAdapter(name, 0, 1.0, False, (), dropout=0.0, seed=0)
+            return JobAdapter.without_modules(name)
         with _job_input(config.name, "init_from"):
             reference = self._initial_adapter(config)
         reference.name = name
@@ -289,16 +289,15 @@ class Engine:
         base alone for a fresh adapter, the frozen starting adapter otherwise). Under ZeRO-3
         every rank runs it for every micro-batch while any job needs a reference (over a
         filler row where it has none): its gathers are collectives."""
-        needing = {name for name, objective in paired.items() if objective.needs_reference}
         rows = [
             replace(r, job=reference_name(r.job))
             for r in batch.rows
-            if r.job in needing and r.pair is not None
+            if r.job in paired and r.pair is not None
         ]
-        if not rows and not (needing and self.zero_stage == 3):
+        if not rows and not (paired and self.zero_stage == 3):
             return {}
         if not rows:
-            rows = [dummy_row(reference_name(min(needing)), self.tokenizer.pad_token_id)]
+            rows = [dummy_row(reference_name(min(paired)), self.tokenizer.pad_token_id)]
         sub = collate(rows, self.tokenizer.pad_token_id, self.device, self.packed)
         self.reference_passes += 1
         with torch.no_grad(), self.bank.route(sub.segments, packed=sub.packed):

@@ -100,6 +100,12 @@ class JobAdapter:
     vera: VeraSettings | None = None  # VeRA's options and shared projections
     adalora: RankAllocator | None = None  # ADALORA: its schedule, scores and rank pattern
 
+    @classmethod
+    def without_modules(cls, name: str) -> JobAdapter:
+        """A row set that adapts nothing: its rows see the base alone (a reference, or the
+        bare base beside adapters)."""
+        return cls(name, 0, 1.0, False, (), dropout=0.0, seed=0)
+
     @property
     def fan_in_fan_out(self) -> bool:
         """PEFT's flag for adapters on Conv1D modules (it only changes how PEFT merges)."""

@@ -215,3 +215,29 @@ def test_a_job_started_from_an_adapter_has_that_adapter_frozen_as_its_reference(
     assert max_relative_difference(straight.tensors, resumed.tensors) < 1e-9
     engine.remove_job("a")
     assert "a@reference" not in engine.bank.adapters
+
+
+# Trained weights on q_proj (64 -> 64) and v_proj (64 -> 32): LoRA r=4 A and B; VeRA r=16
+# lambda_d and lambda_b; AdaLoRA init_r=12 A, E and B.
+@pytest.mark.parametrize(
+    ("adapter", "trained"),
+    [
+        (AdapterSpec(r=4), 4 * (64 + 64) + 4 * (64 + 32)),
+        (AdapterSpec(peft_type="VERA", r=16), (16 + 64) + (16 + 32)),
+        (AdapterSpec(peft_type="ADALORA", total_step=10), 12 * (64 + 1 + 64) + 12 * (64 + 1 + 32)),
+    ],
+    ids=["lora", "vera", "adalora"],
+)
+def test_admission_counts_a_frozen_reference_copy_of_the_trained_weights(
+    adapter: AdapterSpec, trained: int
+) -> None:
+    """A preference job started from an adapter holds its trained weights once more,
+    frozen (float32, no gradient or optimizer state), whatever its kind."""
+    from carpool.orchestrator.control.controller import adapter_memory_bytes
+
+    shapes = {
+        "model.layers.0.self_attn.q_proj": (64, 64),
+        "model.layers.0.self_attn.v_proj": (64, 32),
+    }
+    alone = adapter_memory_bytes(adapter, shapes)
+    assert adapter_memory_bytes(adapter, shapes, frozen_copy=True) - alone == 4 * trained
