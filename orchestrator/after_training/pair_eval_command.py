@@ -37,19 +37,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )  # fmt: skip
     parser.add_argument(
         "--reference", type=Path, default=None, metavar="DIR",
-        help="with --objective: the reference policy is this adapter (default: the base)",
+        help="with a dpo --objective: the reference policy is this adapter (default: the base)",
     )  # fmt: skip
 
 
 def check(args: argparse.Namespace) -> None:
     """Refusals of the pair-eval arguments, before anything loads."""
-    from carpool.workers.spec.objective import is_paired
+    from carpool.workers.spec.objective import is_paired, needs_reference
 
     if args.reference is not None and args.objective is None:
         raise AdapterArgumentError("--reference needs --objective (it is a preference option)")
     if args.objective is not None and not is_paired(args.objective):
         raise AdapterArgumentError(
-            f"--objective: type {args.objective.type} scores no pairs; use dpo (or leave it out)"
+            f"--objective: type {args.objective.type} scores no pairs; use dpo, simpo, cpo or "
+            "orpo (or leave it out)"
+        )
+    if args.reference is not None and not needs_reference(args.objective):
+        raise AdapterArgumentError(
+            f"--reference: objective {args.objective.type} has no reference policy (dpo has)"
         )
     if args.reference is not None:
         from carpool.orchestrator.after_training.adapter_args import named_adapters

@@ -44,7 +44,7 @@ from carpool.orchestrator.store.queue_view import QueueView
 from carpool.orchestrator.sweeps.sweep_driver import SweepDriver
 from carpool.workers.base.base_model import linear_module_shapes, match_target_modules
 from carpool.workers.spec.job_spec import AdapterSpec, JobInputError, JobSpec, QuantizationSpec
-from carpool.workers.spec.objective import is_paired
+from carpool.workers.spec.objective import needs_reference
 from carpool.workers.training.checkpoint import checkpoint_step
 from carpool.workers.training.rounds import JobRoundResult
 from carpool.workers.variants.adalora import adalora_parameter_count
@@ -481,7 +481,8 @@ class Controller:
             memory_bytes=adapter_memory_bytes(
                 config.adapter,
                 self._shapes[config.base_model],
-                frozen_copy=is_paired(config.objective) and config.adapter.init_from is not None,
+                frozen_copy=needs_reference(config.objective)
+                and config.adapter.init_from is not None,
             ),
             quantization=config.base_quantization,
         )

@@ -1,5 +1,6 @@
 """Finished adapters evaluated on preference pairs, fused: each one's objective loss and
-TRL's reward figures, against one reference for all of them.
+TRL's reward figures, against one reference for all of them (DPO's; the other pair
+objectives score the policy alone).
 
 Every adapter is scored on the same pairs, so the reference log-probs are computed once
 per pair, whatever the number of adapters: a no-grad pass of the base alone, or of one
@@ -17,9 +18,9 @@ from carpool.workers.after_training.fused_inference import FusedAdapters
 from carpool.workers.data.dataset import TokenizedDataset
 from carpool.workers.data.fused_batch import collate, plan_micro_batches, step_rows
 from carpool.workers.losses.paired_terms import RowKey, pair_terms, reference_logps
-from carpool.workers.losses.position_losses import token_nll
+from carpool.workers.losses.position_losses import add_segment_losses, token_nll
 from carpool.workers.peft_files.finished_adapters import load_finished_adapter
-from carpool.workers.spec.objective import DpoObjective
+from carpool.workers.spec.objective import PairObjective, needs_reference
 from carpool.workers.variants.job_adapter import JobAdapter
 
 REFERENCE = "__reference__"  # the reference adapter's row set: never one of the results
@@ -39,28 +40,30 @@ class PairEvalResult:
 def evaluate_pairs(
     fused: FusedAdapters,
     dataset: TokenizedDataset,
-    objective: DpoObjective,
+    objective: PairObjective,
     reference: Path | None = None,
 ) -> list[PairEvalResult]:
     """Every adapter's loss and figures on `dataset`'s pairs, all adapters' rows fused;
     sorted by loss. The reference is the base, or the adapter at `reference`."""
     names = fused.names
     count = len(dataset.rows)
-    # The reference as a row set: the adapter at `reference`, or one with no modules (the base).
-    fused.bank.add(
-        JobAdapter.without_modules(REFERENCE)
-        if reference is None
-        else load_finished_adapter(fused.base, REFERENCE, reference)
-    )
-    try:
-        shared = _reference_logps(fused, dataset)
-    finally:
-        fused.bank.remove(REFERENCE)
+    shared: dict[tuple[int, int], float] = {}
+    if needs_reference(objective):
+        # The reference as a row set: the adapter at `reference`, or one with no modules.
+        fused.bank.add(
+            JobAdapter.without_modules(REFERENCE)
+            if reference is None
+            else load_finished_adapter(fused.base, REFERENCE, reference)
+        )
+        try:
+            shared = _reference_logps(fused, dataset)
+        finally:
+            fused.bank.remove(REFERENCE)
     # Each adapter's rows look their reference up under their own name.
     keyed: dict[RowKey, float] = {
         (name, record, side): value for name in names for (record, side), value in shared.items()
     }
-    rows = [r for n in names for r in step_rows(n, dataset.rows, range(count))]
+    rows = [r for n in names for r in step_rows(n, dataset.rows, range(count), objective)]
     losses: dict[str, float] = defaultdict(float)
     sums: dict[str, dict[str, float]] = {n: defaultdict(float) for n in names}
     objectives = dict.fromkeys(names, objective)
@@ -68,6 +71,7 @@ def evaluate_pairs(
         batch = collate(micro, fused.tokenizer.pad_token_id, fused.device)
         with fused.bank.route(batch.segments):
             nll = token_nll(fused.base, batch)
+        add_segment_losses(losses, batch, nll * batch.token_scale.flatten())  # CPO's, ORPO's NLL
         _, pair_losses, pair_sums = pair_terms(batch, nll, keyed, objectives)
         for name, value in pair_losses.items():
             losses[name] += value

@@ -5,7 +5,8 @@ over the job's whole optimizer step, so the order of its rows and how they are
 split into micro-batches do not change the math. A preference job's loss is a sum
 over its pairs divided by their count in the step, each pair's term needing both
 of its rows: a pair is one unit of planning, its two rows always in one
-micro-batch. That freedom lets us fill each micro-batch up to a token budget,
+micro-batch. CPO's and ORPO's cross-entropy of the chosen rows is a token loss
+like a supervised job's, normalized over the step's chosen tokens. That freedom lets us fill each micro-batch up to a token budget,
 then group rows by job inside it so each job is one segment.
 
 Two layouts (`BatchLayout`):
@@ -27,8 +28,15 @@ import torch
 from carpool.workers.data.dataset_rows import IGNORE_INDEX, TokenizedRow
 from carpool.workers.data.preference_data import PreferencePair
 from carpool.workers.data.segment import Segment
+from carpool.workers.spec.objective import (
+    AnyObjective,
+    SftObjective,
+    chosen_nll_weight,
+    nll_covers_prompt,
+)
 
 CHOSEN, REJECTED = 0, 1
+SUPERVISED = SftObjective()
 
 
 @dataclass(frozen=True)
@@ -38,6 +46,7 @@ class PairSlot:
     record: int  # the pair's position in the job's record stream
     side: int  # CHOSEN or REJECTED
     scale: float  # 1 / pairs in the job's whole step
+    prompt_targets: bool = False  # the prompt's tokens are targets too (ORPO's chosen rows)
 
 
 @dataclass(frozen=True)
@@ -47,7 +56,9 @@ class StepRow:
     job: str
     row: TokenizedRow
     row_id: int  # position in the job's row stream (a pair's rows: 2 * record + side)
-    loss_scale: float  # 1 / trainable tokens in the job's whole step; 0 for a pair's rows
+    # 1 / trainable tokens in the job's whole step; for a pair's rows, the weight of the
+    # chosen rows' cross-entropy over the step's chosen tokens (0 but for CPO and ORPO).
+    loss_scale: float
     pair: PairSlot | None = None
 
     @property
@@ -66,6 +77,9 @@ class FusedBatch:
     segments: tuple[Segment, ...]
     token_row: torch.Tensor  # [tokens] long, flattened: the row (of `rows`) of each position
     rows: tuple[StepRow, ...]  # in the batch's row order (grouped by job)
+    # [tokens] float, flattened: 1 where the target is a completion's token. None when every
+    # target is (no row trains its prompt), so `targets` alone tells the completions.
+    completion: torch.Tensor | None = None
 
     @property
     def packed(self) -> bool:
@@ -78,14 +92,30 @@ def trainable_tokens(row: TokenizedRow) -> int:
 
 
 def step_rows(
-    job: str, rows: Sequence[TokenizedRow | PreferencePair], row_ids: Sequence[int]
+    job: str,
+    rows: Sequence[TokenizedRow | PreferencePair],
+    row_ids: Sequence[int],
+    objective: AnyObjective = SUPERVISED,
 ) -> list[StepRow]:
     """Tag one job's step records with the scale that normalizes over the whole step: its
-    trainable tokens, or for pairs its pair count (both rows of each pair tagged with it)."""
+    trainable tokens, or for pairs its pair count (both rows of each pair tagged with it;
+    the chosen rows also with their cross-entropy's weight over the step's chosen tokens)."""
     if rows and isinstance(rows[0], PreferencePair):
         scale = 1.0 / len(rows)
+        whole = nll_covers_prompt(objective)  # ORPO: prompt and completion, as TRL's
+        chosen_tokens = sum(
+            len(p.chosen.input_ids) - 1 if whole else trainable_tokens(p.chosen) for p in rows
+        )
+        weight = chosen_nll_weight(objective)
+        nll_scale = weight / chosen_tokens if weight and chosen_tokens else 0.0
         return [
-            StepRow(job, row, 2 * i + side, 0.0, PairSlot(i, side, scale))
+            StepRow(
+                job,
+                row,
+                2 * i + side,
+                nll_scale if side == CHOSEN else 0.0,
+                PairSlot(i, side, scale, prompt_targets=whole and side == CHOSEN),
+            )
             for pair, i in zip(rows, row_ids, strict=True)
             for side, row in enumerate(pair.rows)
         ]
@@ -169,6 +199,8 @@ def collate(
     targets = torch.full(shape, IGNORE_INDEX, dtype=torch.long)
     scale = torch.zeros(shape, dtype=torch.float32)
     flat_ids, flat_targets, flat_scale = input_ids.view(-1), targets.view(-1), scale.view(-1)
+    split_completion = any(r.pair is not None and r.pair.prompt_targets for r in grouped)
+    completion = torch.zeros(shape, dtype=torch.float32) if split_completion else None
     row_segment: list[int] = []
     segments: list[Segment] = []
     start = 0
@@ -186,6 +218,11 @@ def collate(
         flat_ids[offset : offset + length] = torch.tensor(ids)
         # Position t predicts token t+1 (HF's causal-LM shift, done once here); a row's
         # last position predicts nothing, so packed rows never learn across a boundary.
+        if completion is not None:
+            trained = torch.tensor([label != IGNORE_INDEX for label in labels[1:]])
+            completion.view(-1)[offset : offset + length - 1] = trained.float()
+        if item.pair is not None and item.pair.prompt_targets:
+            labels = ids  # every token after the first is a target, the prompt's too
         flat_targets[offset : offset + length - 1] = torch.tensor(labels[1:])
         flat_scale[offset : offset + length] = item.loss_scale
         offset += length if packed else seq
@@ -205,4 +242,5 @@ def collate(
         segments=tuple(segments),
         token_row=token_row.to(device),
         rows=tuple(grouped),
+        completion=None if completion is None else completion.view(-1).to(device),
     )

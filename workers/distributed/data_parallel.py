@@ -13,7 +13,7 @@ or not it had rows of a job: a rank with none contributes zeros.
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 import torch.distributed as dist
@@ -77,11 +77,13 @@ class DataParallel:
 
 
 def reduce_metric_sums(
-    dp: DataParallel, sums: dict[str, dict[str, float]], names: Sequence[str]
+    dp: DataParallel, sums: dict[str, dict[str, float]], names: Mapping[str, Sequence[str]]
 ) -> dict[str, dict[str, float]]:
-    """Each job's metric sums added over ranks. Every rank passes the same jobs and `names`
-    (a rank without rows of a job contributes zeros), so the collective matches."""
-    keys = [f"{job}\t{name}" for job in sorted(sums) for name in names]
-    local = {f"{job}\t{name}": sums[job].get(name, 0.0) for job in sorted(sums) for name in names}
+    """Each job's metric sums added over ranks. Every rank passes the same jobs and each
+    job's metric `names` (a rank without rows of a job contributes zeros), so the
+    collective matches."""
+    pairs = [(job, name) for job in sorted(sums) for name in names[job]]
+    keys = [f"{job}\t{name}" for job, name in pairs]
+    local = {f"{job}\t{name}": sums[job].get(name, 0.0) for job, name in pairs}
     total = dp.reduce_losses(keys, local)
-    return {job: {name: total[f"{job}\t{name}"] for name in names} for job in sums}
+    return {job: {name: total[f"{job}\t{name}"] for name in names[job]} for job in sums}

@@ -1,10 +1,10 @@
 """A micro-batch's preference pairs: sequence log-probs, the shared reference, pair losses.
 
 Each row's log-probability is minus the sum of its per-position cross-entropy over its
-trained (completion) tokens; a pair's loss needs its chosen and its rejected row, which
-ride in one micro-batch. The reference log-probs come from the base alone: one no-grad
-forward, without routing (so without any adapter), over the micro-batch's preference rows
-of every job that needs a reference, whatever job they belong to.
+completion tokens; a pair's loss needs its chosen and its rejected row, which ride in one
+micro-batch. The reference log-probs (DPO's) come from one no-grad forward over the
+micro-batch's preference rows of every job that needs a reference, whatever job they
+belong to, each routed to its job's reference.
 """
 
 from __future__ import annotations
@@ -16,12 +16,12 @@ import torch
 from carpool.workers.data.dataset_rows import IGNORE_INDEX
 from carpool.workers.data.fused_batch import CHOSEN, REJECTED, FusedBatch, StepRow
 from carpool.workers.losses.preference_losses import (
-    PREFERENCE_METRICS,
     PairLogps,
-    dpo_losses,
-    preference_figures,
+    figure_names,
+    pair_figures,
+    pair_losses,
 )
-from carpool.workers.spec.objective import DpoObjective
+from carpool.workers.spec.objective import PairObjective, chosen_nll_weight, needs_reference
 
 RowKey = tuple[str, int, int]  # (job, record, side)
 
@@ -37,15 +37,23 @@ def row_sums(batch: FusedBatch, token_values: torch.Tensor) -> torch.Tensor:
     return sums.index_add(0, batch.token_row, token_values)
 
 
-def trained_counts(batch: FusedBatch) -> torch.Tensor:
-    """Each row's trained positions (its completion's tokens) [rows]."""
-    trained = (batch.targets.flatten() != IGNORE_INDEX).to(torch.float64)
-    return row_sums(batch, trained)
+def completion_mask(batch: FusedBatch) -> torch.Tensor:
+    """1 at each position whose target is a completion's token [tokens], else 0."""
+    if batch.completion is not None:
+        return batch.completion
+    return (batch.targets.flatten() != IGNORE_INDEX).to(torch.float32)
+
+
+def completion_logps(batch: FusedBatch, token_nll: torch.Tensor) -> torch.Tensor:
+    """Each row's log-prob of its completion [rows]: minus its summed cross-entropy there."""
+    if batch.completion is None:  # no prompt target: the loss is already 0 off completions
+        return -row_sums(batch, token_nll)
+    return -row_sums(batch, token_nll * batch.completion.to(token_nll.dtype))
 
 
 def reference_logps(batch: FusedBatch, token_nll: torch.Tensor) -> dict[RowKey, float]:
-    """Each row's reference log-prob, from the base-only forward's per-position loss."""
-    values = (-row_sums(batch, token_nll.detach().double())).tolist()
+    """Each row's reference log-prob, from the reference forward's per-position loss."""
+    values = completion_logps(batch, token_nll.detach().double()).tolist()
     return {row_key(r): v for r, v in zip(batch.rows, values, strict=True)}
 
 
@@ -53,19 +61,22 @@ def pair_terms(
     batch: FusedBatch,
     token_nll: torch.Tensor,
     reference: Mapping[RowKey, float],
-    objectives: Mapping[str, DpoObjective],
+    objectives: Mapping[str, PairObjective],
 ) -> tuple[torch.Tensor | None, dict[str, float], dict[str, dict[str, float]]]:
     """The micro-batch's preference loss to backpropagate (each pair's loss times its
     1/pairs-in-step scale, summed), each job's share of its step loss, and each job's
-    metric sums. `token_nll` is the policy's per-position cross-entropy, with graph."""
+    metric sums. `token_nll` is the policy's per-position cross-entropy, with graph; the
+    chosen rows' cross-entropy term (CPO, ORPO) is the caller's token loss, only reported
+    here (`nll_loss`)."""
     sides: dict[tuple[str, int], dict[int, int]] = defaultdict(dict)  # pair -> side -> row
     for i, row in enumerate(batch.rows):
         if row.pair is not None:
             sides[row.job, row.pair.record][row.pair.side] = i
     if not sides:  # a micro-batch of supervised rows only: nothing more to compute
         return None, {}, {}
-    policy = -row_sums(batch, token_nll)  # [rows], the sequence log-probs
-    counts = trained_counts(batch)
+    policy = completion_logps(batch, token_nll)  # [rows], the completions' log-probs
+    counts = row_sums(batch, completion_mask(batch).double())
+    scaled_nll = None
     by_job: dict[str, list[tuple[int, int]]] = defaultdict(list)
     for (job, _), at in sides.items():  # a pair's two rows always share a micro-batch
         by_job[job].append((at[CHOSEN], at[REJECTED]))
@@ -73,26 +84,37 @@ def pair_terms(
     losses: dict[str, float] = {}
     metrics: dict[str, dict[str, float]] = {}
     for job, pairs in by_job.items():
+        objective = objectives[job]
         chosen = torch.tensor([c for c, _ in pairs], device=policy.device)
         rejected = torch.tensor([r for _, r in pairs], device=policy.device)
-        ref = [
-            (reference[row_key(batch.rows[c])], reference[row_key(batch.rows[r])]) for c, r in pairs
-        ]
-        ref_tensor = torch.tensor(ref, dtype=policy.dtype, device=policy.device)
+        ref_chosen = ref_rejected = None
+        if needs_reference(objective):
+            ref = [
+                (reference[row_key(batch.rows[c])], reference[row_key(batch.rows[r])])
+                for c, r in pairs
+            ]
+            ref_tensor = torch.tensor(ref, dtype=policy.dtype, device=policy.device)
+            ref_chosen, ref_rejected = ref_tensor[:, 0], ref_tensor[:, 1]
         logps = PairLogps(
             chosen=policy[chosen],
             rejected=policy[rejected],
-            ref_chosen=ref_tensor[:, 0],
-            ref_rejected=ref_tensor[:, 1],
             chosen_tokens=counts[chosen].to(policy.dtype),
             rejected_tokens=counts[rejected].to(policy.dtype),
+            ref_chosen=ref_chosen,
+            ref_rejected=ref_rejected,
         )
-        objective = objectives[job]
-        scale = batch.rows[pairs[0][0]].pair.scale
-        term = dpo_losses(objective, logps).sum() * scale
+        slot = batch.rows[pairs[0][0]].pair
+        term = pair_losses(objective, logps).sum() * slot.scale
         total = term if total is None else total + term
+        nll_share = None
+        if weight := chosen_nll_weight(objective):
+            if scaled_nll is None:  # each row's token loss, as the caller sums it
+                scaled_nll = row_sums(batch, (token_nll * batch.token_scale.flatten()).detach())
+            # Per pair, so that the step's pair mean is its chosen tokens' mean cross-entropy.
+            nll_share = scaled_nll[chosen].sum() / (weight * slot.scale)
         # One host sync for the job's loss share and its figures.
-        values = torch.cat([term.detach().view(1), preference_figures(objective, logps)]).tolist()
+        figures = pair_figures(objective, logps, nll_share)
+        values = torch.cat([term.detach().view(1).to(figures.dtype), figures]).tolist()
         losses[job] = values[0]
-        metrics[job] = dict(zip(PREFERENCE_METRICS, values[1:], strict=True))
+        metrics[job] = dict(zip(figure_names(objective), values[1:], strict=True))
     return total, losses, metrics

@@ -1,10 +1,11 @@
 """What a job's rows train toward: its `objective` mapping.
 
-`sft` is supervised cross-entropy over the trained tokens (the default). `dpo` is
-Direct Preference Optimization on pairs of completions, against a frozen reference
-policy; its options and defaults are TRL's `DPOConfig`'s, so a TRL user recognises
-every field. Each type forbids the options of the others: `label_smoothing` on an
-`sft` job is an error, not a setting silently ignored.
+`sft` is supervised cross-entropy over the trained tokens (the default). The others train
+on pairs of completions: `dpo` (Direct Preference Optimization) against a frozen reference
+policy, `simpo`, `cpo` and `orpo` without one. Their options and defaults are TRL's
+(`DPOConfig`, `CPOConfig`, `ORPOConfig`), so a TRL user recognises every field. Each type
+forbids the options of the others: `label_smoothing` on an `sft` job is an error, not a
+setting silently ignored.
 """
 
 from __future__ import annotations
@@ -61,17 +62,83 @@ class DpoObjective(_ObjectiveModel):
         return PAIRED_FORMATS
 
 
-Objective = Annotated[SftObjective | DpoObjective, Field(discriminator="type")]
-OBJECTIVE_MODELS: dict[str, type[_ObjectiveModel]] = {"sft": SftObjective, "dpo": DpoObjective}
+class _ReferenceFreeObjective(_ObjectiveModel):
+    """A pair objective that scores the policy alone: no reference policy, no reference pass."""
+
+    beta: float = Field(0.1, gt=0)
+
+    @property
+    def formats(self) -> tuple[str, ...]:
+        return PAIRED_FORMATS
+
+
+class SimpoObjective(_ReferenceFreeObjective):
+    """SimPO, as TRL's CPOTrainer computes it with `loss_type: simpo` and `cpo_alpha: 0`:
+    −logσ(β(m_chosen − m_rejected) − γ), m a completion's mean per-token log-prob."""
+
+    type: Literal["simpo"]
+    simpo_gamma: float = 0.5  # the target reward margin γ (TRL's default)
+
+
+class CpoObjective(_ReferenceFreeObjective):
+    """CPO, as TRL's CPOTrainer computes it (`loss_type: sigmoid`): −logσ(β(s_chosen −
+    s_rejected)), s a completion's summed log-prob, plus `cpo_alpha` times the mean
+    cross-entropy of the step's chosen completion tokens."""
+
+    type: Literal["cpo"]
+    cpo_alpha: float = Field(1.0, ge=0)
+
+
+class OrpoObjective(_ReferenceFreeObjective):
+    """ORPO, as TRL's ORPOTrainer computes it: the mean cross-entropy of the step's chosen
+    rows over prompt and completion, minus β·logσ(log odds(chosen) − log odds(rejected)),
+    odds(y) = p/(1 − p) with p the completion's mean per-token probability (geometric)."""
+
+    type: Literal["orpo"]
+
+
+AnyObjective = SftObjective | DpoObjective | SimpoObjective | CpoObjective | OrpoObjective
+PairObjective = DpoObjective | SimpoObjective | CpoObjective | OrpoObjective
+Objective = Annotated[AnyObjective, Field(discriminator="type")]
+OBJECTIVE_MODELS: dict[str, type[_ObjectiveModel]] = {
+    "sft": SftObjective,
+    "dpo": DpoObjective,
+    "simpo": SimpoObjective,
+    "cpo": CpoObjective,
+    "orpo": OrpoObjective,
+}
 OBJECTIVE_TYPES = tuple(OBJECTIVE_MODELS)
 
 
-def is_paired(objective: SftObjective | DpoObjective) -> bool:
+def is_paired(objective: AnyObjective) -> bool:
     """Whether the objective trains on pairs (a record is two rows that ride together)."""
     return objective.type != "sft"
 
 
-def format_problem(objective: SftObjective | DpoObjective, data_format: str) -> str | None:
+def needs_reference(objective: AnyObjective) -> bool:
+    """Whether the objective compares the policy with a frozen reference policy (DPO)."""
+    return objective.type == "dpo"
+
+
+def chosen_nll_weight(objective: AnyObjective) -> float:
+    """The weight of the chosen rows' mean cross-entropy in the loss (CPO's `cpo_alpha`,
+    ORPO's 1; 0 where the objective has no such term)."""
+    if isinstance(objective, CpoObjective):
+        return objective.cpo_alpha
+    return 1.0 if isinstance(objective, OrpoObjective) else 0.0
+
+
+def nll_covers_prompt(objective: AnyObjective) -> bool:
+    """Whether the chosen rows' cross-entropy counts the prompt's tokens too (ORPO's does)."""
+    return isinstance(objective, OrpoObjective)
+
+
+def mean_logps(objective: AnyObjective) -> bool:
+    """Whether a completion's log-prob is its per-token mean (SimPO, ORPO) or its sum."""
+    return isinstance(objective, (SimpoObjective, OrpoObjective))
+
+
+def format_problem(objective: AnyObjective, data_format: str) -> str | None:
     """Why a dataset of `data_format` cannot train `objective`, or None when it can."""
     if data_format in objective.formats:
         return None

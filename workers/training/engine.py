@@ -41,7 +41,7 @@ from carpool.workers.distributed.zero3 import dummy_row, load_base_zero3, pad_mi
 from carpool.workers.losses.chunked_loss import supports_chunked_loss
 from carpool.workers.losses.paired_terms import RowKey, pair_terms, reference_logps
 from carpool.workers.losses.position_losses import add_segment_losses, token_nll
-from carpool.workers.losses.preference_losses import PREFERENCE_METRICS
+from carpool.workers.losses.preference_losses import figure_names
 from carpool.workers.peft_files.peft_export import export_adapter
 from carpool.workers.spec.job_spec import (
     DatasetSpec,
@@ -49,7 +49,7 @@ from carpool.workers.spec.job_spec import (
     JobSpec,
     QuantizationSpec,
 )
-from carpool.workers.spec.objective import DpoObjective, is_paired
+from carpool.workers.spec.objective import PairObjective, is_paired, needs_reference
 from carpool.workers.training.checkpoint import latest_checkpoint, load_checkpoint
 from carpool.workers.training.initial_adapters import initial_adapter
 from carpool.workers.training.training_job import StepReport, TrainingJob
@@ -57,6 +57,10 @@ from carpool.workers.variants.job_adapter import JobAdapter
 
 log = logging.getLogger("carpool.engine")
 _REFERENCE = "@reference"  # no job name holds "@": a preference job's reference row set
+
+
+def _figure_names(paired: dict[str, PairObjective]) -> dict[str, tuple[str, ...]]:
+    return {name: figure_names(objective) for name, objective in paired.items()}
 
 
 def reference_name(job: str) -> str:
@@ -194,7 +198,7 @@ class Engine:
             if checkpoint is not None:
                 load_checkpoint(job, checkpoint)
         self.bank.add(job.adapter)
-        if is_paired(config.objective):
+        if needs_reference(config.objective):
             self.bank.add(self._reference_adapter(config))
         self.jobs[config.name] = job
         return job
@@ -238,7 +242,9 @@ class Engine:
             return {}
         rows_by_job = {j.name: j.next_rows() for j in jobs}
         all_rows = [
-            r for name, (rows, ids) in rows_by_job.items() for r in step_rows(name, rows, ids)
+            r
+            for name, (rows, ids) in rows_by_job.items()
+            for r in step_rows(name, rows, ids, self.jobs[name].config.objective)
         ]
         paired = {j.name: j.config.objective for j in jobs if is_paired(j.config.objective)}
         losses: dict[str, float] = defaultdict(float)
@@ -250,7 +256,7 @@ class Engine:
             jobs = sorted(jobs, key=lambda j: j.name)  # the same order on every rank
             dp.reduce_gradients([j.adapter for j in jobs])
             losses = dp.reduce_losses([j.name for j in jobs], losses)
-            pair_metrics = reduce_metric_sums(dp, pair_metrics, PREFERENCE_METRICS)
+            pair_metrics = reduce_metric_sums(dp, pair_metrics, _figure_names(paired))
         for j in jobs:
             # After the gradients' reduction: every rank adds the same term once.
             penalty = j.regularizer()
@@ -282,22 +288,23 @@ class Engine:
         return reports
 
     def _reference_logps(
-        self, batch: FusedBatch, paired: dict[str, DpoObjective]
+        self, batch: FusedBatch, paired: dict[str, PairObjective]
     ) -> dict[RowKey, float]:
         """The reference log-probs of the micro-batch's preference rows: one forward without
         a graph for every job's pairs at once, each job's rows routed to its reference (the
         base alone for a fresh adapter, the frozen starting adapter otherwise). Under ZeRO-3
         every rank runs it for every micro-batch while any job needs a reference (over a
         filler row where it has none): its gathers are collectives."""
+        referenced = {name for name, objective in paired.items() if needs_reference(objective)}
         rows = [
             replace(r, job=reference_name(r.job))
             for r in batch.rows
-            if r.job in paired and r.pair is not None
+            if r.job in referenced and r.pair is not None
         ]
-        if not rows and not (paired and self.zero_stage == 3):
+        if not rows and not (referenced and self.zero_stage == 3):
             return {}
         if not rows:
-            rows = [dummy_row(reference_name(min(paired)), self.tokenizer.pad_token_id)]
+            rows = [dummy_row(reference_name(min(referenced)), self.tokenizer.pad_token_id)]
         sub = collate(rows, self.tokenizer.pad_token_id, self.device, self.packed)
         self.reference_passes += 1
         with torch.no_grad(), self.bank.route(sub.segments, packed=sub.packed):
@@ -325,7 +332,9 @@ class Engine:
         rows = [
             row
             for j in jobs
-            for row in step_rows(j.name, j.eval_dataset.rows, range(len(j.eval_dataset.rows)))
+            for row in step_rows(
+                j.name, j.eval_dataset.rows, range(len(j.eval_dataset.rows)), j.config.objective
+            )
         ]
         paired = {j.name: j.config.objective for j in jobs if is_paired(j.config.objective)}
         losses: dict[str, float] = defaultdict(float)
@@ -334,7 +343,9 @@ class Engine:
             self._micro_batch(micro, paired, losses, pair_metrics, backward=False)
         if self.data_parallel:
             losses = self.data_parallel.reduce_losses([j.name for j in jobs], losses)
-            pair_metrics = reduce_metric_sums(self.data_parallel, pair_metrics, PREFERENCE_METRICS)
+            pair_metrics = reduce_metric_sums(
+                self.data_parallel, pair_metrics, _figure_names(paired)
+            )
         for name, sums in pair_metrics.items():  # TRL's eval names: eval_rewards/accuracies, ...
             pairs = len(self.jobs[name].eval_dataset.rows)
             self.jobs[name].eval_metrics = {f"eval_{k}": v / pairs for k, v in sums.items()}
@@ -343,7 +354,7 @@ class Engine:
     def _micro_batch(
         self,
         rows: list[StepRow],
-        paired: dict[str, DpoObjective],
+        paired: dict[str, PairObjective],
         losses: dict[str, float],
         pair_metrics: dict[str, dict[str, float]],
         *,

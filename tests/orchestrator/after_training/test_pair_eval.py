@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from carpool.orchestrator.cli.main import main
 from carpool.workers.spec.job_spec import AdapterSpec, DatasetSpec
-from carpool.workers.spec.objective import DpoObjective
+from carpool.workers.spec.objective import DpoObjective, OrpoObjective
 from carpool.workers.training.engine import Engine
 
 from tests.helpers.jobs import changed, job
@@ -54,6 +54,30 @@ def test_pairs_are_scored_against_the_base_as_training_scores_them(
     assert itself[0]["eval_loss"] == pytest.approx(math.log(2), abs=1e-5)
 
 
+def test_a_reference_free_objective_scores_as_training_scores_it(
+    trained: tuple[Path, float], tiny_base: Path, datasets: dict[str, Path], capsys
+) -> None:
+    """ORPO's eval loss, its chosen rows' cross-entropy included, for the base (a fresh
+    adapter) as a training job's evaluation computes it before its first step."""
+    pairs = datasets["preference"]
+    config = changed(
+        job("orpo", tiny_base, pairs, AdapterSpec(r=4, lora_alpha=8), max_steps=1,
+            max_seq_length=64),
+        objective=OrpoObjective(type="orpo", beta=0.5),
+        eval_dataset=DatasetSpec(path=pairs),
+    )  # fmt: skip
+    engine = Engine(str(tiny_base), device="cpu")
+    engine.add_job(config)
+    fresh = engine.evaluate()["orpo"]
+    adapter, _ = trained
+    rows = run_eval(capsys, str(adapter), "--base", str(tiny_base), "--dataset", str(pairs),
+                    "--max-seq-length", "64", "--objective", "{type: orpo, beta: 0.5}",
+                    "--include-base")  # fmt: skip
+    by_name = {r["adapter"]: r for r in rows}
+    assert by_name["base"]["eval_loss"] == pytest.approx(fresh, rel=1e-5)
+    assert by_name["base"]["eval_nll_loss"] > 0
+
+
 def test_pair_eval_refusals_name_the_argument(
     trained: tuple[Path, float], tiny_base: Path, datasets: dict[str, Path], capsys
 ) -> None:
@@ -65,6 +89,8 @@ def test_pair_eval_refusals_name_the_argument(
         ([*base, "--dataset", str(datasets["preference"])], "(pass --objective)"),
         ([*base, "--dataset", str(datasets["preference"]), "--reference", str(adapter)],
          "--reference needs --objective"),
+        ([*base, "--dataset", str(datasets["preference"]), "--objective", "{type: simpo}",
+          "--reference", str(adapter)], "--reference: objective simpo has no reference policy"),
     ]  # fmt: skip
     for argv, message in cases:
         assert main(argv) == 1

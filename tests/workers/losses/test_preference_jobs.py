@@ -2,8 +2,10 @@
 
 Alone, beside supervised and other preference jobs, split into micro-batches, packed or
 padded, resumed from a checkpoint and on two ranks, a DPO job ends with the same adapter
-(float64, 1e-9). The reference log-probs come from one no-grad, base-only forward per
-micro-batch that holds preference rows, shared by every preference job in it.
+(float64, 1e-9), and so do the reference-free ones (CPO, ORPO: their chosen rows'
+cross-entropy is normalized over the whole step). The reference log-probs come from one
+no-grad, base-only forward per micro-batch that holds DPO rows, shared by every DPO job in
+it; the reference-free objectives cause none.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import pytest
 import torch
 from carpool.workers.data.fused_batch import collate, step_rows
 from carpool.workers.spec.job_spec import AdapterSpec, DatasetSpec
-from carpool.workers.spec.objective import DpoObjective, SftObjective
+from carpool.workers.spec.objective import OBJECTIVE_MODELS, SftObjective
 from carpool.workers.training.engine import Engine
 
 from tests.helpers.jobs import changed, job
@@ -32,6 +34,10 @@ def pairs(datasets: dict[str, Path]) -> Path:
 
 
 def dpo(name: str, base: Path, data: Path, **objective: object):
+    return preference(name, base, data, "dpo", **objective)
+
+
+def preference(name: str, base: Path, data: Path, kind: str, **objective: object):
     config = job(
         name,
         base,
@@ -42,7 +48,7 @@ def dpo(name: str, base: Path, data: Path, **objective: object):
         max_steps=STEPS,
         max_seq_length=32,
     )
-    return changed(config, objective=DpoObjective(type="dpo", **objective))
+    return changed(config, objective=OBJECTIVE_MODELS[kind](type=kind, **objective))
 
 
 def supervised(base: Path, datasets: dict[str, Path]):
@@ -86,6 +92,42 @@ def test_a_dpo_job_alone_beside_others_split_packed_and_resumed_agree(
         assert got.keys() == want.keys()
         for key, value in want.items():
             assert got[key] == pytest.approx(value, rel=1e-9, abs=1e-12), key
+
+
+@pytest.mark.parametrize(("kind", "options"), [("orpo", {}), ("cpo", {"cpo_alpha": 0.5})])
+def test_a_reference_free_job_alone_and_split_beside_others_agree(
+    kind: str, options: dict, tiny_base: Path, pairs: Path, datasets: dict[str, Path]
+) -> None:
+    """Its chosen rows' cross-entropy is a mean over the step's chosen tokens (ORPO's over the
+    prompt's too): split into micro-batches beside other objectives, the same adapter."""
+    config = preference(kind, tiny_base, pairs, kind, beta=0.3, **options)
+    others = [
+        supervised(tiny_base, datasets),
+        dpo("dpo", tiny_base, pairs),
+        preference("simpo", tiny_base, pairs, "simpo", beta=2.0),
+    ]
+    f64 = {"dtype": torch.float64, "batch_layout": "padded"}
+    alone = train_one_way(tiny_base, config, **f64).tensors
+    split = train_one_way(tiny_base, config, beside=others, micro_batch_tokens=40, **f64)
+    assert max_relative_difference(alone, split.tensors) < 1e-9
+
+
+def test_reference_free_jobs_cause_no_reference_pass(tiny_base: Path, pairs: Path) -> None:
+    engine = Engine(str(tiny_base), device="cpu")
+    for kind in ("simpo", "cpo", "orpo"):
+        engine.add_job(preference(kind, tiny_base, pairs, kind))
+    reports = engine.train_round()
+    assert engine.reference_passes == 0
+    assert sorted(engine.bank.adapters) == ["cpo", "orpo", "simpo"]  # no reference row set
+    assert reports["orpo"].metrics["nll_loss"] > 0
+    assert set(reports["simpo"].metrics) == {
+        "rewards/chosen",
+        "rewards/rejected",
+        "rewards/accuracies",
+        "rewards/margins",
+        "logps/chosen",
+        "logps/rejected",
+    }
 
 
 def test_packed_and_split_packed_agree(tiny_base: Path, pairs: Path) -> None:
@@ -134,7 +176,11 @@ def test_the_reference_pass_keeps_nothing_for_backward(tiny_base: Path, pairs: P
 def test_a_dpo_job_on_two_ranks_equals_one_rank(
     tiny_base: Path, pairs: Path, datasets: dict[str, Path], tmp_path: Path
 ) -> None:
-    configs = [dpo("dpo", tiny_base, pairs, beta=0.3), supervised(tiny_base, datasets)]
+    configs = [
+        dpo("dpo", tiny_base, pairs, beta=0.3),
+        supervised(tiny_base, datasets),
+        preference("orpo", tiny_base, pairs, "orpo"),  # other figures, reduced by name
+    ]
     one = train_on_one_rank(tiny_base, configs)
     for rank in train_on_two_ranks(tiny_base, configs, tmp_path):
         for name in one:
@@ -163,13 +209,15 @@ def test_a_pair_counts_twice_toward_a_steps_tokens(tiny_base: Path, pairs: Path)
     assert config.tokens_per_step == 2 * sft.tokens_per_step
 
 
+@pytest.mark.parametrize("kind", ["dpo", "orpo"])
 def test_evaluating_pairs_gives_the_loss_and_figures_the_next_step_trains_on(
-    tiny_base: Path, pairs: Path
+    kind: str, tiny_base: Path, pairs: Path
 ) -> None:
     """Evaluated on its own training pairs (the whole set in one step, no dropout), a job's
-    eval loss and eval_rewards/* are what its next step reports, before that step updates."""
+    eval loss (ORPO's cross-entropy term included) and eval_rewards/* are what its next step
+    reports, before that step updates."""
     config = changed(
-        dpo("a", tiny_base, pairs, beta=0.5),
+        preference("a", tiny_base, pairs, kind, beta=0.5),
         eval_dataset=DatasetSpec(path=pairs),
         training={"batch_size": 12, "shuffle": False, "eval_steps": 1},
     )
