@@ -150,7 +150,7 @@ def reference_share(paths: list[Path]) -> tuple[float, int]:
     for spec in specs:
         engine.add_job(spec)
     spent = [0.0]
-    reference = engine._reference_logps
+    reference = engine.references.logps
 
     def timed(*args, **kwargs):
         start = time.perf_counter()
@@ -159,7 +159,7 @@ def reference_share(paths: list[Path]) -> tuple[float, int]:
         finally:
             spent[0] += time.perf_counter() - start
 
-    engine._reference_logps = timed
+    engine.references.logps = timed
     engine.train_round()  # warm-up: first-call costs
     spent[0] = 0.0
     passes_before = engine.reference_passes

@@ -62,6 +62,7 @@ def train_locally(
             loss_chunk_tokens=loss_chunk_tokens,
             adapter_math=adapter_math,
             batch_layout=batch_layout,
+            reference_cache_dir=Path(out_dir) / ".reference-logps",  # beside the adapters
         )
         for config in configs:
             resume = checkpoint_dir / config.name if checkpoint_dir else None

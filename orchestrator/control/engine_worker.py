@@ -148,6 +148,8 @@ class EngineWorker:
             data_parallel=data_parallel,
             zero_stage=zero_stage,
             quantization=quantization,
+            # Beside the group's scratch, so every group of this state directory shares it.
+            reference_cache_dir=Path(scratch_dir) / "reference-logps",
             **(engine_options or {}),
         )
         log.info("group %s rank %d/%d: zero_stage=%s", group_id, rank, world_size, zero_stage)

@@ -47,6 +47,10 @@ class DpoObjective(_ObjectiveModel):
     loss_type: Literal["sigmoid", "hinge", "ipo", "robust"] = "sigmoid"
     beta: float = Field(0.1, gt=0)
     label_smoothing: float = Field(0.0, ge=0, lt=0.5)  # robust's ε: the share of flipped labels
+    # One no-grad pass over the data before the first step, kept on disk and reused by every
+    # job on the same data and reference (TRL's name); off, each micro-batch's reference is
+    # computed as it trains.
+    precompute_ref_log_probs: bool = False
 
     @model_validator(mode="after")
     def _smoothing_is_robusts(self) -> Self:

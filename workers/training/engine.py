@@ -14,9 +14,8 @@ from __future__ import annotations
 
 import logging
 from collections import defaultdict
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -28,7 +27,6 @@ from carpool.workers.data.batch_layout import check_batch_layout
 from carpool.workers.data.dataset import TokenizedDataset
 from carpool.workers.data.dataset_cache import DatasetCache
 from carpool.workers.data.fused_batch import (
-    FusedBatch,
     StepRow,
     collate,
     plan_micro_batches,
@@ -39,7 +37,7 @@ from carpool.workers.data.segment import Segment
 from carpool.workers.distributed.data_parallel import DataParallel, reduce_metric_sums
 from carpool.workers.distributed.zero3 import dummy_row, load_base_zero3, pad_micro_batches
 from carpool.workers.losses.chunked_loss import supports_chunked_loss
-from carpool.workers.losses.paired_terms import RowKey, pair_terms, reference_logps
+from carpool.workers.losses.paired_terms import pair_terms
 from carpool.workers.losses.position_losses import add_segment_losses, token_nll
 from carpool.workers.losses.preference_losses import figure_names
 from carpool.workers.peft_files.peft_export import export_adapter
@@ -52,23 +50,21 @@ from carpool.workers.spec.job_spec import (
 from carpool.workers.spec.objective import PairObjective, is_paired, needs_reference
 from carpool.workers.training.checkpoint import latest_checkpoint, load_checkpoint
 from carpool.workers.training.initial_adapters import initial_adapter
+from carpool.workers.training.reference_tables import ReferenceTables
+from carpool.workers.training.references import (
+    ForwardSetup,
+    References,
+    RowLookup,
+    reference_name,
+)
 from carpool.workers.training.training_job import StepReport, TrainingJob
 from carpool.workers.variants.job_adapter import JobAdapter
 
 log = logging.getLogger("carpool.engine")
-_REFERENCE = "@reference"  # no job name holds "@": a preference job's reference row set
 
 
 def _figure_names(paired: dict[str, PairObjective]) -> dict[str, tuple[str, ...]]:
     return {name: figure_names(objective) for name, objective in paired.items()}
-
-
-def reference_name(job: str) -> str:
-    return job + _REFERENCE
-
-
-def job_of(reference: str) -> str:
-    return reference.removesuffix(_REFERENCE)
 
 
 class Engine:
@@ -91,6 +87,7 @@ class Engine:
         adapter_math: str = "auto",
         batch_layout: str = "auto",
         quantization: QuantizationSpec | None = None,
+        reference_cache_dir: Path | None = None,
     ) -> None:
         """`micro_batch_tokens` caps tokens per forward/backward (None: one per round);
         padded ones count in the padded layout.
@@ -117,6 +114,9 @@ class Engine:
 
         `quantization` loads the base in 4 bits (QLoRA); only jobs whose
         `base_quantization` equals it may join.
+
+        `reference_cache_dir` keeps the reference log-probs of jobs with
+        `precompute_ref_log_probs` (see `reference_tables`); None keeps them in memory.
         """
         if zero_stage not in (0, 3):
             raise ValueError(f"zero_stage must be 0 or 3, got {zero_stage}")
@@ -159,7 +159,19 @@ class Engine:
         self._datasets = DatasetCache(self.tokenizer)  # jobs sharing a file tokenize it once
         self.bank = AdapterBank(self.base, adapter_math=adapter_math)
         self.jobs: dict[str, TrainingJob] = {}
-        self.reference_passes = 0  # base-only forwards for preference jobs' reference log-probs
+        setup = ForwardSetup(
+            base=self.base,
+            bank=self.bank,
+            pad_token_id=self.tokenizer.pad_token_id,
+            device=self.device,
+            packed=self.packed,
+            micro_batch_tokens=micro_batch_tokens,
+            loss_chunk_tokens=self.loss_chunk_tokens,
+            zero_stage=zero_stage,
+            data_parallel=data_parallel,
+            base_identity=(base_model, quantization, self.dtype),
+        )
+        self.references = References(setup, ReferenceTables(reference_cache_dir))
 
     # -- jobs joining and leaving ---------------------------------------------------------
     def add_job(
@@ -199,23 +211,18 @@ class Engine:
                 load_checkpoint(job, checkpoint)
         self.bank.add(job.adapter)
         if needs_reference(config.objective):
-            self.bank.add(self._reference_adapter(config))
+            self.references.add(job, self._reference_adapter(config))
         self.jobs[config.name] = job
         return job
 
     def _reference_adapter(self, config: JobSpec) -> JobAdapter:
-        """A preference job's reference policy, as a row set of the bank: for a fresh adapter
-        one with no modules (its rows see the base alone); for a job started from an adapter
-        that adapter, frozen (TRL loads the same copy as "ref")."""
-        name = reference_name(config.name)
+        """A DPO job's reference policy: for a fresh adapter one with no modules (its rows
+        see the base alone); for a job started from an adapter, that adapter (frozen by
+        `References.add`)."""
         if config.adapter.init_from is None:
-            return JobAdapter.without_modules(name)
+            return JobAdapter.without_modules(reference_name(config.name))
         with _job_input(config.name, "init_from"):
-            reference = self._initial_adapter(config)
-        reference.name = name
-        for p in reference.parameters():
-            p.requires_grad_(False)
-        return reference
+            return self._initial_adapter(config)
 
     def _load(self, data: DatasetSpec, config: JobSpec) -> TokenizedDataset:
         return self._datasets.load(Path(data.path), data.format, config.training.max_seq_length)
@@ -227,9 +234,13 @@ class Engine:
         """Take a job off the engine; the others are untouched."""
         job = self.jobs.pop(name)
         self.bank.remove(name)
-        if reference_name(name) in self.bank.adapters:
-            self.bank.remove(reference_name(name))
+        self.references.remove(name)
         return job
+
+    @property
+    def reference_passes(self) -> int:
+        """No-grad forwards run for DPO jobs' reference log-probs."""
+        return self.references.passes
 
     def active_jobs(self) -> list[TrainingJob]:
         return [j for j in self.jobs.values() if j.active]
@@ -249,8 +260,9 @@ class Engine:
         paired = {j.name: j.config.objective for j in jobs if is_paired(j.config.objective)}
         losses: dict[str, float] = defaultdict(float)
         pair_metrics: dict[str, dict[str, float]] = {n: defaultdict(float) for n in paired}
+        tables = self.references.lookups({n: self.jobs[n] for n in paired}, "train")
         for micro in self._micro_batches(all_rows, filler_job=min(j.name for j in jobs)):
-            self._micro_batch(micro, paired, losses, pair_metrics, backward=True)
+            self._micro_batch(micro, paired, tables, losses, pair_metrics, backward=True)
         dp = self.data_parallel
         if dp:
             jobs = sorted(jobs, key=lambda j: j.name)  # the same order on every rank
@@ -287,33 +299,6 @@ class Engine:
             reports[j.name] = j.finish_step(losses[j.name], rows, grad_norm, metrics)
         return reports
 
-    def _reference_logps(
-        self, batch: FusedBatch, paired: dict[str, PairObjective]
-    ) -> dict[RowKey, float]:
-        """The reference log-probs of the micro-batch's preference rows: one forward without
-        a graph for every job's pairs at once, each job's rows routed to its reference (the
-        base alone for a fresh adapter, the frozen starting adapter otherwise). Under ZeRO-3
-        every rank runs it for every micro-batch while any job needs a reference (over a
-        filler row where it has none): its gathers are collectives."""
-        referenced = {name for name, objective in paired.items() if needs_reference(objective)}
-        rows = [
-            replace(r, job=reference_name(r.job))
-            for r in batch.rows
-            if r.job in referenced and r.pair is not None
-        ]
-        if not rows and not (referenced and self.zero_stage == 3):
-            return {}
-        if not rows:
-            rows = [dummy_row(reference_name(min(referenced)), self.tokenizer.pad_token_id)]
-        sub = collate(rows, self.tokenizer.pad_token_id, self.device, self.packed)
-        self.reference_passes += 1
-        with torch.no_grad(), self.bank.route(sub.segments, packed=sub.packed):
-            nll = token_nll(self.base, sub, self.loss_chunk_tokens)
-        if rows[0].pair is None:
-            return {}
-        found = reference_logps(sub, nll)
-        return {(job_of(ref), record, side): v for (ref, record, side), v in found.items()}
-
     @torch.no_grad()
     def evaluate(self, names: Sequence[str] | None = None) -> dict[str, float]:
         """Each job's mean cross-entropy over its eval rows' trainable tokens; for a
@@ -339,8 +324,9 @@ class Engine:
         paired = {j.name: j.config.objective for j in jobs if is_paired(j.config.objective)}
         losses: dict[str, float] = defaultdict(float)
         pair_metrics: dict[str, dict[str, float]] = {n: defaultdict(float) for n in paired}
+        tables = self.references.lookups({n: self.jobs[n] for n in paired}, "eval")
         for micro in self._micro_batches(rows, filler_job=jobs[0].name):
-            self._micro_batch(micro, paired, losses, pair_metrics, backward=False)
+            self._micro_batch(micro, paired, tables, losses, pair_metrics, backward=False)
         if self.data_parallel:
             losses = self.data_parallel.reduce_losses([j.name for j in jobs], losses)
             pair_metrics = reduce_metric_sums(
@@ -355,6 +341,7 @@ class Engine:
         self,
         rows: list[StepRow],
         paired: dict[str, PairObjective],
+        tables: Mapping[str, RowLookup],
         losses: dict[str, float],
         pair_metrics: dict[str, dict[str, float]],
         *,
@@ -364,7 +351,7 @@ class Engine:
         and the preference pairs' loss against their shared reference pass, each job's share
         added to `losses` and its pair figures to `pair_metrics`."""
         batch = collate(rows, self.tokenizer.pad_token_id, self.device, self.packed)
-        reference = self._reference_logps(batch, paired)
+        reference = self.references.logps(batch, paired, tables)
         # Routed through the backward too: checkpointed layers rerun forward there.
         with self.bank.route(batch.segments, packed=batch.packed):
             nll = token_nll(self.base, batch, self.loss_chunk_tokens)

@@ -214,9 +214,13 @@ class TrainingJob:
             self._order_epoch = epoch
         return self._order
 
-    def row_at(self, stream_index: int) -> TokenizedRow | PreferencePair:
+    def dataset_index(self, stream_index: int) -> int:
+        """Which of the dataset's records sits at `stream_index` of the job's record stream."""
         n = len(self.dataset.rows)
-        return self.dataset.rows[self._epoch_order(stream_index // n)[stream_index % n]]
+        return self._epoch_order(stream_index // n)[stream_index % n]
+
+    def row_at(self, stream_index: int) -> TokenizedRow | PreferencePair:
+        return self.dataset.rows[self.dataset_index(stream_index)]
 
     def next_rows(self) -> tuple[list[TokenizedRow | PreferencePair], list[int]]:
         """The records (rows, or pairs) of the job's next optimizer step and their stream

@@ -76,7 +76,13 @@ def zero3_jobs(base: Path, datasets: dict[str, Path]) -> list[JobSpec]:
         ),
         objective=DpoObjective(type="dpo", beta=0.3),
     )
-    return [*jobs, solo, dpo]
+    # Its references precomputed: every rank runs the same pass over the whole dataset.
+    kept = changed(
+        dpo,
+        name="dpo-kept",
+        objective=DpoObjective(type="dpo", beta=0.5, precompute_ref_log_probs=True),
+    )
+    return [*jobs, solo, dpo, kept]
 
 
 def mixed_target_jobs(base: Path, datasets: dict[str, Path]) -> list[JobSpec]:

@@ -164,7 +164,7 @@ def test_the_reference_pass_keeps_nothing_for_backward(tiny_base: Path, pairs: P
     batch = collate(step_rows("a", records, ids), engine.tokenizer.pad_token_id, engine.device)
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
-        reference = engine._reference_logps(batch, {"a": job_.config.objective})
+        reference = engine.references.logps(batch, {"a": job_.config.objective}, {})
     assert not saved
     assert len(reference) == 2 * len(records)  # every row of every pair
     # With the adapter's B at zero, the policy is the base: the reference is its log-probs.
@@ -263,6 +263,70 @@ def test_a_job_started_from_an_adapter_has_that_adapter_frozen_as_its_reference(
     assert max_relative_difference(straight.tensors, resumed.tensors) < 1e-9
     engine.remove_job("a")
     assert "a@reference" not in engine.bank.adapters
+
+
+def precomputed(config):
+    return changed(
+        config,
+        objective=config.objective.model_copy(update={"precompute_ref_log_probs": True}),
+    )
+
+
+def test_precomputed_references_train_the_adapter_the_live_reference_trains(
+    tiny_base: Path, pairs: Path, datasets: dict[str, Path], tmp_path: Path
+) -> None:
+    """Looked up by record through a reshuffled second epoch, split, beside other jobs and
+    after a resume (which finds the kept table), the same adapter as the live reference."""
+    live = changed(dpo("dpo", tiny_base, pairs, beta=0.3), training={"max_steps": 6})
+    f64 = {"dtype": torch.float64, "batch_layout": "padded"}
+    want = train_one_way(tiny_base, live, **f64).tensors
+    got = train_one_way(
+        tiny_base,
+        precomputed(live),
+        beside=[supervised(tiny_base, datasets), dpo("other", tiny_base, pairs)],
+        resume_after=3,
+        checkpoint=tmp_path / "ckpt",
+        micro_batch_tokens=40,
+        reference_cache_dir=tmp_path / "refs",
+        **f64,
+    )
+    assert got.job.rows_consumed > 12  # the 12 pairs' second epoch, in another order
+    assert max_relative_difference(want, got.tensors) < 1e-9
+
+
+def test_a_precomputed_reference_is_one_pass_kept_for_every_job_on_the_same_data(
+    tiny_base: Path, pairs: Path, tmp_path: Path
+) -> None:
+    cache = tmp_path / "refs"
+    config = precomputed(changed(dpo("a", tiny_base, pairs), eval_dataset=DatasetSpec(path=pairs)))
+    engine = Engine(str(tiny_base), device="cpu", reference_cache_dir=cache)
+    engine.add_job(config)
+    assert engine.reference_passes == 1  # the 12 pairs in one micro-batch; eval: the same table
+    for _ in range(STEPS):
+        engine.train_round()
+    live = Engine(str(tiny_base), device="cpu")
+    live.add_job(changed(config, objective=dpo("a", tiny_base, pairs).objective))
+    for _ in range(STEPS):
+        live.train_round()
+    assert engine.evaluate() == pytest.approx(live.evaluate(), rel=1e-6)
+    assert engine.reference_passes == 1  # none while training or evaluating
+
+    # A beta sweep's next trial, in another process: the table on disk.
+    other = Engine(str(tiny_base), device="cpu", reference_cache_dir=cache)
+    other.add_job(
+        changed(config, name="b", objective=config.objective.model_copy(update={"beta": 0.5}))
+    )
+    assert other.reference_passes == 0
+    # Other tokenization, or another reference: another table.
+    other.add_job(changed(config, name="c", training={"max_seq_length": 10}))  # rows cut
+    assert other.reference_passes == 1
+    start = save_peft_adapter(
+        tiny_base, tmp_path / "sft", r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+        init_lora_weights=False,
+    )  # fmt: skip
+    other.add_job(changed(config, name="d", adapter={"init_from": start}))
+    assert other.reference_passes == 2
+    assert len(list(cache.glob("*.pt"))) == 3
 
 
 # Trained weights on q_proj (64 -> 64) and v_proj (64 -> 32): LoRA r=4 A and B; VeRA r=16
