@@ -39,7 +39,8 @@ def tiny_base(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def datasets(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """Small datasets, one per format (preference pairs too), with rows of varied length."""
+    """Small datasets, one per format (preference pairs and unpaired too), with rows of
+    varied length."""
     root = tmp_path_factory.mktemp("data")
     words = [
         "the",
@@ -87,6 +88,16 @@ def datasets(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         # A one-row eval set: in a group of two ranks, one of them has no row of it.
         "one_row": write_jsonl(root / "one.jsonl", [{"text": "the quick brown fox"}]),
         "preference": write_jsonl(root / "pairs.jsonl", pairs),
+        # The pairs unpaired, as TRL unpairs them, a record per completion; labelled so that
+        # the longer completions are the desirable ones, which lifts KTO's KL estimate off 0.
+        "unpaired": write_jsonl(
+            root / "unpaired.jsonl",
+            [
+                {"prompt": p["prompt"], "completion": p[side], "label": side == "rejected"}
+                for p in pairs
+                for side in ("chosen", "rejected")
+            ],
+        ),
     }
 
 

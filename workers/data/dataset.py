@@ -18,10 +18,18 @@ from carpool.workers.data.preference_data import (
     tokenize_preference,
 )
 from carpool.workers.data.record_fields import chat_messages, field
-from carpool.workers.spec.objective import PAIRED_FORMATS, SUPERVISED_FORMATS
+from carpool.workers.data.unpaired_data import (
+    LabelledCompletion,
+    is_unpaired_record,
+    tokenize_unpaired,
+)
+from carpool.workers.spec.objective import PAIRED_FORMATS, SUPERVISED_FORMATS, UNPAIRED_FORMATS
 
-# Supervised formats (a record is one row), then paired ones (a record is two rows).
-FORMATS = SUPERVISED_FORMATS + PAIRED_FORMATS
+# Supervised formats (a record is one row), paired ones (a record is two rows), and
+# unpaired preferences (a row and its label).
+FORMATS = SUPERVISED_FORMATS + PAIRED_FORMATS + UNPAIRED_FORMATS
+# Record is what a dataset holds: a row, a pair of rows, or a labelled completion.
+Record = TokenizedRow | PreferencePair | LabelledCompletion
 
 
 class DatasetError(ValueError):
@@ -40,9 +48,10 @@ class DatasetError(ValueError):
 
 @dataclass(frozen=True)
 class TokenizedDataset:
-    """A file's records, tokenized: a row each, or a pair of rows each (`preference`)."""
+    """A file's records, tokenized: a row each, a pair of rows each (`preference`), or a
+    labelled completion each (`unpaired_preference`)."""
 
-    rows: tuple[TokenizedRow | PreferencePair, ...]
+    rows: tuple[Record, ...]
     format: str
     truncated_rows: int
     source: Path
@@ -111,6 +120,8 @@ def resolve_format(records: list[dict], declared: str, path: Path) -> str:
     keys = set(records[0])
     if is_preference_record(keys):
         return "preference"
+    if is_unpaired_record(keys):
+        return "unpaired_preference"
     if "messages" in keys:
         return "messages"
     if {"prompt", "completion"} <= keys:
@@ -120,8 +131,8 @@ def resolve_format(records: list[dict], declared: str, path: Path) -> str:
     raise DatasetError(
         path,
         f"cannot detect the format from the first record's keys {sorted(keys)}: "
-        "expected 'messages', 'prompt' and 'completion', 'text', or 'prompt', 'chosen' and "
-        "'rejected'",
+        "expected 'messages', 'prompt' and 'completion', 'text', 'prompt', 'chosen' and "
+        "'rejected', or 'prompt', 'completion' and 'label'",
     )
 
 
@@ -227,12 +238,14 @@ def load_dataset(path: Path, fmt: str, tokenizer, max_seq_length: int) -> Tokeni
     path = Path(path)
     numbered = _read_numbered(path)
     resolved = resolve_format([r for _, r in numbered], fmt, path)
-    rows: list[TokenizedRow | PreferencePair] = []
+    rows: list[Record] = []
     truncated_rows = dropped_rows = 0
     for number, record in numbered:
         try:
             if resolved == "preference":
                 row, truncated = tokenize_preference(record, tokenizer, max_seq_length)
+            elif resolved == "unpaired_preference":
+                row, truncated = tokenize_unpaired(record, tokenizer, max_seq_length)
             else:
                 row, truncated = tokenize_record(record, resolved, tokenizer, max_seq_length)
         except ValueError as e:

@@ -28,6 +28,7 @@ import torch
 from carpool.workers.data.dataset_rows import IGNORE_INDEX, TokenizedRow
 from carpool.workers.data.preference_data import PreferencePair
 from carpool.workers.data.segment import Segment
+from carpool.workers.data.unpaired_data import LabelledCompletion, mismatched_rows
 from carpool.workers.spec.objective import (
     AnyObjective,
     SftObjective,
@@ -35,17 +36,19 @@ from carpool.workers.spec.objective import (
     nll_covers_prompt,
 )
 
-CHOSEN, REJECTED = 0, 1
+# A row's side: a pair's chosen or rejected completion; for KTO, a desirable (CHOSEN) or
+# undesirable (REJECTED) completion, or a KL row (MISMATCHED: a prompt with another's).
+CHOSEN, REJECTED, MISMATCHED = 0, 1, 2
 SUPERVISED = SftObjective()
 
 
 @dataclass(frozen=True)
 class PairSlot:
-    """Where a row of a preference pair belongs: its record and which completion it is."""
+    """Where a preference row belongs: its record and which completion it is."""
 
-    record: int  # the pair's position in the job's record stream
-    side: int  # CHOSEN or REJECTED
-    scale: float  # 1 / pairs in the job's whole step
+    record: int  # the record's position in the job's record stream
+    side: int  # CHOSEN, REJECTED or MISMATCHED
+    scale: float  # 1 / records in the job's whole step
     prompt_targets: bool = False  # the prompt's tokens are targets too (ORPO's chosen rows)
 
 
@@ -93,13 +96,20 @@ def trainable_tokens(row: TokenizedRow) -> int:
 
 def step_rows(
     job: str,
-    rows: Sequence[TokenizedRow | PreferencePair],
+    rows: Sequence[TokenizedRow | PreferencePair | LabelledCompletion],
     row_ids: Sequence[int],
     objective: AnyObjective = SUPERVISED,
 ) -> list[StepRow]:
     """Tag one job's step records with the scale that normalizes over the whole step: its
     trainable tokens, or for pairs its pair count (both rows of each pair tagged with it;
-    the chosen rows also with their cross-entropy's weight over the step's chosen tokens)."""
+    the chosen rows also with their cross-entropy's weight over the step's chosen tokens;
+    a labelled completion's row with its side by its label)."""
+    if rows and isinstance(rows[0], LabelledCompletion):
+        scale = 1.0 / len(rows)
+        return [
+            StepRow(job, r.row, i, 0.0, PairSlot(i, CHOSEN if r.desirable else REJECTED, scale))
+            for r, i in zip(rows, row_ids, strict=True)
+        ]
     if rows and isinstance(rows[0], PreferencePair):
         scale = 1.0 / len(rows)
         whole = nll_covers_prompt(objective)  # ORPO: prompt and completion, as TRL's
@@ -122,6 +132,19 @@ def step_rows(
     count = sum(trainable_tokens(r) for r in rows)
     scale = 1.0 / count if count else 0.0
     return [StepRow(job, r, i, scale) for r, i in zip(rows, row_ids, strict=True)]
+
+
+def mismatched_step_rows(
+    job: str, records: Sequence[LabelledCompletion], row_ids: Sequence[int]
+) -> list[StepRow]:
+    """KTO's KL rows of one job's step: each record's prompt with the step's previous
+    record's completion (`unpaired_data.mismatched_rows`), each its own planning unit."""
+    scale = 1.0 / len(records)
+    rows = mismatched_rows(records)
+    return [
+        StepRow(job, row, i, 0.0, PairSlot(i, MISMATCHED, scale))
+        for row, i in zip(rows, row_ids, strict=True)
+    ]
 
 
 def plan_micro_batches(

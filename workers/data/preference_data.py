@@ -32,7 +32,7 @@ class PreferencePair:
         return (self.chosen, self.rejected)
 
 
-def _common_prefix(a: list[int], b: list[int]) -> int:
+def common_prefix(a: list[int], b: list[int]) -> int:
     n = 0
     for x, y in zip(a, b, strict=False):
         if x != y:
@@ -41,7 +41,7 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
     return n
 
 
-def _template_ids(tokenizer, messages: list[dict], generation_prompt: bool = False) -> list[int]:
+def template_ids(tokenizer, messages: list[dict], generation_prompt: bool = False) -> list[int]:
     encoded = tokenizer.apply_chat_template(
         messages, tokenize=True, return_dict=True, add_generation_prompt=generation_prompt
     )
@@ -60,23 +60,29 @@ def _sequences(record: dict, tokenizer) -> tuple[list[int], list[int], list[int]
         if chosen == rejected:
             raise ValueError("chosen and rejected are the same: the pair prefers nothing")
         return (
-            _template_ids(tokenizer, prompt, generation_prompt=True),
-            _template_ids(tokenizer, prompt + chosen),
-            _template_ids(tokenizer, prompt + rejected),
+            template_ids(tokenizer, prompt, generation_prompt=True),
+            template_ids(tokenizer, prompt + chosen),
+            template_ids(tokenizer, prompt + rejected),
         )
     prompt = field(record, "prompt", str)
     chosen = field(record, "chosen", str, non_empty=True)
     rejected = field(record, "rejected", str, non_empty=True)
     if chosen == rejected:
         raise ValueError("chosen and rejected are the same: the pair prefers nothing")
+    return text_ids(tokenizer, prompt), *(
+        text_ids(tokenizer, prompt + with_eos(tokenizer, c)) for c in (chosen, rejected)
+    )
+
+
+def text_ids(tokenizer, text: str) -> list[int]:
+    """Plain text tokenized as TRL's trainers do (the tokenizer's own special tokens)."""
+    return list(tokenizer(text=text)["input_ids"])
+
+
+def with_eos(tokenizer, completion: str) -> str:
+    """A plain-text completion with the EOS TRL appends where it lacks one."""
     eos = tokenizer.eos_token or ""
-    chosen = chosen if chosen.endswith(eos) else chosen + eos
-    rejected = rejected if rejected.endswith(eos) else rejected + eos
-
-    def ids(text: str) -> list[int]:
-        return list(tokenizer(text=text)["input_ids"])
-
-    return ids(prompt), ids(prompt + chosen), ids(prompt + rejected)
+    return completion if completion.endswith(eos) else completion + eos
 
 
 def _row(ids: list[int], prompt_len: int, max_seq_length: int) -> tuple[TokenizedRow, bool]:
@@ -92,7 +98,7 @@ def tokenize_preference(
     a record whose prompt leaves no room for a completion token. Raises ValueError(reason)
     for a bad record (the caller adds the file and line)."""
     prompt, with_chosen, with_rejected = _sequences(record, tokenizer)
-    prompt_len = min(_common_prefix(prompt, with_chosen), _common_prefix(prompt, with_rejected))
+    prompt_len = min(common_prefix(prompt, with_chosen), common_prefix(prompt, with_rejected))
     for name, ids in (("chosen", with_chosen), ("rejected", with_rejected)):
         if len(ids) <= prompt_len:
             raise ValueError(f"field {name!r} adds no token after the prompt")

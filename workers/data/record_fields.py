@@ -11,7 +11,7 @@ def field(record: dict, name: str, kind: type, *, non_empty: bool = False) -> An
         raise ValueError(f"missing field {name!r}")
     value = record[name]
     if not isinstance(value, kind):
-        article = "a list" if kind is list else "a string"
+        article = {list: "a list", bool: "a boolean (true or false)"}.get(kind, "a string")
         raise ValueError(f"field {name!r} must be {article}, got {type(value).__name__}")
     if non_empty and not value:
         raise ValueError(f"field {name!r} must not be empty")

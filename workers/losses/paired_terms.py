@@ -1,10 +1,11 @@
-"""A micro-batch's preference pairs: sequence log-probs, the shared reference, pair losses.
+"""A micro-batch's preference rows: sequence log-probs, the shared reference, their losses.
 
 Each row's log-probability is minus the sum of its per-position cross-entropy over its
-completion tokens; a pair's loss needs its chosen and its rejected row, which ride in one
-micro-batch. The reference log-probs (DPO's) come from one no-grad forward over the
-micro-batch's preference rows of every job that needs a reference, whatever job they
-belong to, each routed to its job's reference.
+completion tokens. A pair's loss needs its chosen and its rejected row, which ride in one
+micro-batch; a KTO record's loss needs its own row and its step's KL estimate. The
+reference log-probs (DPO's and KTO's) come from one no-grad forward over the micro-batch's
+preference rows of every job that needs a reference, whatever job they belong to, each
+routed to its job's reference.
 """
 
 from __future__ import annotations
@@ -16,12 +17,20 @@ import torch
 from carpool.workers.data.dataset_rows import IGNORE_INDEX
 from carpool.workers.data.fused_batch import CHOSEN, REJECTED, FusedBatch, StepRow
 from carpool.workers.losses.preference_losses import (
+    KTO_SUMS,
     PairLogps,
     figure_names,
+    kto_figures,
+    kto_losses,
     pair_figures,
     pair_losses,
 )
-from carpool.workers.spec.objective import PairObjective, chosen_nll_weight, needs_reference
+from carpool.workers.spec.objective import (
+    KtoObjective,
+    PairObjective,
+    chosen_nll_weight,
+    needs_reference,
+)
 
 RowKey = tuple[str, int, int]  # (job, record, side)
 
@@ -62,12 +71,13 @@ def pair_terms(
     token_nll: torch.Tensor,
     reference: Mapping[RowKey, float],
     objectives: Mapping[str, PairObjective],
+    kl: Mapping[str, float] | None = None,
 ) -> tuple[torch.Tensor | None, dict[str, float], dict[str, dict[str, float]]]:
-    """The micro-batch's preference loss to backpropagate (each pair's loss times its
-    1/pairs-in-step scale, summed), each job's share of its step loss, and each job's
+    """The micro-batch's preference loss to backpropagate (each record's loss times its
+    1/records-in-step scale, summed), each job's share of its step loss, and each job's
     metric sums. `token_nll` is the policy's per-position cross-entropy, with graph; the
     chosen rows' cross-entropy term (CPO, ORPO) is the caller's token loss, only reported
-    here (`nll_loss`)."""
+    here (`nll_loss`). `kl` is each KTO job's KL estimate of the step."""
     sides: dict[tuple[str, int], dict[int, int]] = defaultdict(dict)  # pair -> side -> row
     for i, row in enumerate(batch.rows):
         if row.pair is not None:
@@ -78,11 +88,20 @@ def pair_terms(
     counts = row_sums(batch, completion_mask(batch).double())
     scaled_nll = None
     by_job: dict[str, list[tuple[int, int]]] = defaultdict(list)
+    singles: dict[str, list[int]] = defaultdict(list)  # KTO's rows: a record is one row
     for (job, _), at in sides.items():  # a pair's two rows always share a micro-batch
-        by_job[job].append((at[CHOSEN], at[REJECTED]))
+        if isinstance(objectives[job], KtoObjective):
+            singles[job] += at.values()
+        else:
+            by_job[job].append((at[CHOSEN], at[REJECTED]))
     total: torch.Tensor | None = None
     losses: dict[str, float] = {}
     metrics: dict[str, dict[str, float]] = {}
+    for job, rows in singles.items():
+        term, losses[job], metrics[job] = _kto_terms(
+            batch, policy, reference, objectives[job], rows, (kl or {})[job]
+        )
+        total = term if total is None else total + term
     for job, pairs in by_job.items():
         objective = objectives[job]
         chosen = torch.tensor([c for c, _ in pairs], device=policy.device)
@@ -118,3 +137,26 @@ def pair_terms(
         losses[job] = values[0]
         metrics[job] = dict(zip(figure_names(objective), values[1:], strict=True))
     return total, losses, metrics
+
+
+def _kto_terms(
+    batch: FusedBatch,
+    policy: torch.Tensor,
+    reference: Mapping[RowKey, float],
+    objective: KtoObjective,
+    rows: list[int],
+    kl: float,
+) -> tuple[torch.Tensor, float, dict[str, float]]:
+    """A KTO job's rows of the micro-batch: their scaled loss, its value, and the job's sums."""
+    at = torch.tensor(rows, device=policy.device)
+    ref = [reference[row_key(batch.rows[i])] for i in rows]
+    ref_logps = torch.tensor(ref, dtype=policy.dtype, device=policy.device)
+    desirable = torch.tensor([batch.rows[i].pair.side == CHOSEN for i in rows], device=at.device)
+    logps = policy[at]
+    term = (
+        kto_losses(objective, logps, ref_logps, desirable, kl).sum()
+        * batch.rows[rows[0]].pair.scale
+    )
+    figures = kto_figures(objective, logps, ref_logps, desirable, kl)
+    values = torch.cat([term.detach().view(1).to(figures.dtype), figures]).tolist()
+    return term, values[0], dict(zip(KTO_SUMS, values[1:], strict=True))

@@ -10,6 +10,7 @@ rows is a token loss like a supervised job's (see `fused_batch.step_rows`), not 
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
@@ -17,6 +18,7 @@ import torch.nn.functional as F
 from carpool.workers.spec.objective import (
     CpoObjective,
     DpoObjective,
+    KtoObjective,
     OrpoObjective,
     PairObjective,
     SimpoObjective,
@@ -34,10 +36,23 @@ PREFERENCE_METRICS = (
 )
 NLL_METRIC = "nll_loss"  # CPO's and ORPO's: the chosen rows' mean cross-entropy
 ORPO_METRICS = ("log_odds_ratio", "log_odds_chosen")
+# KTO's sums: its figures are means over the step's desirable or undesirable completions.
+KTO_SUMS = (
+    "kl",
+    "rewards/chosen",
+    "logps/chosen",
+    "count/chosen",
+    "rewards/rejected",
+    "logps/rejected",
+    "count/rejected",
+)
 
 
 def figure_names(objective: PairObjective) -> tuple[str, ...]:
-    """The names a job of `objective` logs each step, TRL's for that trainer."""
+    """The sums a job of `objective` adds up each step (`step_figures` makes TRL's figures
+    of them)."""
+    if isinstance(objective, KtoObjective):
+        return KTO_SUMS
     if isinstance(objective, OrpoObjective):
         return (*PREFERENCE_METRICS, NLL_METRIC, *ORPO_METRICS)
     if isinstance(objective, CpoObjective):
@@ -141,3 +156,53 @@ def pair_figures(
             log_odds = _log_odds(chosen, rejected)
             figures += [F.logsigmoid(log_odds).sum(), log_odds.sum()]
         return torch.stack([f.to(chosen.dtype) for f in figures])
+
+
+def step_figures(
+    objective: PairObjective, sums: Mapping[str, float], records: int
+) -> dict[str, float]:
+    """A step's figures, by TRL's names, from its sums over `records` records: means over
+    the records, or for KTO over its desirable (`chosen`) and undesirable (`rejected`)
+    completions, each logged only when the step has some (as TRL logs them)."""
+    if not isinstance(objective, KtoObjective):
+        return {name: value / records for name, value in sums.items()}
+    figures = {"kl": sums.get("kl", 0.0) / records}
+    for side in ("chosen", "rejected"):
+        count = sums.get(f"count/{side}", 0.0)
+        if count:
+            figures[f"rewards/{side}"] = sums[f"rewards/{side}"] / count
+            figures[f"logps/{side}"] = sums[f"logps/{side}"] / count
+    if "rewards/chosen" in figures and "rewards/rejected" in figures:
+        figures["rewards/margins"] = figures["rewards/chosen"] - figures["rewards/rejected"]
+    return figures
+
+
+def kto_losses(
+    objective: KtoObjective,
+    logps: torch.Tensor,
+    ref_logps: torch.Tensor,
+    desirable: torch.Tensor,
+    kl: float,
+) -> torch.Tensor:
+    """Each completion's KTO loss [completions] (TRL's KTOTrainer, `loss_type: kto`)."""
+    ratio = logps - ref_logps
+    beta = objective.beta
+    wanted = objective.desirable_weight * (1 - torch.sigmoid(beta * (ratio - kl)))
+    unwanted = objective.undesirable_weight * (1 - torch.sigmoid(beta * (kl - ratio)))
+    return torch.where(desirable, wanted, unwanted)
+
+
+def kto_figures(
+    objective: KtoObjective,
+    logps: torch.Tensor,
+    ref_logps: torch.Tensor,
+    desirable: torch.Tensor,
+    kl: float,
+) -> torch.Tensor:
+    """The sums over these completions of `KTO_SUMS`, in that order, on the device."""
+    with torch.no_grad():
+        rewards = objective.beta * (logps - ref_logps)
+        figures = [logps.new_tensor(kl * len(logps))]
+        for side in (desirable, ~desirable):
+            figures += [rewards[side].sum(), logps[side].sum(), side.to(logps.dtype).sum()]
+        return torch.stack(figures)

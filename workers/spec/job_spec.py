@@ -218,6 +218,16 @@ def objective_fits_format(objective: object, data_format: str) -> str | None:
     return format_problem(objective, data_format)
 
 
+def kto_needs_company(objective: object, batch_size: int) -> str | None:
+    """KTO estimates its KL term from a step's other records' completions: one is none."""
+    if getattr(objective, "type", None) == "kto" and batch_size < 2:
+        return (
+            "objective kto needs batch_size >= 2: its KL term pairs each prompt with "
+            "another record's completion of the same step"
+        )
+    return None
+
+
 def eval_needs_dataset(eval_steps: int | None, eval_dataset: object) -> str | None:
     if eval_steps is not None and eval_dataset is None:
         return "eval_steps needs an eval_dataset"
@@ -408,6 +418,9 @@ class JobSpec(_SpecModel):
             "training.eval_steps", ("training.eval_steps", "eval_dataset"), eval_needs_dataset
         ),
         CrossFieldRule("dataset.format", ("objective", "dataset.format"), objective_fits_format),
+        CrossFieldRule(
+            "training.batch_size", ("objective", "training.batch_size"), kto_needs_company
+        ),
     )
 
     @property

@@ -2,8 +2,9 @@
 
 `sft` is supervised cross-entropy over the trained tokens (the default). The others train
 on pairs of completions: `dpo` (Direct Preference Optimization) against a frozen reference
-policy, `simpo`, `cpo` and `orpo` without one. Their options and defaults are TRL's
-(`DPOConfig`, `CPOConfig`, `ORPOConfig`), so a TRL user recognises every field. Each type
+policy, `simpo`, `cpo` and `orpo` without one; `kto` trains on single completions
+labelled desirable or not, against a reference. Their options and defaults are TRL's
+(`DPOConfig`, `CPOConfig`, `ORPOConfig`, `KTOConfig`), so a TRL user recognises every field. Each type
 forbids the options of the others: `label_smoothing` on an `sft` job is an error, not a
 setting silently ignored.
 """
@@ -18,6 +19,7 @@ from typing_extensions import Self
 # The dataset formats each objective trains on (the others are refused, naming both).
 SUPERVISED_FORMATS = ("text", "prompt_completion", "messages")
 PAIRED_FORMATS = ("preference",)
+UNPAIRED_FORMATS = ("unpaired_preference",)
 
 
 class _ObjectiveModel(BaseModel):
@@ -101,8 +103,30 @@ class OrpoObjective(_ReferenceFreeObjective):
     type: Literal["orpo"]
 
 
-AnyObjective = SftObjective | DpoObjective | SimpoObjective | CpoObjective | OrpoObjective
-PairObjective = DpoObjective | SimpoObjective | CpoObjective | OrpoObjective
+class KtoObjective(_ObjectiveModel):
+    """KTO on (prompt, completion, label) records, as TRL's KTOTrainer computes it.
+
+    With r = log π(completion) − log π_ref(completion) and z the step's KL estimate (the mean
+    of the same log-ratio over mismatched prompt/completion pairs of the step, no gradient,
+    at least 0): a desirable completion's loss is `desirable_weight`·(1 − σ(β(r − z))), an
+    undesirable one's `undesirable_weight`·(1 − σ(β(z − r))); a step's loss is their mean.
+    """
+
+    type: Literal["kto"]
+    beta: float = Field(0.1, gt=0)
+    desirable_weight: float = Field(1.0, gt=0)
+    undesirable_weight: float = Field(1.0, gt=0)
+
+    @property
+    def formats(self) -> tuple[str, ...]:
+        return UNPAIRED_FORMATS
+
+
+AnyObjective = (
+    SftObjective | DpoObjective | SimpoObjective | CpoObjective | OrpoObjective | KtoObjective
+)
+# The objectives whose rows train against each other (a record's completions, or a step's).
+PairObjective = DpoObjective | SimpoObjective | CpoObjective | OrpoObjective | KtoObjective
 Objective = Annotated[AnyObjective, Field(discriminator="type")]
 OBJECTIVE_MODELS: dict[str, type[_ObjectiveModel]] = {
     "sft": SftObjective,
@@ -110,18 +134,24 @@ OBJECTIVE_MODELS: dict[str, type[_ObjectiveModel]] = {
     "simpo": SimpoObjective,
     "cpo": CpoObjective,
     "orpo": OrpoObjective,
+    "kto": KtoObjective,
 }
 OBJECTIVE_TYPES = tuple(OBJECTIVE_MODELS)
 
 
-def is_paired(objective: AnyObjective) -> bool:
-    """Whether the objective trains on pairs (a record is two rows that ride together)."""
+def is_preference(objective: AnyObjective) -> bool:
+    """Whether the objective learns from preferences (anything but `sft`)."""
     return objective.type != "sft"
 
 
+def is_paired(objective: AnyObjective) -> bool:
+    """Whether a record is a pair of completions (two rows that ride together)."""
+    return is_preference(objective) and objective.type != "kto"
+
+
 def needs_reference(objective: AnyObjective) -> bool:
-    """Whether the objective compares the policy with a frozen reference policy (DPO)."""
-    return objective.type == "dpo"
+    """Whether the objective compares the policy with a frozen reference policy."""
+    return objective.type in ("dpo", "kto")
 
 
 def chosen_nll_weight(objective: AnyObjective) -> float:

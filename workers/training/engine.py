@@ -24,11 +24,12 @@ from carpool.workers.base.base_model import default_device, default_dtype, load_
 from carpool.workers.base.gradient_checkpointing import enable_gradient_checkpointing
 from carpool.workers.base.quantization import describe
 from carpool.workers.data.batch_layout import check_batch_layout
-from carpool.workers.data.dataset import TokenizedDataset
+from carpool.workers.data.dataset import Record, TokenizedDataset
 from carpool.workers.data.dataset_cache import DatasetCache
 from carpool.workers.data.fused_batch import (
     StepRow,
     collate,
+    mismatched_step_rows,
     plan_micro_batches,
     step_rows,
 )
@@ -37,9 +38,9 @@ from carpool.workers.data.segment import Segment
 from carpool.workers.distributed.data_parallel import DataParallel, reduce_metric_sums
 from carpool.workers.distributed.zero3 import dummy_row, load_base_zero3, pad_micro_batches
 from carpool.workers.losses.chunked_loss import supports_chunked_loss
-from carpool.workers.losses.paired_terms import pair_terms
+from carpool.workers.losses.paired_terms import completion_logps, pair_terms, row_key
 from carpool.workers.losses.position_losses import add_segment_losses, token_nll
-from carpool.workers.losses.preference_losses import figure_names
+from carpool.workers.losses.preference_losses import figure_names, step_figures
 from carpool.workers.peft_files.peft_export import export_adapter
 from carpool.workers.spec.job_spec import (
     DatasetSpec,
@@ -47,7 +48,12 @@ from carpool.workers.spec.job_spec import (
     JobSpec,
     QuantizationSpec,
 )
-from carpool.workers.spec.objective import PairObjective, is_paired, needs_reference
+from carpool.workers.spec.objective import (
+    KtoObjective,
+    PairObjective,
+    is_preference,
+    needs_reference,
+)
 from carpool.workers.training.checkpoint import latest_checkpoint, load_checkpoint
 from carpool.workers.training.initial_adapters import initial_adapter
 from carpool.workers.training.reference_tables import ReferenceTables
@@ -257,12 +263,13 @@ class Engine:
             for name, (rows, ids) in rows_by_job.items()
             for r in step_rows(name, rows, ids, self.jobs[name].config.objective)
         ]
-        paired = {j.name: j.config.objective for j in jobs if is_paired(j.config.objective)}
+        paired = {j.name: j.config.objective for j in jobs if is_preference(j.config.objective)}
         losses: dict[str, float] = defaultdict(float)
         pair_metrics: dict[str, dict[str, float]] = {n: defaultdict(float) for n in paired}
         tables = self.references.lookups({n: self.jobs[n] for n in paired}, "train")
+        kl = self._kl_estimates(rows_by_job, paired)
         for micro in self._micro_batches(all_rows, filler_job=min(j.name for j in jobs)):
-            self._micro_batch(micro, paired, tables, losses, pair_metrics, backward=True)
+            self._micro_batch(micro, paired, tables, kl, losses, pair_metrics, backward=True)
         dp = self.data_parallel
         if dp:
             jobs = sorted(jobs, key=lambda j: j.name)  # the same order on every rank
@@ -295,7 +302,9 @@ class Engine:
                 )
                 continue
             rows = rows_by_job[j.name][0]
-            metrics = {k: v / len(rows) for k, v in pair_metrics.get(j.name, {}).items()}
+            metrics = {}
+            if j.name in paired:
+                metrics = step_figures(paired[j.name], pair_metrics[j.name], len(rows))
             reports[j.name] = j.finish_step(losses[j.name], rows, grad_norm, metrics)
         return reports
 
@@ -321,20 +330,26 @@ class Engine:
                 j.name, j.eval_dataset.rows, range(len(j.eval_dataset.rows)), j.config.objective
             )
         ]
-        paired = {j.name: j.config.objective for j in jobs if is_paired(j.config.objective)}
+        paired = {j.name: j.config.objective for j in jobs if is_preference(j.config.objective)}
         losses: dict[str, float] = defaultdict(float)
         pair_metrics: dict[str, dict[str, float]] = {n: defaultdict(float) for n in paired}
         tables = self.references.lookups({n: self.jobs[n] for n in paired}, "eval")
+        # KTO's KL estimate of an evaluation is over the whole eval set, as one step.
+        eval_records = {
+            j.name: (j.eval_dataset.rows, range(len(j.eval_dataset.rows))) for j in jobs
+        }
+        kl = self._kl_estimates(eval_records, paired)
         for micro in self._micro_batches(rows, filler_job=jobs[0].name):
-            self._micro_batch(micro, paired, tables, losses, pair_metrics, backward=False)
+            self._micro_batch(micro, paired, tables, kl, losses, pair_metrics, backward=False)
         if self.data_parallel:
             losses = self.data_parallel.reduce_losses([j.name for j in jobs], losses)
             pair_metrics = reduce_metric_sums(
                 self.data_parallel, pair_metrics, _figure_names(paired)
             )
         for name, sums in pair_metrics.items():  # TRL's eval names: eval_rewards/accuracies, ...
-            pairs = len(self.jobs[name].eval_dataset.rows)
-            self.jobs[name].eval_metrics = {f"eval_{k}": v / pairs for k, v in sums.items()}
+            records = len(self.jobs[name].eval_dataset.rows)
+            figures = step_figures(paired[name], sums, records)
+            self.jobs[name].eval_metrics = {f"eval_{k}": v for k, v in figures.items()}
         return {j.name: losses[j.name] for j in jobs}
 
     def _micro_batch(
@@ -342,6 +357,7 @@ class Engine:
         rows: list[StepRow],
         paired: dict[str, PairObjective],
         tables: Mapping[str, RowLookup],
+        kl: Mapping[str, float],
         losses: dict[str, float],
         pair_metrics: dict[str, dict[str, float]],
         *,
@@ -356,7 +372,7 @@ class Engine:
         with self.bank.route(batch.segments, packed=batch.packed):
             nll = token_nll(self.base, batch, self.loss_chunk_tokens)
             token_loss = nll * batch.token_scale.flatten()
-            pair_loss, pair_losses, sums = pair_terms(batch, nll, reference, paired)
+            pair_loss, pair_losses, sums = pair_terms(batch, nll, reference, paired, kl)
             if backward:
                 loss = token_loss.sum()
                 (loss if pair_loss is None else loss + pair_loss).backward()
@@ -366,6 +382,34 @@ class Engine:
         for name, job_sums in sums.items():
             for metric, value in job_sums.items():
                 pair_metrics[name][metric] += value
+
+    def _kl_estimates(
+        self,
+        records: Mapping[str, tuple[Sequence[Record], Sequence[int]]],
+        paired: Mapping[str, PairObjective],
+    ) -> dict[str, float]:
+        """Each KTO job's KL estimate for its step (`records`): the mean over the step's
+        mismatched rows of the policy's minus the reference's log-prob, no graph, at least
+        0 (TRL's). Over the whole step, in no-grad micro-batches of their own, so it does not
+        depend on how the step's rows are split."""
+        kto = sorted(n for n in records if isinstance(paired.get(n), KtoObjective))
+        if not kto:
+            return {}
+        rows = [r for n in kto for r in mismatched_step_rows(n, *records[n])]
+        sums: dict[str, float] = defaultdict(float)
+        for micro in self._micro_batches(rows, filler_job=kto[0]):
+            batch = collate(micro, self.tokenizer.pad_token_id, self.device, self.packed)
+            reference = self.references.logps(batch, paired, {})
+            with torch.no_grad(), self.bank.route(batch.segments, packed=batch.packed):
+                policy = completion_logps(
+                    batch, token_nll(self.base, batch, self.loss_chunk_tokens)
+                )
+            for row, value in zip(batch.rows, policy.tolist(), strict=True):
+                if row.pair is not None:  # not a ZeRO-3 filler
+                    sums[row.job] += value - reference[row_key(row)]
+        if self.data_parallel:
+            sums = self.data_parallel.reduce_losses(kto, sums)
+        return {n: max(0.0, sums[n] / len(records[n][0])) for n in kto}
 
     def _micro_batches(self, rows: list[StepRow], filler_job: str) -> list[list[StepRow]]:
         """This rank's share of `rows`, packed into micro-batches."""

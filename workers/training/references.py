@@ -72,7 +72,7 @@ class References:
         for p in reference.parameters():
             p.requires_grad_(False)
         self.setup.bank.add(reference)
-        if job.config.objective.precompute_ref_log_probs:
+        if getattr(job.config.objective, "precompute_ref_log_probs", False):
             for split, dataset in (("train", job.dataset), ("eval", job.eval_dataset)):
                 if dataset is not None:
                     self._precomputed[job.name, split] = self._table(job, dataset).tolist()

@@ -13,9 +13,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
-from carpool.workers.data.dataset import TokenizedDataset
+from carpool.workers.data.dataset import Record, TokenizedDataset
 from carpool.workers.data.dataset_rows import TokenizedRow
-from carpool.workers.data.preference_data import PreferencePair
 from carpool.workers.spec.job_spec import JobSpec
 from carpool.workers.training.lr_schedule import lr_multiplier
 from carpool.workers.training.training_history import StepRecord, TrainingHistory, trainer_state
@@ -40,11 +39,11 @@ class StepReport:
     metrics: Mapping[str, float] = field(default_factory=dict)
 
 
-def record_tokens(record: TokenizedRow | PreferencePair) -> int:
+def record_tokens(record: Record) -> int:
     """A record's real tokens: its row's, or both rows' of a pair."""
-    if isinstance(record, PreferencePair):
-        return sum(len(r.input_ids) for r in record.rows)
-    return len(record.input_ids)
+    if isinstance(record, TokenizedRow):
+        return len(record.input_ids)
+    return sum(len(r.input_ids) for r in record.rows)
 
 
 def build_optimizer(adapter: JobAdapter, config: JobSpec) -> torch.optim.AdamW:
@@ -219,10 +218,10 @@ class TrainingJob:
         n = len(self.dataset.rows)
         return self._epoch_order(stream_index // n)[stream_index % n]
 
-    def row_at(self, stream_index: int) -> TokenizedRow | PreferencePair:
+    def row_at(self, stream_index: int) -> Record:
         return self.dataset.rows[self.dataset_index(stream_index)]
 
-    def next_rows(self) -> tuple[list[TokenizedRow | PreferencePair], list[int]]:
+    def next_rows(self) -> tuple[list[Record], list[int]]:
         """The records (rows, or pairs) of the job's next optimizer step and their stream
         positions."""
         count = self.config.training.rows_in_step(self.step, len(self.dataset.rows))
@@ -241,7 +240,7 @@ class TrainingJob:
     def finish_step(
         self,
         loss: float,
-        rows: Sequence[TokenizedRow | PreferencePair],
+        rows: Sequence[Record],
         grad_norm: float,
         metrics: Mapping[str, float] | None = None,
     ) -> StepReport:

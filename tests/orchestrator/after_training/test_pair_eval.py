@@ -91,6 +91,8 @@ def test_pair_eval_refusals_name_the_argument(
          "--reference needs --objective"),
         ([*base, "--dataset", str(datasets["preference"]), "--objective", "{type: simpo}",
           "--reference", str(adapter)], "--reference: objective simpo has no reference policy"),
+        ([*base, "--dataset", str(datasets["preference"]), "--objective", "{type: kto}"],
+          "--objective: type kto scores no pairs"),
     ]  # fmt: skip
     for argv, message in cases:
         assert main(argv) == 1

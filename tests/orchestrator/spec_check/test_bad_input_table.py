@@ -88,6 +88,7 @@ def _init_from(hidden_size: int = 64, **lora: object) -> Case:
 USER_ONLY = json.dumps({"messages": [{"role": "user", "content": "hi"}]}) + "\n"
 TEXT_ROW = json.dumps({"text": "hello"}) + "\n"
 PAIR_ROW = json.dumps({"prompt": "the cat", "chosen": " sat", "rejected": " ran"}) + "\n"
+UNPAIRED_ROW = json.dumps({"prompt": "the cat", "completion": " sat", "label": True}) + "\n"
 
 
 def _dpo(**objective: object) -> Case:
@@ -154,6 +155,9 @@ CASES: list[tuple[str, Case, str, str]] = [
     ("orpo-beta-negative", _set("objective", {"type": "orpo", "beta": -1}), "objective.beta", "greater than 0"),
     ("cpo-alpha-negative", _set("objective", {"type": "cpo", "cpo_alpha": -0.5}), "objective.cpo_alpha", "greater than or equal to 0"),
     ("orpo-on-text-data", _set("objective", {"type": "orpo"}), "dataset.path", "objective orpo trains on preference data"),
+    ("kto-on-pair-data", _both(_dataset(PAIR_ROW * 2), _set("objective", {"type": "kto"})), "dataset.path", "objective kto trains on unpaired_preference data; this dataset's format is preference"),
+    ("kto-batch-of-one", _both(_dataset(UNPAIRED_ROW * 2), _set("objective", {"type": "kto"}), _set("training.batch_size", 1)), "training.batch_size", "objective kto needs batch_size >= 2"),
+    ("kto-label-not-bool", _both(_dataset(UNPAIRED_ROW + json.dumps({"prompt": "a", "completion": " b", "label": "yes"}) + "\n"), _set("objective", {"type": "kto"})), "dataset.path", ":2: field 'label' must be a boolean"),
     ("dpo-on-text-data", _set("objective", {"type": "dpo"}), "dataset.path", "objective dpo trains on preference data; this dataset's format is text"),
     ("dpo-format-declared-text", _both(_dpo(), _set("dataset.format", "text")), "dataset.format", "objective dpo trains on preference data"),
     ("sft-on-pairs", _dataset(PAIR_ROW), "dataset.path", "objective sft trains on text or prompt_completion or messages data"),

@@ -26,7 +26,7 @@ from carpool.workers.distributed.zero3 import (
     parameter_bytes_on_this_rank,
 )
 from carpool.workers.spec.job_spec import AdapterSpec, DatasetSpec, JobSpec, TrainingSpec
-from carpool.workers.spec.objective import DpoObjective
+from carpool.workers.spec.objective import DpoObjective, KtoObjective
 from carpool.workers.training.engine import Engine
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
@@ -82,7 +82,14 @@ def zero3_jobs(base: Path, datasets: dict[str, Path]) -> list[JobSpec]:
         name="dpo-kept",
         objective=DpoObjective(type="dpo", beta=0.5, precompute_ref_log_probs=True),
     )
-    return [*jobs, solo, dpo, kept]
+    # A KTO job: its KL rows' no-grad passes are collectives too, before each round's.
+    kto = changed(
+        dpo,
+        name="kto",
+        dataset=DatasetSpec(path=datasets["unpaired"]),
+        objective=KtoObjective(type="kto", beta=0.5),
+    )
+    return [*jobs, solo, dpo, kept, kto]
 
 
 def mixed_target_jobs(base: Path, datasets: dict[str, Path]) -> list[JobSpec]:

@@ -112,6 +112,35 @@ def test_a_reference_free_job_alone_and_split_beside_others_agree(
     assert max_relative_difference(alone, split.tensors) < 1e-9
 
 
+def test_a_kto_job_alone_beside_others_split_and_resumed_agree(
+    tiny_base: Path, datasets: dict[str, Path], pairs: Path, tmp_path: Path
+) -> None:
+    """Its KL estimate is over the whole step, whatever the micro-batches: split beside other
+    objectives, padded or packed, and resumed, the same adapter."""
+    config = changed(
+        preference("kto", tiny_base, datasets["unpaired"], "kto", beta=0.5),
+        # 24 records: a second, reshuffled epoch; every step logged
+        training={"batch_size": 6, "max_steps": 5, "logging_steps": 1},
+    )
+    others = [supervised(tiny_base, datasets), dpo("dpo", tiny_base, pairs)]
+    f64 = {"dtype": torch.float64, "batch_layout": "padded"}
+    first = train_one_way(tiny_base, config, **f64)
+    kls = [e["kl"] for e in first.job.history.entries if "kl" in e]
+    assert kls and max(kls) > 0  # the KL term took part
+    ways = {
+        "split beside": train_one_way(
+            tiny_base, config, beside=others, micro_batch_tokens=40, **f64
+        ),
+        "resumed": train_one_way(
+            tiny_base, config, resume_after=2, checkpoint=tmp_path / "ckpt", **f64
+        ),
+    }
+    for way, trained in ways.items():
+        assert max_relative_difference(first.tensors, trained.tensors) < 1e-9, way
+    packed = train_one_way(tiny_base, config, batch_layout="packed", micro_batch_tokens=40)
+    assert max_relative_difference(first.tensors, packed.tensors) < 1e-4
+
+
 def test_reference_free_jobs_cause_no_reference_pass(tiny_base: Path, pairs: Path) -> None:
     engine = Engine(str(tiny_base), device="cpu")
     for kind in ("simpo", "cpo", "orpo"):
@@ -180,6 +209,7 @@ def test_a_dpo_job_on_two_ranks_equals_one_rank(
         dpo("dpo", tiny_base, pairs, beta=0.3),
         supervised(tiny_base, datasets),
         preference("orpo", tiny_base, pairs, "orpo"),  # other figures, reduced by name
+        preference("kto", tiny_base, datasets["unpaired"], "kto"),  # its KL over both ranks
     ]
     one = train_on_one_rank(tiny_base, configs)
     for rank in train_on_two_ranks(tiny_base, configs, tmp_path):
