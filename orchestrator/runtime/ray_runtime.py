@@ -236,6 +236,10 @@ class RayMetrics:
             "rewards/margins": ray_metrics.Gauge(
                 "carpool_job_rewards_margins", "mean chosen minus rejected reward", tags
             ),
+            "kl": ray_metrics.Gauge("carpool_job_kl", "a KTO job's KL estimate of its step", tags),
+            "nll_loss": ray_metrics.Gauge(
+                "carpool_job_nll_loss", "a CPO or ORPO job's chosen-row cross-entropy", tags
+            ),
         }
         self._last_eval: dict[str, tuple[float, str]] = {}  # job -> (eval loss, group)
         self._finished: dict[str, tuple[JobRoundResult, str]] = {}  # job -> (last round, group)

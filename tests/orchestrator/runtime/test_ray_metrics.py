@@ -69,10 +69,11 @@ def test_a_finished_jobs_last_eval_loss_is_set_again_with_the_queue_state(made) 
 
 def test_a_preference_jobs_reward_figures_are_gauges_with_ray_safe_names(made) -> None:
     metrics = ray_runtime.RayMetrics(interval_s=0)
-    figures = {"rewards/margins": 0.5, "rewards/accuracies": 0.75, "logps/chosen": -3.0}
+    figures = {"rewards/margins": 0.5, "rewards/accuracies": 0.75, "logps/chosen": -3.0, "kl": 0.2}
     metrics.job_progress("j1", "g1", result(1, metrics=figures))
     metrics.job_progress("j1", "g1", result(2))  # a supervised step sets none
     tags = {"job": "j1", "group": "g1"}
     assert made["carpool_job_rewards_margins"].values == [(0.5, tags)]
     assert made["carpool_job_rewards_accuracies"].values == [(0.75, tags)]
+    assert made["carpool_job_kl"].values == [(0.2, tags)]
     assert all("/" not in name for name in made)

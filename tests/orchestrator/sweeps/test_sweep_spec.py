@@ -259,3 +259,24 @@ def test_a_sweep_path_into_the_objective_follows_its_templates_type(
     raw["parameters"] = {"objective.bta": {"choices": [0.1]}}
     found = problems_of(write_yaml(tmp_path / "typo.yaml", raw))
     assert "did you mean 'beta'?" in found["parameters.objective.bta"]
+
+
+def test_a_sweep_may_search_any_option_of_its_templates_objective(
+    tmp_path: Path, tiny_base: Path, datasets: dict[str, Path]
+) -> None:
+    kto = {
+        "name": "kto",
+        "base_model": str(tiny_base),
+        "dataset": {"path": str(datasets["unpaired"])},
+        "eval_dataset": {"path": str(datasets["unpaired"])},
+        "objective": {"type": "kto"},
+        "training": {"max_steps": 4, "batch_size": 4, "eval_steps": 2},
+    }
+    write_yaml(tmp_path / "jobs" / "kto.yaml", kto)
+    weights = {"objective.desirable_weight": {"choices": [1.0, 1.33]}}
+    raw = sweep(template="jobs/kto.yaml", parameters=weights)
+    loaded = load_sweep_file(write_yaml(tmp_path / "sweep.yaml", raw))
+    assert "objective.desirable_weight" in loaded.spec.parameters
+    raw["parameters"] = {"objective.simpo_gamma": {"choices": [0.5, 1.0]}}
+    found = problems_of(write_yaml(tmp_path / "other.yaml", raw))
+    assert "objective kto takes:" in found["parameters.objective.simpo_gamma"]
