@@ -77,3 +77,22 @@ def test_a_prompt_that_fills_max_seq_length_is_dropped_and_counted(
     long = {"prompt": "the quick brown fox " * 10, "completion": " yes", "label": False}
     data = load_dataset(write_jsonl(tmp_path / "l.jsonl", [*RECORDS, long]), "auto", tokenizer, 12)
     assert (len(data.rows), data.dropped_rows) == (3, 1)
+
+
+def test_conversational_records_use_the_chat_template_and_its_generation_prompt(
+    tokenizer, tmp_path: Path
+) -> None:
+    record = {
+        "prompt": [{"role": "user", "content": "say hello"}],
+        "completion": [{"role": "assistant", "content": "hello"}],
+        "label": True,
+    }
+    (row,) = load_dataset(write_jsonl(tmp_path / "c.jsonl", [record]), "auto", tokenizer, 64).rows
+    prompt = tokenizer.apply_chat_template(
+        record["prompt"], tokenize=True, return_dict=True, add_generation_prompt=True
+    )["input_ids"]
+    full = tokenizer.apply_chat_template(
+        record["prompt"] + record["completion"], tokenize=True, return_dict=True
+    )["input_ids"]
+    assert list(row.row.input_ids) == list(full)
+    assert list(row.completion_ids) == list(full[len(prompt) :])
