@@ -273,7 +273,9 @@ class _SpecModel(BaseModel):
 
 class DatasetSpec(_SpecModel):
     path: DatasetPath
-    format: Literal["text", "prompt_completion", "messages", "preference", "auto"] = "auto"
+    format: Literal[
+        "text", "prompt_completion", "messages", "preference", "unpaired_preference", "auto"
+    ] = "auto"
 
 
 class AdapterSpec(_SpecModel):

@@ -156,6 +156,7 @@ CASES: list[tuple[str, Case, str, str]] = [
     ("cpo-alpha-negative", _set("objective", {"type": "cpo", "cpo_alpha": -0.5}), "objective.cpo_alpha", "greater than or equal to 0"),
     ("orpo-on-text-data", _set("objective", {"type": "orpo"}), "dataset.path", "objective orpo trains on preference data"),
     ("kto-on-pair-data", _both(_dataset(PAIR_ROW * 2), _set("objective", {"type": "kto"})), "dataset.path", "objective kto trains on unpaired_preference data; this dataset's format is preference"),
+    ("kto-format-declared-pairs", _both(_dataset(UNPAIRED_ROW * 2, fmt="unpaired_preference"), _set("objective", {"type": "dpo"})), "dataset.format", "objective dpo trains on preference data; this dataset's format is unpaired_preference"),
     ("kto-batch-of-one", _both(_dataset(UNPAIRED_ROW * 2), _set("objective", {"type": "kto"}), _set("training.batch_size", 1)), "training.batch_size", "objective kto needs batch_size >= 2"),
     ("kto-label-not-bool", _both(_dataset(UNPAIRED_ROW + json.dumps({"prompt": "a", "completion": " b", "label": "yes"}) + "\n"), _set("objective", {"type": "kto"})), "dataset.path", ":2: field 'label' must be a boolean"),
     ("dpo-on-text-data", _set("objective", {"type": "dpo"}), "dataset.path", "objective dpo trains on preference data; this dataset's format is text"),
