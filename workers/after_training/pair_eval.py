@@ -18,7 +18,7 @@ from carpool.workers.after_training.fused_inference import FusedAdapters
 from carpool.workers.data.dataset import TokenizedDataset
 from carpool.workers.data.fused_batch import collate, plan_micro_batches, step_rows
 from carpool.workers.losses.paired_terms import RowKey, pair_terms, reference_logps
-from carpool.workers.losses.position_losses import add_segment_losses, token_nll
+from carpool.workers.losses.position_losses import add_segment_losses, scaled, token_nll
 from carpool.workers.peft_files.finished_adapters import load_finished_adapter
 from carpool.workers.spec.objective import PairObjective, needs_reference
 from carpool.workers.variants.job_adapter import JobAdapter
@@ -71,7 +71,7 @@ def evaluate_pairs(
         batch = collate(micro, fused.tokenizer.pad_token_id, fused.device)
         with fused.bank.route(batch.segments):
             nll = token_nll(fused.base, batch)
-        add_segment_losses(losses, batch, nll * batch.token_scale.flatten())  # CPO's, ORPO's NLL
+        add_segment_losses(losses, batch, scaled(nll, batch))  # CPO's, ORPO's NLL
         _, pair_losses, pair_sums = pair_terms(batch, nll, keyed, objectives)
         for name, value in pair_losses.items():
             losses[name] += value

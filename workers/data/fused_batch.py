@@ -75,7 +75,7 @@ class FusedBatch:
     input_ids: torch.Tensor  # [rows, seq] right-padded, or [1, tokens] packed; long
     position_ids: torch.Tensor | None  # packed: [1, tokens], restarting per row; padded: None
     targets: torch.Tensor  # like input_ids: the next token, IGNORE_INDEX where untrained
-    token_scale: torch.Tensor  # like input_ids, float: each token's job loss scale
+    token_scale: torch.Tensor  # like input_ids, float64: each token's job loss scale
     token_segment: torch.Tensor  # [tokens] long, flattened: the segment of each position
     segments: tuple[Segment, ...]
     token_row: torch.Tensor  # [tokens] long, flattened: the row (of `rows`) of each position
@@ -220,7 +220,7 @@ def collate(
     shape = (1, sum(lengths)) if packed else (len(grouped), seq)
     input_ids = torch.full(shape, pad_token_id, dtype=torch.long)
     targets = torch.full(shape, IGNORE_INDEX, dtype=torch.long)
-    scale = torch.zeros(shape, dtype=torch.float32)
+    scale = torch.zeros(shape, dtype=torch.float64)  # exact; each loss casts it to its dtype
     flat_ids, flat_targets, flat_scale = input_ids.view(-1), targets.view(-1), scale.view(-1)
     split_completion = any(r.pair is not None and r.pair.prompt_targets for r in grouped)
     completion = torch.zeros(shape, dtype=torch.float32) if split_completion else None

@@ -16,6 +16,7 @@ from collections.abc import Mapping
 import torch
 from carpool.workers.data.dataset_rows import IGNORE_INDEX
 from carpool.workers.data.fused_batch import CHOSEN, REJECTED, FusedBatch, StepRow
+from carpool.workers.losses.position_losses import scaled
 from carpool.workers.losses.preference_losses import (
     KTO_SUMS,
     PairLogps,
@@ -128,7 +129,7 @@ def pair_terms(
         nll_share = None
         if weight := chosen_nll_weight(objective):
             if scaled_nll is None:  # each row's token loss, as the caller sums it
-                scaled_nll = row_sums(batch, (token_nll * batch.token_scale.flatten()).detach())
+                scaled_nll = row_sums(batch, scaled(token_nll, batch).detach())
             # Per pair, so that the step's pair mean is its chosen tokens' mean cross-entropy.
             nll_share = scaled_nll[chosen].sum() / (weight * slot.scale)
         # One host sync for the job's loss share and its figures.
