@@ -39,6 +39,7 @@ from carpool.workers.base.quantization import is_4bit
 from carpool.workers.data.segment import Segment
 from carpool.workers.variants.adalora import AdaLoraWeights, adalora_term
 from carpool.workers.variants.dora import base_row_norms_sq, dora_term, weight_norm
+from carpool.workers.variants.dylora import DyLoraWeights
 from carpool.workers.variants.job_adapter import (
     JobAdapter,
     LoraWeights,
@@ -207,6 +208,9 @@ class AdapterBank:
             return vera_term(xs, w)
         if isinstance(w, AdaLoraWeights):
             return adalora_term(xs, w)
+        if isinstance(w, DyLoraWeights):  # the step's rank b of its factors
+            a, b, scaling = w.factors()
+            return F.linear(F.linear(xs, a) * scaling, b)
         if w.magnitude is None:
             # Scale the rank-r activations: the cheapest place to apply it.
             return F.linear(F.linear(xs, w.lora_A) * w.scaling, w.lora_B)

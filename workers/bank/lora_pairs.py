@@ -1,7 +1,8 @@
 """Every kind's term as a LoRA pair, so one grouped computation covers them all.
 
 VeRA enters as its projections with its vectors as per-rank and per-output scales,
-AdaLoRA as A * E with its factor; DoRA as its LoRA pair, rescaled by the bank.
+AdaLoRA as A * E with its factor, DyLoRA as its factors at the step's rank; DoRA as its
+LoRA pair, rescaled by the bank.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from dataclasses import dataclass
 import torch
 from carpool.workers.bank.grouped_lora import GroupPlan, VectorScales, stack_a
 from carpool.workers.variants.adalora import AdaLoraWeights, adalora_pair
+from carpool.workers.variants.dylora import DyLoraWeights
 from carpool.workers.variants.job_adapter import LoraWeights
 from carpool.workers.variants.vera import VeraWeights
 
@@ -38,6 +40,8 @@ def lora_pair(w: LoraWeights | VeraWeights | AdaLoraWeights) -> LoraPair:
         return LoraPair(w.vera_A, w.vera_B, 1.0, w.lambda_d, w.lambda_b)
     if isinstance(w, AdaLoraWeights):
         return LoraPair(*adalora_pair(w))
+    if isinstance(w, DyLoraWeights):  # the step's rank b of its factors
+        return LoraPair(*w.factors())
     return LoraPair(w.lora_A, w.lora_B, w.scaling)
 
 

@@ -16,6 +16,7 @@ from carpool.workers.peft_files.peft_format import PREFIX, WEIGHTS_FILE
 from carpool.workers.spec.job_spec import QuantizationSpec
 from carpool.workers.spec.lora_patterns import order_free
 from carpool.workers.variants.adalora import AdaLoraWeights
+from carpool.workers.variants.dylora import at_rank
 from carpool.workers.variants.job_adapter import MAGNITUDE, JobAdapter
 from carpool.workers.variants.vera import LAMBDA_B, LAMBDA_D, VeraWeights
 from safetensors.torch import save_file
@@ -64,8 +65,38 @@ def export_adapter(
     base_quantization: QuantizationSpec | None = None,
 ) -> Path:
     """Write `adapter` as a PEFT adapter directory, with carpool's record of its base
-    (and of the base's 4-bit loading, for a QLoRA adapter: eval and generate load it so)."""
-    out = Path(out_dir)
+    (and of the base's 4-bit loading, for a QLoRA adapter: eval and generate load it so).
+
+    A DyLoRA adapter is written as plain LoRA at each of its export ranks: rank r in
+    `out_dir`, each other rank b in `out_dir/rank-<b>`; `carpool_adapter.json` names the
+    kind it was trained as and the rank each directory holds."""
+    if adapter.peft_type == "DYLORA":
+        return _export_dylora(adapter, Path(out_dir), base_model, base_quantization)
+    return _export(adapter, Path(out_dir), base_model, base_quantization)
+
+
+def _export_dylora(
+    adapter: JobAdapter,
+    out: Path,
+    base_model: str,
+    base_quantization: QuantizationSpec | None,
+) -> Path:
+    ranks = sorted({adapter.r, *adapter.export_ranks}, reverse=True)
+    for b in ranks:
+        where = out if b == adapter.r else out / f"rank-{b}"
+        details = {"dylora_rank": b, "dylora_ranks": ranks}
+        _export(at_rank(adapter, b), where, base_model, base_quantization, "dylora", details)
+    return out
+
+
+def _export(
+    adapter: JobAdapter,
+    out: Path,
+    base_model: str,
+    base_quantization: QuantizationSpec | None,
+    kind: str | None = None,
+    extra: dict | None = None,
+) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     targets = (
         sorted({m.rsplit(".", 1)[-1] for m in adapter.modules})
@@ -101,19 +132,22 @@ def export_adapter(
     config.save_pretrained(str(out))
     tensors = {k: v.cpu() for k, v in peft_state_dict(adapter).items()}
     save_file(tensors, str(out / WEIGHTS_FILE), metadata={"format": "pt"})
-    details = (
-        None
-        if base_quantization is None
-        else {"base_quantization": base_quantization.model_dump(mode="json")}
-    )
+    details = dict(extra or {})
+    if base_quantization is not None:
+        details["base_quantization"] = base_quantization.model_dump(mode="json")
     write_provenance(
-        out, base_model=base_model, adapter_kind=adapter_kind(adapter), details=details
+        out,
+        base_model=base_model,
+        adapter_kind=kind or adapter_kind(adapter),
+        details=details or None,
     )
     return out
 
 
 def adapter_kind(adapter: JobAdapter) -> str:
-    """`lora`, `lora+dora`, `vera` or `adalora`, as `carpool status` names them."""
+    """`lora`, `lora+dora`, `vera`, `adalora` or `dylora`, as `carpool status` names them."""
+    if adapter.peft_type == "DYLORA":
+        return "dylora"
     if adapter.vera is not None:
         return "vera"
     if adapter.adalora is not None:

@@ -134,16 +134,19 @@ def steps_xor_epochs(max_steps: int | None, num_epochs: float | None) -> str | N
     return "set only one of max_steps or num_epochs, not both"
 
 
+PEFT_TYPES = ("LORA", "VERA", "ADALORA", "DYLORA")
+
+
 def _peft_type(value: Any) -> Any:
-    if value not in ("LORA", "VERA", "ADALORA"):
-        raise ValueError(f"must be LORA, VERA or ADALORA, got {value!r}")
+    if value not in PEFT_TYPES:
+        raise ValueError(f"must be {', '.join(PEFT_TYPES[:-1])} or {PEFT_TYPES[-1]}, got {value!r}")
     return value
 
 
-PeftType = Annotated[Literal["LORA", "VERA", "ADALORA"], BeforeValidator(_peft_type)]
+PeftType = Annotated[Literal["LORA", "VERA", "ADALORA", "DYLORA"], BeforeValidator(_peft_type)]
 # Options of some kinds only, with their defaults (VeRA's and AdaLoRA's are PEFT's): a value
 # other than the default on a job of another kind is an error, not a silent no-op.
-LORA_AND_ADALORA: dict[str, Any] = {"lora_alpha": 16, "lora_dropout": 0.0}
+LORA_AND_ADALORA: dict[str, Any] = {"lora_alpha": 16, "lora_dropout": 0.0}  # and DyLoRA's
 LORA_ONLY: dict[str, Any] = {
     "use_rslora": False,
     "use_dora": False,
@@ -158,6 +161,7 @@ VERA_ONLY: dict[str, Any] = {
     "projection_prng_key": 0,
     "save_projection": True,
 }
+DYLORA_ONLY: dict[str, Any] = {"dylora_frozen": True, "export_ranks": None}
 ADALORA_ONLY: dict[str, Any] = {
     "init_r": 12,
     "target_r": 8,
@@ -201,11 +205,20 @@ def adalora_schedule(
     return None
 
 
+def export_ranks_fit(peft_type: str, export_ranks: list[int] | None, r: int) -> str | None:
+    """DyLoRA exports ranks of its adapter: each in 1..r."""
+    if peft_type != "DYLORA" or export_ranks is None:
+        return None
+    if outside := [b for b in export_ranks if not 1 <= b <= r]:
+        return f"each rank must be in 1..r (r is {r}); got {outside}"
+    return None
+
+
 def adapter_variant(adapter: dict[str, Any]) -> str:
-    """`lora`, `lora+dora`, `vera` or `adalora`, from an adapter section as a dict (a
-    stored spec's)."""
+    """`lora`, `lora+dora`, `vera`, `adalora` or `dylora`, from an adapter section as a dict
+    (a stored spec's)."""
     kind = adapter.get("peft_type", "LORA")
-    if kind in ("VERA", "ADALORA"):
+    if kind in ("VERA", "ADALORA", "DYLORA"):
         return kind.lower()
     return "lora+dora" if adapter.get("use_dora") else "lora"
 
@@ -307,25 +320,31 @@ class AdapterSpec(_SpecModel):
     beta2: float = Field(0.85, gt=0, lt=1)
     orth_reg_weight: float = Field(0.5, ge=0)
     total_step: StrictInt | None = Field(None, ge=1)
+    # DYLORA: r is the largest rank; each step trains one drawn rank b <= r (the lower ones
+    # frozen unless dylora_frozen is false); export_ranks are written, each as plain LoRA.
+    dylora_frozen: bool = True
+    export_ranks: list[Annotated[StrictInt, Field(ge=1)]] | None = Field(None, min_length=1)
 
     cross_field_rules = (
-        (_kind_rule("r", 8, "LORA", "VERA"),)  # AdaLoRA's ranks are init_r and target_r
-        + tuple(_kind_rule(n, d, "LORA", "ADALORA") for n, d in LORA_AND_ADALORA.items())
+        (_kind_rule("r", 8, "LORA", "VERA", "DYLORA"),)  # AdaLoRA's: init_r and target_r
+        + tuple(_kind_rule(n, d, "LORA", "ADALORA", "DYLORA") for n, d in LORA_AND_ADALORA.items())
         + tuple(_kind_rule(name, default, "LORA") for name, default in LORA_ONLY.items())
         + tuple(_kind_rule(name, default, "VERA") for name, default in VERA_ONLY.items())
         + tuple(_kind_rule(n, d, "ADALORA") for n, d in ADALORA_ONLY.items())
+        + tuple(_kind_rule(n, d, "DYLORA") for n, d in DYLORA_ONLY.items())
         + (
             CrossFieldRule(
                 "total_step",
                 ("peft_type", "total_step", "tinit", "tfinal", "init_from"),
                 adalora_schedule,
             ),
+            CrossFieldRule("export_ranks", ("peft_type", "export_ranks", "r"), export_ranks_fit),
         )
     )
 
     @property
     def variant(self) -> str:
-        """The adapter's kind in a word: `lora`, `lora+dora`, `vera` or `adalora`."""
+        """The adapter's kind in a word: `lora`, `lora+dora`, `vera`, `adalora` or `dylora`."""
         return adapter_variant(self.model_dump())
 
     @property

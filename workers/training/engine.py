@@ -39,7 +39,7 @@ from carpool.workers.distributed.data_parallel import DataParallel, reduce_metri
 from carpool.workers.distributed.zero3 import dummy_row, load_base_zero3, pad_micro_batches
 from carpool.workers.losses.chunked_loss import supports_chunked_loss
 from carpool.workers.losses.paired_terms import completion_logps, pair_terms, row_key
-from carpool.workers.losses.position_losses import add_segment_losses, token_nll
+from carpool.workers.losses.position_losses import add_segment_losses, scaled, token_nll
 from carpool.workers.losses.preference_losses import figure_names, step_figures
 from carpool.workers.peft_files.peft_export import export_adapter
 from carpool.workers.spec.job_spec import (
@@ -258,6 +258,7 @@ class Engine:
         if not jobs:
             return {}
         rows_by_job = {j.name: j.next_rows() for j in jobs}
+        own_values = {j.name: j.start_step() for j in jobs}  # DyLoRA draws its rank here
         all_rows = [
             r
             for name, (rows, ids) in rows_by_job.items()
@@ -282,6 +283,8 @@ class Engine:
             if penalty is not None:
                 penalty.backward()
                 losses[j.name] += float(penalty.detach())
+        for j in jobs:  # every backward done: full ranks again, for evaluation and export
+            j.end_step()
         # One host sync for every job's gradient check and norm, not one per job.
         stats = torch.stack([j.gradient_stats() for j in jobs]).tolist()
         reports = {}
@@ -305,7 +308,9 @@ class Engine:
             metrics = {}
             if j.name in paired:
                 metrics = step_figures(paired[j.name], pair_metrics[j.name], len(rows))
-            reports[j.name] = j.finish_step(losses[j.name], rows, grad_norm, metrics)
+            reports[j.name] = j.finish_step(
+                losses[j.name], rows, grad_norm, metrics, own_values[j.name]
+            )
         return reports
 
     @torch.no_grad()
@@ -371,7 +376,7 @@ class Engine:
         # Routed through the backward too: checkpointed layers rerun forward there.
         with self.bank.route(batch.segments, packed=batch.packed):
             nll = token_nll(self.base, batch, self.loss_chunk_tokens)
-            token_loss = nll * batch.token_scale.flatten()
+            token_loss = scaled(nll, batch)
             pair_loss, pair_losses, sums = pair_terms(batch, nll, reference, paired, kl)
             if backward:
                 loss = token_loss.sum()

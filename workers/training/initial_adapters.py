@@ -11,6 +11,7 @@ from carpool.workers.peft_files.peft_format import adapter_from_loaded, read_ada
 from carpool.workers.peft_files.vera_format import read_vera_adapter, vera_adapter_from_loaded
 from carpool.workers.spec.job_spec import JobSpec
 from carpool.workers.variants.adalora import schedule_of
+from carpool.workers.variants.dylora import as_dylora
 from carpool.workers.variants.job_adapter import JobAdapter
 from carpool.workers.variants.new_adapters import (
     new_adalora_adapter,
@@ -23,7 +24,15 @@ from torch import nn
 def initial_adapter(base: nn.Module, config: JobSpec, *, zero_stage: int = 0) -> JobAdapter:
     """A job's adapter at its start, of its kind: fresh from its seed, or read from
     `init_from` (checked against `base`)."""
-    a, seed = config.adapter, config.training.seed
+    a = config.adapter
+    if a.peft_type == "DYLORA":  # a LoRA of rank r, fresh or read, trained DyLoRA's way
+        lora = config.model_copy(update={"adapter": a.model_copy(update={"peft_type": "LORA"})})
+        return as_dylora(
+            initial_adapter(base, lora, zero_stage=zero_stage),
+            frozen=a.dylora_frozen,
+            export_ranks=a.export_ranks or [a.r],
+        )
+    seed = config.training.seed
     if a.use_dora and zero_stage == 3:
         # DoRA's weight norm reads each module's whole weight, which ZeRO-3 partitions.
         raise ValueError("use_dora: DoRA is not supported on a base partitioned by ZeRO-3")

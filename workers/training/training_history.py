@@ -45,6 +45,8 @@ class StepRecord:
     tokens_seen: int  # real tokens of all the job's steps so far
     # The objective's own figures (TRL's names): logged as their mean since the last entry.
     metrics: Mapping[str, float] = field(default_factory=dict)
+    # Values of this step alone (DyLoRA's drawn rank): logged as the entry's step has them.
+    values: Mapping[str, float] = field(default_factory=dict)
 
 
 class TrainingHistory:
@@ -71,6 +73,7 @@ class TrainingHistory:
                 "grad_norm": record.grad_norm,  # of the last step, as the Trainer logs it
                 "learning_rate": record.learning_rate,
                 **{k: v / self._loss_steps for k, v in sorted(self._metric_sums.items())},
+                **dict(sorted(record.values.items())),
                 "epoch": record.epoch,
                 "num_input_tokens_seen": record.tokens_seen,
                 "step": record.step,

@@ -19,6 +19,7 @@ from carpool.workers.spec.job_spec import JobSpec
 from carpool.workers.training.lr_schedule import lr_multiplier
 from carpool.workers.training.training_history import StepRecord, TrainingHistory, trainer_state
 from carpool.workers.variants.adalora import orthogonality_loss
+from carpool.workers.variants.dylora import drawn_rank, set_rank
 from carpool.workers.variants.job_adapter import JobAdapter
 from torch.optim.lr_scheduler import LambdaLR
 
@@ -237,17 +238,32 @@ class TrainingJob:
             return None
         return allocator.schedule.orth_reg_weight * orthogonality_loss(self.adapter.modules)
 
+    def start_step(self) -> dict[str, float]:
+        """Set the adapter up for this optimizer step; returns the step's own figures
+        (DyLoRA: the rank it draws, `dylora_rank`)."""
+        if self.adapter.peft_type != "DYLORA":
+            return {}
+        rank = drawn_rank(self.config.training.seed, self.step, self.adapter.r)
+        set_rank(self.adapter.modules, rank)
+        return {"dylora_rank": rank}
+
+    def end_step(self) -> None:
+        """The adapter back at its full rank (DyLoRA), for evaluation and export."""
+        set_rank(self.adapter.modules, None)
+
     def finish_step(
         self,
         loss: float,
         rows: Sequence[Record],
         grad_norm: float,
         metrics: Mapping[str, float] | None = None,
+        values: Mapping[str, float] | None = None,
     ) -> StepReport:
         """Clip, step AdamW and the schedule, and advance the data position.
 
         `grad_norm` is the gradients' norm (`gradient_stats`), reported as it is;
-        `metrics` the objective's own figures of the step.
+        `metrics` the objective's own figures of the step (logged as means since the last
+        entry), `values` the step's own (`start_step`'s, logged as they are).
         """
         max_norm = self.config.training.max_grad_norm
         if max_norm is not None:
@@ -264,7 +280,7 @@ class TrainingJob:
         tokens = sum(record_tokens(r) for r in rows)
         self.tokens_seen += tokens
         self.last_loss = loss
-        metrics = dict(metrics or {})
+        metrics, values = dict(metrics or {}), dict(values or {})
         self.history.record_step(
             StepRecord(
                 step=self.step,
@@ -274,6 +290,7 @@ class TrainingJob:
                 epoch=self.epoch,
                 tokens_seen=self.tokens_seen,
                 metrics=metrics,
+                values=values,
             )
         )
         return StepReport(
@@ -284,7 +301,7 @@ class TrainingJob:
             tokens=tokens,
             learning_rate=lr,
             grad_norm=grad_norm,
-            metrics=metrics,
+            metrics={**metrics, **values},
         )
 
     # -- checkpoint state ---------------------------------------------------------------

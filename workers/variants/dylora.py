@@ -13,10 +13,11 @@ A rank b of the trained adapter is plain LoRA: A[:b], B[:, :b], r=b and the same
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, fields
 
 import torch
-from carpool.workers.variants.job_adapter import LoraWeights
+from carpool.workers.variants.job_adapter import JobAdapter, LoraWeights
 
 
 @dataclass
@@ -38,10 +39,41 @@ class DyLoraWeights(LoraWeights):
         return a, up, self.lora_alpha / b
 
 
-@dataclass(frozen=True)
-class DyLoraSettings:
-    frozen: bool
-    export_ranks: tuple[int, ...]  # the ranks written at export, the largest first
+def as_dylora(adapter: JobAdapter, *, frozen: bool, export_ranks: Sequence[int]) -> JobAdapter:
+    """`adapter`, plain LoRA of rank r on every module, trained as DyLoRA from here on.
+    Raises ValueError for anything else (a rank pattern, DoRA)."""
+    for name, w in adapter.modules.items():
+        if type(w) is not LoraWeights or w.magnitude is not None:
+            raise ValueError(f"{name}: DyLoRA trains plain LoRA modules only")
+        if w.lora_A.shape[0] != adapter.r:
+            raise ValueError(f"{name} has rank {w.lora_A.shape[0]}; DyLoRA needs r={adapter.r}")
+        kept = {f.name: getattr(w, f.name) for f in fields(LoraWeights)}
+        adapter.modules[name] = DyLoraWeights(**kept, lora_alpha=adapter.lora_alpha, frozen=frozen)
+    adapter.peft_type = "DYLORA"
+    adapter.export_ranks = tuple(sorted(set(export_ranks), reverse=True))
+    return adapter
+
+
+def at_rank(adapter: JobAdapter, b: int) -> JobAdapter:
+    """Rank b of a DyLoRA adapter as plain LoRA (A[:b], B[:, :b], r=b, the same alpha)."""
+    copy = JobAdapter(
+        name=adapter.name,
+        r=b,
+        lora_alpha=adapter.lora_alpha,
+        use_rslora=False,
+        target_modules=adapter.target_modules,
+        dropout=adapter.dropout,
+        seed=adapter.seed,
+    )
+    for name, w in adapter.modules.items():
+        copy.modules[name] = LoraWeights(
+            w.lora_A.detach()[:b],
+            w.lora_B.detach()[:, :b],
+            w.module_index,
+            adapter.lora_alpha / b,
+            w.fan_in_fan_out,
+        )
+    return copy
 
 
 def drawn_rank(seed: int, step: int, r: int) -> int:

@@ -96,9 +96,10 @@ class JobAdapter:
     rank_pattern: dict[str, int] = field(default_factory=dict)
     alpha_pattern: dict[str, float] = field(default_factory=dict)
     use_dora: bool = False  # every module then has a magnitude
-    peft_type: str = "LORA"  # or "VERA": every module then holds VeraWeights
+    peft_type: str = "LORA"  # or "VERA": every module then holds VeraWeights (and so on)
     vera: VeraSettings | None = None  # VeRA's options and shared projections
     adalora: RankAllocator | None = None  # ADALORA: its schedule, scores and rank pattern
+    export_ranks: tuple[int, ...] = ()  # DYLORA: the ranks written at export, largest first
 
     @classmethod
     def without_modules(cls, name: str) -> JobAdapter:

@@ -122,10 +122,10 @@ def test_each_step_reports_its_learning_rate_gradient_norm_and_tokens_seen(
     applied: list[tuple[str, float, float]] = []  # job, the gradients' norm, the one passed on
     finish_step = TrainingJob.finish_step
 
-    def spy(self: TrainingJob, loss, rows, grad_norm: float, metrics=None):
+    def spy(self: TrainingJob, loss, rows, grad_norm: float, metrics=None, values=None):
         grads = [p.grad.double() for p in self.adapter.parameters() if p.requires_grad]
         applied.append((self.name, float(torch.sqrt(sum((g**2).sum() for g in grads))), grad_norm))
-        return finish_step(self, loss, rows, grad_norm, metrics)
+        return finish_step(self, loss, rows, grad_norm, metrics, values)
 
     monkeypatch.setattr(TrainingJob, "finish_step", spy)
     schedule = dict(lr_scheduler_type="linear", warmup_steps=2, learning_rate=1e-2)
