@@ -44,6 +44,21 @@ def named_adapters(values: list[str]) -> dict[str, Path]:
     return adapters
 
 
+def with_exported_ranks(adapters: dict[str, Path]) -> dict[str, Path]:
+    """The adapters, each DyLoRA one followed by its other exported ranks as
+    `<name>@rank-<b>` (its `rank-<b>/` directories): one fused eval is its loss by rank."""
+    out: dict[str, Path] = {}
+    for name, path in adapters.items():
+        out[name] = path
+        record = read_provenance(path) or {}
+        if record.get("adapter_kind") != "dylora":
+            continue
+        for b in record.get("dylora_ranks", []):
+            if b != record.get("dylora_rank") and (path / f"rank-{b}").is_dir():
+                out[f"{name}@rank-{b}"] = path / f"rank-{b}"
+    return out
+
+
 def _not_an_adapter(path: Path) -> str | None:
     if not path.is_dir():
         return f"not a directory: {path}"

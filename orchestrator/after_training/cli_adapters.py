@@ -110,13 +110,17 @@ def _fused(
 @subcommand("eval", "eval loss and perplexity of adapters on one dataset, fused", _eval_arguments)
 def cmd_eval(args: argparse.Namespace) -> int:
     from carpool.orchestrator.after_training import pair_eval_command
-    from carpool.orchestrator.after_training.adapter_args import AdapterArgumentError
+    from carpool.orchestrator.after_training.adapter_args import (
+        AdapterArgumentError,
+        with_exported_ranks,
+    )
     from carpool.workers.base.base_model import load_tokenizer
     from carpool.workers.data.dataset import load_dataset
     from carpool.workers.spec.objective import SftObjective, format_problem
 
     pair_eval_command.check(args)
     adapters, quantization = _checked_adapters(args)
+    adapters = with_exported_ranks(adapters)  # a DyLoRA adapter: one row per exported rank
     # The data is read and tokenized before the base loads: a bad row costs no model load.
     dataset = load_dataset(
         args.dataset, args.format, load_tokenizer(args.base), args.max_seq_length

@@ -15,15 +15,16 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from carpool.workers.spec.job_spec import AdapterSpec, JobSpec
+from carpool.workers.spec.job_spec import AdapterSpec, JobInputError, JobSpec
 from carpool.workers.training.engine import Engine
 from carpool.workers.variants.dylora import drawn_rank
 from pydantic import ValidationError
 from transformers import AutoModelForCausalLM
 
 from tests.helpers.jobs import changed, job, randomize_b
-from tests.helpers.peft_reference import max_relative_difference, pad_rows
+from tests.helpers.peft_reference import max_relative_difference, pad_rows, save_peft_adapter
 from tests.helpers.round_driver import train_to_end
+from tests.helpers.two_ranks import train_on_one_rank, train_on_two_ranks
 from tests.helpers.variants import train_one_way
 
 STEPS = 8
@@ -175,6 +176,47 @@ def test_alone_split_packed_and_resumed_agree(
     }
     for way, trained in ways.items():
         assert max_relative_difference(alone, trained.tensors) < 1e-9, way
+    f32 = {"perturb": randomize_b, "dtype": torch.float32}
+    padded = train_one_way(tiny_base, config, batch_layout="padded", **f32).tensors
+    packed = train_one_way(tiny_base, config, batch_layout="packed", micro_batch_tokens=40, **f32)
+    assert max_relative_difference(padded, packed.tensors) < 1e-5
+
+
+def test_init_from_a_peft_lora_of_rank_r_starts_as_that_adapter(
+    tiny_base: Path, datasets: dict[str, Path], tmp_path: Path
+) -> None:
+    lora = {"r": R, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"]}
+    start = save_peft_adapter(tiny_base, tmp_path / "lora", init_lora_weights=False, **lora)
+    config = changed(dylora_job(tiny_base, datasets["text"]), adapter={"init_from": start})
+    engine = Engine(str(tiny_base), device="cpu")
+    adapter = engine.add_job(config).adapter
+    with torch.no_grad():  # at full rank it is the PEFT adapter: the same logits
+        ids = torch.tensor([[1, 5, 9, 13, 2, 7]])
+        ours = engine.logits(config.name, ids)
+    from peft import PeftModel
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_base, dtype=torch.float32)
+    theirs = PeftModel.from_pretrained(base, str(start)).eval()(input_ids=ids).logits
+    assert (ours - theirs).abs().max() <= 1e-6 * theirs.abs().max()
+    assert adapter.peft_type == "DYLORA" and engine.train_round()[config.name].metrics
+    dora = save_peft_adapter(tiny_base, tmp_path / "dora", use_dora=True, **lora)
+    refused = changed(config, name="dora", adapter={"init_from": dora})
+    with pytest.raises(JobInputError, match="init_from: .*DyLoRA trains plain LoRA modules only"):
+        engine.add_job(refused)
+
+
+@pytest.mark.integration  # two processes
+def test_two_ranks_draw_alike_and_equal_one(
+    tiny_base: Path, datasets: dict[str, Path], tmp_path: Path
+) -> None:
+    configs = [
+        dylora_job(tiny_base, datasets["text"]),
+        job("lora", tiny_base, datasets["prompt_completion"], AdapterSpec(r=2)),
+    ]
+    one = train_on_one_rank(tiny_base, configs)
+    for rank in train_on_two_ranks(tiny_base, configs, tmp_path):
+        for name in one:
+            assert max_relative_difference(one[name], rank[name]) < 1e-9, name
 
 
 def test_each_exported_rank_loads_in_peft_with_the_trained_models_logits(
