@@ -495,7 +495,8 @@ def adapter_memory_bytes(
     with DoRA's magnitude (one per output channel). VeRA: its two vectors per module with
     their optimizer state, plus the frozen projections once (an upper bound: jobs with the
     same key may share them). AdaLoRA: init_r triplets per module, each weight with two
-    float32 importance averages besides its optimizer state. `frozen_copy`: a preference
+    float32 importance averages besides its optimizer state. DyLoRA is LoRA's size; SoRA
+    LoRA's with a gate entry per rank. `frozen_copy`: a preference
     job's frozen starting adapter too (its reference), its trained weights once more."""
     targets = match_target_modules(list(shapes), adapter.target_modules)
     if adapter.peft_type == "ADALORA":
@@ -508,6 +509,7 @@ def adapter_memory_bytes(
         params = sum(
             adapter.rank_of(m) * (shapes[m][0] + shapes[m][1])
             + (shapes[m][1] if adapter.use_dora else 0)
+            + (adapter.r if adapter.peft_type == "SORA" else 0)  # its gates
             for m in targets
         )
         state = params * _BYTES_PER_ADAPTER_PARAM

@@ -46,6 +46,7 @@ from carpool.workers.variants.job_adapter import (
     adapter_dtype,
     out_in_weight,
 )
+from carpool.workers.variants.sora import SoraWeights
 from carpool.workers.variants.vera import VeraWeights, vera_term
 from torch import nn
 
@@ -208,6 +209,8 @@ class AdapterBank:
             return vera_term(xs, w)
         if isinstance(w, AdaLoraWeights):
             return adalora_term(xs, w)
+        if isinstance(w, SoraWeights):  # B (g ⊙ A x) alpha/r, the official order
+            return F.linear(F.linear(xs, w.lora_A) * w.gate * w.scaling, w.lora_B)
         if isinstance(w, DyLoraWeights):  # the step's rank b of its factors
             a, b, scaling = w.factors()
             return F.linear(F.linear(xs, a) * scaling, b)

@@ -14,6 +14,7 @@ from carpool.workers.bank.grouped_lora import GroupPlan, VectorScales, stack_a
 from carpool.workers.variants.adalora import AdaLoraWeights, adalora_pair
 from carpool.workers.variants.dylora import DyLoraWeights
 from carpool.workers.variants.job_adapter import LoraWeights
+from carpool.workers.variants.sora import SoraWeights
 from carpool.workers.variants.vera import VeraWeights
 
 
@@ -40,18 +41,20 @@ def lora_pair(w: LoraWeights | VeraWeights | AdaLoraWeights) -> LoraPair:
         return LoraPair(w.vera_A, w.vera_B, 1.0, w.lambda_d, w.lambda_b)
     if isinstance(w, AdaLoraWeights):
         return LoraPair(*adalora_pair(w))
+    if isinstance(w, SoraWeights):  # its gate scales each rank component
+        return LoraPair(w.lora_A, w.lora_B, w.scaling, rank_scale=w.gate)
     if isinstance(w, DyLoraWeights):  # the step's rank b of its factors
         return LoraPair(*w.factors())
     return LoraPair(w.lora_A, w.lora_B, w.scaling)
 
 
 def vector_scales(pairs: list[LoraPair | None], plan: GroupPlan) -> VectorScales | None:
-    """The segments' scale vectors when some segment has them (VeRA), else None.
+    """The segments' scale vectors when some segment has them (VeRA, SoRA), else None.
 
     Segments without get views of one tensor of ones (exact: x * 1 == x), so the
     operations stay as many whatever the number of jobs.
     """
-    if all(p is None or p.out_scale is None for p in pairs):
+    if all(p is None or (p.out_scale is None and p.rank_scale is None) for p in pairs):
         return None
     some = next(p for p in pairs if p is not None)
     ones = some.b.new_ones(max(some.b.shape[0], plan.r_pad), 1)

@@ -18,6 +18,7 @@ from carpool.workers.spec.lora_patterns import order_free
 from carpool.workers.variants.adalora import AdaLoraWeights
 from carpool.workers.variants.dylora import at_rank
 from carpool.workers.variants.job_adapter import MAGNITUDE, JobAdapter
+from carpool.workers.variants.sora import kept_adapter
 from carpool.workers.variants.vera import LAMBDA_B, LAMBDA_D, VeraWeights
 from safetensors.torch import save_file
 
@@ -68,10 +69,20 @@ def export_adapter(
     (and of the base's 4-bit loading, for a QLoRA adapter: eval and generate load it so).
 
     A DyLoRA adapter is written as plain LoRA at each of its export ranks: rank r in
-    `out_dir`, each other rank b in `out_dir/rank-<b>`; `carpool_adapter.json` names the
-    kind it was trained as and the rank each directory holds."""
+    `out_dir`, each other rank b in `out_dir/rank-<b>`; a SoRA adapter as plain LoRA of its
+    kept components (a ValueError when none is left); `carpool_adapter.json` names the kind
+    it was trained as and the ranks it holds."""
     if adapter.peft_type == "DYLORA":
         return _export_dylora(adapter, Path(out_dir), base_model, base_quantization)
+    if adapter.peft_type == "SORA":  # its kept components, as plain LoRA
+        kept, ranks = kept_adapter(adapter)
+        if not kept.modules:
+            raise ValueError(
+                "every SoRA gate is zero: no component is left to export (sparse_lambda_2 "
+                "thresholds gates harder than training moves them; lower it)"
+            )
+        details = {"sora_kept_ranks": ranks}
+        return _export(kept, Path(out_dir), base_model, base_quantization, "sora", details)
     return _export(adapter, Path(out_dir), base_model, base_quantization)
 
 
@@ -145,9 +156,10 @@ def _export(
 
 
 def adapter_kind(adapter: JobAdapter) -> str:
-    """`lora`, `lora+dora`, `vera`, `adalora` or `dylora`, as `carpool status` names them."""
-    if adapter.peft_type == "DYLORA":
-        return "dylora"
+    """`lora`, `lora+dora`, `vera`, `adalora`, `dylora` or `sora`, as `carpool status`
+    names them."""
+    if adapter.peft_type in ("DYLORA", "SORA"):
+        return adapter.peft_type.lower()
     if adapter.vera is not None:
         return "vera"
     if adapter.adalora is not None:

@@ -134,7 +134,7 @@ def steps_xor_epochs(max_steps: int | None, num_epochs: float | None) -> str | N
     return "set only one of max_steps or num_epochs, not both"
 
 
-PEFT_TYPES = ("LORA", "VERA", "ADALORA", "DYLORA")
+PEFT_TYPES = ("LORA", "VERA", "ADALORA", "DYLORA", "SORA")
 
 
 def _peft_type(value: Any) -> Any:
@@ -143,7 +143,9 @@ def _peft_type(value: Any) -> Any:
     return value
 
 
-PeftType = Annotated[Literal["LORA", "VERA", "ADALORA", "DYLORA"], BeforeValidator(_peft_type)]
+PeftType = Annotated[
+    Literal["LORA", "VERA", "ADALORA", "DYLORA", "SORA"], BeforeValidator(_peft_type)
+]
 # Options of some kinds only, with their defaults (VeRA's and AdaLoRA's are PEFT's): a value
 # other than the default on a job of another kind is an error, not a silent no-op.
 LORA_AND_ADALORA: dict[str, Any] = {"lora_alpha": 16, "lora_dropout": 0.0}  # and DyLoRA's
@@ -162,6 +164,7 @@ VERA_ONLY: dict[str, Any] = {
     "save_projection": True,
 }
 DYLORA_ONLY: dict[str, Any] = {"dylora_frozen": True, "export_ranks": None}
+SORA_ONLY: dict[str, Any] = {"sparse_lambda": 10.0, "sparse_lambda_2": 3e-4, "sparse_lr": None}
 ADALORA_ONLY: dict[str, Any] = {
     "init_r": 12,
     "target_r": 8,
@@ -218,7 +221,7 @@ def adapter_variant(adapter: dict[str, Any]) -> str:
     """`lora`, `lora+dora`, `vera`, `adalora` or `dylora`, from an adapter section as a dict
     (a stored spec's)."""
     kind = adapter.get("peft_type", "LORA")
-    if kind in ("VERA", "ADALORA", "DYLORA"):
+    if kind in ("VERA", "ADALORA", "DYLORA", "SORA"):
         return kind.lower()
     return "lora+dora" if adapter.get("use_dora") else "lora"
 
@@ -324,14 +327,24 @@ class AdapterSpec(_SpecModel):
     # frozen unless dylora_frozen is false); export_ranks are written, each as plain LoRA.
     dylora_frozen: bool = True
     export_ranks: list[Annotated[StrictInt, Field(ge=1)]] | None = Field(None, min_length=1)
+    # SORA: r is the largest rank; a gate per component, the loss adds sparse_lambda x mean|g|,
+    # the gates' own AdamW (at sparse_lr, default the job's) then a soft-threshold by
+    # sparse_lambda_2 drive components to exact zeros (the official script's defaults).
+    sparse_lambda: float = Field(10.0, ge=0)
+    sparse_lambda_2: float = Field(3e-4, ge=0)
+    sparse_lr: float | None = Field(None, gt=0)
 
     cross_field_rules = (
-        (_kind_rule("r", 8, "LORA", "VERA", "DYLORA"),)  # AdaLoRA's: init_r and target_r
-        + tuple(_kind_rule(n, d, "LORA", "ADALORA", "DYLORA") for n, d in LORA_AND_ADALORA.items())
+        (_kind_rule("r", 8, "LORA", "VERA", "DYLORA", "SORA"),)  # AdaLoRA's: init_r, target_r
+        + tuple(
+            _kind_rule(n, d, "LORA", "ADALORA", "DYLORA", "SORA")
+            for n, d in LORA_AND_ADALORA.items()
+        )
         + tuple(_kind_rule(name, default, "LORA") for name, default in LORA_ONLY.items())
         + tuple(_kind_rule(name, default, "VERA") for name, default in VERA_ONLY.items())
         + tuple(_kind_rule(n, d, "ADALORA") for n, d in ADALORA_ONLY.items())
         + tuple(_kind_rule(n, d, "DYLORA") for n, d in DYLORA_ONLY.items())
+        + tuple(_kind_rule(n, d, "SORA") for n, d in SORA_ONLY.items())
         + (
             CrossFieldRule(
                 "total_step",
@@ -344,7 +357,8 @@ class AdapterSpec(_SpecModel):
 
     @property
     def variant(self) -> str:
-        """The adapter's kind in a word: `lora`, `lora+dora`, `vera`, `adalora` or `dylora`."""
+        """The adapter's kind in a word: `lora`, `lora+dora`, `vera`, `adalora`, `dylora` or
+        `sora`."""
         return adapter_variant(self.model_dump())
 
     @property

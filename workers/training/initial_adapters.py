@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import torch
 from carpool.workers.peft_files.adalora_format import (
     adalora_adapter_from_loaded,
     read_adalora_adapter,
@@ -18,6 +19,7 @@ from carpool.workers.variants.new_adapters import (
     new_job_adapter,
     new_vera_adapter,
 )
+from carpool.workers.variants.sora import as_sora, normal_gates
 from torch import nn
 
 
@@ -25,13 +27,13 @@ def initial_adapter(base: nn.Module, config: JobSpec, *, zero_stage: int = 0) ->
     """A job's adapter at its start, of its kind: fresh from its seed, or read from
     `init_from` (checked against `base`)."""
     a = config.adapter
-    if a.peft_type == "DYLORA":  # a LoRA of rank r, fresh or read, trained DyLoRA's way
+    if a.peft_type in ("DYLORA", "SORA"):  # a LoRA of rank r, fresh or read, trained so
         lora = config.model_copy(update={"adapter": a.model_copy(update={"peft_type": "LORA"})})
-        return as_dylora(
-            initial_adapter(base, lora, zero_stage=zero_stage),
-            frozen=a.dylora_frozen,
-            export_ranks=a.export_ranks or [a.r],
-        )
+        adapter = initial_adapter(base, lora, zero_stage=zero_stage)
+        if a.peft_type == "SORA":  # gates drawn as the official code, or 1: the saved adapter
+            gates = normal_gates(config.training.seed) if a.init_from is None else torch.ones
+            return as_sora(adapter, gates)
+        return as_dylora(adapter, frozen=a.dylora_frozen, export_ranks=a.export_ranks or [a.r])
     seed = config.training.seed
     if a.use_dora and zero_stage == 3:
         # DoRA's weight norm reads each module's whole weight, which ZeRO-3 partitions.

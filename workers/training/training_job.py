@@ -21,6 +21,7 @@ from carpool.workers.training.training_history import StepRecord, TrainingHistor
 from carpool.workers.variants.adalora import orthogonality_loss
 from carpool.workers.variants.dylora import drawn_rank, set_rank
 from carpool.workers.variants.job_adapter import JobAdapter
+from carpool.workers.variants.sora import GateOptimizer, kept_rank_share, sparsity_penalty
 from torch.optim.lr_scheduler import LambdaLR
 
 
@@ -56,6 +57,9 @@ def build_optimizer(adapter: JobAdapter, config: JobSpec) -> torch.optim.AdamW:
     t = config.training
     if adapter.peft_type in ("VERA", "ADALORA"):  # LoRA+ is a LoRA option: one group
         a_params, b_params = [], adapter.parameters()
+    elif adapter.peft_type == "SORA":  # its gates take their own optimizer (GateOptimizer)
+        a_params = [w.lora_A for w in adapter.modules.values()]
+        b_params = [w.lora_B for w in adapter.modules.values()]
     else:
         a_params = [w.lora_A for w in adapter.modules.values() if w.lora_A.requires_grad]
         b_params = [w.lora_B for w in adapter.modules.values()]
@@ -98,9 +102,18 @@ class TrainingJob:
         t = config.training
         self.total_steps = t.total_steps(len(dataset.rows))
         self.optimizer = build_optimizer(adapter, config)
-        self.scheduler = LambdaLR(
-            self.optimizer, lr_multiplier(t.lr_scheduler_type, t.warmup_steps, self.total_steps)
-        )
+        multiplier = lr_multiplier(t.lr_scheduler_type, t.warmup_steps, self.total_steps)
+        self.scheduler = LambdaLR(self.optimizer, multiplier)
+        self.gates: GateOptimizer | None = None  # SoRA's
+        if adapter.peft_type == "SORA":
+            self.gates = GateOptimizer(
+                adapter,
+                lr=config.adapter.sparse_lr or t.learning_rate,
+                betas=(t.adam_beta1, t.adam_beta2),
+                eps=t.adam_epsilon,
+                threshold=config.adapter.sparse_lambda_2,
+                lr_multiplier=multiplier,
+            )
         self.step = 0
         self.rows_consumed = 0  # position in the row stream, across epochs
         self.tokens_seen = 0
@@ -198,6 +211,8 @@ class TrainingJob:
         """Stop this job; its update is dropped, the others are untouched."""
         self.error = reason
         self.optimizer.zero_grad(set_to_none=True)
+        if self.gates is not None:
+            self.gates.zero_grad()
 
     # -- data -------------------------------------------------------------------------
     def _epoch_order(self, epoch: int) -> list[int]:
@@ -232,7 +247,10 @@ class TrainingJob:
     # -- stepping ---------------------------------------------------------------------
     def regularizer(self) -> torch.Tensor | None:
         """The step's loss term on the adapter's weights alone (AdaLoRA's orthogonality
-        penalty, as PEFT adds it to the loss while training), or None."""
+        penalty, as PEFT adds it to the loss while training; SoRA's sparsity penalty), or
+        None."""
+        if self.gates is not None:
+            return sparsity_penalty(self.adapter, self.config.adapter.sparse_lambda)
         allocator = self.adapter.adalora
         if allocator is None or allocator.schedule.orth_reg_weight == 0:
             return None
@@ -272,6 +290,11 @@ class TrainingJob:
         lr = self.learning_rate
         self.optimizer.step()
         self.scheduler.step()
+        values = dict(values or {})
+        if self.gates is not None:  # after A and B's step, as one optimizer would do it
+            self.gates.step()
+            self.gates.zero_grad()
+            values["sora_kept_rank"] = kept_rank_share(self.adapter)
         if self.adapter.adalora is not None:  # where PEFT's docs call it: before zero_grad
             self.adapter.adalora.update_and_allocate(self.adapter.modules, self.step)
         self.optimizer.zero_grad(set_to_none=True)
@@ -280,7 +303,7 @@ class TrainingJob:
         tokens = sum(record_tokens(r) for r in rows)
         self.tokens_seen += tokens
         self.last_loss = loss
-        metrics, values = dict(metrics or {}), dict(values or {})
+        metrics = dict(metrics or {})
         self.history.record_step(
             StepRecord(
                 step=self.step,
@@ -321,6 +344,7 @@ class TrainingJob:
             "scheduler": scheduler,
             "history": self.history.state_dict(),
             **({"adalora": self.adapter.adalora.state_dict()} if self.adapter.adalora else {}),
+            **({"gates": self.gates.state_dict()} if self.gates is not None else {}),
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -333,6 +357,8 @@ class TrainingJob:
         self.optimizer.load_state_dict(state["optimizer"])
         if self.adapter.adalora is not None:
             self.adapter.adalora.load_state_dict(state["adalora"])
+        if self.gates is not None:
+            self.gates.load_state_dict(state["gates"])
         self.scheduler.load_state_dict(
             {**state["scheduler"], "lr_lambdas": [None] * len(self.optimizer.param_groups)}
         )

@@ -16,6 +16,7 @@ from carpool.workers.variants.vera import LAMBDA_B, LAMBDA_D, VeraSettings, Vera
 from torch import nn
 
 MAGNITUDE = "lora_magnitude_vector"  # PEFT's name for DoRA's magnitude
+GATE = "lora_gate"  # SoRA's gate, in checkpoints (the export folds it into B)
 
 
 def adapter_dtype(base_dtype: torch.dtype) -> torch.dtype:
@@ -122,6 +123,8 @@ class JobAdapter:
             out += (
                 [w.lora_A, w.lora_B] if w.magnitude is None else [w.lora_A, w.lora_B, w.magnitude]
             )
+            if getattr(w, "gate", None) is not None:  # SoRA's
+                out.append(w.gate)
         return out
 
     def named_tensors(self) -> dict[str, torch.Tensor]:
@@ -139,6 +142,8 @@ class JobAdapter:
             out[f"{name}.lora_B"] = w.lora_B.detach()
             if getattr(w, "magnitude", None) is not None:
                 out[f"{name}.{MAGNITUDE}"] = w.magnitude.detach()
+            if getattr(w, "gate", None) is not None:
+                out[f"{name}.{GATE}"] = w.gate.detach()
         return out
 
     def load_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
@@ -159,3 +164,5 @@ class JobAdapter:
                 w.lora_B.copy_(tensors[f"{name}.lora_B"])
                 if getattr(w, "magnitude", None) is not None:
                     w.magnitude.copy_(tensors[f"{name}.{MAGNITUDE}"])
+                if getattr(w, "gate", None) is not None:
+                    w.gate.copy_(tensors[f"{name}.{GATE}"])

@@ -280,3 +280,21 @@ def test_a_sweep_may_search_any_option_of_its_templates_objective(
     raw["parameters"] = {"objective.simpo_gamma": {"choices": [0.5, 1.0]}}
     found = problems_of(write_yaml(tmp_path / "other.yaml", raw))
     assert "objective kto takes:" in found["parameters.objective.simpo_gamma"]
+
+
+def test_a_sweep_may_search_soras_lambdas_and_dyloras_r(
+    tmp_path: Path, tiny_base: Path, datasets: dict[str, Path]
+) -> None:
+    for kind, parameter in (("SORA", "adapter.sparse_lambda"), ("DYLORA", "adapter.r")):
+        template = {
+            "name": kind.lower(),
+            "base_model": str(tiny_base),
+            "dataset": {"path": str(datasets["text"])},
+            "eval_dataset": {"path": str(datasets["text"])},
+            "adapter": {"peft_type": kind, "r": 4},
+            "training": {"max_steps": 4, "eval_steps": 2},
+        }
+        write_yaml(tmp_path / "jobs" / f"{kind}.yaml", template)
+        raw = sweep(template=f"jobs/{kind}.yaml", parameters={parameter: {"choices": [2, 4]}})
+        loaded = load_sweep_file(write_yaml(tmp_path / f"{kind}.yaml", raw))
+        assert parameter in loaded.spec.parameters
