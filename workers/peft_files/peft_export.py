@@ -58,6 +58,11 @@ def _adalora_tensors(adapter: JobAdapter, module: str, w: AdaLoraWeights) -> dic
     }
 
 
+class AdapterExportError(ValueError):
+    """A trained adapter that cannot be written (a SoRA adapter with no component left): the
+    job fails with this reason; its checkpoints stay."""
+
+
 def export_adapter(
     adapter: JobAdapter,
     out_dir: str | Path,
@@ -77,7 +82,7 @@ def export_adapter(
     if adapter.peft_type == "SORA":  # its kept components, as plain LoRA
         kept, ranks = kept_adapter(adapter)
         if not kept.modules:
-            raise ValueError(
+            raise AdapterExportError(
                 "every SoRA gate is zero: no component is left to export (sparse_lambda_2 "
                 "thresholds gates harder than training moves them; lower it)"
             )

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
-from carpool.workers.peft_files.peft_export import export_adapter
+from carpool.workers.peft_files.peft_export import AdapterExportError, export_adapter
 from carpool.workers.training.checkpoint import save_checkpoint
 from carpool.workers.training.engine import Engine
 from carpool.workers.training.training_history import write_trainer_state
@@ -80,13 +80,18 @@ def run_round(engine: Engine, outputs: JobOutputs | None) -> list[JobRoundResult
         job = engine.jobs[name]
         history = tuple(job.history.entries[kept.get(name, 0) :])
         checkpoint = adapter = None
-        if report.error is not None:
+        error = report.error
+        if error is not None:
             engine.remove_job(name)
         else:
             if outputs is not None and (job.done or job.step % job.config.training.save_steps == 0):
                 checkpoint = outputs.save_checkpoint(job)
             if job.done:
-                adapter = finish_job(engine, name, outputs)
+                try:
+                    adapter = finish_job(engine, name, outputs)
+                except AdapterExportError as e:  # this job's alone; its checkpoint stays
+                    error = f"export: {e}"
+                    engine.remove_job(name)
         results.append(
             JobRoundResult(
                 job=name,
@@ -98,7 +103,7 @@ def run_round(engine: Engine, outputs: JobOutputs | None) -> list[JobRoundResult
                 tokens_seen=job.tokens_seen,
                 learning_rate=report.learning_rate,
                 grad_norm=report.grad_norm,
-                error=report.error,
+                error=error,
                 eval_loss=eval_losses.get(name),
                 checkpoint=checkpoint,
                 adapter=adapter,

@@ -115,9 +115,13 @@ def test_a_dylora_job_beside_others_equals_the_published_algorithm(
     datasets: dict[str, Path],
 ) -> None:
     config = dylora_job(tiny_base, datasets["text"], dylora_frozen=frozen)
+    adalora = AdapterSpec(peft_type="ADALORA", init_r=4, target_r=2, total_step=STEPS)
     others = [
         job("lora", tiny_base, datasets["prompt_completion"], AdapterSpec(r=8)),
         job("dora", tiny_base, datasets["text"], AdapterSpec(r=2, use_dora=True)),
+        job("vera", tiny_base, datasets["text"], AdapterSpec(peft_type="VERA", r=8)),
+        job("adalora", tiny_base, datasets["prompt_completion"], adalora),
+        job("sora", tiny_base, datasets["text"], AdapterSpec(peft_type="SORA", r=2)),
     ]
     engine = Engine(str(tiny_base), device="cpu", dtype=dtype, adapter_math=math)
     engine.add_job(config)

@@ -99,14 +99,18 @@ class Reference:
 def test_a_sora_job_beside_others_equals_the_published_algorithm_step_by_step(
     math: str, dtype: torch.dtype, within: float, tiny_base: Path, datasets: dict[str, Path]
 ) -> None:
-    """Adapter within the bar and the same gates at exact zero after every step."""
+    """Beside DoRA, DyLoRA, VeRA and AdaLoRA jobs: the adapter within the bar and the same
+    gates at exact zero after every step."""
     config = sora_job(tiny_base, datasets["text"])
     engine = Engine(str(tiny_base), device="cpu", dtype=dtype, adapter_math=math)
     job_ = engine.add_job(config)
     start = randomize_b(engine, config.name, seed=0)
+    adalora = AdapterSpec(peft_type="ADALORA", init_r=4, target_r=2, total_step=STEPS)
     for other in (
-        job("lora", tiny_base, datasets["prompt_completion"], AdapterSpec(r=8)),
+        job("lora", tiny_base, datasets["prompt_completion"], AdapterSpec(r=8, use_dora=True)),
         job("dylora", tiny_base, datasets["text"], AdapterSpec(peft_type="DYLORA", r=2)),
+        job("vera", tiny_base, datasets["text"], AdapterSpec(peft_type="VERA", r=8)),
+        job("adalora", tiny_base, datasets["prompt_completion"], adalora),
     ):
         engine.add_job(other)
     reference = Reference(tiny_base, config, start, torch.float64)
@@ -189,15 +193,28 @@ def test_the_export_keeps_the_live_components_and_loads_in_peft_with_the_same_lo
     assert (ours - theirs).abs().max() <= 1e-6 * theirs.abs().max()
 
 
-def test_every_gate_at_zero_fails_the_export_naming_sparse_lambda_2(
+def test_every_gate_at_zero_fails_the_job_at_export_naming_sparse_lambda_2(
     tiny_base: Path, datasets: dict[str, Path], tmp_path: Path
 ) -> None:
+    """The job fails alone, its last checkpoint kept; the job beside it finishes."""
+    from carpool.workers.training.rounds import LocalOutputs, run_round
+
     engine = Engine(str(tiny_base), device="cpu")
-    config = changed(sora_job(tiny_base, datasets["text"]), adapter={"sparse_lambda_2": 10.0})
+    config = changed(
+        sora_job(tiny_base, datasets["text"]),
+        adapter={"sparse_lambda_2": 10.0},
+        training={"max_steps": 2},
+    )
     engine.add_job(config)
-    engine.train_round()
-    with pytest.raises(ValueError, match="sparse_lambda_2"):
-        engine.export(config.name, tmp_path / "none")
+    engine.add_job(job("lora", tiny_base, datasets["text"], AdapterSpec(r=2), max_steps=2))
+    outputs = LocalOutputs(tmp_path / "adapters", tmp_path / "checkpoints")
+    results = [r for _ in range(2) for r in run_round(engine, outputs)]
+    last = {r.job: r for r in results}
+    assert "sparse_lambda_2" in last["sora"].error and not last["sora"].done
+    assert last["sora"].checkpoint is not None and Path(last["sora"].checkpoint).exists()
+    assert not (tmp_path / "adapters" / "sora").exists()
+    assert last["lora"].done and last["lora"].adapter is not None
+    assert not engine.jobs
 
 
 def test_init_from_a_peft_lora_starts_as_exactly_that_adapter(
