@@ -220,9 +220,21 @@ def cmd_status(args: argparse.Namespace) -> int:
             f"{step:>11} {_fmt(r['loss'], '.4f'):>8} "
             f"{evaluated:>8} {_fmt(r['tokens_per_second'], ',.0f'):>9} {_fmt(r['group'])}"
         )
+        for line in rank_lines(r["metrics"]):
+            print(f"  {line}")
         if r["error"]:
             print(f"  error: {r['error']}")
     return 0
+
+
+def rank_lines(metrics: dict) -> list[str]:
+    """What `status` adds under a DyLoRA or SoRA job: the rank of its last step."""
+    lines = []
+    if (rank := metrics.get("dylora_rank")) is not None:
+        lines.append(f"dylora_rank {int(rank)}: the rank its last step trained")
+    if (share := metrics.get("sora_kept_rank")) is not None:
+        lines.append(f"sora_kept_rank {share:.3f}: the share of rank components kept")
+    return lines
 
 
 def _history(client, args: argparse.Namespace) -> int:
