@@ -94,6 +94,11 @@ def check_init_from(
     except AdapterFormatError as e:
         check.problems.append((_FIELD, str(e)))
         return check
+    if (kind := adapter.get("peft_type")) in ("DYLORA", "SORA") and (
+        problem := _plain_lora_problem(header)
+    ):
+        check.problems.append((_FIELD, f"{kind} starts from a plain LoRA adapter: {problem}"))
+        return check
     misfit = (
         base_misfit(header.ranks(), header.shapes, base_shapes, header.magnitude_shapes)
         if base_shapes is not None
@@ -104,6 +109,16 @@ def check_init_from(
     defaults = {k: getattr(header, f) for k, f in _PATTERN_DEFAULTS.items()}
     _compare(check, adapter, _declared, header, misfit, base_shapes, quiet, defaults)
     return check
+
+
+def _plain_lora_problem(header) -> str | None:
+    """Why a LoRA adapter is not one rank r on every module without DoRA, or None."""
+    if header.use_dora:
+        return "this one is DoRA (use_dora)"
+    ranks = set(header.ranks().values())
+    if len(ranks) > 1:
+        return f"this one has ranks {sorted(ranks)} (a rank_pattern); one r on every module"
+    return None
 
 
 def _check_vera(

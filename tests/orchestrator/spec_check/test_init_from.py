@@ -74,6 +74,24 @@ def _problems(spec: dict) -> list[tuple[str, str]]:
 REFUSED = [
     ("lora-bias", "lora-bias", {}, [("adapter.init_from", "with biases (lora_bias: true)")]),
     (
+        "dora-as-dylora",
+        "dora",
+        {"peft_type": "DYLORA", "r": 4, "lora_alpha": 16},
+        [("adapter.init_from", "DYLORA starts from a plain LoRA adapter: this one is DoRA")],
+    ),
+    (
+        "dora-as-sora",
+        "dora",
+        {"peft_type": "SORA", "r": 4, "lora_alpha": 16},
+        [("adapter.init_from", "SORA starts from a plain LoRA adapter: this one is DoRA")],
+    ),
+    (
+        "dylora-rank-conflict",
+        "plain",
+        {"peft_type": "DYLORA", "r": 8},
+        [("adapter.r", "8 conflicts with init_from's r 4")],
+    ),
+    (
         "dora-as-lora",
         "dora",
         {"use_dora": False},

@@ -151,6 +151,10 @@ def test_the_first_step_changes_only_column_b_minus_1_of_b(
     start = {k: v.clone() for k, v in job_.adapter.named_tensors().items()}
     b = engine.train_round()[config.name].metrics["dylora_rank"]
     assert b == drawn_rank(config.training.seed, 0, R)
+    # Outside the step, evaluation and export see the full rank r.
+    assert all(
+        w.rank is None and w.factors()[0].shape[0] == R for w in job_.adapter.modules.values()
+    )
     for name, now in job_.adapter.named_tensors().items():
         moved = (now != start[name]).any(dim=0 if name.endswith("lora_A") else 0)
         if name.endswith("lora_A"):
