@@ -53,6 +53,8 @@ SMOKE_ARGS: dict[str, list[str]] = {
     "groups.py": ["--jobs", "1", "--steps", "1"],
     "orchestrator.py": ["--jobs", "1", "--steps", "2"],
     "preference.py": ["--jobs", "1", "--steps", "1", "--pairs", "2"],
+    "shared_reference.py": ["--jobs", "2", "--pairs", "4", "--epochs", "1", "--batch", "2",
+                            "--trials", "1"],
     "soak.py": ["--minutes", "0.02", "--submit-every", "1", "--kill-every", "1000",
                 "--drain-minutes", "2"],
     "sweep.py": ["--steps", "4", "--eval-steps", "2", "--concurrent", "2", "--hidden", "32",
