@@ -17,8 +17,9 @@ import torch
 from carpool.workers.after_training.fused_inference import FusedAdapters
 from carpool.workers.data.dataset import TokenizedDataset
 from carpool.workers.data.fused_batch import collate, plan_micro_batches, step_rows
-from carpool.workers.losses.paired_terms import RowKey, pair_terms, reference_logps
+from carpool.workers.losses.paired_terms import RowKey, pair_terms, reference_pass
 from carpool.workers.losses.position_losses import add_segment_losses, scaled, token_nll
+from carpool.workers.losses.preference_losses import step_figures
 from carpool.workers.peft_files.finished_adapters import load_finished_adapter
 from carpool.workers.spec.objective import PairObjective, needs_reference
 from carpool.workers.variants.job_adapter import JobAdapter
@@ -78,8 +79,9 @@ def evaluate_pairs(
         for name, job_sums in pair_sums.items():
             for metric, value in job_sums.items():
                 sums[name][metric] += value
+    figures = {n: step_figures(objective, sums[n], count) for n in names}
     results = [
-        PairEvalResult(n, losses[n], {f"eval_{k}": v / count for k, v in sums[n].items()}, count)
+        PairEvalResult(n, losses[n], {f"eval_{k}": v for k, v in figures[n].items()}, count)
         for n in names
     ]
     return sorted(results, key=lambda r: (r.loss, r.name))
@@ -90,12 +92,17 @@ def _reference_logps(
 ) -> dict[tuple[int, int], float]:
     """Each (record, side)'s reference log-prob: one pass over the pairs, through the
     reference row set."""
-    rows = step_rows(REFERENCE, dataset.rows, range(len(dataset.rows)))
-    found: dict[tuple[int, int], float] = {}
-    for micro in plan_micro_batches(rows, fused.micro_batch_tokens):
-        batch = collate(micro, fused.tokenizer.pad_token_id, fused.device)
-        with fused.bank.route(batch.segments):
-            nll = token_nll(fused.base, batch)
-        for (_, record, side), value in reference_logps(batch, nll).items():
-            found[record, side] = value
-    return found
+    table, _ = reference_pass(
+        fused.base,
+        fused.bank,
+        REFERENCE,
+        dataset,
+        pad_token_id=fused.tokenizer.pad_token_id,
+        device=fused.device,
+        micro_batch_tokens=fused.micro_batch_tokens,
+    )
+    return {
+        (record, side): value
+        for record, sides in enumerate(table.tolist())
+        for side, value in enumerate(sides)
+    }

@@ -113,11 +113,12 @@ def step_rows(
     if rows and isinstance(rows[0], PreferencePair):
         scale = 1.0 / len(rows)
         whole = nll_covers_prompt(objective)  # ORPO: prompt and completion, as TRL's
-        chosen_tokens = sum(
-            len(p.chosen.input_ids) - 1 if whole else trainable_tokens(p.chosen) for p in rows
-        )
-        weight = chosen_nll_weight(objective)
-        nll_scale = weight / chosen_tokens if weight and chosen_tokens else 0.0
+        nll_scale = 0.0
+        if weight := chosen_nll_weight(objective):  # CPO, ORPO: counted only where weighed
+            chosen_tokens = sum(
+                len(p.chosen.input_ids) - 1 if whole else trainable_tokens(p.chosen) for p in rows
+            )
+            nll_scale = weight / chosen_tokens if chosen_tokens else 0.0
         return [
             StepRow(
                 job,

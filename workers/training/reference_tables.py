@@ -16,21 +16,19 @@ from __future__ import annotations
 import hashlib
 import os
 import tempfile
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
 import torch
-from carpool.workers.bank.adapter_bank import AdapterBank
 from carpool.workers.base.base_fingerprint import base_fingerprint, local_model_dir
 from carpool.workers.data.dataset import TokenizedDataset
-from carpool.workers.data.fused_batch import collate, plan_micro_batches, step_rows
-from carpool.workers.losses.paired_terms import reference_logps
-from carpool.workers.losses.position_losses import token_nll
 from carpool.workers.spec.job_spec import JobSpec
 
 _SAMPLE_BYTES = 1 << 20  # from each end of each weight file
 
 
+@lru_cache(maxsize=8)  # as base_fingerprint: a base's files are read once per process
 def _weights_sample(base_model: str) -> list[tuple[str, int, str]]:
     """Each weight file's name, size and a digest of its first and last MiB."""
     model_dir = local_model_dir(base_model)
@@ -118,31 +116,3 @@ class ReferenceTables:
         finally:
             if os.path.exists(tmp):
                 os.unlink(tmp)
-
-
-@torch.no_grad()
-def reference_pass(
-    base: torch.nn.Module,
-    bank: AdapterBank,
-    reference: str,
-    dataset: TokenizedDataset,
-    *,
-    pad_token_id: int,
-    device: torch.device,
-    packed: bool,
-    micro_batch_tokens: int | None,
-    loss_chunk_tokens: int | None,
-) -> tuple[torch.Tensor, int]:
-    """The [records, 2] table of `dataset`'s pairs through the bank's row set `reference`,
-    and the forwards it took. Every rank of a group runs the same forwards (the whole
-    dataset, planned alike), so ZeRO-3's gathers match."""
-    rows = step_rows(reference, dataset.rows, range(len(dataset.rows)))
-    table = torch.zeros(len(dataset.rows), 2, dtype=torch.float64)
-    micro_batches = plan_micro_batches(rows, micro_batch_tokens, packed)
-    for micro in micro_batches:
-        batch = collate(micro, pad_token_id, device, packed)
-        with bank.route(batch.segments, packed=batch.packed):
-            nll = token_nll(base, batch, loss_chunk_tokens)
-        for (_, record, side), value in reference_logps(batch, nll).items():
-            table[record, side] = value
-    return table, len(micro_batches)

@@ -18,10 +18,10 @@ from carpool.workers.bank.adapter_bank import AdapterBank
 from carpool.workers.data.fused_batch import FusedBatch, collate
 from carpool.workers.distributed.data_parallel import DataParallel
 from carpool.workers.distributed.zero3 import dummy_row
-from carpool.workers.losses.paired_terms import RowKey, reference_logps
+from carpool.workers.losses.paired_terms import RowKey, reference_logps, reference_pass
 from carpool.workers.losses.position_losses import token_nll
 from carpool.workers.spec.objective import PairObjective, needs_reference
-from carpool.workers.training.reference_tables import ReferenceTables, reference_pass, table_key
+from carpool.workers.training.reference_tables import ReferenceTables, table_key
 from carpool.workers.training.training_job import TrainingJob
 from carpool.workers.variants.job_adapter import JobAdapter
 

@@ -21,7 +21,12 @@ from carpool.workers.training.training_history import StepRecord, TrainingHistor
 from carpool.workers.variants.adalora import orthogonality_loss
 from carpool.workers.variants.dylora import drawn_rank, set_rank
 from carpool.workers.variants.job_adapter import JobAdapter
-from carpool.workers.variants.sora import GateOptimizer, kept_rank_share, sparsity_penalty
+from carpool.workers.variants.sora import (
+    gate_parameters,
+    kept_rank_share,
+    soft_threshold,
+    sparsity_penalty,
+)
 from torch.optim.lr_scheduler import LambdaLR
 
 
@@ -57,7 +62,7 @@ def build_optimizer(adapter: JobAdapter, config: JobSpec) -> torch.optim.AdamW:
     t = config.training
     if adapter.peft_type in ("VERA", "ADALORA"):  # LoRA+ is a LoRA option: one group
         a_params, b_params = [], adapter.parameters()
-    elif adapter.peft_type == "SORA":  # its gates take their own optimizer (GateOptimizer)
+    elif adapter.peft_type == "SORA":  # the gates: a group of their own, below
         a_params = [w.lora_A for w in adapter.modules.values()]
         b_params = [w.lora_B for w in adapter.modules.values()]
     else:
@@ -71,6 +76,9 @@ def build_optimizer(adapter: JobAdapter, config: JobSpec) -> torch.optim.AdamW:
         groups = [{"params": b_params, "lr": t.learning_rate * ratio}]
         if a_params:
             groups.insert(0, {"params": a_params})
+    if adapter.peft_type == "SORA":  # followed by soft_threshold at each step
+        lr = config.adapter.sparse_lr or t.learning_rate
+        groups.append({"params": gate_parameters(adapter), "lr": lr, "weight_decay": 0.0})
     return torch.optim.AdamW(
         groups,
         lr=t.learning_rate,
@@ -102,18 +110,9 @@ class TrainingJob:
         t = config.training
         self.total_steps = t.total_steps(len(dataset.rows))
         self.optimizer = build_optimizer(adapter, config)
-        multiplier = lr_multiplier(t.lr_scheduler_type, t.warmup_steps, self.total_steps)
-        self.scheduler = LambdaLR(self.optimizer, multiplier)
-        self.gates: GateOptimizer | None = None  # SoRA's
-        if adapter.peft_type == "SORA":
-            self.gates = GateOptimizer(
-                adapter,
-                lr=config.adapter.sparse_lr or t.learning_rate,
-                betas=(t.adam_beta1, t.adam_beta2),
-                eps=t.adam_epsilon,
-                threshold=config.adapter.sparse_lambda_2,
-                lr_multiplier=multiplier,
-            )
+        self.scheduler = LambdaLR(
+            self.optimizer, lr_multiplier(t.lr_scheduler_type, t.warmup_steps, self.total_steps)
+        )
         self.step = 0
         self.rows_consumed = 0  # position in the row stream, across epochs
         self.tokens_seen = 0
@@ -211,8 +210,6 @@ class TrainingJob:
         """Stop this job; its update is dropped, the others are untouched."""
         self.error = reason
         self.optimizer.zero_grad(set_to_none=True)
-        if self.gates is not None:
-            self.gates.zero_grad()
 
     # -- data -------------------------------------------------------------------------
     def _epoch_order(self, epoch: int) -> list[int]:
@@ -249,7 +246,7 @@ class TrainingJob:
         """The step's loss term on the adapter's weights alone (AdaLoRA's orthogonality
         penalty, as PEFT adds it to the loss while training; SoRA's sparsity penalty), or
         None."""
-        if self.gates is not None:
+        if self.adapter.peft_type == "SORA":
             return sparsity_penalty(self.adapter, self.config.adapter.sparse_lambda)
         allocator = self.adapter.adalora
         if allocator is None or allocator.schedule.orth_reg_weight == 0:
@@ -291,9 +288,8 @@ class TrainingJob:
         self.optimizer.step()
         self.scheduler.step()
         values = dict(values or {})
-        if self.gates is not None:  # after A and B's step, as one optimizer would do it
-            self.gates.step()
-            self.gates.zero_grad()
+        if self.adapter.peft_type == "SORA":  # the proximal step, after the gates' AdamW
+            soft_threshold(self.adapter, self.config.adapter.sparse_lambda_2)
             values["sora_kept_rank"] = kept_rank_share(self.adapter)
         if self.adapter.adalora is not None:  # where PEFT's docs call it: before zero_grad
             self.adapter.adalora.update_and_allocate(self.adapter.modules, self.step)
@@ -344,7 +340,6 @@ class TrainingJob:
             "scheduler": scheduler,
             "history": self.history.state_dict(),
             **({"adalora": self.adapter.adalora.state_dict()} if self.adapter.adalora else {}),
-            **({"gates": self.gates.state_dict()} if self.gates is not None else {}),
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -357,8 +352,6 @@ class TrainingJob:
         self.optimizer.load_state_dict(state["optimizer"])
         if self.adapter.adalora is not None:
             self.adapter.adalora.load_state_dict(state["adalora"])
-        if self.gates is not None:
-            self.gates.load_state_dict(state["gates"])
         self.scheduler.load_state_dict(
             {**state["scheduler"], "lr_lambdas": [None] * len(self.optimizer.param_groups)}
         )

@@ -14,10 +14,10 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 import torch
-from carpool.workers.variants.job_adapter import JobAdapter, LoraWeights
+from carpool.workers.variants.job_adapter import JobAdapter, LoraWeights, plain_lora_fields
 
 
 @dataclass
@@ -43,11 +43,9 @@ def as_dylora(adapter: JobAdapter, *, frozen: bool, export_ranks: Sequence[int])
     """`adapter`, plain LoRA of rank r on every module, trained as DyLoRA from here on.
     Raises ValueError for anything else (a rank pattern, DoRA)."""
     for name, w in adapter.modules.items():
-        if type(w) is not LoraWeights or w.magnitude is not None:
-            raise ValueError(f"{name}: DyLoRA trains plain LoRA modules only")
+        kept = plain_lora_fields(name, w, "DyLoRA")
         if w.lora_A.shape[0] != adapter.r:
             raise ValueError(f"{name} has rank {w.lora_A.shape[0]}; DyLoRA needs r={adapter.r}")
-        kept = {f.name: getattr(w, f.name) for f in fields(LoraWeights)}
         adapter.modules[name] = DyLoraWeights(**kept, lora_alpha=adapter.lora_alpha, frozen=frozen)
     adapter.peft_type = "DYLORA"
     adapter.export_ranks = tuple(sorted(set(export_ranks), reverse=True))
@@ -56,15 +54,7 @@ def as_dylora(adapter: JobAdapter, *, frozen: bool, export_ranks: Sequence[int])
 
 def at_rank(adapter: JobAdapter, b: int) -> JobAdapter:
     """Rank b of a DyLoRA adapter as plain LoRA (A[:b], B[:, :b], r=b, the same alpha)."""
-    copy = JobAdapter(
-        name=adapter.name,
-        r=b,
-        lora_alpha=adapter.lora_alpha,
-        use_rslora=False,
-        target_modules=adapter.target_modules,
-        dropout=adapter.dropout,
-        seed=adapter.seed,
-    )
+    copy = adapter.empty_lora(r=b, lora_alpha=adapter.lora_alpha)
     for name, w in adapter.modules.items():
         copy.modules[name] = LoraWeights(
             w.lora_A.detach()[:b],

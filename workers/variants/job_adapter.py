@@ -7,7 +7,7 @@ PEFT files are written from and read into; the kinds' own weights live beside it
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 import torch
 from carpool.workers.base.base_model import TargetModule, is_fan_in_fan_out, weight_dtype
@@ -65,6 +65,14 @@ class LoraWeights:
         )
 
 
+def plain_lora_fields(name: str, w: object, kind: str) -> dict:
+    """The fields of a plain LoRA module (no DoRA, no other kind), to rebuild it as `kind`'s
+    weights; a ValueError naming the module otherwise."""
+    if type(w) is not LoraWeights or w.magnitude is not None:
+        raise ValueError(f"{name}: {kind} trains plain LoRA modules only")
+    return {f.name: getattr(w, f.name) for f in fields(LoraWeights)}
+
+
 def out_in_weight(linear: TargetModule) -> torch.Tensor:
     """The module's weight as [out_features, in_features] (Conv1D stores it transposed)."""
     return linear.weight.T if is_fan_in_fan_out(linear) else linear.weight
@@ -107,6 +115,13 @@ class JobAdapter:
         """A row set that adapts nothing: its rows see the base alone (a reference, or the
         bare base beside adapters)."""
         return cls(name, 0, 1.0, False, (), dropout=0.0, seed=0)
+
+    def empty_lora(self, *, r: int, lora_alpha: float) -> JobAdapter:
+        """A plain LoRA adapter, still without modules, with this one's name, targets, dropout
+        and seed: what a kind trained otherwise (DyLoRA, SoRA) is exported as."""
+        return JobAdapter(
+            self.name, r, lora_alpha, False, self.target_modules, self.dropout, self.seed
+        )
 
     @property
     def fan_in_fan_out(self) -> bool:

@@ -2,9 +2,9 @@
 zeros by a proximal step, so each module keeps the rank it needs.
 
 A module computes h = W0 x + (alpha/r) B (g ⊙ A x). The job's loss adds `sparse_lambda`
-times the mean of |g| over all its gate entries. A and B take the job's AdamW; the gates
-their own AdamW (at `sparse_lr`, the job's schedule, betas and epsilon, no weight decay)
-followed by the proximal soft-threshold of the paper, g ← sign(g)·max(|g| − ξ, 0), with
+times the mean of |g| over all its gate entries. The job's AdamW steps A and B, and the
+gates as a group of their own (at `sparse_lr`, no weight decay; the job's schedule, betas
+and epsilon), followed by the proximal soft-threshold of the paper, g ← sign(g)·max(|g| − ξ, 0), with
 ξ = `sparse_lambda_2`. (The official code applies three masks in sequence, which zeroes
 entries in (ξ, 2ξ) instead of shrinking them.) A module's components with g = 0 are gone:
 the export keeps the others only, as plain LoRA.
@@ -13,12 +13,11 @@ the export keeps the others only, as plain LoRA.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 import torch
-from carpool.workers.variants.job_adapter import JobAdapter, LoraWeights
+from carpool.workers.variants.job_adapter import JobAdapter, LoraWeights, plain_lora_fields
 from torch import nn
-from torch.optim.lr_scheduler import LambdaLR
 
 
 @dataclass
@@ -35,9 +34,7 @@ class SoraWeights(LoraWeights):
 def as_sora(adapter: JobAdapter, gates: Callable[[int], torch.Tensor]) -> JobAdapter:
     """`adapter`, plain LoRA, as SoRA: each module gated by `gates(r)` (its start)."""
     for name, w in adapter.modules.items():
-        if type(w) is not LoraWeights or w.magnitude is not None:
-            raise ValueError(f"{name}: SoRA gates plain LoRA modules only")
-        kept = {f.name: getattr(w, f.name) for f in fields(LoraWeights)}
+        kept = plain_lora_fields(name, w, "SoRA")
         start = gates(w.lora_A.shape[0]).to(device=w.lora_A.device, dtype=w.lora_A.dtype)
         adapter.modules[name] = SoraWeights(**kept, gate=nn.Parameter(start))
     adapter.peft_type = "SORA"
@@ -67,43 +64,11 @@ def kept_rank_share(adapter: JobAdapter) -> float:
     return sum(int((g != 0).sum()) for g in gates) / sum(g.numel() for g in gates)
 
 
-class GateOptimizer:
-    """The gates' AdamW step, then the proximal soft-threshold by ξ."""
-
-    def __init__(
-        self,
-        adapter: JobAdapter,
-        *,
-        lr: float,
-        betas: tuple[float, float],
-        eps: float,
-        threshold: float,
-        lr_multiplier: Callable[[int], float],
-    ) -> None:
-        self.gates = gate_parameters(adapter)
-        self.threshold = threshold
-        self.optimizer = torch.optim.AdamW(
-            self.gates, lr=lr, betas=betas, eps=eps, weight_decay=0.0
-        )
-        self.scheduler = LambdaLR(self.optimizer, lr_multiplier)
-
-    @torch.no_grad()
-    def step(self) -> None:
-        self.optimizer.step()
-        self.scheduler.step()
-        for g in self.gates:
-            g.copy_(g.sign() * (g.abs() - self.threshold).clamp(min=0))
-
-    def zero_grad(self) -> None:
-        self.optimizer.zero_grad(set_to_none=True)
-
-    def state_dict(self) -> dict:
-        scheduler = {k: v for k, v in self.scheduler.state_dict().items() if k != "lr_lambdas"}
-        return {"optimizer": self.optimizer.state_dict(), "scheduler": scheduler}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict({**state["scheduler"], "lr_lambdas": [None]})
+@torch.no_grad()
+def soft_threshold(adapter: JobAdapter, threshold: float) -> None:
+    """The proximal step after the gates' AdamW step: g <- sign(g) max(|g| - threshold, 0)."""
+    for g in gate_parameters(adapter):
+        g.copy_(g.sign() * (g.abs() - threshold).clamp(min=0))
 
 
 def kept_adapter(adapter: JobAdapter) -> tuple[JobAdapter, dict[str, int]]:
@@ -111,15 +76,7 @@ def kept_adapter(adapter: JobAdapter) -> tuple[JobAdapter, dict[str, int]]:
     alpha/r folded into B in float32 (PEFT's scaling is then 1: each module's r and
     lora_alpha are its kept count), modules with none kept left out; and each module's kept
     rank."""
-    copy = JobAdapter(
-        name=adapter.name,
-        r=adapter.r,
-        lora_alpha=adapter.r,
-        use_rslora=False,
-        target_modules=adapter.target_modules,
-        dropout=adapter.dropout,
-        seed=adapter.seed,
-    )
+    copy = adapter.empty_lora(r=adapter.r, lora_alpha=adapter.r)  # patterns per module below
     ranks: dict[str, int] = {}
     for name, w in adapter.modules.items():
         keep = w.kept()
