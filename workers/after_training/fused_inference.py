@@ -169,7 +169,7 @@ class FusedAdapters:
         input_ids, mask = input_ids.to(self.device), mask.to(self.device)
         positions = (mask.cumsum(-1) - 1).clamp_min(0)
         segments = _segments_by_adapter(rows)
-        pickers = [_TokenPicker(sampling, r, self.device) for r in rows]
+        pickers = [TokenPicker(sampling, r.adapter, r.key, self.device) for r in rows]
         stop = self._stop_ids()
         done = [False] * n
         generated: list[list[int]] = [[] for _ in rows]
@@ -219,14 +219,15 @@ def _segments_by_adapter(rows: Sequence[GenerationRequest]) -> list[Segment]:
     return segments
 
 
-class _TokenPicker:
-    """One row's next-token choice: argmax, or a draw from its own generator."""
+class TokenPicker:
+    """One row's next-token choice: argmax, or a draw from its own generator, seeded by
+    the sampling seed, the row's adapter and its key (so never by its batch neighbours)."""
 
-    def __init__(self, sampling: Sampling, request: GenerationRequest, device: torch.device):
+    def __init__(self, sampling: Sampling, adapter: str, key: str, device: torch.device):
         self.sampling = sampling
         self.generator = None
         if sampling.temperature > 0:
-            row_seed = zlib.crc32(f"{sampling.seed}\0{request.adapter}\0{request.key}".encode())
+            row_seed = zlib.crc32(f"{sampling.seed}\0{adapter}\0{key}".encode())
             self.generator = torch.Generator(device=device).manual_seed(row_seed)
 
     def __call__(self, logits: torch.Tensor) -> int:
