@@ -17,8 +17,9 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 LAYERS = ("workers", "orchestrator")
-# The control plane's edge to Ray: actors and metrics, the client, the auth token.
-RAY_FOLDERS = {"orchestrator/runtime"}
+# The control plane's edge to Ray: actors and metrics, the client, the auth token; and the
+# serving application (Ray Serve).
+RAY_FOLDERS = {"orchestrator/runtime", "orchestrator/serving"}
 # Third-party packages with one home each: a command imports them only where they run.
 ONE_HOME = {"deepspeed": "workers/distributed", "bitsandbytes": "workers/base"}
 

@@ -224,7 +224,28 @@ def cmd_status(args: argparse.Namespace) -> int:
             print(f"  {line}")
         if r["error"]:
             print(f"  error: {r['error']}")
+    if (serving := _serving_line(client)) is not None:
+        print(serving)
     return 0
+
+
+def _serving_line(client) -> str | None:
+    """Where `carpool serve`'s endpoint listens, when one runs."""
+    import socket
+    from urllib.parse import urlparse
+
+    from carpool.orchestrator.runtime.actor_names import SERVING_RECORD
+
+    path = client.state_dir / SERVING_RECORD
+    if not path.is_file():
+        return None
+    record = json.loads(path.read_text())
+    url = urlparse(record["url"])
+    try:
+        socket.create_connection((url.hostname, url.port), timeout=2).close()
+    except OSError:
+        return f"serving: not answering at {record['url']} (`carpool serve` restarts it)"
+    return f"serving: {record['url']} (key in {record['key_file']})"
 
 
 def rank_lines(metrics: dict) -> list[str]:
@@ -363,6 +384,7 @@ from carpool.orchestrator.cli import (  # noqa: E402
     cli_history,  # plot; status --history uses its table
     cli_sweep,  # noqa: F401  (sweep submit, status, plot, fetch, cancel)
 )
+from carpool.orchestrator.serving import serve_command  # noqa: E402, F401  (serve)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -117,15 +117,18 @@ class Controller:
         free_group_slots: Callable[[int], int],
         checkpoints: CheckpointStore,
         metrics: MetricsSink | None = None,
+        on_success: Callable[[str], None] | None = None,
     ) -> None:
         """`free_group_slots(running_groups)` says how many more groups resources allow;
-        a job that succeeded has its checkpoints deleted from `checkpoints`."""
+        a job that succeeded has its checkpoints deleted from `checkpoints`, and its id
+        passed to `on_success` once its success is recorded (the serving app's news)."""
         self.queue = queue
         self.config = config
         self.group_factory = group_factory
         self.free_group_slots = free_group_slots
         self.checkpoints = checkpoints
         self.metrics = metrics or NoMetrics()
+        self.on_success = on_success or (lambda job_id: None)
         self.groups: dict[str, _Group] = {}
         self._shapes: dict[str, dict[str, tuple[int, int]]] = {}
         # A job's demand never changes: parse its spec once, not on every tick.
@@ -310,6 +313,7 @@ class Controller:
             self._finish(record.id, JobState.SUCCEEDED)
             self.queue.append_log(record.id, f"succeeded: adapter at {admitted.adapter}")
             self._delete_checkpoints(record.id)
+            self.on_success(record.id)
             return
         group.jobs[record.id] = self._demand(record)
 
@@ -401,6 +405,7 @@ class Controller:
             group.jobs.pop(r.job, None)
             self._demands.pop(r.job, None)
             self._delete_checkpoints(r.job)
+            self.on_success(r.job)
 
     def _delete_checkpoints(self, job_id: str) -> None:
         """Only once the job's success is in the queue: until then, a restart resumes

@@ -35,6 +35,29 @@ def _default_state_dir() -> Path:
     return Path("~/.carpool").expanduser()
 
 
+class ServeConfig(BaseModel):
+    """`carpool serve`: where the OpenAI-compatible endpoint listens and how big it is."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    host: str = Field("127.0.0.1", min_length=1)  # reachable from this machine only
+    port: StrictInt = Field(8000, ge=1, le=65535)
+    # The bearer key's file; None: `<state_dir>/serve/api_key`, created (mode 0600).
+    key_file: Path | None = None
+    replicas: StrictInt = Field(1, ge=1)  # per served base
+    # Reserved for each replica (and its torch threads), so serving and training groups
+    # share a node predictably.
+    cpus_per_replica: StrictInt = Field(1, ge=1)
+    max_adapters_per_replica: StrictInt = Field(16, ge=1)  # LRU beyond it
+    max_completion_tokens: StrictInt = Field(512, ge=1)  # the largest `max_tokens`
+    max_batch_rows: StrictInt = Field(64, ge=1)  # rows one replica decodes at once
+
+    @field_validator("key_file")
+    @classmethod
+    def _expand_key_file(cls, path: Path | None) -> Path | None:
+        return None if path is None else path.expanduser()
+
+
 class OperatorConfig(BaseModel):
     # Counts are StrictInt so `group_size: true` or `8.5` fail instead of coercing.
     model_config = ConfigDict(extra="forbid")
@@ -75,6 +98,7 @@ class OperatorConfig(BaseModel):
     allowed_roots: list[Path] | None = None
     max_dataset_bytes: StrictInt | None = Field(None, ge=1)
     poll_interval_s: float = Field(0.2, gt=0)
+    serve: ServeConfig = Field(default_factory=ServeConfig)
 
     @model_validator(mode="after")
     def _rank_resources_per_rank(self) -> OperatorConfig:
@@ -101,6 +125,9 @@ class OperatorConfig(BaseModel):
 
     def queue_path(self) -> Path:
         return self.state_dir / "queue.sqlite"
+
+    def serve_key_file(self) -> Path:
+        return self.serve.key_file or self.state_dir / "serve" / "api_key"
 
     def engine_options(self) -> dict[str, Any]:
         """The `Engine` arguments a worker passes on as they are: how rounds run."""

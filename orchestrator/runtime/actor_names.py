@@ -6,3 +6,9 @@ finding the running controller imports neither (that import costs seconds).
 
 NAMESPACE = "carpool"
 CONTROLLER_NAME = "carpool-controller"
+
+# `carpool serve`'s Ray Serve application, and its record in the state directory
+# (URL, key file, bases): present while it runs, so the controller knows to tell it
+# of each job that succeeds.
+SERVE_APP = "carpool"
+SERVING_RECORD = "serve/serving.json"

@@ -119,6 +119,7 @@ class Client:
 
         if self._reachable(cluster["address"]):
             self._attach(cluster)
+            self._stop_serving()
             # It may already be gone; killing it (and stopping Ray) ends it anyway.
             with contextlib.suppress(Exception):
                 ray.get(self.controller.shutdown.remote(), timeout=120)
@@ -129,7 +130,28 @@ class Client:
         (self.state_dir / CLUSTER_FILE).unlink(missing_ok=True)
         self._controller = None
 
+    def _stop_serving(self) -> None:
+        """Remove `carpool serve`'s application and Serve's actors, if it runs."""
+        from carpool.orchestrator.runtime.actor_names import SERVING_RECORD
+
+        record = self.state_dir / SERVING_RECORD
+        if record.is_file():
+            from ray import serve
+
+            with contextlib.suppress(Exception):  # Ray stopping ends it anyway
+                serve.shutdown()
+            record.unlink(missing_ok=True)
+
     # -- connection --------------------------------------------------------------------------
+    def connect(self) -> None:
+        """Attach this process to the carpool's Ray (as every call does on its own)."""
+        cluster = self._read_cluster()
+        if cluster is None or not self._reachable(cluster["address"]):
+            raise ControllerNotRunningError(
+                f"no carpool is up for {self.state_dir} (run `carpool up`)"
+            )
+        self._attach(cluster)
+
     def _read_cluster(self) -> dict | None:
         path = self.state_dir / CLUSTER_FILE
         return json.loads(path.read_text()) if path.exists() else None

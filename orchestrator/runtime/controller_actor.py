@@ -42,6 +42,7 @@ class CarpoolController:
             RayWorkerGroup,
             free_group_slots,
         )
+        from carpool.orchestrator.serving.serving_news import tell_of_success
         from carpool.orchestrator.store.artifact_store import ArtifactStore
 
         logging.basicConfig(level=logging.INFO, format="%(name)s %(message)s")
@@ -56,6 +57,7 @@ class CarpoolController:
             free_group_slots=free_group_slots(self.config),
             checkpoints=ArtifactStore(self.config.storage_root()),
             metrics=RayMetrics(),
+            on_success=lambda job_id: tell_of_success(self.config.state_dir, job_id),
         )
         self._lock = threading.Lock()  # the loop and shutdown never run at once
         self._stop = threading.Event()
