@@ -7,15 +7,22 @@ import re
 from pathlib import Path
 
 import carpool.orchestrator.runtime.ray_runtime as ray_runtime
+import carpool.orchestrator.serving.base_server as base_server
 
 CLUSTER = Path(__file__).resolve().parent.parent / "cluster"
 
 
 def exported_metric_names() -> set[str]:
-    """Names passed to ray.util.metrics in the runtime, as Prometheus shows them."""
-    source = Path(ray_runtime.__file__).read_text()
-    names = re.findall(r'ray_metrics\.(?:Gauge|Counter|Histogram)\(\s*"([a-z_]+)"', source)
-    return {f"ray_{n}" for n in names}
+    """Names passed to ray.util.metrics in the runtime and the serving replicas, as
+    Prometheus shows them (a histogram as its buckets)."""
+    names = set()
+    for module in (ray_runtime, base_server):
+        source = Path(module.__file__).read_text()
+        for kind, name in re.findall(
+            r'ray_metrics\.(Gauge|Counter|Histogram)\(\s*"([a-z_]+)"', source
+        ):
+            names.add(f"ray_{name}_bucket" if kind == "Histogram" else f"ray_{name}")
+    return names
 
 
 def test_grafana_dashboard_queries_only_exported_metrics() -> None:

@@ -31,12 +31,12 @@ class _Metrics:
     def __init__(self, base_key: str) -> None:
         tags = ("adapter", "base")
         self.base = base_key
-        self.requests = ray_metrics.Counter("carpool_serve_requests", "requests", tags)
+        self.requests = ray_metrics.Counter("carpool_serve_requests_total", "requests", tags)
         self.prompt_tokens = ray_metrics.Counter(
-            "carpool_serve_prompt_tokens", "prompt tokens", tags
+            "carpool_serve_prompt_tokens_total", "prompt tokens", tags
         )
         self.generated_tokens = ray_metrics.Counter(
-            "carpool_serve_generated_tokens", "generated tokens", tags
+            "carpool_serve_generated_tokens_total", "generated tokens", tags
         )
         bounds = [0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60]
         self.ttft = ray_metrics.Histogram(
@@ -48,9 +48,9 @@ class _Metrics:
         self.queue_time = ray_metrics.Histogram(
             "carpool_serve_queue_time_s", "waiting before joining the decode batch", bounds, tags
         )
-        self.loads = ray_metrics.Counter("carpool_serve_adapter_loads", "adapter loads", tags)
+        self.loads = ray_metrics.Counter("carpool_serve_adapter_loads_total", "adapter loads", tags)
         self.evictions = ray_metrics.Counter(
-            "carpool_serve_adapter_evictions", "adapters evicted (LRU)", tags
+            "carpool_serve_adapter_evictions_total", "adapters evicted (LRU)", tags
         )
 
     def tags(self, adapter: str) -> dict[str, str]:

@@ -256,3 +256,28 @@ def test_eviction_at_the_cap_and_reload(endpoint: Endpoint, tiny_base: Path) -> 
     for name in KINDS:  # evicted and reloaded, each still itself
         want = peft_text(tiny_base, endpoint.adapters[name], {"prompt": PROMPTS[2]}, 10)
         assert complete(api, name, PROMPTS[2]) == want, name
+
+
+def test_per_adapter_metrics_reach_prometheus(endpoint: Endpoint) -> None:
+    """Labelled by adapter version (`vera-<hash>`), after the eviction test above."""
+    import ray
+
+    api = endpoint.openai()
+    node = next(n for n in ray.nodes() if n["Alive"])
+    url = f"http://{node['NodeManagerAddress']}:{node['MetricsExportPort']}/metrics"
+
+    def seen(name: str, adapter: str) -> bool:
+        complete(api, "vera", "the", 2)  # fresh figures each time Ray exports
+        text = urllib.request.urlopen(url, timeout=5).read().decode()
+        label = f'adapter="{adapter}-'
+        return any(x.startswith(name + "{") and label in x for x in text.splitlines())
+
+    for name, adapter in [
+        ("ray_carpool_serve_requests_total", "vera"),
+        ("ray_carpool_serve_generated_tokens_total", "vera"),
+        ("ray_carpool_serve_time_to_first_token_s_bucket", "vera"),
+        ("ray_carpool_serve_queue_time_s_bucket", "vera"),
+        ("ray_carpool_serve_adapter_loads_total", "dora"),
+        ("ray_carpool_serve_adapter_evictions_total", "lora"),
+    ]:
+        wait_for(lambda n=name, a=adapter: seen(n, a), timeout=60, what=f"{name} of {adapter}")
