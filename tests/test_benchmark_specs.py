@@ -53,6 +53,8 @@ SMOKE_ARGS: dict[str, list[str]] = {
     "groups.py": ["--jobs", "1", "--steps", "1"],
     "orchestrator.py": ["--jobs", "1", "--steps", "2"],
     "preference.py": ["--jobs", "1", "--steps", "1", "--pairs", "2"],
+    "serve.py": ["--adapters", "2", "--requests", "4", "--concurrency", "2", "--new-tokens", "2",
+                 "--hidden", "32", "--layers", "1"],
     "shared_reference.py": ["--jobs", "2", "--pairs", "4", "--epochs", "1", "--batch", "2",
                             "--trials", "1"],
     "soak.py": ["--minutes", "0.02", "--submit-every", "1", "--kill-every", "1000",
@@ -72,10 +74,15 @@ def test_every_benchmark_has_a_smoke_run() -> None:
 
 @pytest.mark.integration  # a process per script
 @pytest.mark.parametrize("script", sorted(p.name for p in BENCHMARKS.glob("*.py")))
-def test_each_benchmark_runs_at_its_smallest_size_and_prints_its_verdict(script: str) -> None:
+def test_each_benchmark_runs_at_its_smallest_size_and_prints_its_verdict(
+    script: str, request: pytest.FixtureRequest
+) -> None:
     """Run as scripts, their folder leads sys.path: no file there may shadow a package."""
+    extra = []
+    if script == "serve.py":  # on the suite's Ray head: no head of its own to start
+        extra = ["--address", request.getfixturevalue("shared_ray_head")]
     done = subprocess.run(
-        [sys.executable, str(BENCHMARKS / script), *SMOKE_ARGS.get(script, [])],
+        [sys.executable, str(BENCHMARKS / script), *SMOKE_ARGS.get(script, []), *extra],
         capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert done.returncode == 0, (done.stdout[-2000:], done.stderr[-2000:])

@@ -51,6 +51,11 @@ class ServeConfig(BaseModel):
     max_adapters_per_replica: StrictInt = Field(16, ge=1)  # LRU beyond it
     max_completion_tokens: StrictInt = Field(512, ge=1)  # the largest `max_tokens`
     max_batch_rows: StrictInt = Field(64, ge=1)  # rows one replica decodes at once
+    # A streamed completion's pieces after its first go out at most this often: each
+    # piece costs the path to the client (replica, ingress, proxy) more than a token
+    # costs the decoder, so on a busy CPU a shorter interval lowers throughput
+    # (benchmarks/serve.py). 0 sends every token as it comes.
+    stream_interval_s: float = Field(0.5, ge=0)
 
     @field_validator("key_file")
     @classmethod

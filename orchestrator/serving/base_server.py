@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import random
 import time
 from collections.abc import AsyncIterator
@@ -91,6 +92,8 @@ class BaseServerCore:
             trust_remote_code=options.get("trust_remote_code", False),
         )
         self.base_key = base_key
+        # A streamed request's pieces after its first go out at most this often.
+        self.stream_interval_s: float = options["stream_interval_s"]
         self.paths: dict[str, str] = {}
         self.metrics = _Metrics(base_key)
 
@@ -148,15 +151,43 @@ class BaseServerCore:
         stream = TextStream(self.model.tokenizer, request.get("stop") or [])
         finished = False
         try:
-            while (token := await tokens.get()) is not None:
-                if not stream.tokens:  # the first
+            ended, last_sent = False, None
+            while not ended and not stream.stopped:
+                arrived = [await tokens.get()]
+                if last_sent is not None:
+                    # After the first piece, at most one item per `stream_interval_s` (or none
+                    # before the end, unstreamed): each item costs the path to the
+                    # client more than a token costs the decoder, so under load the
+                    # tokens that arrive meanwhile go together.
+                    pause = last_sent + self.stream_interval_s - time.monotonic()
+                    if not request.get("stream", True):
+                        pause = math.inf
+                    while pause > 0 and arrived[-1] is not None:
+                        try:
+                            arrived.append(await asyncio.wait_for(tokens.get(), pause))
+                        except TimeoutError:
+                            break
+                        pause = last_sent + self.stream_interval_s - time.monotonic()
+                        if not request.get("stream", True):
+                            pause = math.inf
+                while not tokens.empty() and arrived[-1] is not None:
+                    arrived.append(tokens.get_nowait())
+                if not stream.tokens:
                     self.metrics.ttft.observe(time.monotonic() - started, tags=tags)
-                piece = stream.push(token)
+                piece = ""
+                for token in arrived:
+                    if token is None:
+                        ended = True
+                        break
+                    piece += stream.push(token)
+                    if stream.stopped:
+                        self.model.cancel(row)
+                        break
                 if piece:
                     yield {"text": piece}
-                if stream.stopped:
-                    self.model.cancel(row)
-                    break
+                    last_sent = time.monotonic()
+                elif last_sent is None and stream.tokens:
+                    last_sent = time.monotonic()
             finished = True
             reason = "stop" if stream.stopped or row.finish_reason == "stop" else "length"
             yield {

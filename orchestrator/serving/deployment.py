@@ -78,6 +78,7 @@ def deploy(
     options = {
         "threads": settings.cpus_per_replica,
         "max_batch_rows": settings.max_batch_rows,
+        "stream_interval_s": settings.stream_interval_s,
         "adapter_math": config.adapter_math,
         "trust_remote_code": config.trust_remote_code,
         "device": "cuda" if gpu else "cpu",

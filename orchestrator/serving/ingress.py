@@ -180,6 +180,7 @@ class Ingress:
             "top_p": parsed.top_p,
             "seed": parsed.seed,
             "stop": parsed.stops,
+            "stream": parsed.stream,  # unstreamed: the replica sends the text once
         }
         handle = self.servers[base.key].options(
             stream=True, multiplexed_model_id=request["version"] or ""
