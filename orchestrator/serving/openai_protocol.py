@@ -102,7 +102,8 @@ def parse_request(body: Any, kind: type[_Sampled]) -> _Sampled:
         raise RequestError(400, "the request body must be a JSON object")
     for name, no_op in _UNSUPPORTED.items():
         value = body.get(name)
-        if value is not None and value != no_op and not (name == "logit_bias" and value == {}):
+        # Absent, false or empty (as clients send defaults) is the no-op too.
+        if value not in (None, False, {}, []) and value != no_op:
             raise RequestError(400, f"{name}={value!r} is not supported", param=name)
     try:
         return kind.model_validate(body)
