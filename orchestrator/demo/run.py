@@ -8,7 +8,8 @@ control plane: `carpool up` (a local Ray head and the controller; state in
 (`carpool status --watch`), `carpool fetch` of each adapter, `carpool plot`
 of the jobs' loss curves to `demo_out/curves.png`, greedy answers to the
 held-out prompts from each adapter (loaded through PEFT) beside the
-expected ones, and `carpool down`.
+expected ones, `carpool serve` and one held-out prompt asked of a served
+adapter over HTTP, and `carpool down`.
 """
 
 from __future__ import annotations
@@ -207,6 +208,37 @@ def show_held_out(
     return scores
 
 
+def ask_served(state_dir: Path, spec: Path, max_tokens: int = 32) -> str:
+    """Ask `carpool serve`'s endpoint, over HTTP with its key, the job's first held-out
+    prompt by the job's name; prints the request as curl would send it and the answer."""
+    import urllib.request
+
+    serving = json.loads((state_dir / "serve" / "serving.json").read_text())
+    key = Path(serving["key_file"]).read_text().strip()
+    job = yaml.safe_load(spec.read_text())
+    record = read_records(Path(job["eval_dataset"]["path"]))[0]
+    chat = "messages" in record
+    body = {"model": job["name"], "max_tokens": max_tokens, "temperature": 0}
+    if chat:
+        body["messages"] = record["messages"][:-1]
+    else:
+        body["prompt"] = record["prompt"]
+    url = f"{serving['url']}/{'chat/completions' if chat else 'completions'}"
+    print(f"\n$ curl {url} -H 'Authorization: Bearer $(cat {serving['key_file']})' \\")
+    print(f"    -H 'Content-Type: application/json' -d '{json.dumps(body)}'")
+    request = urllib.request.Request(
+        url, data=json.dumps(body).encode(), method="POST",
+        headers={"Authorization": f"Bearer {key}", "Content-Type": "application/json"},
+    )  # fmt: skip
+    with urllib.request.urlopen(request, timeout=120) as response:
+        choice = json.loads(response.read())["choices"][0]
+    answer = (choice["message"]["content"] if chat else choice["text"]).strip()
+    expected = phrase_and_answer(record)[1]
+    verdict = "✓" if answer == expected else f"✗  expected: {expected}"
+    print(f"  {job['name']} over HTTP -> {answer}   {verdict}")
+    return answer
+
+
 class DemoStepFailed(Exception):
     def __init__(self, argv: tuple[str, ...], status: int) -> None:
         super().__init__(argv, status)
@@ -254,7 +286,13 @@ def main() -> int:
 
     up = False
     try:
-        run("up")
+        # A free port for `carpool serve`'s endpoint (8000 may be taken on this machine).
+        from carpool.orchestrator.runtime.local_ray import free_port
+
+        operator = root / "operator.yaml"
+        operator.parent.mkdir(parents=True, exist_ok=True)
+        operator.write_text(yaml.safe_dump({"serve": {"port": free_port()}}))
+        run("up", "--config", str(operator.relative_to(Path.cwd())))
         up = True
         paths = [
             str(p.relative_to(Path.cwd())) if p.is_relative_to(Path.cwd()) else str(p)
@@ -272,6 +310,9 @@ def main() -> int:
         run("plot", *job_ids, "--out", str(root / "curves.png"))  # prints the image's path
         base = yaml.safe_load(specs[0].read_text())["base_model"]
         show_held_out(base, specs, dirs)
+        # The same adapters, served: an OpenAI-compatible endpoint on the running carpool.
+        run("serve")
+        ask_served(Path(os.environ["CARPOOL_STATE_DIR"]), specs[0])
         up = False
         run("down")
     except DemoStepFailed as failed:

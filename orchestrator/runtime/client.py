@@ -119,7 +119,7 @@ class Client:
 
         if self._reachable(cluster["address"]):
             self._attach(cluster)
-            self._stop_serving()
+            self._stop_serving(keep_serve_actors=bool(cluster.get("started_ray")))
             # It may already be gone; killing it (and stopping Ray) ends it anyway.
             with contextlib.suppress(Exception):
                 ray.get(self.controller.shutdown.remote(), timeout=120)
@@ -130,16 +130,19 @@ class Client:
         (self.state_dir / CLUSTER_FILE).unlink(missing_ok=True)
         self._controller = None
 
-    def _stop_serving(self) -> None:
-        """Remove `carpool serve`'s application and Serve's actors, if it runs."""
-        from carpool.orchestrator.runtime.actor_names import SERVING_RECORD
+    def _stop_serving(self, keep_serve_actors: bool) -> None:
+        """Remove `carpool serve`'s application, if it runs, and Serve's own actors unless
+        `keep_serve_actors` (Ray itself is about to stop, and takes them quietly)."""
+        from carpool.orchestrator.runtime.actor_names import SERVE_APP, SERVING_RECORD
 
         record = self.state_dir / SERVING_RECORD
         if record.is_file():
             from ray import serve
 
             with contextlib.suppress(Exception):  # Ray stopping ends it anyway
-                serve.shutdown()
+                serve.delete(SERVE_APP)
+                if not keep_serve_actors:
+                    serve.shutdown()
             record.unlink(missing_ok=True)
 
     # -- connection --------------------------------------------------------------------------

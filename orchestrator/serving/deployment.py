@@ -101,6 +101,9 @@ def deploy(
     app = Ingress.options(name="ingress", ray_actor_options={"num_cpus": 0}).bind(
         servers, bases, directories, config.model_dump(mode="json"), key_sha256
     )
+    # Serve's own INFO lines ("Started Serve", "Connecting to existing Serve app") tell
+    # the user nothing to do; its warnings still show.
+    logging.getLogger("ray.serve").setLevel(logging.WARNING)
     serve.start(http_options={"host": settings.host, "port": settings.port})
     serve.run(app, name=SERVE_APP, route_prefix="/")
     host = "127.0.0.1" if settings.host in ("0.0.0.0", "::") else settings.host

@@ -27,7 +27,9 @@ def test_a_failing_up_stops_the_demo_before_anything_else(
 
     monkeypatch.setattr(cli_module, "main", carpool)
     assert demo.main() == 1
-    assert calls == [["up"]]  # no submit, no `down` with a misleading message
+    assert [argv[0] for argv in calls] == ["up"]  # no submit, no `down` with a misleading message
     err = capsys.readouterr().err
     assert "AuthenticationError: no token" in err
-    assert err.strip().endswith("`carpool up` exited with status 1 (its error is above)")
+    assert err.strip().endswith(
+        "`carpool up --config demo_out/operator.yaml` exited with status 1 (its error is above)"
+    )

@@ -101,7 +101,9 @@ def test_unsupported_and_malformed_fields_are_refused_by_name() -> None:
             parse_request(body, CompletionRequest)
         assert e.value.param == param, body
     # No-op values of unsupported fields pass, as OpenAI's clients send some by default.
-    assert parse_request({**good, "n": 1, "echo": False, "logit_bias": {}, "logprobs": False}, CompletionRequest)
+    assert parse_request(
+        {**good, "n": 1, "echo": False, "logit_bias": {}, "logprobs": False}, CompletionRequest
+    )
     chat = parse_request(
         {"model": "m", "messages": [{"role": "user", "content": "x"}]}, ChatRequest
     )
