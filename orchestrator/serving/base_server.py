@@ -14,6 +14,7 @@ pieces, then `{"finish_reason": ..., "completion_tokens": n}`.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 import random
@@ -140,17 +141,16 @@ class BaseServerCore:
         )
         tokens: asyncio.Queue = asyncio.Queue()
         loop = asyncio.get_running_loop()
-        row = self.model.start(
-            shown,
-            prompt,
-            sampling,
-            lambda t: loop.call_soon_threadsafe(tokens.put_nowait, t),
-            key=",".join(map(str, prompt)),
-        )
-        yield {"prompt_tokens": len(prompt)}
+
+        def on_token(token: int | None) -> None:  # on the decoding thread: never raises
+            with contextlib.suppress(RuntimeError):  # the request's loop is gone
+                loop.call_soon_threadsafe(tokens.put_nowait, token)
+
+        row = self.model.start(shown, prompt, sampling, on_token, key=",".join(map(str, prompt)))
         stream = TextStream(self.model.tokenizer, request.get("stop") or [])
         finished = False
         try:
+            yield {"prompt_tokens": len(prompt)}
             ended, last_sent = False, None
             while not ended and not stream.stopped:
                 arrived = [await tokens.get()]

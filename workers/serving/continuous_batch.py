@@ -106,6 +106,11 @@ class ContinuousDecoder:
         with self._wake:
             self._wake.notify()
 
+    @property
+    def busy(self) -> bool:
+        """Rows running or waiting."""
+        return bool(self.rows or self._pending)
+
     def add_adapter(self, adapter: JobAdapter) -> None:
         """Put an adapter in the bank between two steps (a retiring one is kept instead)."""
         with self.between_steps:
