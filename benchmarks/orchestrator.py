@@ -69,13 +69,15 @@ def run_local(specs: list[Path], out: Path) -> tuple[float, float]:
     return all_running - started, max(done.values()) - all_running
 
 
-def run_queue(specs: list[Path], state: Path, threads: int) -> tuple[float, float, float]:
+def run_queue(
+    specs: list[Path], state: Path, threads: int, address: str | None = None
+) -> tuple[float, float, float]:
     """(`carpool up` seconds, submit-to-all-running seconds, training seconds)."""
     state.mkdir(parents=True, exist_ok=True)
     config = state / "operator.yaml"
     config.write_text(yaml.safe_dump({"state_dir": str(state), "cpus_per_rank": threads}))
     t0 = time.perf_counter()
-    client = Client.up(config, num_cpus=2)
+    client = Client.up(config, address=address, num_cpus=2)
     t_up = time.perf_counter() - t0
     try:
         t1 = time.perf_counter()
@@ -102,6 +104,10 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=4)
     parser.add_argument("--steps", type=int, default=400)
     parser.add_argument("--threads", type=int, default=1, help="torch threads on both paths")
+    parser.add_argument(
+        "--address", default=None,
+        help="a running Ray to use (default: start one; then `carpool up` counts its start)",
+    )  # fmt: skip
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
@@ -111,7 +117,7 @@ def main() -> None:
         # carpool train before and after the queue run: the machine's drift shows,
         # and the queue is compared with their mean.
         before = run_local(specs, root / "local-before")
-        up, queue_start, queue_train = run_queue(specs, root / "state", args.threads)
+        up, queue_start, queue_train = run_queue(specs, root / "state", args.threads, args.address)
         after = run_local(specs, root / "local-after")
         local_start = (before[0] + after[0]) / 2
         local_train = (before[1] + after[1]) / 2

@@ -71,6 +71,7 @@ def main() -> int:
     parser.add_argument("--kill-every", type=float, default=15.0)
     parser.add_argument("--drain-minutes", type=float, default=10.0)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--address", default=None, help="a running Ray to use (default: start one)")
     args = parser.parse_args()
     rng = random.Random(args.seed)
     with tempfile.TemporaryDirectory() as tmp:
@@ -82,7 +83,7 @@ def main() -> int:
         config.write_text(
             yaml.safe_dump({"state_dir": str(state), "max_attempts": 20, "poll_interval_s": 0.05})
         )
-        client = Client.up(config, num_cpus=2)
+        client = Client.up(config, address=args.address, num_cpus=2)
         submitted, kills = [], 0
         try:
             end = time.monotonic() + args.minutes * 60

@@ -62,6 +62,9 @@ SMOKE_ARGS: dict[str, list[str]] = {
     "sweep.py": ["--steps", "4", "--eval-steps", "2", "--concurrent", "2", "--hidden", "32",
                  "--layers", "1"],
 }  # fmt: skip
+# Scripts that take `--address`: their smoke runs use the suite's Ray head (the soak's
+# smoke run kills nothing).
+ATTACHED = {"orchestrator.py", "serve.py", "soak.py"}
 RATIO = re.compile(r"\d\.\d+x")
 # The scripts whose verdict is not a ratio: what they print instead.
 VERDICT = {"fixed_costs.py": re.compile(r"^total +\d", re.M), "soak.py": re.compile(r'"lost": 0\b')}
@@ -79,7 +82,7 @@ def test_each_benchmark_runs_at_its_smallest_size_and_prints_its_verdict(
 ) -> None:
     """Run as scripts, their folder leads sys.path: no file there may shadow a package."""
     extra = []
-    if script == "serve.py":  # on the suite's Ray head: no head of its own to start
+    if script in ATTACHED:  # on the suite's Ray head: no head of its own to start
         extra = ["--address", request.getfixturevalue("shared_ray_head")]
     done = subprocess.run(
         [sys.executable, str(BENCHMARKS / script), *SMOKE_ARGS.get(script, []), *extra],
