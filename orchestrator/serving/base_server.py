@@ -151,29 +151,9 @@ class BaseServerCore:
         finished = False
         try:
             yield {"prompt_tokens": len(prompt)}
-            ended, last_sent = False, None
+            ended, hold_until = False, -math.inf  # the first piece goes at once
             while not ended and not stream.stopped:
-                arrived = [await tokens.get()]
-                if last_sent is not None:
-                    # After the first piece, at most one item per `stream_interval_s` (or none
-                    # before the end, unstreamed): each item costs the path to the
-                    # client more than a token costs the decoder, so under load the
-                    # tokens that arrive meanwhile go together.
-                    pause = last_sent + self.stream_interval_s - time.monotonic()
-                    if not request.get("stream", True):
-                        pause = math.inf
-                    while pause > 0 and arrived[-1] is not None:
-                        try:
-                            arrived.append(await asyncio.wait_for(tokens.get(), pause))
-                        except TimeoutError:
-                            break
-                        pause = last_sent + self.stream_interval_s - time.monotonic()
-                        if not request.get("stream", True):
-                            pause = math.inf
-                while not tokens.empty() and arrived[-1] is not None:
-                    arrived.append(tokens.get_nowait())
-                if not stream.tokens:
-                    self.metrics.ttft.observe(time.monotonic() - started, tags=tags)
+                arrived = await _next_tokens(tokens, hold_until)
                 piece = ""
                 for token in arrived:
                     if token is None:
@@ -185,9 +165,12 @@ class BaseServerCore:
                         break
                 if piece:
                     yield {"text": piece}
-                    last_sent = time.monotonic()
-                elif last_sent is None and stream.tokens:
-                    last_sent = time.monotonic()
+                if stream.tokens:
+                    # Later pieces at most every `stream_interval_s` (unstreamed: none
+                    # before the end): each costs the path to the client more than a
+                    # token costs the decoder, so tokens arriving meanwhile go together.
+                    streamed = request.get("stream", True)
+                    hold_until = time.monotonic() + self.stream_interval_s if streamed else math.inf
             finished = True
             reason = "stop" if stream.stopped or row.finish_reason == "stop" else "length"
             yield {
@@ -200,6 +183,8 @@ class BaseServerCore:
                 self.model.cancel(row)
             if row.admitted_at is not None:
                 self.metrics.queue_time.observe(row.admitted_at - row.submitted_at, tags=tags)
+            if row.first_token_at is not None:
+                self.metrics.ttft.observe(row.first_token_at - started, tags=tags)
             self.metrics.generated_tokens.inc(len(stream.tokens), tags=tags)
             self.metrics.latency.observe(time.monotonic() - started, tags=tags)
 
@@ -210,6 +195,19 @@ class BaseServerCore:
         model = getattr(self, "model", None)
         if model is not None:
             model.close()
+
+
+async def _next_tokens(tokens: asyncio.Queue, hold_until: float) -> list[int | None]:
+    """The next token, then every one that arrives until `hold_until` or the end (None)."""
+    arrived = [await tokens.get()]
+    while arrived[-1] is not None and (pause := hold_until - time.monotonic()) > 0:
+        try:
+            arrived.append(await asyncio.wait_for(tokens.get(), pause))
+        except TimeoutError:
+            break
+    while arrived[-1] is not None and not tokens.empty():
+        arrived.append(tokens.get_nowait())
+    return arrived
 
 
 def base_server_deployment(max_adapters: int):

@@ -49,6 +49,7 @@ class DecodeRow:
     key: str = ""  # seeds sampling with the sampling seed and the adapter
     submitted_at: float = field(default_factory=time.monotonic)
     admitted_at: float | None = None
+    first_token_at: float | None = None
     generated: list[int] = field(default_factory=list)
     cancelled: bool = False
     finish_reason: str | None = None  # "stop" (a stop token), "length", "cancelled"
@@ -163,6 +164,8 @@ class ContinuousDecoder:
                 row.finish_reason = "stop"
                 ended.append(row)
                 continue
+            if not row.generated:
+                row.first_token_at = time.monotonic()
             row.generated.append(token)
             row.on_token(token)
             if len(row.generated) >= row.sampling.max_new_tokens:
