@@ -168,3 +168,42 @@ def test_text_stream_cuts_at_a_stop_string_and_holds_back_its_start(served) -> N
     assert "".join(pieces) + stream.finish() == tok.decode(ids).split("on the")[0]
     plain = TextStream(tok)
     assert "".join(plain.push(t) for t in ids) + plain.finish() == tok.decode(ids)
+
+
+def test_a_qlora_adapter_serves_on_its_4bit_base_as_generate_decodes_it(
+    tiny_base: Path, datasets: dict[str, Path], tmp_path: Path
+) -> None:
+    """Served on the base loaded in 4 bits as it was trained (the kernel choice of
+    `carpool eval` and `generate`): rows joining a running batch decode as `generate`'s."""
+    pytest.importorskip("bitsandbytes")
+    from carpool.workers.after_training.fused_inference import FusedAdapters, GenerationRequest
+    from carpool.workers.spec.job_spec import AdapterSpec, QuantizationSpec
+    from carpool.workers.training.rounds import export_job
+
+    from tests.helpers.jobs import changed, job
+    from tests.helpers.variants import train_fused
+
+    nf4 = QuantizationSpec(bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype="float32")
+    spec = job("q", tiny_base, datasets["text"], AdapterSpec(r=4, target_modules="all-linear"),
+               batch_size=4, learning_rate=1e-2, max_seq_length=12, max_steps=3)  # fmt: skip
+    spec = changed(spec, base_quantization=nf4)
+    adapter = export_job(
+        train_fused(tiny_base, [spec], quantization=nf4).finished["q"], tmp_path / "q"
+    )
+    model = ServedModel(str(tiny_base), quantization=nf4, device="cpu")
+    try:
+        model.load("q", adapter)
+        prompts = [model.prompt(p) for p in PROMPTS]
+        got = [Collected() for _ in prompts]
+        with model.decoder.between_steps:  # the first row starts alone; the others join it
+            model.start("q", prompts[0], Sampling(max_new_tokens=8), got[0], "")
+        _wait(lambda: len(got[0].tokens) >= 2 or got[0].finished)
+        for prompt, collected in zip(prompts[1:], got[1:], strict=True):
+            model.start("q", prompt, Sampling(max_new_tokens=8), collected, "")
+        _wait(lambda: all(c.finished for c in got))
+        fused = FusedAdapters(str(tiny_base), {"q": adapter}, quantization=nf4, device="cpu")
+        requests = [GenerationRequest("q", p, str(i)) for i, p in enumerate(prompts)]
+        want = fused.generate(requests, Sampling(max_new_tokens=8), batch_rows=1)
+        assert [c.tokens for c in got] == want
+    finally:
+        model.close()
