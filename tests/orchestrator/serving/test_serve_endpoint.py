@@ -281,3 +281,18 @@ def test_per_adapter_metrics_reach_prometheus(endpoint: Endpoint) -> None:
         ("ray_carpool_serve_adapter_evictions_total", "lora"),
     ]:
         wait_for(lambda n=name, a=adapter: seen(n, a), timeout=60, what=f"{name} of {adapter}")
+
+
+def test_status_shows_the_endpoint_and_serve_stop_removes_it(
+    endpoint: Endpoint, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Last in the module: it stops the endpoint the others share."""
+    state = str(endpoint.client.state_dir)
+    assert main(["status", "--state-dir", state]) == 0
+    assert f"serving: {endpoint.url} (key in " in capsys.readouterr().out
+    assert main(["serve", "--stop", "--state-dir", state]) == 0
+    assert "serving stopped" in capsys.readouterr().out
+    assert main(["status", "--state-dir", state]) == 0
+    assert "serving:" not in capsys.readouterr().out
+    with pytest.raises(openai.APIConnectionError):
+        endpoint.openai().models.list()
