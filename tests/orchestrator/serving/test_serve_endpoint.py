@@ -83,7 +83,7 @@ _references: dict[tuple, str] = {}
 
 def peft_text(tiny_base: Path, adapter: Path | None, record: dict, max_new: int) -> str:
     """PEFT's greedy `generate` of the adapter alone, as text."""
-    key = (str(adapter), json.dumps(record), max_new)
+    key = (str(tiny_base), str(adapter), json.dumps(record), max_new)
     if key not in _references:
         tok = load_tokenizer(str(tiny_base))
         prompt = prompt_ids(record, tok)
@@ -281,6 +281,40 @@ def test_per_adapter_metrics_reach_prometheus(endpoint: Endpoint) -> None:
         ("ray_carpool_serve_adapter_evictions_total", "lora"),
     ]:
         wait_for(lambda n=name, a=adapter: seen(n, a), timeout=60, what=f"{name} of {adapter}")
+
+
+def test_a_second_base_gets_its_own_deployment_behind_the_ingress(
+    endpoint: Endpoint, tiny_base: Path, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """`carpool serve` again, with another base: a deployment per base, routed by model."""
+    import ray
+    from carpool.workers.base.tiny_base import build_tiny_base
+    from peft import LoraConfig, get_peft_model
+
+    other = build_tiny_base(tmp_path_factory.mktemp("other-base"), hidden_size=32, seed=7)
+    torch.manual_seed(3)
+    peft_model = get_peft_model(
+        float32_base(other), LoraConfig(r=4, target_modules=["q_proj"], init_lora_weights=False)
+    )
+    peft_model.save_pretrained(endpoint.root / "elsewhere")
+    # Its replica needs the CPU the training group held: the group stops when idle.
+    wait_for(lambda: ray.available_resources().get("CPU", 0) >= 1, timeout=120, what="a CPU")
+    state = str(endpoint.client.state_dir)
+    assert main(["serve", "--state-dir", state, "--base", str(other),
+                 f"elsewhere={endpoint.root / 'elsewhere'}"]) == 0  # fmt: skip
+    api = endpoint.openai()
+    want = peft_text(other, endpoint.root / "elsewhere", {"prompt": PROMPTS[0]}, 10)
+    assert complete(api, "elsewhere", PROMPTS[0]) == want
+    assert complete(api, str(other), PROMPTS[0]) == peft_text(
+        other, None, {"prompt": PROMPTS[0]}, 10
+    )
+    second = peft_text(tiny_base, endpoint.root / "second", {"prompt": "the quick"}, 10)
+    assert complete(api, "support", "the quick") == second  # the queue's, on its own base
+    models = {m.id: m.model_dump() for m in api.models.list().data}
+    assert models["elsewhere"]["parent"] == str(other)
+    assert models["support"]["parent"] == str(tiny_base)
+    with pytest.raises(openai.NotFoundError):  # `base` is ambiguous with two bases
+        complete(api, "base", "the")
 
 
 def test_status_shows_the_endpoint_and_serve_stop_removes_it(
