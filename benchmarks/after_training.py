@@ -40,7 +40,7 @@ from transformers import AutoModelForCausalLM
 TARGETS = (["q_proj", "v_proj"], "all-linear", ["o_proj", "down_proj"], ["gate_proj", "up_proj"])
 
 
-def _words(i: int, n: int) -> str:
+def words(i: int, n: int) -> str:
     vocab = [
         "the",
         "cat",
@@ -61,33 +61,42 @@ def _words(i: int, n: int) -> str:
     return " ".join(vocab[(i * 7 + k * 3) % len(vocab)] for k in range(n))
 
 
-def build(root: Path, args: argparse.Namespace) -> tuple[Path, dict[str, Path], Path, list[str]]:
-    import json
-
+def build_adapters(
+    root: Path, adapters: int, hidden: int, layers: int
+) -> tuple[Path, dict[str, Path]]:
+    """The random-init base and `adapters` PEFT-saved LoRA adapters of mixed ranks and
+    targets (random B, so each changes the base); benchmarks/serve.py uses them too."""
     base = build_tiny_base(
         root / "base",
-        hidden_size=args.hidden,
-        num_layers=args.layers,
+        hidden_size=hidden,
+        num_layers=layers,
         num_heads=8,
         num_kv_heads=4,
-        intermediate_size=args.hidden * 2,
+        intermediate_size=hidden * 2,
         vocab_size=2048,
-        corpus=[_words(i, 12) for i in range(400)],
+        corpus=[words(i, 12) for i in range(400)],
     )
-    adapters = {}
-    for k in range(args.adapters):
+    saved = {}
+    for k in range(adapters):
         torch.manual_seed(k)
         model = get_peft_model(
             AutoModelForCausalLM.from_pretrained(base),
             LoraConfig(r=(4, 8, 16)[k % 3], target_modules=TARGETS[k % 4], init_lora_weights=False),
         )
         model.save_pretrained(root / f"a{k}")
-        adapters[f"a{k}"] = root / f"a{k}"
+        saved[f"a{k}"] = root / f"a{k}"
+    return base, saved
+
+
+def build(root: Path, args: argparse.Namespace) -> tuple[Path, dict[str, Path], Path, list[str]]:
+    import json
+
+    base, adapters = build_adapters(root, args.adapters, args.hidden, args.layers)
     data = root / "eval.jsonl"
-    rows = [{"prompt": _words(i, 8 + i % 24), "completion": _words(i + 3, 4 + i % 40)}
+    rows = [{"prompt": words(i, 8 + i % 24), "completion": words(i + 3, 4 + i % 40)}
             for i in range(args.rows)]  # fmt: skip
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    prompts = [_words(i * 3, 4 + i % 20) for i in range(args.prompts)]
+    prompts = [words(i * 3, 4 + i % 20) for i in range(args.prompts)]
     return base, adapters, data, prompts
 
 

@@ -31,55 +31,14 @@ from pathlib import Path
 
 import torch
 import yaml
+from after_training import build_adapters, words  # the same base and adapters
 from carpool.orchestrator.cli.main import main as carpool
 from carpool.orchestrator.runtime.client import Client
 from carpool.orchestrator.runtime.local_ray import free_port
 from carpool.workers.base.base_model import load_tokenizer
-from carpool.workers.base.tiny_base import build_tiny_base
 from carpool.workers.data.dataset import prompt_ids
-from peft import LoraConfig, PeftModel, get_peft_model
+from peft import PeftModel
 from transformers import AutoModelForCausalLM, LogitsProcessor, LogitsProcessorList
-
-TARGETS = (["q_proj", "v_proj"], "all-linear", ["o_proj", "down_proj"], ["gate_proj", "up_proj"])
-VOCAB = [
-    "the",
-    "cat",
-    "sat",
-    "on",
-    "a",
-    "mat",
-    "and",
-    "looked",
-    "at",
-    "quick",
-    "brown",
-    "fox",
-    "over",
-    "lazy",
-    "dog",
-]
-
-
-def words(i: int, n: int) -> str:
-    return " ".join(VOCAB[(i * 7 + k * 3) % len(VOCAB)] for k in range(n))
-
-
-def build(root: Path, args: argparse.Namespace) -> tuple[Path, dict[str, Path]]:
-    base = build_tiny_base(
-        root / "base", hidden_size=args.hidden, num_layers=args.layers, num_heads=8,
-        num_kv_heads=4, intermediate_size=args.hidden * 2, vocab_size=2048,
-        corpus=[words(i, 12) for i in range(400)],
-    )  # fmt: skip
-    adapters = {}
-    for k in range(args.adapters):
-        torch.manual_seed(k)
-        model = get_peft_model(
-            AutoModelForCausalLM.from_pretrained(base),
-            LoraConfig(r=(4, 8, 16)[k % 3], target_modules=TARGETS[k % 4], init_lora_weights=False),
-        )
-        model.save_pretrained(root / f"a{k}")
-        adapters[f"a{k}"] = root / f"a{k}"
-    return base, adapters
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -184,7 +143,7 @@ def main() -> None:
     torch.set_num_threads(args.cpus)
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        base, adapters = build(root, args)
+        base, adapters = build_adapters(root, args.adapters, args.hidden, args.layers)
         names = list(adapters)
         requests = [(names[i % len(names)], words(i * 3, 4 + i % 20)) for i in range(args.requests)]
         port = free_port()

@@ -122,7 +122,7 @@ class AdapterCatalog:
             {"id": b.base_model, "object": "model", "owned_by": "carpool", "root": b.base_model}
             for b in self.bases.values()
         ]
-        listed = [*((n, self.versions[i]) for n, i in sorted(self._aliases.items()))]
+        listed = [(name, self.versions[vid]) for name, vid in sorted(self._aliases.items())]
         listed += [(v.id, v) for v in sorted(self.versions.values(), key=lambda v: v.id)]
         for model_id, v in listed:
             out.append(

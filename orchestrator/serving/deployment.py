@@ -118,14 +118,9 @@ def deploy(
     return record
 
 
-def serving_record(state_dir: Path) -> dict | None:
-    path = state_dir / SERVING_RECORD
-    return json.loads(path.read_text()) if path.is_file() else None
-
-
 def stop(state_dir: Path) -> bool:
     """Remove the application and Serve's own actors; False when none was recorded."""
-    record = serving_record(state_dir)
+    recorded = (state_dir / SERVING_RECORD).is_file()
     serve.shutdown()
     (state_dir / SERVING_RECORD).unlink(missing_ok=True)
-    return record is not None
+    return recorded

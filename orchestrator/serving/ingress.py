@@ -101,9 +101,6 @@ class Ingress:
         with JobQueue(self.config.queue_path()) as queue:
             self._add_job(FinishedJob.of(queue.get(job_id)))
 
-    async def served_models(self) -> list[dict]:
-        return self.catalog.models()
-
     # -- HTTP ---------------------------------------------------------------------------------
     def _authorize(self, request: Request) -> None:
         given = request.headers.get("authorization", "")

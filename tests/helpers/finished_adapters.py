@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from carpool.workers.data.dataset import IGNORE_INDEX, TokenizedDataset
-from peft import AdaLoraConfig, LoraConfig, VeraConfig, get_peft_model
+from peft import AdaLoraConfig, LoraConfig, PeftModel, VeraConfig, get_peft_model
 from transformers import AutoModelForCausalLM
 
 # Each kind the engine trains; random B (init_lora_weights=False) so each adapter changes the base.
@@ -56,3 +56,28 @@ def reference_eval_loss(model: torch.nn.Module, data: TokenizedDataset) -> tuple
             total += float(F.cross_entropy(logits[keep].double(), labels[keep], reduction="sum"))
             count += int(keep.sum())
     return total / count, count
+
+
+def peft_greedy(
+    tiny_base: Path, adapter: Path | None, prompt: list[int], max_new: int, eos: int
+) -> tuple[list[int], float]:
+    """PEFT's greedy `generate` of the adapter alone (None: the bare base) on a float32
+    base: its tokens before EOS, and the smallest top-2 logit gap on the way (a guard
+    against near-ties deciding a comparison)."""
+    base = float32_base(tiny_base)
+    model = base if adapter is None else PeftModel.from_pretrained(base, adapter).eval()
+    out = model.generate(
+        input_ids=torch.tensor([list(prompt)]),
+        attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+        max_new_tokens=max_new,
+        do_sample=False,
+        eos_token_id=eos,
+        pad_token_id=eos,
+        output_scores=True,
+        return_dict_in_generate=True,
+    )
+    tokens = out.sequences[0, len(prompt) :].tolist()
+    gap = min(float(s[0].topk(2).values[0] - s[0].topk(2).values[1]) for s in out.scores)
+    if eos in tokens:
+        tokens = tokens[: tokens.index(eos)]
+    return tokens, gap

@@ -17,6 +17,7 @@ from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import torch
 from carpool.workers.bank.adapter_bank import AdapterBank
@@ -152,7 +153,8 @@ class FusedAdapters:
                 out[i] = tokens
         return out
 
-    def _stop_ids(self) -> set[int]:
+    def stop_ids(self) -> set[int]:
+        """The tokens that end a completion: the tokenizer's EOS and the base's."""
         ids = {self.tokenizer.eos_token_id}
         config_eos = getattr(getattr(self.base, "generation_config", None), "eos_token_id", None)
         ids |= set(config_eos) if isinstance(config_eos, list) else {config_eos}
@@ -168,9 +170,9 @@ class FusedAdapters:
             mask[i, longest - len(r.prompt_ids) :] = 1
         input_ids, mask = input_ids.to(self.device), mask.to(self.device)
         positions = (mask.cumsum(-1) - 1).clamp_min(0)
-        segments = _segments_by_adapter(rows)
+        segments = segments_by_adapter(rows)
         pickers = [TokenPicker(sampling, r.adapter, r.key, self.device) for r in rows]
-        stop = self._stop_ids()
+        stop = self.stop_ids()
         done = [False] * n
         generated: list[list[int]] = [[] for _ in rows]
         with self.bank.route(segments):
@@ -210,7 +212,13 @@ def _kv_cache(out) -> dict:
     return {"past_key_values": out.past_key_values}
 
 
-def _segments_by_adapter(rows: Sequence[GenerationRequest]) -> list[Segment]:
+class _HasAdapter(Protocol):
+    @property
+    def adapter(self) -> str: ...
+
+
+def segments_by_adapter(rows: Sequence[_HasAdapter]) -> list[Segment]:
+    """The bank's segments for decoding rows already grouped by adapter: one per run."""
     segments, start = [], 0
     for i in range(1, len(rows) + 1):
         if i == len(rows) or rows[i].adapter != rows[start].adapter:

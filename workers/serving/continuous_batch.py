@@ -20,13 +20,16 @@ from __future__ import annotations
 import inspect
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
-from carpool.workers.after_training.fused_inference import Sampling, TokenPicker
+from carpool.workers.after_training.fused_inference import (
+    Sampling,
+    TokenPicker,
+    segments_by_adapter,
+)
 from carpool.workers.bank.adapter_bank import AdapterBank
-from carpool.workers.data.segment import Segment
 from carpool.workers.variants.job_adapter import JobAdapter
 from torch import nn
 from transformers.cache_utils import DynamicCache, DynamicLayer
@@ -178,19 +181,11 @@ class ContinuousDecoder:
         return True
 
     # -- internals ----------------------------------------------------------------------
-    def _segments(self, rows: Sequence[DecodeRow]) -> list[Segment]:
-        segments, start = [], 0
-        for i in range(1, len(rows) + 1):
-            if i == len(rows) or rows[i].adapter != rows[start].adapter:
-                segments.append(Segment(rows[start].adapter, start, i, tuple(range(start, i))))
-                start = i
-        return segments
-
     def _forward(self, tokens: list[int]) -> None:
         """One token for every running row, appended to the cache."""
         n = len(self.rows)
         self._mask = torch.cat([self._mask, self._mask.new_ones((n, 1))], dim=1)
-        with self.bank.route(self._segments(self.rows)):
+        with self.bank.route(segments_by_adapter(self.rows)):
             out = self.base(
                 input_ids=torch.tensor(tokens, device=self.device).view(n, 1),
                 attention_mask=self._mask,
@@ -237,7 +232,7 @@ class ContinuousDecoder:
             mask[i, longest - len(r.prompt_ids) :] = 1
         input_ids, mask = input_ids.to(self.device), mask.to(self.device)
         positions = (mask.cumsum(-1) - 1).clamp_min(0)
-        with self.bank.route(self._segments(rows)):
+        with self.bank.route(segments_by_adapter(rows)):
             out = self.base(
                 input_ids=input_ids,
                 attention_mask=mask,

@@ -12,7 +12,6 @@ import threading
 from collections.abc import Callable
 from pathlib import Path
 
-import torch
 from carpool.workers.after_training.fused_inference import BASE, FusedAdapters, Sampling
 from carpool.workers.base.base_fingerprint import trained_on_other_base
 from carpool.workers.data.dataset import prompt_ids
@@ -61,7 +60,7 @@ class ServedModel:
             self.fused.base,
             self.fused.bank,
             self.tokenizer.pad_token_id,
-            self.fused._stop_ids(),
+            self.fused.stop_ids(),
             self.fused.device,
             max_rows=max_rows,
         )
@@ -135,7 +134,3 @@ class ServedModel:
     def close(self) -> None:
         self._stopping.set()
         self._thread.join(timeout=10)
-
-    @staticmethod
-    def set_threads(threads: int) -> None:
-        torch.set_num_threads(threads)

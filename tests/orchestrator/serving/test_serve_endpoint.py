@@ -22,10 +22,9 @@ from carpool.orchestrator.runtime.client import Client
 from carpool.orchestrator.runtime.local_ray import free_port
 from carpool.workers.base.base_model import load_tokenizer
 from carpool.workers.data.dataset import prompt_ids
-from peft import PeftModel
 
 from tests.helpers.cluster import carpool_cluster, wait_for, write_job
-from tests.helpers.finished_adapters import adapters_of_each_kind, float32_base
+from tests.helpers.finished_adapters import adapters_of_each_kind, float32_base, peft_greedy
 
 pytestmark = pytest.mark.integration
 
@@ -87,16 +86,7 @@ def peft_text(tiny_base: Path, adapter: Path | None, record: dict, max_new: int)
     if key not in _references:
         tok = load_tokenizer(str(tiny_base))
         prompt = prompt_ids(record, tok)
-        base = float32_base(tiny_base)
-        model = base if adapter is None else PeftModel.from_pretrained(base, adapter).eval()
-        out = model.generate(
-            input_ids=torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
-            max_new_tokens=max_new, do_sample=False, eos_token_id=tok.eos_token_id,
-            pad_token_id=tok.eos_token_id,
-        )  # fmt: skip
-        tokens = out[0, len(prompt) :].tolist()
-        if tok.eos_token_id in tokens:
-            tokens = tokens[: tokens.index(tok.eos_token_id)]
+        tokens, _ = peft_greedy(tiny_base, adapter, prompt, max_new, tok.eos_token_id)
         _references[key] = tok.decode(tokens, skip_special_tokens=True)
     return _references[key]
 

@@ -19,6 +19,7 @@ from peft import PeftModel
 from tests.helpers.finished_adapters import (
     adapters_of_each_kind,
     float32_base,
+    peft_greedy,
     reference_eval_loss,
 )
 
@@ -58,25 +59,6 @@ PROMPTS = [
 ]
 
 
-def _reference_greedy(model, prompt: list[int], max_new: int, eos: int) -> tuple[list[int], float]:
-    """PEFT's generate alone, and the smallest top-2 logit gap on the way (near-ties guard)."""
-    out = model.generate(
-        input_ids=torch.tensor([prompt]),
-        attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
-        max_new_tokens=max_new,
-        do_sample=False,
-        eos_token_id=eos,
-        pad_token_id=eos,
-        output_scores=True,
-        return_dict_in_generate=True,
-    )
-    tokens = out.sequences[0, len(prompt) :].tolist()
-    gap = min(float(s[0].topk(2).values[0] - s[0].topk(2).values[1]) for s in out.scores)
-    if eos in tokens:
-        tokens = tokens[: tokens.index(eos)]
-    return tokens, gap
-
-
 def test_mixed_adapter_greedy_generation_equals_peft_generate(
     tiny_base: Path, adapters: dict[str, Path]
 ) -> None:
@@ -93,8 +75,9 @@ def test_mixed_adapter_greedy_generation_equals_peft_generate(
     got = fused.generate(requests, Sampling(max_new_tokens=12), batch_rows=5)
     smallest_gap = float("inf")
     for request, tokens in zip(requests, got, strict=True):
-        model = _peft(tiny_base, adapters.get(request.adapter))
-        want, gap = _reference_greedy(model, list(request.prompt_ids), 12, tok.eos_token_id)
+        want, gap = peft_greedy(
+            tiny_base, adapters.get(request.adapter), list(request.prompt_ids), 12, tok.eos_token_id
+        )
         smallest_gap = min(smallest_gap, gap)
         assert tokens == want, (request.adapter, request.key)
     assert smallest_gap > 1e-4  # no near-tie decided the comparison

@@ -6,14 +6,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import torch
 from carpool.workers.after_training.fused_inference import BASE, Sampling
 from carpool.workers.serving.continuous_batch import FINISHED
 from carpool.workers.serving.served_model import AdapterRefusedError, PromptError, ServedModel
 from carpool.workers.serving.text_stream import TextStream
-from peft import PeftModel
 
-from tests.helpers.finished_adapters import adapters_of_each_kind, float32_base
+from tests.helpers.finished_adapters import adapters_of_each_kind, peft_greedy
 
 PROMPTS = [
     {"prompt": "Question: what is 3 plus 4?"},
@@ -35,21 +33,6 @@ def served(tiny_base: Path, adapters: dict[str, Path]):
         model.load(name, path)
     yield model
     model.close()
-
-
-def _peft_greedy(tiny_base: Path, adapter: Path | None, prompt: tuple[int, ...], n: int, eos: int):
-    base = float32_base(tiny_base)
-    model = base if adapter is None else PeftModel.from_pretrained(base, adapter).eval()
-    out = model.generate(
-        input_ids=torch.tensor([prompt]),
-        attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
-        max_new_tokens=n,
-        do_sample=False,
-        eos_token_id=eos,
-        pad_token_id=eos,
-    )
-    tokens = out[0, len(prompt) :].tolist()
-    return tokens[: tokens.index(eos)] if eos in tokens else tokens
 
 
 class Collected:
@@ -100,7 +83,7 @@ def test_rows_joining_a_running_batch_equal_peft_alone(
     assert len(cancelled.tokens) < 50
     eos = served.tokenizer.eos_token_id
     for adapter, prompt, max_new, got in [*jobs, *late]:
-        want = _peft_greedy(tiny_base, adapters.get(adapter), prompt, max_new, eos)
+        want, _ = peft_greedy(tiny_base, adapters.get(adapter), list(prompt), max_new, eos)
         assert got.tokens == want, (adapter, prompt)
     assert len({tuple(j[3].tokens) for j in jobs}) > 2  # the adapters change the text
     assert not decoder.rows and decoder.step() is False
