@@ -27,12 +27,16 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(PY) -m carpool.orchestrator.demo
 
+# Two pytest-xdist workers: the tests on Ray in one lane, the rest beside them
+# (tests/helpers/xdist_lanes.py). TEST_WORKERS=0 runs the suite in one process.
+TEST_WORKERS ?= 2
+
 test: $(STAMP)
 	# A crash at exit (after the summary) prints every thread's stack.
-	PYTHONFAULTHANDLER=1 $(PY) -m pytest -q -p no:cacheprovider tests
+	PYTHONFAULTHANDLER=1 $(PY) -m pytest -q -p no:cacheprovider -n $(TEST_WORKERS) tests
 
 test-unit: $(STAMP)
-	$(PY) -m pytest -q -m "not integration" tests
+	$(PY) -m pytest -q -p no:cacheprovider -n $(TEST_WORKERS) -m "not integration" tests
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check carpool orchestrator workers tests benchmarks

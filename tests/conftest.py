@@ -12,6 +12,40 @@ from carpool.workers.base.tiny_base import build_tiny_base
 from tests.helpers.data import write_jsonl
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    """Under `make test`'s two workers each worker computes on one thread: two tests then
+    use the two cores instead of four threads contending for them (Ray's actors and the
+    processes tests start choose their own threads)."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        import torch
+
+        torch.set_num_threads(1)
+
+
+def pytest_xdist_make_scheduler(config: pytest.Config, log: object) -> object:
+    """`make test` runs two workers: the tests on Ray in one lane, the rest beside them."""
+    from tests.helpers.xdist_lanes import RayTestsInOneLane
+
+    return RayTestsInOneLane(config, log)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """A test on Ray outside the Ray lane's files would start a second head beside the
+    lane's, on the same cores: refused before anything runs."""
+    from tests.helpers.xdist_lanes import RAY_LANE, lane_of
+
+    astray = [
+        item.nodeid
+        for item in items
+        if ("shared_ray_head" in item.fixturenames or item.get_closest_marker("ray"))
+        and lane_of(item.nodeid) != RAY_LANE
+    ]
+    if astray:
+        raise pytest.UsageError(
+            "tests on Ray outside tests.helpers.xdist_lanes.py's RAY_FILES: " + ", ".join(astray)
+        )
+
+
 @pytest.fixture(scope="session", autouse=True)
 def own_last_up_record(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
     """`carpool up` records its state directory per user: the tests' go to a folder of their own."""

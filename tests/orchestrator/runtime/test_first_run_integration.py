@@ -19,7 +19,7 @@ import pytest
 import yaml
 from carpool.orchestrator.runtime.local_ray import stop_cluster
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.ray]
 
 CARPOOL = str(Path(sys.executable).with_name("carpool"))
 

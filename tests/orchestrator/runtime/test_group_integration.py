@@ -93,6 +93,7 @@ def ray_cli(*args: str) -> str:
     return done.stdout + done.stderr
 
 
+@pytest.mark.ray  # nodes of its own
 def test_group_spanning_two_ray_nodes(
     tiny_base: Path, datasets: dict[str, Path], tmp_path: Path
 ) -> None:

@@ -13,7 +13,7 @@ from carpool.orchestrator.runtime.local_ray import (
     stop_cluster,
 )
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.ray]
 
 
 def listening(address: str) -> bool:

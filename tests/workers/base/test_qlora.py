@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 from carpool.orchestrator.after_training import adapter_args
 from carpool.orchestrator.after_training.adapter_args import AdapterArgumentError, base_quantization
 from carpool.orchestrator.cli.local_train import group_by_base
@@ -37,7 +36,6 @@ from carpool.workers.training.training_job import TrainingJob
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
-from tests.helpers.cluster import assert_same_adapter, carpool_cluster, engine_result, write_job
 from tests.helpers.finished_adapters import reference_eval_loss
 from tests.helpers.jobs import changed, job, randomize_b
 from tests.helpers.peft_reference import max_relative_difference, norm_relative_difference
@@ -326,23 +324,3 @@ def test_a_4bit_base_without_bitsandbytes_is_refused_before_any_load(
         base_quantization({}, "nf4")
     assert base_quantization({}, "none") is None
     assert base_quantization({}, "auto") is None  # no adapter asks for 4 bits
-
-
-@pytest.mark.integration
-def test_a_4bit_job_through_the_queue_equals_the_engine_alone(
-    shared_ray_head: str, tiny_base: Path, datasets: dict[str, Path], tmp_path: Path
-) -> None:
-    """The Ray path: a 4-bit job and a full-precision one on the same base, queued together,
-    run in groups of their own; the 4-bit one's adapter is the engine's alone."""
-    four_bit = write_job(tmp_path / "q4.yaml", "q4", tiny_base, datasets["text"], 4)
-    raw = yaml.safe_load(four_bit.read_text())
-    raw["base_quantization"] = NF4.model_dump(mode="json")
-    four_bit.write_text(yaml.safe_dump(raw))
-    plain = write_job(tmp_path / "fp.yaml", "fp", tiny_base, datasets["text"], 4)
-    with carpool_cluster(tmp_path, shared_ray_head, max_groups=2) as client:
-        ids = client.submit([four_bit, plain])
-        assert client.wait(ids, timeout=300) == dict.fromkeys(ids, "succeeded")
-        started = [next(line for line in client.logs(i) if "started in group" in line) for i in ids]
-        groups = {line.split("started in group ")[1].split()[0] for line in started}
-        assert len(groups) == 2  # (base, quantization) is the key that groups jobs
-        assert_same_adapter(client.fetch(ids[0], tmp_path / "q4"), engine_result(four_bit))
