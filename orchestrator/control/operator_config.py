@@ -134,6 +134,11 @@ class OperatorConfig(BaseModel):
     def serve_key_file(self) -> Path:
         return self.serve.key_file or self.state_dir / "serve" / "api_key"
 
+    def uses_gpu(self, cluster_gpus: float) -> bool:
+        """Whether ranks and serving replicas ask for a GPU: `cuda`, or `auto` on a cluster
+        that has one."""
+        return self.device == "cuda" or (self.device == "auto" and cluster_gpus > 0)
+
     def engine_options(self) -> dict[str, Any]:
         """The `Engine` arguments a worker passes on as they are: how rounds run."""
         return {

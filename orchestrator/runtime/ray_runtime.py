@@ -35,12 +35,6 @@ def _slug(text: str) -> str:
     return re.sub(r"[^a-zA-Z0-9_.-]+", "-", Path(text).name or text)[:40]
 
 
-def _use_gpu(config: OperatorConfig) -> bool:
-    if config.device == "cuda":
-        return True
-    return config.device == "auto" and ray.cluster_resources().get("GPU", 0) > 0
-
-
 class CarpoolWorker(EngineWorker):
     """One rank of a group, in its own process: log lines (prefixed with their job) reach Ray's logs.
 
@@ -89,7 +83,7 @@ class RayWorkerGroup:
     ) -> None:
         self.group_id = group_id
         self.base_model = base_model
-        gpu = _use_gpu(config)
+        gpu = config.uses_gpu(ray.cluster_resources().get("GPU", 0))
         n = config.group_size
         bundles = []
         for rank in range(n):
@@ -324,7 +318,7 @@ def free_group_slots(config: OperatorConfig):
 
     def slots(running: int) -> int:
         resources = ray.cluster_resources()
-        if _use_gpu(config):
+        if config.uses_gpu(ray.cluster_resources().get("GPU", 0)):
             capacity = int(resources.get("GPU", 0)) // config.group_size
         else:
             capacity = int(resources.get("CPU", 0)) // (config.group_size * config.cpus_per_rank)

@@ -45,12 +45,6 @@ def read_key(path: Path) -> str:
     return key
 
 
-def _use_gpu(config: OperatorConfig) -> bool:
-    if config.device == "cuda":
-        return True
-    return config.device == "auto" and ray.cluster_resources().get("GPU", 0) > 0
-
-
 def deploy(
     config: OperatorConfig,
     base_model: str | None = None,
@@ -74,7 +68,7 @@ def deploy(
     if not catalog.bases:
         raise ValueError("nothing to serve: no job has succeeded yet; name a --base to serve")
     settings = config.serve
-    gpu = _use_gpu(config)
+    gpu = config.uses_gpu(ray.cluster_resources().get("GPU", 0))
     options = {
         "threads": settings.cpus_per_replica,
         "max_batch_rows": settings.max_batch_rows,

@@ -148,3 +148,13 @@ def test_repeated_key_is_refused_with_other_problems(tmp_path: Path) -> None:
         f"{path}: line 3: duplicate key 'group_size' (first on line 1)",
         f"{path}: colour: unknown field",
     ]
+
+
+@pytest.mark.parametrize(
+    ("device", "cluster_gpus", "expected"),
+    [("cuda", 0, True), ("cpu", 8, False), ("auto", 0, False), ("auto", 1, True)],
+)
+def test_ranks_and_replicas_ask_for_a_gpu_by_device_and_cluster(
+    device: str, cluster_gpus: float, expected: bool
+) -> None:
+    assert OperatorConfig(device=device).uses_gpu(cluster_gpus) is expected
