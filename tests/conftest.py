@@ -42,7 +42,7 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     ]
     if astray:
         raise pytest.UsageError(
-            "tests on Ray outside tests.helpers.xdist_lanes.py's RAY_FILES: " + ", ".join(astray)
+            "tests on Ray outside tests/helpers/xdist_lanes.py's RAY_FILES: " + ", ".join(astray)
         )
 
 

@@ -318,7 +318,7 @@ def free_group_slots(config: OperatorConfig):
 
     def slots(running: int) -> int:
         resources = ray.cluster_resources()
-        if config.uses_gpu(ray.cluster_resources().get("GPU", 0)):
+        if config.uses_gpu(resources.get("GPU", 0)):
             capacity = int(resources.get("GPU", 0)) // config.group_size
         else:
             capacity = int(resources.get("CPU", 0)) // (config.group_size * config.cpus_per_rank)

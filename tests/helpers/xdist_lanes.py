@@ -5,8 +5,9 @@ order: one head serves them, no two clusters compete for the cores, and the lane
 first because it is the longest. Every other test module goes, whole (its fixtures built
 once), to whichever worker is free. Most tests spend their time in one Python thread
 (imports, Ray actors starting, small tensors): on a 2-core machine the suite took 1145 s
-in one process and 691 s in two lanes, one after the other. xdist's own `--dist loadgroup` would do this from `xdist_group` marks, but with
-pytest 9 it silently stops grouping (pytest-xdist#1386), hence a scheduler of our own."""
+in one process and 691 s in two lanes, one after the other. xdist's own
+`--dist loadgroup` would do this from `xdist_group` marks, but with pytest 9 it silently
+stops grouping (pytest-xdist#1386), hence a scheduler of our own."""
 
 from __future__ import annotations
 
