@@ -58,6 +58,19 @@ def own_last_up_record(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Non
         os.environ["XDG_STATE_HOME"] = before
 
 
+@pytest.fixture(scope="session", autouse=True)
+def own_cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Validation keeps what it learns of a base (`base_facts`): the tests' go to a folder
+    of their own, which every process they start inherits."""
+    before = os.environ.get("CARPOOL_CACHE_DIR")
+    os.environ["CARPOOL_CACHE_DIR"] = str(tmp_path_factory.mktemp("carpool-cache"))
+    yield
+    if before is None:
+        os.environ.pop("CARPOOL_CACHE_DIR", None)
+    else:
+        os.environ["CARPOOL_CACHE_DIR"] = before
+
+
 @pytest.fixture(params=["loop", "bmm", "grouped_mm"])
 def adapter_math(request: pytest.FixtureRequest) -> str:
     """Each way the bank computes LoRA terms: the reference loop and the grouped paths.

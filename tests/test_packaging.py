@@ -52,6 +52,6 @@ def test_the_wheel_contains_every_module_and_the_console_script(tmp_path: Path) 
     }
     assert not expected - names, sorted(expected - names)
     entry_points = next(n for n in names if n.endswith(".dist-info/entry_points.txt"))
-    assert "carpool = carpool.orchestrator.cli.main:main" in (
+    assert "carpool = carpool.orchestrator.cli.main:run" in (
         zipfile.ZipFile(wheel).read(entry_points).decode()
     )

@@ -419,6 +419,13 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
 
+def run() -> None:
+    """The `carpool` command: `main`, then an exit that skips tearing torch down."""
+    from carpool.orchestrator.cli.process_exit import exit_process
+
+    exit_process(main())
+
+
 def _describe(error: Exception) -> str:
     """Spec problems one per line (each names file and field), a failed `ray start` with
     the last lines it printed; anything else one line."""
@@ -470,4 +477,4 @@ def _user_error(error: Exception) -> Exception | None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

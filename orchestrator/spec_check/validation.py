@@ -22,10 +22,12 @@ from carpool.orchestrator.spec_check.parsed_fields import ParsedFields, parse_fi
 from carpool.orchestrator.spec_check.spec_paths import resolve_spec_paths
 from carpool.orchestrator.spec_check.spec_problems import SpecProblem, SpecValidationError
 from carpool.orchestrator.spec_check.yaml_loader import load_yaml
+from carpool.workers.base.base_facts import BaseFacts, read_base_facts, remember_base_facts
 from carpool.workers.base.base_model import (
     linear_module_shapes,
     load_tokenizer,
     match_target_modules,
+    tokenizer_class,
     unmatched_targets,
 )
 from carpool.workers.data.dataset import DatasetError, load_dataset
@@ -60,11 +62,16 @@ class _DatasetCheck:
 
 class ValidationCache:
     """What one validation run loads once: each base's shapes and tokenizer, and each
-    dataset file's check per base, format and max_seq_length (jobs often share a file)."""
+    dataset file's check per base, format and max_seq_length (jobs often share a file).
+
+    A base validated before, in any process, has its shapes and tokenizer class kept
+    on disk (`base_facts`): read back, they spare this process the base's model code.
+    """
 
     def __init__(self) -> None:
         self._loaded: dict[tuple[str, str], Any] = {}
         self._datasets: dict[tuple, _DatasetCheck] = {}
+        self._facts: dict[str, BaseFacts | None] = {}
 
     def _get(self, kind: str, name: str, load: Callable[[str], Any]) -> Any:
         if (kind, name) not in self._loaded:
@@ -77,11 +84,34 @@ class ValidationCache:
             raise found
         return found
 
+    def _kept_facts(self, name: str) -> BaseFacts | None:
+        if name not in self._facts:
+            self._facts[name] = read_base_facts(name)
+        return self._facts[name]
+
     def shapes(self, name: str) -> dict[str, tuple[int, int]]:
+        if (facts := self._kept_facts(name)) is not None:
+            return facts.linear_shapes
         return self._get("shapes", name, _load_shapes)
 
     def tokenizer(self, name: str) -> Any:
-        return self._get("tokenizer", name, load_tokenizer)
+        facts = self._kept_facts(name)
+        class_name = None if facts is None else facts.tokenizer_class
+        return self._get("tokenizer", name, lambda n: load_tokenizer(n, class_name=class_name))
+
+    def keep_facts(self, name: str, shapes: dict[str, tuple[int, int]], tokenizer: Any) -> None:
+        """Keep what was found of a base for the next validation of it (if not kept yet)."""
+        if self._kept_facts(name) is not None:
+            return
+        class_name = type(tokenizer).__name__
+        try:
+            reloadable = tokenizer_class(class_name) is type(tokenizer)
+        except ValueError:  # a class of the base's own code: AutoTokenizer finds it each time
+            reloadable = False
+        if reloadable:
+            facts = BaseFacts(shapes, class_name)
+            remember_base_facts(name, facts)
+            self._facts[name] = facts
 
     def dataset(
         self, base: str, path: Path, data_format: str, max_seq_length: int
@@ -302,7 +332,9 @@ def _load_base(name: str | None, cache: ValidationCache) -> _Base:
     shapes = None
     try:
         shapes = cache.shapes(name)
-        return _Base(shapes, cache.tokenizer(name), name=name)
+        tokenizer = cache.tokenizer(name)
+        cache.keep_facts(name, shapes, tokenizer)
+        return _Base(shapes, tokenizer, name=name)
     except Exception as e:
         first_line = (str(e).strip().splitlines() or [type(e).__name__])[0]
         what = "tokenizer" if shapes is not None else "model"

@@ -67,13 +67,31 @@ def load_base(
 
 
 def load_tokenizer(
-    name_or_path: str, *, trust_remote_code: bool = False
+    name_or_path: str, *, trust_remote_code: bool = False, class_name: str | None = None
 ) -> PreTrainedTokenizerBase:
-    """The base's tokenizer; one without a pad token pads with EOS (labels mask it anyway)."""
-    tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+    """The base's tokenizer; one without a pad token pads with EOS (labels mask it anyway).
+
+    `class_name` is the transformers class AutoTokenizer chose for this base before
+    (`base_facts`): loading through it skips AutoTokenizer's reading of the base's
+    config, which imports the family's configuration code.
+    """
+    if class_name is None:
+        tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+    else:
+        tokenizer = tokenizer_class(class_name).from_pretrained(name_or_path)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
+
+
+def tokenizer_class(class_name: str) -> type[PreTrainedTokenizerBase]:
+    """The transformers tokenizer class of that name; ValueError for any other name."""
+    import transformers
+
+    found = getattr(transformers, class_name, None)
+    if not (isinstance(found, type) and issubclass(found, PreTrainedTokenizerBase)):
+        raise ValueError(f"{class_name!r} is no tokenizer class of transformers")
+    return found
 
 
 def linear_modules(model: nn.Module) -> dict[str, TargetModule]:

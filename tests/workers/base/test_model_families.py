@@ -15,7 +15,10 @@ from pathlib import Path
 import pytest
 import torch
 from carpool.orchestrator.spec_check.validation import check_spec
+from carpool.workers.base.base_facts import read_base_facts
+from carpool.workers.base.base_model import linear_module_shapes, load_tokenizer
 from carpool.workers.base.tiny_base import FAMILIES, build_tiny_base, family_config
+from carpool.workers.data.dataset import load_dataset
 from carpool.workers.data.row_attention import packed_unsupported
 from carpool.workers.peft_files.peft_format import CONFIG_FILE
 from carpool.workers.spec.job_spec import AdapterSpec, JobSpec
@@ -97,6 +100,27 @@ def test_fused_jobs_match_peft(family: str, bases: Path, datasets: dict[str, Pat
             # float32 runs in two op orders: the invariant's bar (measured up to 8e-5 after
             # 3 steps on an AVX2 machine; packed == padded to 1e-9 in float64 elsewhere).
             assert layout_gap <= 1e-4, config.name
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_kept_base_facts_are_what_the_base_gives(
+    family: str, bases: Path, datasets: dict[str, Path]
+) -> None:
+    """Validation keeps a base's linear shapes and tokenizer class (`base_facts`); read back,
+    they give what the model class and AutoTokenizer give, row for row."""
+    base = tiny_family_base(family, bases)
+    check_spec(family_jobs(family, base, datasets)[0], f"{family}-job.yaml")
+    kept = read_base_facts(str(base))
+    assert kept is not None
+    assert kept.linear_shapes == linear_module_shapes(str(base))
+    by_class = load_tokenizer(str(base), class_name=kept.tokenizer_class)
+    by_auto = load_tokenizer(str(base))
+    assert type(by_class) is type(by_auto)
+    assert by_class.special_tokens_map == by_auto.special_tokens_map
+    assert by_class.pad_token_id == by_auto.pad_token_id
+    for data in datasets.values():
+        rows = [load_dataset(data, "auto", tokenizer, 24).rows for tokenizer in (by_class, by_auto)]
+        assert rows[0] == rows[1], data.name
 
 
 def test_validation_takes_conv1d_targets(bases: Path, datasets: dict[str, Path]) -> None:
