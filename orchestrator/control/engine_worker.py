@@ -222,16 +222,26 @@ class EngineWorker:
         return adapter
 
 
-def admit_on_all_ranks(add: Callable[[], T], removes: Sequence[Callable[[], object]]) -> T:
+def admit_on_all_ranks(
+    add: Callable[[], T],
+    removes: Sequence[Callable[[], object]],
+    *,
+    group_lost: tuple[type[BaseException], ...] = (),
+) -> T:
     """Admit a job on every rank of a group or on none.
 
     `add` admits it on every rank. If it raises, each of `removes` takes the
     job off one rank before the error propagates, so no rank keeps a job that
     the controller requeues or fails. Best effort: a rank that never got the
     job ignores the call (`EngineWorker.remove_job`), a dead one is skipped.
+    An error of `group_lost` (a rank died) propagates at once: the controller
+    shuts the whole group down, and a rank whose peer died can wait for it in the
+    rendezvous or a collective, never answering a remove.
     """
     try:
         return add()
+    except group_lost:
+        raise
     except BaseException:
         for rank, remove in enumerate(removes):
             try:

@@ -52,9 +52,14 @@ class CarpoolWorker(EngineWorker):
         super().__init__(*args, **kwargs)
 
     def __repr__(self) -> str:
+        engine = getattr(self, "engine", None)  # none yet, or never: its __init__ failed
+        if engine is None:
+            # Ray takes the repr to report an __init__ that raised: it must not raise too,
+            # or the report says "an unexpected internal error" instead of the cause.
+            return f"CarpoolWorker(group={getattr(self, 'group_id', '?')}, not started)"
         return (
-            f"CarpoolWorker(group={self.group_id}, base={self.engine.base_model}, "
-            f"rank={self.rank}/{self.world_size}, device={self.engine.device})"
+            f"CarpoolWorker(group={self.group_id}, base={engine.base_model}, "
+            f"rank={self.rank}/{self.world_size}, device={engine.device})"
         )
 
 
@@ -158,7 +163,9 @@ class RayWorkerGroup:
             for actor in self.actors
         ]
         return admit_on_all_ranks(
-            lambda: self._all("add_job", job_id, config, resume_from), removes
+            lambda: self._all("add_job", job_id, config, resume_from),
+            removes,
+            group_lost=(GroupFailedError,),
         )
 
     def remove_job(self, job_id: str, checkpoint: bool) -> str | None:

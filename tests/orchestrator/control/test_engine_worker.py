@@ -164,6 +164,27 @@ def test_a_rank_that_cannot_remove_the_job_does_not_keep_it_on_the_others() -> N
     assert ranks[1].jobs == set()
 
 
+class RankLost(RuntimeError):
+    """A stand-in for the group's lost-rank error (`GroupFailedError` on Ray)."""
+
+
+def test_a_lost_rank_fails_the_admission_without_removes() -> None:
+    """Seen as a hung suite: rank 0 died in the rendezvous, rank 1 waited for it there,
+    and the remove sent to rank 1 never returned. The group is shut down whole instead."""
+
+    def add() -> JobAdmitted:
+        raise RankLost("rank 0 died")
+
+    removed = []
+    with pytest.raises(RankLost):
+        removes = [lambda: removed.append(0), lambda: removed.append(1)]
+        admit_on_all_ranks(add, removes, group_lost=(RankLost,))
+    assert removed == []
+    with pytest.raises(RankLost):  # any other error: every rank is asked to remove the job
+        admit_on_all_ranks(add, removes)
+    assert removed == [0, 1]
+
+
 def test_job_admitted_on_every_rank_stays() -> None:
     ranks = [Rank(), Rank()]
     assert admit(ranks, "job-a") == JobAdmitted(0)

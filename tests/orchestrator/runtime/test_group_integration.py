@@ -6,6 +6,7 @@ import json
 import os
 import re
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -150,3 +151,53 @@ def test_zero3_group_through_the_control_plane(
         text = "".join(p.read_text(errors="replace") for p in logs.glob("worker-*"))
         for rank in (0, 1):
             assert f"rank {rank}/2: zero_stage=3" in text
+
+
+@pytest.fixture
+def ray_driver(shared_ray_head: str):
+    """This process attached to the suite's Ray head for the test (if it was not already)."""
+    import logging
+
+    import ray
+
+    attached_here = not ray.is_initialized()
+    if attached_here:
+        ray.init(address=shared_ray_head, logging_level=logging.ERROR, log_to_driver=False)
+    yield ray
+    if attached_here:
+        ray.shutdown()
+
+
+def test_a_rank_lost_while_its_peer_waits_fails_the_group_at_once(ray_driver) -> None:
+    """Seen as a hung suite: rank 0 of a group could not listen on its rendezvous port
+    (another process took it first) and died in __init__, while rank 1 waited for it in
+    the rendezvous; the admission then asked rank 1 to remove the job, which it never
+    answered. The group fails at once (the controller shuts it down and requeues its
+    jobs), without a call to the waiting rank."""
+    from carpool.orchestrator.control.controller import GroupFailedError
+    from carpool.orchestrator.runtime.ray_runtime import CarpoolWorker, RayWorkerGroup
+
+    @ray_driver.remote(num_cpus=0)
+    class Rank:
+        def __init__(self, rank: int) -> None:
+            if rank == 0:
+                raise OSError("EADDRINUSE: address already in use")
+            time.sleep(60)  # in the rendezvous, waiting for rank 0
+
+        def add_job(self, *args) -> None:
+            pass
+
+        def remove_job(self, *args) -> None:
+            pass
+
+    group = RayWorkerGroup.__new__(RayWorkerGroup)  # its ranks without a placement group
+    group.group_id, group.actors = "g-test", [Rank.remote(0), Rank.remote(1)]
+    with pytest.raises(GroupFailedError, match="address already in use"):
+        group.add_job("job-a", None, None)
+    waiting = group.actors[1].add_job.remote()
+    assert ray_driver.wait([waiting], timeout=2)[1] == [waiting]  # still in its __init__
+    for actor in group.actors:
+        ray_driver.kill(actor)
+
+    # Ray takes the repr of a rank whose __init__ failed to report it: it must not raise.
+    assert "not started" in repr(CarpoolWorker.__new__(CarpoolWorker))
