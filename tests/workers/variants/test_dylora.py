@@ -132,9 +132,16 @@ def test_a_dylora_job_beside_others_equals_the_published_algorithm(
     got = finished[config.name].adapter.named_tensors()
     rows = list(finished[config.name].dataset.rows)
     pad = engine.tokenizer.pad_token_id
-    # Against the exact (float64) reference: a float32 one is itself 8e-6 off it in frozen
-    # mode, where AdamW keeps moving rows whose gradients were tiny.
+    # Against the exact (float64) reference. In float32 the bar is float32's own: in frozen
+    # mode AdamW keeps moving rows whose gradients were tiny, and the plain loop in float32
+    # is itself off the exact one by 8e-6 on an AVX2 CPU and 2.2e-5 on an AVX512 one, where
+    # carpool's float32 run was 2.8e-5 off (6e-6 from the float32 loop).
     want = reference(tiny_base, config, rows, start, pad, torch.float64)
+    if dtype == torch.float32:
+        plain = reference(tiny_base, config, rows, start, pad, torch.float32)
+        noise = max_relative_difference(want, {k: v.double() for k, v in plain.items()})
+        assert noise <= 1e-4  # rounding, not a different algorithm
+        within = max(within, 2 * noise)
     assert max_relative_difference(want, {k: v.double() for k, v in got.items()}) <= within
     assert max_relative_difference(start, got) > 1e-3
     ranks = [e["dylora_rank"] for e in finished[config.name].history.entries if "loss" in e]
