@@ -75,9 +75,11 @@ def main() -> None:
         return
     with tempfile.TemporaryDirectory() as tmp:
         heads = max(1, args.hidden // 64)
+        # The repacked layout takes output sizes in whole blocks: a multiple of 128.
+        intermediate = max(128, args.hidden * 11 // 4 // 128 * 128)
         base = build_tiny_base(
             Path(tmp) / "base", hidden_size=args.hidden, num_layers=args.layers,
-            num_heads=heads, num_kv_heads=heads, intermediate_size=args.hidden * 11 // 4,
+            num_heads=heads, num_kv_heads=heads, intermediate_size=intermediate,
         )  # fmt: skip
         models = {"exact": load(base, args.compute, False), "fast": load(base, args.compute, True)}
         ids = torch.randint(
