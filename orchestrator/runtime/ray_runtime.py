@@ -8,6 +8,7 @@ detached, named actor that outlives CLI calls.
 from __future__ import annotations
 
 import logging
+import random
 import re
 import socket
 import time
@@ -63,13 +64,38 @@ class CarpoolWorker(EngineWorker):
         )
 
 
+# Ports others take unasked: Ray's workers (its default 10002-19999) and, from the kernel's
+# ephemeral range, every outgoing connection and every bind to port 0.
+_RAY_WORKER_PORTS_END = 19999
+_EPHEMERAL_RANGE = Path("/proc/sys/net/ipv4/ip_local_port_range")
+
+
+def rendezvous_port(attempts: int = 64) -> int:
+    """A free TCP port on this host for a group's rendezvous, outside the ports others take
+    unasked: it is bound by rank 0 seconds later, and a port from the ephemeral range was
+    taken in between once (rank 0 then failed with EADDRINUSE). Port 0's choice if no
+    port there is free."""
+    try:
+        ephemeral_start = int(_EPHEMERAL_RANGE.read_text().split()[0])
+    except (OSError, ValueError, IndexError):  # not Linux: the IANA ephemeral range
+        ephemeral_start = 49152
+    candidates = range(_RAY_WORKER_PORTS_END + 1, ephemeral_start)
+    for port in random.sample(candidates, min(attempts, len(candidates))):
+        with socket.socket() as sock:
+            try:
+                sock.bind(("", port))
+            except OSError:
+                continue
+            return port
+    with socket.socket() as sock:
+        sock.bind(("", 0))
+        return sock.getsockname()[1]
+
+
 @ray.remote(num_cpus=0)
 def _rendezvous_address() -> str:
     """A TCP address on this node for torch.distributed's rendezvous."""
-    with socket.socket() as sock:
-        sock.bind(("", 0))
-        port = sock.getsockname()[1]
-    return f"tcp://{ray.util.get_node_ip_address()}:{port}"
+    return f"tcp://{ray.util.get_node_ip_address()}:{rendezvous_port()}"
 
 
 class RayWorkerGroup:
