@@ -47,28 +47,14 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 
 @pytest.fixture(scope="session", autouse=True)
-def own_last_up_record(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
-    """`carpool up` records its state directory per user: the tests' go to a folder of their own."""
-    before = os.environ.get("XDG_STATE_HOME")
-    os.environ["XDG_STATE_HOME"] = str(tmp_path_factory.mktemp("xdg-state"))
-    yield
-    if before is None:
-        os.environ.pop("XDG_STATE_HOME", None)
-    else:
-        os.environ["XDG_STATE_HOME"] = before
-
-
-@pytest.fixture(scope="session", autouse=True)
-def own_cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
-    """Validation keeps what it learns of a base (`base_facts`): the tests' go to a folder
-    of their own, which every process they start inherits."""
-    before = os.environ.get("CARPOOL_CACHE_DIR")
-    os.environ["CARPOOL_CACHE_DIR"] = str(tmp_path_factory.mktemp("carpool-cache"))
-    yield
-    if before is None:
-        os.environ.pop("CARPOOL_CACHE_DIR", None)
-    else:
-        os.environ["CARPOOL_CACHE_DIR"] = before
+def own_user_dirs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """What carpool keeps per user goes to folders of the tests' own, which every process
+    they start inherits: the state directory `carpool up` records (under
+    $XDG_STATE_HOME) and what validation keeps of a base (`base_facts`)."""
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("XDG_STATE_HOME", str(tmp_path_factory.mktemp("xdg-state")))
+        env.setenv("CARPOOL_CACHE_DIR", str(tmp_path_factory.mktemp("carpool-cache")))
+        yield
 
 
 @pytest.fixture(params=["loop", "bmm", "grouped_mm"])
